@@ -1,0 +1,56 @@
+# fedmerge: `make demo` runs the default experiment, `make test` runs the tests.
+# Both create .venv, install everything (torch's CPU wheel first) and fetch the data.
+
+PY       ?= python3.11
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+DATA_DIR ?= data
+FMNIST   := $(DATA_DIR)/fashion-mnist
+PYTEST_ARGS ?=
+
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
+export HF_HUB_OFFLINE=1
+export FEDMERGE_DATA_DIR=$(abspath $(DATA_DIR))
+
+.PHONY: install data demo test clean help
+
+help:
+	@echo "make demo   run experiments/fashion_mnist_fedavg.toml (creates .venv, fetches data)"
+	@echo "make test   run the test suite (creates .venv, fetches data)"
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel first: a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	# An installed plug-in package: the tests find its aggregator through the entry-point group.
+	$(BIN)/pip install -q --no-build-isolation -e tests/plugins/fedmerge_example_plugin
+	touch $@
+
+install: $(BIN)/.installed
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist: the installed copy when there is one,
+# otherwise the .deb unpacked into $(DATA_DIR) (apt-get download + dpkg-deb -x, no root needed).
+$(FMNIST)/.fetched:
+	mkdir -p $(FMNIST)
+	if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	  cp /usr/share/datasets/fashion-mnist/*-ubyte.gz $(FMNIST)/; \
+	else \
+	  tmp=$$(mktemp -d) && (cd $$tmp && apt-get download -q dataset-fashion-mnist) \
+	  && dpkg-deb -x $$tmp/dataset-fashion-mnist_*.deb $$tmp/root \
+	  && cp $$tmp/root/usr/share/datasets/fashion-mnist/*-ubyte.gz $(FMNIST)/ && rm -rf $$tmp; \
+	fi
+	touch $@
+
+data: $(FMNIST)/.fetched
+
+demo: install data
+	$(BIN)/fedmerge run experiments/fashion_mnist_fedavg.toml
+
+test: install data
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

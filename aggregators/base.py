@@ -1,0 +1,146 @@
+"""The aggregator contract: what a server-side merge receives and returns.
+
+An aggregator sees one round at a time. The executor (the Ray ``AggregatorActor``, or a plain
+loop in tests) calls ``begin_round`` with the round's context, ``accumulate`` once per accepted
+client reply in a fixed order, then ``finalize``. Incremental methods (FedAvg) fold each reply
+into an accumulator and drop it; the others keep the updates and merge them in ``aggregate``.
+
+This module imports neither flwr nor ray, so every algorithm is a plain computation over tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+Scalar = int | float | str | bool
+
+__all__ = [
+    "AggregateResult",
+    "Aggregator",
+    "ClientUpdate",
+    "RoundContext",
+    "Scalar",
+    "StateDict",
+    "checked_num_examples",
+    "example_weights",
+]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's reply: its full local weights after training, and how much data made them."""
+
+    client_id: int
+    state: Mapping[str, torch.Tensor]
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+def checked_num_examples(update: ClientUpdate) -> int | float:
+    """The update's example count, or ValueError naming the client when it is not a positive number.
+
+    Every example-weighted merge divides by these counts, so a zero, negative, NaN or non-numeric
+    count is rejected here rather than turning into a division by zero or a silent NaN later.
+    """
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n <= 0:
+        raise ValueError(
+            f"client {update.client_id}: num_examples must be a positive number, got {n!r}"
+        )
+    return n
+
+
+def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
+    """Each update's share of the round's examples, pi = ni / sum nj (checked as above)."""
+    counts = [checked_num_examples(u) for u in updates]
+    total = sum(counts)
+    return [n / total for n in counts]
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What the server knows when a round's replies start arriving.
+
+    ``global_state`` is the model broadcast this round (θt); ``base_state`` the round-0 model
+    (θ0, the pretrained or initial weights) that task-vector methods subtract. ``evaluate``
+    scores a candidate state on the server's validation data when the run has some (FedDRL).
+    """
+
+    round: int
+    global_state: Mapping[str, torch.Tensor]
+    base_state: Mapping[str, torch.Tensor]
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+    evaluate: Callable[[Mapping[str, torch.Tensor]], dict[str, float]] | None = None
+
+
+@dataclass
+class AggregateResult:
+    """The next global weights, the round's aggregator metrics, and an optional served model.
+
+    ``served_model`` is set by upscaling methods (SMILE, WEMoE) whose evaluated model differs
+    from the broadcast weights.
+    """
+
+    state: StateDict
+    metrics: dict[str, float] = field(default_factory=dict)
+    served_model: torch.nn.Module | None = None
+
+
+class Aggregator(ABC):
+    """Base class of server-side merges.
+
+    Subclasses set ``name`` and implement either ``aggregate`` (sees all of a round's updates)
+    or, for incremental methods, override ``begin_round`` / ``accumulate`` / ``finalize``.
+    Hyperparameters are explicit keyword arguments of ``__init__``; state that must survive a
+    restart (learned agents, fused scopes) goes through ``state_dict`` / ``load_state_dict``.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self._ctx: RoundContext | None = None
+        self._updates: list[ClientUpdate] = []
+
+    # ---- client side -------------------------------------------------------------------
+    def client_config(self, server_round: int) -> dict[str, Scalar]:
+        """Extra config sent to every client this round (e.g. a regulariser's target)."""
+        return {}
+
+    # ---- server side -------------------------------------------------------------------
+    def begin_round(self, ctx: RoundContext) -> None:
+        self._ctx = ctx
+        self._updates = []
+
+    def accumulate(self, update: ClientUpdate) -> None:
+        self._updates.append(update)
+
+    def finalize(self) -> AggregateResult:
+        if self._ctx is None:
+            raise RuntimeError(f"{type(self).__name__}.finalize() called before begin_round()")
+        if not self._updates:
+            raise ValueError(f"{type(self).__name__}: no client updates to aggregate this round")
+        ctx, updates = self._ctx, self._updates
+        self._updates = []
+        return self.aggregate(ctx, updates)
+
+    @abstractmethod
+    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        """Merge a round's updates into the next global state."""
+
+    # ---- persistence -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Aggregator state to checkpoint (tensors and plain data only)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state but was given {sorted(state)}")

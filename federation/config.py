@@ -1,0 +1,346 @@
+"""Experiment configuration: one TOML file per experiment, validated, with ``--set`` overrides.
+
+A config is data. Every field below has a default and a one-line doc (``fedmerge list --fields``
+prints them); unknown keys and bad values raise ``ConfigError`` naming the key, so a typo never
+silently falls back to a default. ``[aggregator]`` is open: every key other than ``name`` is a
+keyword argument of the chosen aggregator, checked against its ``__init__`` when the run starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+__all__ = [
+    "ActorConfig",
+    "AggregatorConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvaluationConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "OutputConfig",
+    "RayConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "describe_fields",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+def _f(default: Any, doc: str) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"doc": doc})
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=type(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = _f("fashion_mnist", "task name (`fedmerge list`): data, model, loss and metrics")
+    data_dir: str = _f("", "where the task's data lie; empty = $FEDMERGE_DATA_DIR, then system paths")
+    num_clients: int = _f(10, "number of (virtual) clients, one data shard each")
+    partitioner: str = _f("dirichlet", "how labels are split across clients: iid | dirichlet | pathological")
+    alpha: float = _f(0.5, "Dirichlet concentration; smaller = stronger label skew (dirichlet only)")
+    classes_per_client: int = _f(2, "classes each client holds (pathological only)")
+    min_partition_size: int = _f(10, "resample until every client has at least this many examples (dirichlet)")
+    local_test_fraction: float = _f(0.0, "share of each shard kept by the client for federated evaluation")
+    cache_dir: str = _f("", "where shards are written once and reused; empty = <output.root>/_shards")
+
+    def validate(self) -> None:
+        _check(self.num_clients >= 1, "data.num_clients", "must be >= 1")
+        _check(self.alpha > 0 and math.isfinite(self.alpha), "data.alpha", "must be a positive number")
+        _check(self.classes_per_client >= 1, "data.classes_per_client", "must be >= 1")
+        _check(self.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
+        _check(0.0 <= self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in [0, 1)")
+        from clients.partition import available_partitioners
+        from clients.tasks import available_tasks
+
+        _check_choice(self.task, available_tasks(), "data.task")
+        _check_choice(self.partitioner, available_partitioners(), "data.partitioner")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = _f(1, "local epochs per round on each sampled client")
+    batch_size: int = _f(32, "local mini-batch size")
+    lr: float = _f(0.05, "local learning rate")
+    momentum: float = _f(0.9, "SGD momentum (sgd only)")
+    weight_decay: float = _f(0.0, "L2 weight decay of the local optimizer")
+    optimizer: str = _f("sgd", "local optimizer: sgd | adam")
+
+    def validate(self) -> None:
+        _check(self.local_epochs >= 1, "train.local_epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be a positive number")
+        _check(0.0 <= self.momentum < 1.0, "train.momentum", "must be in [0, 1)")
+        _check(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "train.weight_decay", "must be >= 0")
+        _check_choice(self.optimizer, ["sgd", "adam"], "train.optimizer")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_rounds: int = _f(10, "federated rounds")
+    fraction_train: float = _f(0.5, "share of clients sampled for training each round")
+    min_train_nodes: int = _f(2, "never sample fewer clients than this; a round with fewer valid replies is skipped")
+    fraction_evaluate: float = _f(0.0, "share of clients sampled for federated evaluation on their local split")
+    min_evaluate_nodes: int = _f(0, "never sample fewer clients than this for federated evaluation")
+    round_timeout_s: float = _f(600.0, "seconds to wait for a round's replies before going on without the rest")
+    num_supernodes: int = _f(0, "simulation SuperNodes (execution slots); 0 = as many as clients sampled a round")
+
+    def validate(self) -> None:
+        _check(self.num_rounds >= 1, "federation.num_rounds", "must be >= 1")
+        _check(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
+        _check(self.min_train_nodes >= 1, "federation.min_train_nodes", "must be >= 1")
+        _check(0.0 <= self.fraction_evaluate <= 1.0, "federation.fraction_evaluate", "must be in [0, 1]")
+        _check(self.min_evaluate_nodes >= 0, "federation.min_evaluate_nodes", "must be >= 0")
+        _check(self.round_timeout_s > 0, "federation.round_timeout_s", "must be > 0")
+        _check(self.num_supernodes >= 0, "federation.num_supernodes", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    name: str = _f("fedavg", "a registered name, a `module:Class` path, or a `fedmerge.aggregators` entry point")
+    params: dict[str, Any] = _f({}, "every other key of [aggregator]: keyword arguments of the aggregator")
+
+    def validate(self) -> None:
+        _check(bool(self.name.strip()), "aggregator.name", "must not be empty")
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    num_cpus: float = _f(0.0, "CPUs reserved for the actor (0 leaves every core to the clients)")
+    num_gpus: float = _f(0.0, "GPUs for the actor; it computes on CUDA when Ray gives it one")
+    resources: dict[str, float] = _f({}, "custom Ray resources, e.g. {aggregator = 1} to pin it to a node")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.num_cpus >= 0, f"{prefix}.num_cpus", "must be >= 0")
+        _check(self.num_gpus >= 0, f"{prefix}.num_gpus", "must be >= 0")
+        for key, value in self.resources.items():
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                   f"{prefix}.resources.{key}", "must be a positive number")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = _f("", "Ray cluster to attach to (`auto`, `host:port`); empty = $RAY_ADDRESS or a new local Ray")
+    num_cpus: int = _f(0, "CPUs of a new local Ray; 0 = all cores (ignored when attaching)")
+    client_num_cpus: float = _f(1.0, "CPUs per simulated client; clients in parallel = cluster CPUs / this")
+    client_num_gpus: float = _f(0.0, "GPUs per simulated client")
+    aggregator: ActorConfig = _f(ActorConfig(), "placement of the AggregatorActor")
+    evaluator: ActorConfig = _f(ActorConfig(), "placement of the EvaluatorActor")
+
+    def validate(self) -> None:
+        _check(self.num_cpus >= 0, "ray.num_cpus", "must be >= 0")
+        _check(self.client_num_cpus > 0, "ray.client_num_cpus", "must be > 0")
+        _check(self.client_num_gpus >= 0, "ray.client_num_gpus", "must be >= 0")
+        self.aggregator.validate("ray.aggregator")
+        self.evaluator.validate("ray.evaluator")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    batch_size: int = _f(1000, "batch size of server-side evaluation")
+    every: int = _f(1, "evaluate the global model every N rounds (the last round always)")
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "evaluation.batch_size", "must be >= 1")
+        _check(self.every >= 1, "evaluation.every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    root: str = _f("runs", "directory under which each run gets its own folder")
+    save_model: bool = _f(True, "write the final global model as safetensors")
+    plot: bool = _f(True, "write the accuracy-per-round plot")
+
+    def validate(self) -> None:
+        _check(bool(self.root.strip()), "output.root", "must not be empty")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = _f("experiment", "run name; the run folder is <output.root>/<name>-<timestamp>")
+    seed: int = _f(0, "seeds partitions, sampling, model init and local training")
+    data: DataConfig = _f(DataConfig(), "data and partitioning")
+    train: TrainConfig = _f(TrainConfig(), "local training on each client")
+    federation: FederationConfig = _f(FederationConfig(), "rounds and client sampling")
+    aggregator: AggregatorConfig = _f(AggregatorConfig(), "server-side merge")
+    ray: RayConfig = _f(RayConfig(), "cluster and placement")
+    evaluation: EvaluationConfig = _f(EvaluationConfig(), "server-side evaluation")
+    output: OutputConfig = _f(OutputConfig(), "run directory")
+
+    def validate(self) -> None:
+        _check(bool(self.name.strip()), "name", "must not be empty")
+        _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
+        for section in (self.data, self.train, self.federation, self.aggregator, self.ray,
+                        self.evaluation, self.output):
+            section.validate()
+        _check(self.federation.min_train_nodes <= self.data.num_clients, "federation.min_train_nodes",
+               f"is {self.federation.min_train_nodes} but data.num_clients is only {self.data.num_clients}")
+        _check(self.federation.min_evaluate_nodes <= self.data.num_clients, "federation.min_evaluate_nodes",
+               f"is {self.federation.min_evaluate_nodes} but data.num_clients is only {self.data.num_clients}")
+        if self.federation.fraction_evaluate > 0:
+            _check(self.data.local_test_fraction > 0, "data.local_test_fraction",
+                   "must be > 0 when federation.fraction_evaluate > 0 (clients need a local split)")
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        agg = raw.pop("aggregator")
+        raw["aggregator"] = {"name": agg["name"], **agg["params"]}
+        return raw
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+# ---- parsing -------------------------------------------------------------------------------
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read a TOML experiment file, apply ``section.key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    return parse_config(apply_overrides(raw, overrides), source=str(path))
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings; values are TOML literals (``0.1``, ``true``, ``"x"``) or bare text."""
+    out = _deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        *parents, leaf = key.split(".")
+        node = out
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+            node = child
+        node[leaf] = value
+    return out
+
+
+def parse_config(raw: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+    """Build and validate an ExperimentConfig from plain data (e.g. parsed TOML)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a table of settings, got {type(raw).__name__}")
+    config = _build(ExperimentConfig, raw, prefix="")
+    config.validate()
+    return config
+
+
+def describe_fields() -> list[tuple[str, str, str]]:
+    """(key, default, doc) of every field, for `fedmerge list --fields` and the docs."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, repr(default), f.metadata.get("doc", "")))
+
+    walk(ExperimentConfig, "")
+    return rows
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a table, got {_type_name(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if cls is AggregatorConfig:
+        params = {k: v for k, v in raw.items() if k != "name"}
+        for key in params:
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ConfigError(f"aggregator.{key} is not a valid parameter name")
+        name = raw.get("name", AggregatorConfig.name)
+        if not isinstance(name, str):
+            raise ConfigError(f"aggregator.name must be a string, got {_type_name(name)}")
+        return AggregatorConfig(name=name, params=params)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown key '{prefix}{key}'{suggestion}; allowed: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+    else:  # pragma: no cover - a field type this parser does not know is a programming error
+        raise TypeError(f"unsupported config field type {tp!r} for {key}")
+    expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, "a table")
+    raise ConfigError(f"{key} must be {expected}, got {_type_name(value)} {value!r}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+def _check_choice(value: str, choices: Iterable[str], key: str) -> None:
+    choices = sorted(choices)
+    if value not in choices:
+        hint = difflib.get_close_matches(value, choices, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}{suggestion}")
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "table", list: "array", str: "string", bool: "boolean", int: "integer",
+            float: "float"}.get(type(value), type(value).__name__)
+
+
+def _deepcopy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
