@@ -20,6 +20,8 @@ from typing import Any
 
 import tomli_w
 
+from clients.training import TrainConfig
+
 __all__ = [
     "ActorConfig",
     "AggregatorConfig",
@@ -73,24 +75,6 @@ class DataConfig:
 
         _check_choice(self.task, available_tasks(), "data.task")
         _check_choice(self.partitioner, available_partitioners(), "data.partitioner")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    local_epochs: int = _f(1, "local epochs per round on each sampled client")
-    batch_size: int = _f(32, "local mini-batch size")
-    lr: float = _f(0.05, "local learning rate")
-    momentum: float = _f(0.9, "SGD momentum (sgd only)")
-    weight_decay: float = _f(0.0, "L2 weight decay of the local optimizer")
-    optimizer: str = _f("sgd", "local optimizer: sgd | adam")
-
-    def validate(self) -> None:
-        _check(self.local_epochs >= 1, "train.local_epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be a positive number")
-        _check(0.0 <= self.momentum < 1.0, "train.momentum", "must be in [0, 1)")
-        _check(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "train.weight_decay", "must be >= 0")
-        _check_choice(self.optimizer, ["sgd", "adam"], "train.optimizer")
 
 
 @dataclass(frozen=True)
@@ -188,8 +172,8 @@ class ExperimentConfig:
     def validate(self) -> None:
         _check(bool(self.name.strip()), "name", "must not be empty")
         _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
-        for section in (self.data, self.train, self.federation, self.aggregator, self.ray,
-                        self.evaluation, self.output):
+        for section in (self.data, self.federation, self.aggregator, self.ray, self.evaluation,
+                        self.output):  # [train] checks itself on construction
             section.validate()
         _check(self.federation.min_train_nodes <= self.data.num_clients, "federation.min_train_nodes",
                f"is {self.federation.min_train_nodes} but data.num_clients is only {self.data.num_clients}")
@@ -295,7 +279,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
             raise ConfigError(f"unknown key '{prefix}{key}'{suggestion}; allowed: {', '.join(names)}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # sections that validate themselves name the field first
+        raise ConfigError(f"{prefix}{err}") from None
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

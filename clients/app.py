@@ -1,0 +1,95 @@
+"""The Flower ClientApp: what a federated node does with a train or evaluate message.
+
+Everything a client needs arrives in the message: the global arrays, the partition (virtual
+client) to act as, a per-round seed, the run's static settings (task, shard directory, local
+training config) and the aggregator's client-side settings. Nodes therefore keep no state across
+rounds, and any node can serve any virtual client.
+
+Replies follow Flower's own convention (an ArrayRecord "arrays", a MetricRecord "metrics" with
+``num-examples``), so Flower's built-in strategies can drive this ClientApp too.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.partition import open_shard
+from clients.tasks import get_task
+from clients.tasks.base import ArrayData
+from clients.training import TrainConfig, evaluate, get_state, set_state, train
+
+__all__ = ["app", "local_split"]
+
+RUN_CONFIG_KEY = "fedmerge.run"
+AGGREGATOR_CONFIG_KEY = "fedmerge.aggregator"
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=64)
+def _shard(path: str) -> ArrayData:
+    return open_shard(Path(path))
+
+
+def local_split(data: ArrayData, test_fraction: float, seed: int) -> tuple[ArrayData, ArrayData]:
+    """A client's fixed train / local-test split (the same every round for a given seed)."""
+    if test_fraction <= 0:
+        return data, data.subset(np.arange(0))
+    order = np.random.default_rng(seed).permutation(len(data))
+    n_test = int(round(len(data) * test_fraction))
+    return data.subset(np.sort(order[n_test:])), data.subset(np.sort(order[:n_test]))
+
+
+def _setup(msg: Message, context: Context) -> tuple[dict[str, Any], int, Any, torch.nn.Module, ArrayData, ArrayData]:
+    config = msg.content["config"]
+    run = json.loads(str(config[RUN_CONFIG_KEY]))
+    partition = int(config["partition-id"]) if "partition-id" in config else int(context.node_config["partition-id"])
+    torch.set_num_threads(max(1, int(run.get("num_threads", 1))))
+    task = get_task(run["task"])
+    shard = _shard(str(Path(run["shard_dir"]) / f"client_{partition:05d}.arrow"))
+    train_part, test_part = local_split(shard, float(run.get("local_test_fraction", 0.0)),
+                                        seed=int(run["seed"]) * 1_000_003 + partition)
+    model = task.build_model()
+    set_state(model, msg.content["arrays"].to_torch_state_dict())
+    return run, partition, task, model, train_part, test_part
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    run, partition, task, model, train_part, _ = _setup(msg, context)
+    seed = int(msg.content["config"]["seed"])
+    torch.manual_seed(seed)
+    metrics = train(model, task, train_part, TrainConfig(**run["train"]), seed=seed)
+    reply = RecordDict({
+        "arrays": ArrayRecord(torch_state_dict=get_state(model)),
+        "metrics": MetricRecord({
+            "train_loss": float(metrics["train_loss"]),
+            "train_accuracy": float(metrics["train_accuracy"]),
+            "num-examples": len(train_part),
+            "partition-id": partition,
+        }),
+    })
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    _, partition, task, model, _, test_part = _setup(msg, context)
+    if len(test_part) == 0:
+        raise ValueError(f"client {partition} has no local test split (data.local_test_fraction = 0)")
+    metrics = evaluate(model, task, test_part)
+    reply = RecordDict({"metrics": MetricRecord({
+        "loss": float(metrics["loss"]),
+        "accuracy": float(metrics["accuracy"]),
+        "num-examples": len(test_part),
+        "partition-id": partition,
+    })})
+    return Message(content=reply, reply_to=msg)

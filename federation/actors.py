@@ -1,0 +1,144 @@
+"""Ray actors of the server side: one runs the aggregator, one scores the global model.
+
+Both compute on CUDA when Ray assigned them a GPU (``num_gpus`` in the config), otherwise on the
+CPU. Arrays travel as NumPy through Ray's object store, which hands actors zero-copy read-only
+views; tensors are built over those views and never written.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from aggregators import Aggregator, ClientUpdate, RoundContext
+from clients.tasks import get_task
+from clients.tasks.base import ArrayData
+from clients.training import evaluate, set_state
+from federation.arrays import to_numpy_state, to_torch_state
+from federation.config import ActorConfig
+
+__all__ = ["AggregatorActor", "EvaluatorActor", "actor_options", "placement"]
+
+
+def _device() -> torch.device:
+    if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def placement() -> dict[str, str]:
+    """Where the calling actor runs: node, host, device (and GPU name when there is one)."""
+    device = _device()
+    ctx = ray.get_runtime_context()
+    return {
+        "node_id": ctx.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+    }
+
+
+def actor_options(placement: ActorConfig) -> dict[str, Any]:
+    """Ray ``.options()`` for an actor placed by a ``[ray.aggregator]``-style config section."""
+    options: dict[str, Any] = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
+    if placement.resources:
+        options["resources"] = dict(placement.resources)
+    return options
+
+
+@ray.remote
+class AggregatorActor:
+    """Owns the aggregator and the global model; replies stream in through ``accumulate``.
+
+    The aggregator instance is built on the driver and shipped here by pickling: Ray sends its
+    class by reference, so a class from a registered name, a ``module:Class`` path or an entry
+    point is imported in the worker the same way it was found on the driver.
+    """
+
+    def __init__(self, aggregator: Aggregator, base_state: Mapping[str, np.ndarray], seed: int) -> None:
+        self.device = _device()
+        self.aggregator = aggregator
+        self.seed = seed
+        self.base_state = self._to_device(base_state)
+        self.global_state = dict(self.base_state)
+        self._accumulate_s = 0.0
+
+    def _to_device(self, state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        # Copy off the read-only object-store view so that no aggregator can write into it.
+        return {k: v.to(self.device, copy=True) for k, v in to_torch_state(state).items()}
+
+    def placement(self) -> dict[str, str]:
+        return placement()
+
+    def client_config(self, server_round: int) -> dict[str, Any]:
+        return self.aggregator.client_config(server_round)
+
+    def begin_round(self, server_round: int) -> None:
+        self._accumulate_s = 0.0
+        self.aggregator.begin_round(RoundContext(
+            round=server_round, global_state=self.global_state, base_state=self.base_state,
+            seed=self.seed, device=self.device,
+        ))
+
+    def accumulate(self, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: int,
+                   metrics: Mapping[str, float]) -> None:
+        start = time.perf_counter()
+        self.aggregator.accumulate(ClientUpdate(
+            client_id=client_id, state=to_torch_state(arrays), num_examples=num_examples,
+            metrics=dict(metrics),
+        ))
+        self._accumulate_s += time.perf_counter() - start
+
+    @ray.method(num_returns=2)
+    def finalize(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        start = time.perf_counter()
+        result = self.aggregator.finalize()
+        self.global_state = {k: v.detach() for k, v in result.state.items()}
+        metrics = dict(result.metrics)
+        metrics["aggregate_s"] = self._accumulate_s + time.perf_counter() - start
+        return to_numpy_state({k: v.cpu() for k, v in self.global_state.items()}), metrics
+
+    def get_global(self) -> dict[str, np.ndarray]:
+        return to_numpy_state({k: v.cpu() for k, v in self.global_state.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.aggregator.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.aggregator.load_state_dict(state)
+
+
+@ray.remote
+class EvaluatorActor:
+    """Scores a state dict on the server's held-out split of the task."""
+
+    def __init__(self, task_name: str, x: np.ndarray, y: np.ndarray, batch_size: int,
+                 num_threads: int = 0) -> None:
+        # Evaluation runs between rounds, when the clients are idle: 0 means every core of the node.
+        torch.set_num_threads(num_threads if num_threads > 0 else (os.cpu_count() or 1))
+        self.device = _device()
+        self.task = get_task(task_name)
+        self.data = ArrayData(x, y)
+        self.batch_size = batch_size
+        self.model = self.task.build_model().to(self.device)
+
+    def placement(self) -> dict[str, str]:
+        return placement()
+
+    def evaluate(self, state: Mapping[str, np.ndarray]) -> dict[str, float]:
+        start = time.perf_counter()
+        set_state(self.model, to_torch_state(state))
+        metrics = evaluate(self.model, self.task, self.data, batch_size=self.batch_size,
+                           device=self.device)
+        metrics.pop("num_examples", None)  # the test-set size, not a per-round figure
+        metrics["evaluate_s"] = time.perf_counter() - start
+        return metrics

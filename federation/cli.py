@@ -1,0 +1,104 @@
+"""The ``fedmerge`` command: run | compare | report | partition | list."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmerge", description="Federated model merging on Flower + Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def experiment_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", type=Path, help="experiment TOML file (see experiments/)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. --set aggregator.name=fedavg (repeatable)")
+
+    p = sub.add_parser("run", help="run one federated experiment")
+    experiment_args(p)
+    p.add_argument("--address", default=None, help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's own log")
+
+    p = sub.add_parser("compare", help="run the same experiment with several aggregators")
+    experiment_args(p)
+    p.add_argument("--aggregators", required=True, help="comma-separated names, e.g. fedavg,wsa")
+    p.add_argument("--address", default=None)
+
+    p = sub.add_parser("report", help="re-print and re-plot a finished run")
+    p.add_argument("run_dir", type=Path)
+
+    p = sub.add_parser("partition", help="print per-client label counts and save a heat-map PNG")
+    experiment_args(p)
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default: <output.root>/<name>-partition.png)")
+
+    p = sub.add_parser("list", help="list aggregators, tasks and partitioners")
+    p.add_argument("--fields", action="store_true", help="also list every config field with its default")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from clients.tasks.base import DataError
+    from federation.config import ConfigError
+
+    try:
+        return _dispatch(args)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"fedmerge: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from federation.config import load_config
+
+    if args.command == "list":
+        return _list(args.fields)
+    if args.command == "report":
+        from federation.results import RunDir, format_run_report, plot_curves
+
+        run = RunDir(args.run_dir)
+        print(format_run_report(run))
+        plot_curves({run.path.name: run.server_curve("accuracy")}, run.plot_path, title=f"{run.path.name}: test accuracy")
+        print(f"plot: {run.plot_path}")
+        return 0
+    config = load_config(args.config, args.overrides)
+    if args.command == "run":
+        from federation.runner import run_experiment
+
+        run_experiment(config, address=args.address, verbose=args.verbose)
+    elif args.command == "compare":
+        from federation.runner import compare
+
+        compare(config, [a.strip() for a in args.aggregators.split(",") if a.strip()], address=args.address)
+    elif args.command == "partition":
+        from federation.runner import partition_report
+
+        table, png = partition_report(config, args.out)
+        print(table)
+        print(f"heat-map: {png}")
+    return 0
+
+
+def _list(fields: bool) -> int:
+    from aggregators import available
+    from clients.partition import available_partitioners
+    from clients.tasks import available_tasks
+
+    print("aggregators: ", ", ".join(available()))
+    print("tasks:       ", ", ".join(available_tasks()))
+    print("partitioners:", ", ".join(available_partitioners()))
+    if fields:
+        from federation.config import describe_fields
+        from federation.results import format_table
+
+        print()
+        print(format_table(["key", "default", "meaning"], describe_fields()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Entry points that run experiments: one run, a comparison of aggregators, a partition report.
+
+``run_experiment`` starts (or attaches to) Ray itself before handing over to Flower's simulation
+engine, so the ServerApp can create actors and Flower's clients share the same cluster: a local
+Ray by default, an existing cluster with ``address`` / ``ray.address`` / ``$RAY_ADDRESS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from clients.partition import format_label_counts, label_counts, partition, plot_label_heatmap
+from clients.tasks import get_task
+from federation.config import AggregatorConfig, ConfigError, ExperimentConfig
+from federation.results import RunDir, compare_table, format_run_report, plot_curves, summarize
+from federation.server import Experiment, build_aggregator, partition_params
+
+__all__ = ["ExperimentError", "compare", "init_ray", "partition_report", "run_experiment"]
+
+log = logging.getLogger("fedmerge")
+
+
+class ExperimentError(RuntimeError):
+    """The federated run itself failed (the message carries the cause)."""
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def init_ray(config: ExperimentConfig, address: str | None = None) -> str:
+    """Start a local Ray or attach to a cluster; returns the address used ('' for a new local one).
+
+    Workers get the driver's ``sys.path`` so that aggregators named by a ``module:Class`` path and
+    the project's packages import there, as Flower does for its own simulation workers.
+    """
+    _quiet_env()
+    address = address or config.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if ray.is_initialized():
+        ray.shutdown()
+    runtime_env = {"env_vars": {
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+    }}
+    kwargs = dict(runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=config.ray.num_cpus or None, include_dashboard=False, **kwargs)
+    return address
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_dir: RunDir
+    wall_time_s: float
+    placement: dict[str, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class CompareOutcome:
+    path: Path
+    table: str
+    runs: dict[str, RunDir]
+
+
+def run_experiment(config: ExperimentConfig, *, address: str | None = None,
+                   progress: Callable[[str], None] = print, verbose: bool = False) -> RunOutcome:
+    """Run one federated experiment end to end; returns its run directory."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+
+    build_aggregator(config)  # fail fast, before any folder or cluster exists
+    run_dir = RunDir.create(Path(config.output.root), config.name)
+    run_dir.write_config(config.to_toml())
+    progress(f"run directory: {run_dir.path}")
+    started = time.perf_counter()
+    init_ray(config, address)
+    experiment = Experiment(config, run_dir, progress=progress)
+    try:
+        experiment.setup()
+        progress(f"aggregator {config.aggregator.name!r} on {_where(experiment.placement['aggregator'])}, "
+                 f"evaluator on {_where(experiment.placement['evaluator'])}; "
+                 f"{config.data.num_clients} clients, {experiment.clients_per_round} a round")
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.setLevel(logging.INFO if verbose else logging.WARNING)
+        if not verbose and not any(isinstance(f, _HideDeprecation) for f in flwr_log.filters):
+            flwr_log.addFilter(_HideDeprecation())
+        run_simulation(
+            server_app=experiment.server_app(),
+            client_app=client_app,
+            num_supernodes=experiment.num_supernodes,
+            backend_config={"client_resources": {"num_cpus": config.ray.client_num_cpus,
+                                                 "num_gpus": config.ray.client_num_gpus}},
+            verbose_logging=verbose,
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    if experiment.error is not None:
+        raise ExperimentError(f"the run failed: {experiment.error!r}") from experiment.error
+    if experiment.final_state is None:
+        raise ExperimentError("the simulation ended before the server finished its rounds; see the log above")
+    wall = time.perf_counter() - started
+    if config.output.save_model:
+        run_dir.save_model(experiment.final_state, metadata={"task": config.data.task,
+                                                             "aggregator": config.aggregator.name})
+    summary = summarize(run_dir)
+    summary.update(wall_time_s=wall, placement=experiment.placement, aggregator=config.aggregator.name,
+                   seed=config.seed)
+    run_dir.write_summary(summary)
+    if config.output.plot:
+        plot_curves({config.aggregator.name: run_dir.server_curve("accuracy")}, run_dir.plot_path,
+                    title=f"{config.name}: global test accuracy per round")
+    progress(format_run_report(run_dir))
+    progress(f"wall time {wall:.1f}s; results in {run_dir.path}")
+    return RunOutcome(run_dir=run_dir, wall_time_s=wall, placement=experiment.placement)
+
+
+def compare(config: ExperimentConfig, aggregators: Sequence[str], *, address: str | None = None,
+            progress: Callable[[str], None] = print) -> CompareOutcome:
+    """Run the same experiment (partitions, seed, everything) once per aggregator; one table, one plot."""
+    if not aggregators:
+        raise ConfigError("compare needs at least one aggregator name")
+    runs: dict[str, RunDir] = {}
+    for name in aggregators:
+        progress(f"=== {name}")
+        # The config's [aggregator] parameters belong to the aggregator it names; others use defaults.
+        params = config.aggregator.params if name == config.aggregator.name else {}
+        variant = dataclasses.replace(config, name=f"{config.name}-{name}",
+                                      aggregator=AggregatorConfig(name=name, params=params))
+        runs[name] = run_experiment(variant, address=address, progress=progress).run_dir
+    out = RunDir.create(Path(config.output.root), f"{config.name}-compare").path
+    table = compare_table(runs)
+    (out / "compare.txt").write_text(table + "\n" + "\n".join(f"{k}: {v.path}" for k, v in runs.items()) + "\n")
+    plot_curves({name: run.server_curve("accuracy") for name, run in runs.items()}, out / "compare.png",
+                title=f"{config.name}: global test accuracy per round")
+    progress(table)
+    progress(f"overlay plot: {out / 'compare.png'}")
+    return CompareOutcome(path=out, table=table, runs=runs)
+
+
+def partition_report(config: ExperimentConfig, out: Path | None = None) -> tuple[str, Path]:
+    """Per-client label counts of the config's partition, as a table and a heat-map PNG."""
+    task = get_task(config.data.task)
+    train = task.load("train", Path(config.data.data_dir) if config.data.data_dir else None)
+    parts = partition(train.y, config.data.num_clients, config.data.partitioner, config.seed,
+                      **partition_params(config.data))
+    counts = label_counts(parts, train.y, task.num_classes)
+    out = out or Path(config.output.root) / f"{config.name}-partition.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = f"{config.data.task}: {config.data.partitioner} {partition_params(config.data)}, seed {config.seed}"
+    plot_label_heatmap(counts, out, title=title)
+    return format_label_counts(counts), out
+
+
+class _HideDeprecation(logging.Filter):
+    """run_simulation announces its deprecation in favour of `flwr run` on every call; once is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage()
+
+
+def _where(placement: dict[str, str]) -> str:
+    device = placement["device"] + (f" ({placement['gpu']})" if placement.get("gpu") else "")
+    return f"{placement['hostname']} [{device}]"

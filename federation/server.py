@@ -1,0 +1,171 @@
+"""The server side of one experiment: data and shards, Ray actors, the Flower ServerApp.
+
+``Experiment.setup`` runs on the driver once Ray is up: it loads and verifies the task's data,
+writes the clients' shards (once, cached), builds the seeded initial model and starts the
+``AggregatorActor`` and ``EvaluatorActor`` where the config places them. ``server_app()`` returns
+the Flower ServerApp whose main loop drives the rounds and records each one in the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from aggregators import Aggregator, create_aggregator
+from clients.partition import materialize_shards
+from clients.tasks import get_task
+from clients.training import get_state
+from federation.actors import AggregatorActor, EvaluatorActor, actor_options
+from federation.arrays import state_to_record, to_numpy_state
+from federation.config import ConfigError, DataConfig, ExperimentConfig
+from federation.results import RunDir
+from federation.strategy import FedMergeStrategy, RoundReport
+
+__all__ = ["Experiment", "build_aggregator", "partition_params", "report_rows"]
+
+log = logging.getLogger("fedmerge")
+
+PLACEMENT_TIMEOUT_S = 120
+
+
+def build_aggregator(config: ExperimentConfig) -> Aggregator:
+    """The configured aggregator, built on the driver so a bad name or parameter fails fast."""
+    try:
+        return create_aggregator(config.aggregator.name, config.aggregator.params)
+    except (ValueError, TypeError, ImportError) as err:
+        raise ConfigError(f"aggregator: {err}") from None
+
+
+def partition_params(data: DataConfig) -> dict[str, Any]:
+    """The config fields that the chosen partitioner takes."""
+    return {
+        "iid": {},
+        "dirichlet": {"alpha": data.alpha, "min_partition_size": data.min_partition_size},
+        "pathological": {"classes_per_client": data.classes_per_client},
+    }.get(data.partitioner, {})
+
+
+def report_rows(report: RoundReport) -> list[tuple[str, int | None, str, float]]:
+    """A round's report as long-format metric rows (scope, client_id, metric, value)."""
+    rows: list[tuple[str, int | None, str, float]] = []
+    rows += [("server", None, k, float(v)) for k, v in report.server_metrics.items()]
+    rows += [("aggregator", None, k, float(v)) for k, v in report.aggregator_metrics.items()]
+    rows += [("client", None, f"federated_{k}", float(v)) for k, v in report.federated_metrics.items()]
+    for cid, metrics in sorted(report.client_metrics.items()):
+        rows += [("client", cid, k, float(v)) for k, v in metrics.items()]
+    rows += [("system", f.client_id, "failed", 1.0) for f in report.failures]
+    rows += [("system", f.client_id, "rejected", 1.0) for f in report.rejected]
+    rows += [
+        ("system", None, "round_time_s", report.round_time_s),
+        ("system", None, "clients_sampled", float(len(report.sampled))),
+        ("system", None, "clients_failed", float(len(report.failures))),
+        ("system", None, "clients_rejected", float(len(report.rejected))),
+        ("system", None, "round_skipped", float(bool(report.skipped))),
+    ]
+    return rows
+
+
+class Experiment:
+    """One configured run on the server side."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: RunDir,
+                 progress: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.progress = progress
+        self.error: BaseException | None = None
+        self.final_state: dict[str, Any] | None = None
+        self.placement: dict[str, dict[str, str]] = {}
+
+    @property
+    def clients_per_round(self) -> int:
+        fed, n = self.config.federation, self.config.data.num_clients
+        return min(n, max(fed.min_train_nodes, int(n * fed.fraction_train)))
+
+    @property
+    def num_supernodes(self) -> int:
+        return self.config.federation.num_supernodes or self.clients_per_round
+
+    def setup(self) -> None:
+        cfg = self.config
+        task = get_task(cfg.data.task)
+        data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else None
+        train, test = task.load("train", data_dir), task.load("test", data_dir)
+        cache_dir = Path(cfg.data.cache_dir or Path(cfg.output.root) / "_shards").resolve()
+        self.shard_dir = materialize_shards(task, train, cfg.data.num_clients, cfg.data.partitioner,
+                                            cfg.seed, partition_params(cfg.data), cache_dir)
+        torch.manual_seed(cfg.seed)
+        self.initial_state = get_state(task.build_model())
+
+        agg, ev = cfg.ray.aggregator, cfg.ray.evaluator
+        self.aggregator = AggregatorActor.options(**actor_options(agg)).remote(
+            build_aggregator(cfg), to_numpy_state(self.initial_state), cfg.seed)
+        self.evaluator = EvaluatorActor.options(**actor_options(ev)).remote(
+            cfg.data.task, test.x, test.y, cfg.evaluation.batch_size, int(ev.num_cpus))
+        for role, actor, section in (("aggregator", self.aggregator, agg), ("evaluator", self.evaluator, ev)):
+            try:
+                self.placement[role] = ray.get(actor.placement.remote(), timeout=PLACEMENT_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise ConfigError(f"the {role} actor was not placed within {PLACEMENT_TIMEOUT_S} s: no node "
+                                  f"offers what ray.{role} asks for ({actor_options(section)})") from None
+
+    def run_config(self) -> dict[str, Any]:
+        """The static part of every client's message."""
+        cfg = self.config
+        return {
+            "task": cfg.data.task,
+            "shard_dir": str(self.shard_dir),
+            "seed": cfg.seed,
+            "local_test_fraction": cfg.data.local_test_fraction,
+            "num_threads": max(1, int(cfg.ray.client_num_cpus)),
+            "train": asdict(cfg.train),
+        }
+
+    def server_app(self) -> ServerApp:
+        app = ServerApp()
+
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            try:
+                self._run(grid)
+            except BaseException as err:  # surfaced by the runner after Flower shuts down
+                self.error = err
+                raise
+
+        return app
+
+    def _run(self, grid: Grid) -> None:
+        cfg = self.config
+        strategy = FedMergeStrategy(
+            aggregator=self.aggregator, evaluator=self.evaluator, num_clients=cfg.data.num_clients,
+            fraction_train=cfg.federation.fraction_train, min_train_nodes=cfg.federation.min_train_nodes,
+            fraction_evaluate=cfg.federation.fraction_evaluate,
+            min_evaluate_nodes=cfg.federation.min_evaluate_nodes, evaluate_every=cfg.evaluation.every,
+            seed=cfg.seed, run_config=self.run_config(), expected_nodes=self.num_supernodes,
+            on_round=self._record,
+        )
+        self._started = time.perf_counter()
+        result = strategy.start(grid, state_to_record(self.initial_state), num_rounds=cfg.federation.num_rounds,
+                                timeout=cfg.federation.round_timeout_s)
+        self.final_state = result.arrays.to_torch_state_dict()
+
+    def _record(self, report: RoundReport) -> None:
+        self.run_dir.log_round(report.round, report_rows(report))
+        n = self.config.federation.num_rounds
+        ok = len(report.client_metrics)
+        line = f"round {report.round:>3}/{n}  clients {ok}/{len(report.sampled)}"
+        if report.server_metrics:
+            line += f"  test acc {report.server_metrics['accuracy']:.4f}  loss {report.server_metrics['loss']:.4f}"
+        if report.skipped:
+            line += f"  SKIPPED: {report.skipped}"
+        line += f"  round {report.round_time_s:5.1f}s  total {time.perf_counter() - self._started:6.1f}s"
+        self.progress(line)

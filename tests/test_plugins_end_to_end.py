@@ -1,0 +1,35 @@
+"""The three ways to plug in an aggregator, each in a full Flower + Ray simulation."""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+import pytest
+
+import tests.plugins.registered_aggregator  # noqa: F401  (registers "mean_of_two_best")
+from federation.runner import compare, run_experiment
+
+from .conftest import digits_config
+
+pytestmark = pytest.mark.slow
+
+
+def _aggregator_metric(run, metric):
+    table = run.metrics()
+    rows = table.filter(pc.and_(pc.equal(table["scope"], "aggregator"), pc.equal(table["metric"], metric)))
+    return rows["value"].to_pylist()
+
+
+def test_registered_class(tmp_path):
+    run = run_experiment(digits_config(tmp_path, "aggregator.name=mean_of_two_best"), progress=lambda _: None).run_dir
+    assert _aggregator_metric(run, "dropped_clients") == [1.0, 1.0]  # 3 clients, the two best kept
+    assert run.server_curve()[-1][1] > 0.5
+
+
+def test_import_path_and_entry_point_through_compare(tmp_path):
+    path_route = "tests.plugins.custom_aggregators:KeepBestByMetric"
+    outcome = compare(digits_config(tmp_path), [path_route, "example_plugin"], progress=lambda _: None)
+    assert path_route in outcome.table and "example_plugin" in outcome.table
+    assert (outcome.path / "compare.png").stat().st_size > 0
+    best = _aggregator_metric(outcome.runs[path_route], "best_client")
+    assert len(best) == 2 and all(c in (0.0, 1.0, 2.0) for c in best)
+    assert len(_aggregator_metric(outcome.runs["example_plugin"], "trimmed_each_side")) == 2
