@@ -194,7 +194,7 @@ class FedMergeStrategy(Strategy):
                     self.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=timeout)
                 federated = self.aggregate_evaluate(server_round, replies)
                 if federated is not None:
-                    report.federated_metrics = {k: float(v) for k, v in federated.items()}
+                    report.federated_metrics = {k.replace("-", "_"): float(v) for k, v in federated.items()}
                     result.evaluate_metrics_clientapp[server_round] = federated
             if report.server_metrics:
                 result.evaluate_metrics_serverapp[server_round] = MetricRecord(report.server_metrics)

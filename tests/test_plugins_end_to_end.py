@@ -19,10 +19,20 @@ def _aggregator_metric(run, metric):
     return rows["value"].to_pylist()
 
 
-def test_registered_class(tmp_path):
-    run = run_experiment(digits_config(tmp_path, "aggregator.name=mean_of_two_best"), progress=lambda _: None).run_dir
+def test_registered_class_with_federated_evaluation(tmp_path):
+    config = digits_config(tmp_path, "aggregator.name=mean_of_two_best",
+                           "data.local_test_fraction=0.25", "federation.fraction_evaluate=1.0")
+    run = run_experiment(config, progress=lambda _: None).run_dir
     assert _aggregator_metric(run, "dropped_clients") == [1.0, 1.0]  # 3 clients, the two best kept
     assert run.server_curve()[-1][1] > 0.5
+
+    # Every client also scored the global model on its own held-out quarter each round.
+    table = run.metrics()
+    federated = table.filter(pc.equal(table["metric"], "federated_accuracy"))
+    assert federated["round"].to_pylist() == [1, 2]
+    assert all(0.3 < acc <= 1.0 for acc in federated["value"].to_pylist())
+    examples = table.filter(pc.equal(table["metric"], "federated_num_examples"))["value"].to_pylist()
+    assert 0.2 * 1437 < examples[0] < 0.3 * 1437  # about a quarter of digits' 1,437 training rows
 
 
 def test_import_path_and_entry_point_through_compare(tmp_path):
