@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from aggregators.terms import build_terms
 from clients.partition import open_shard
 from clients.tasks import get_task
 from clients.tasks.base import ArrayData
@@ -65,9 +66,14 @@ def _setup(msg: Message, context: Context) -> tuple[dict[str, Any], int, Any, to
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     run, partition, task, model, train_part, _ = _setup(msg, context)
-    seed = int(msg.content["config"]["seed"])
+    config = msg.content["config"]
+    seed = int(config["seed"])
     torch.manual_seed(seed)
-    metrics = train(model, task, train_part, TrainConfig(**run["train"]), seed=seed)
+    # The aggregator's client-side loss terms (FedProx's proximal term, WSA's scope regulariser),
+    # anchored at the model just received.
+    specs = json.loads(str(config.get(AGGREGATOR_CONFIG_KEY, "{}"))).get("terms", [])
+    terms = build_terms(specs, model, get_state(model)) if specs else []
+    metrics = train(model, task, train_part, TrainConfig(**run["train"]), seed=seed, loss_terms=terms)
     reply = RecordDict({
         "arrays": ArrayRecord(torch_state_dict=get_state(model)),
         "metrics": MetricRecord({
