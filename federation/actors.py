@@ -3,6 +3,9 @@
 Both compute on CUDA when Ray assigned them a GPU (``num_gpus`` in the config), otherwise on the
 CPU. Arrays travel as NumPy through Ray's object store, which hands actors zero-copy read-only
 views; tensors are built over those views and never written.
+
+Ray restarts a dead actor (``max_restarts``) by running ``__init__`` again; the driver then puts
+its state back (``AggregatorActor.restore``) and replays the open round (``federation.recovery``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from clients.training import evaluate, set_state
 from federation.arrays import to_numpy_state, to_torch_state
 from federation.config import ActorConfig
 
-__all__ = ["AggregatorActor", "EvaluatorActor", "actor_options", "placement"]
+__all__ = ["ActorStateLost", "AggregatorActor", "EvaluatorActor", "actor_options", "placement"]
 
 
 def _device() -> torch.device:
@@ -49,10 +52,16 @@ def placement() -> dict[str, str]:
 
 def actor_options(placement: ActorConfig) -> dict[str, Any]:
     """Ray ``.options()`` for an actor placed by a ``[ray.aggregator]``-style config section."""
-    options: dict[str, Any] = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
+    options: dict[str, Any] = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus,
+                               "max_restarts": placement.max_restarts}
     if placement.resources:
         options["resources"] = dict(placement.resources)
     return options
+
+
+class ActorStateLost(RuntimeError):
+    """The actor does not hold the state the driver's call assumes: Ray restarted it (``__init__``
+    ran again) since the driver last gave it state, or the call belongs to an earlier attempt."""
 
 
 @ray.remote
@@ -62,6 +71,12 @@ class AggregatorActor:
     The aggregator instance is built on the driver and shipped here by pickling: Ray sends its
     class by reference, so a class from a registered name, a ``module:Class`` path or an entry
     point is imported in the worker the same way it was found on the driver.
+
+    A round is ``begin_round(round, token, state_round)``, ``accumulate(token, ...)`` per reply,
+    then ``finalize(token)``. ``state_round`` is the round whose result the driver believes the
+    actor holds (0: the initial model), ``token`` names one attempt at a round. A mismatch raises
+    ``ActorStateLost``: a restart that the driver did not see fail a call (Ray restarts actors
+    between calls too) is caught here, never merged on top of the wrong state.
     """
 
     def __init__(self, aggregator: Aggregator, base_state: Mapping[str, np.ndarray], seed: int) -> None:
@@ -71,6 +86,9 @@ class AggregatorActor:
         self.base_state = self._to_device(base_state)
         self.global_state = dict(self.base_state)
         self._accumulate_s = 0.0
+        self._token: int | None = None
+        self._round = 0
+        self.state_round = 0
 
     def _to_device(self, state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         # Copy off the read-only object-store view so that no aggregator can write into it.
@@ -79,18 +97,22 @@ class AggregatorActor:
     def placement(self) -> dict[str, str]:
         return placement()
 
-    def client_config(self, server_round: int) -> dict[str, Any]:
+    def client_config(self, server_round: int, state_round: int) -> dict[str, Any]:
+        self._check_state(state_round)
         return self.aggregator.client_config(server_round)
 
-    def begin_round(self, server_round: int) -> None:
+    def begin_round(self, server_round: int, token: int, state_round: int) -> None:
+        self._check_state(state_round)
+        self._token, self._round = token, server_round
         self._accumulate_s = 0.0
         self.aggregator.begin_round(RoundContext(
             round=server_round, global_state=self.global_state, base_state=self.base_state,
             seed=self.seed, device=self.device,
         ))
 
-    def accumulate(self, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: int,
+    def accumulate(self, token: int, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: int,
                    metrics: Mapping[str, float]) -> None:
+        self._check_token(token)
         start = time.perf_counter()
         self.aggregator.accumulate(ClientUpdate(
             client_id=client_id, state=to_torch_state(arrays), num_examples=num_examples,
@@ -98,23 +120,59 @@ class AggregatorActor:
         ))
         self._accumulate_s += time.perf_counter() - start
 
-    @ray.method(num_returns=2)
-    def finalize(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    @ray.method(num_returns=3)
+    def finalize(self, token: int) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, Any]]:
+        """The next global weights, the round's metrics, and the aggregator's state after the round
+        (which the driver keeps, to restore a restarted actor and to checkpoint)."""
+        self._check_token(token)
+        self._token = None
         start = time.perf_counter()
         result = self.aggregator.finalize()
         self.global_state = {k: v.detach() for k, v in result.state.items()}
+        self.state_round = self._round
         metrics = dict(result.metrics)
         metrics["aggregate_s"] = self._accumulate_s + time.perf_counter() - start
-        return to_numpy_state({k: v.cpu() for k, v in self.global_state.items()}), metrics
+        return (to_numpy_state({k: v.cpu() for k, v in self.global_state.items()}), metrics,
+                self.state_dict())
+
+    def restore(self, global_state: Mapping[str, np.ndarray], aggregator_state: Mapping[str, Any],
+                state_round: int) -> None:
+        """Put back the state after round ``state_round`` (after a restart, or to resume a run)."""
+        self._token = None
+        self.global_state = self._to_device(global_state)
+        self.aggregator.load_state_dict(aggregator_state)
+        self.state_round = state_round
+
+    def _check_state(self, state_round: int) -> None:
+        if state_round != self.state_round:
+            raise ActorStateLost(f"the driver expects the state after round {state_round}, the actor holds "
+                                 f"that after round {self.state_round} (it was restarted)")
+
+    def _check_token(self, token: int) -> None:
+        if token != self._token:
+            raise ActorStateLost(f"call for round attempt {token}, but the open one is {self._token}")
 
     def get_global(self) -> dict[str, np.ndarray]:
         return to_numpy_state({k: v.cpu() for k, v in self.global_state.items()})
 
     def state_dict(self) -> dict[str, Any]:
-        return self.aggregator.state_dict()
+        """The aggregator's state with every tensor on the CPU, so a driver without GPUs can hold it."""
+        return _on_cpu(self.aggregator.state_dict())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.aggregator.load_state_dict(state)
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor inside (nested dicts, lists, tuples) detached and on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_on_cpu(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
 
 
 @ray.remote

@@ -39,7 +39,7 @@ def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 def state_to_record(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
     """ArrayRecord from a state dict of tensors or arrays (one serialisation copy, as Flower does)."""
     return ArrayRecord(array_dict={
-        key: Array.from_numpy_ndarray(np.ascontiguousarray(_as_numpy(value)))
+        key: Array.from_numpy_ndarray(np.asarray(_as_numpy(value), order="C"))
         for key, value in state.items()
     })
 

@@ -1,4 +1,4 @@
-"""The ``fedmerge`` command: run | compare | report | partition | list."""
+"""The ``fedmerge`` command: run | resume | compare | report | partition | list."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
+    p = sub.add_parser("resume", help="continue a stopped run from its newest checkpoint, in its own folder")
+    p.add_argument("run_dir", type=Path, help="the run's folder (it holds config.toml and checkpoints/)")
+    p.add_argument("--address", default=None, help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's own log")
+
     p = sub.add_parser("compare", help="run the same experiment with several aggregators")
     experiment_args(p)
     p.add_argument("--aggregators", required=True, help="comma-separated names, e.g. fedavg,wsa")
@@ -44,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from clients.tasks.base import DataError
     from federation.config import ConfigError
+    from federation.results import RunFileError
 
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, RunFileError, FileNotFoundError, NotADirectoryError) as err:
         print(f"fedmerge: error: {err}", file=sys.stderr)
         return 2
 
@@ -64,6 +70,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(format_run_report(run))
         plot_curves({run.path.name: run.server_curve("accuracy")}, run.plot_path, title=f"{run.path.name}: test accuracy")
         print(f"plot: {run.plot_path}")
+        return 0
+    if args.command == "resume":
+        from federation.runner import resume_experiment
+
+        resume_experiment(args.run_dir, address=args.address, verbose=args.verbose)
         return 0
     config = load_config(args.config, args.overrides)
     if args.command == "run":

@@ -25,6 +25,7 @@ from clients.training import TrainConfig
 __all__ = [
     "ActorConfig",
     "AggregatorConfig",
+    "CheckpointConfig",
     "ConfigError",
     "DataConfig",
     "EvaluationConfig",
@@ -42,6 +43,10 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key."""
+
+
+INT32_MAX = 2**31 - 1
+"""Rounds and client ids are stored as int32 in metrics.parquet."""
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -65,7 +70,7 @@ class DataConfig:
     cache_dir: str = _f("", "where shards are written once and reused; empty = <output.root>/_shards")
 
     def validate(self) -> None:
-        _check(self.num_clients >= 1, "data.num_clients", "must be >= 1")
+        _check(1 <= self.num_clients <= INT32_MAX, "data.num_clients", f"must be in 1..{INT32_MAX}")
         _check(self.alpha > 0 and math.isfinite(self.alpha), "data.alpha", "must be a positive number")
         _check(self.classes_per_client >= 1, "data.classes_per_client", "must be >= 1")
         _check(self.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
@@ -86,15 +91,18 @@ class FederationConfig:
     min_evaluate_nodes: int = _f(0, "never sample fewer clients than this for federated evaluation")
     round_timeout_s: float = _f(600.0, "seconds to wait for a round's replies before going on without the rest")
     num_supernodes: int = _f(0, "simulation SuperNodes (execution slots); 0 = as many as clients sampled a round")
+    max_update_norm: float = _f(0.0, "reject a client update whose L2 distance from the global model exceeds this; "
+                                     "0 = no bound (the scale is model-specific: see each client's update_norm metric)")
 
     def validate(self) -> None:
-        _check(self.num_rounds >= 1, "federation.num_rounds", "must be >= 1")
+        _check(1 <= self.num_rounds <= INT32_MAX, "federation.num_rounds", f"must be in 1..{INT32_MAX}")
         _check(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
         _check(self.min_train_nodes >= 1, "federation.min_train_nodes", "must be >= 1")
         _check(0.0 <= self.fraction_evaluate <= 1.0, "federation.fraction_evaluate", "must be in [0, 1]")
         _check(self.min_evaluate_nodes >= 0, "federation.min_evaluate_nodes", "must be >= 0")
         _check(self.round_timeout_s > 0, "federation.round_timeout_s", "must be > 0")
         _check(self.num_supernodes >= 0, "federation.num_supernodes", "must be >= 0")
+        _check(self.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0 (0 = no bound)")
 
 
 @dataclass(frozen=True)
@@ -111,13 +119,16 @@ class ActorConfig:
     num_cpus: float = _f(0.0, "CPUs reserved for the actor (0 leaves every core to the clients)")
     num_gpus: float = _f(0.0, "GPUs for the actor; it computes on CUDA when Ray gives it one")
     resources: dict[str, float] = _f({}, "custom Ray resources, e.g. {aggregator = 1} to pin it to a node")
+    max_restarts: int = _f(3, "times Ray restarts the actor when its process dies (the round is replayed "
+                              "into it); 0 = a dead actor ends the run")
 
     def validate(self, prefix: str) -> None:
         _check(self.num_cpus >= 0, f"{prefix}.num_cpus", "must be >= 0")
         _check(self.num_gpus >= 0, f"{prefix}.num_gpus", "must be >= 0")
+        _check(self.max_restarts >= 0, f"{prefix}.max_restarts", "must be >= 0")
         for key, value in self.resources.items():
-            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                   f"{prefix}.resources.{key}", "must be a positive number")
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
+                   f"{prefix}.resources.{key}", "must be a positive finite number")
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,16 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = _f(1, "checkpoint every N rounds and after the last one, for `fedmerge resume`; 0 = never")
+    keep: int = _f(2, "how many of the newest checkpoints to keep; 0 = all")
+
+    def validate(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", "must be >= 0 (0 = never)")
+        _check(self.keep >= 0, "checkpoint.keep", "must be >= 0 (0 = all)")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     root: str = _f("runs", "directory under which each run gets its own folder")
     save_model: bool = _f(True, "write the final global model as safetensors")
@@ -167,13 +188,16 @@ class ExperimentConfig:
     aggregator: AggregatorConfig = _f(AggregatorConfig(), "server-side merge")
     ray: RayConfig = _f(RayConfig(), "cluster and placement")
     evaluation: EvaluationConfig = _f(EvaluationConfig(), "server-side evaluation")
+    checkpoint: CheckpointConfig = _f(CheckpointConfig(), "per-round checkpoints, for `fedmerge resume`")
     output: OutputConfig = _f(OutputConfig(), "run directory")
 
     def validate(self) -> None:
         _check(bool(self.name.strip()), "name", "must not be empty")
+        _check(self.name not in {".", ".."} and not any(c in self.name for c in "/\\\0"), "name",
+               f"{self.name!r} must be usable as a folder name (no '/', '\\' or NUL, not '.' or '..')")
         _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
         for section in (self.data, self.federation, self.aggregator, self.ray, self.evaluation,
-                        self.output):  # [train] checks itself on construction
+                        self.checkpoint, self.output):  # [train] checks itself on construction
             section.validate()
         _check(self.federation.min_train_nodes <= self.data.num_clients, "federation.min_train_nodes",
                f"is {self.federation.min_train_nodes} but data.num_clients is only {self.data.num_clients}")
@@ -296,11 +320,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{key} must be a finite number, got {value}")
-            return float(value)
+            number = float(value) if isinstance(value, float) or abs(value) < 2**1023 else math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{key} must be a finite number, got {_short(value)}")
+            return number
     elif tp is str:
         if isinstance(value, str):
+            if "\0" in value:
+                raise ConfigError(f"{key} must not contain a NUL character")
             return value
     elif typing.get_origin(tp) is dict:
         if isinstance(value, Mapping):
@@ -308,7 +335,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     else:  # pragma: no cover - a field type this parser does not know is a programming error
         raise TypeError(f"unsupported config field type {tp!r} for {key}")
     expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, "a table")
-    raise ConfigError(f"{key} must be {expected}, got {_type_name(value)} {value!r}")
+    raise ConfigError(f"{key} must be {expected}, got {_type_name(value)} {_short(value)}")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -322,6 +349,12 @@ def _check_choice(value: str, choices: Iterable[str], key: str) -> None:
         hint = difflib.get_close_matches(value, choices, n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}{suggestion}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message names a value, not a page of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _type_name(value: Any) -> str:

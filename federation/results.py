@@ -3,6 +3,11 @@
 Metrics are kept in long format, one row per (round, scope, client, metric), in ``metrics.parquet``
 (schema ``METRICS_SCHEMA``). The file is rewritten atomically after every round, so a killed run
 keeps every round it finished. The model is stored as safetensors, never as a pickle.
+
+What went wrong, and why, goes to ``events.jsonl``: one JSON object per line with ``round``,
+``client_id`` (null when the event is not about one client), ``kind`` (``EVENT_KINDS``) and a
+human-readable ``reason`` — failed and rejected clients, skipped rounds, restarted actors, resumes.
+Per-round checkpoints live under ``checkpoints/`` (``federation.checkpoint``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "EVENT_KINDS",
     "METRICS_SCHEMA",
     "SCOPES",
     "RunDir",
@@ -48,6 +54,10 @@ METRICS_SCHEMA = pa.schema([
 
 SCOPES = frozenset({"server", "client", "aggregator", "system"})
 """Who a metric is about: the global model, one client, the aggregator, or the machinery."""
+
+EVENT_KINDS = frozenset({"failed", "rejected", "skipped", "actor_restarted", "resumed"})
+"""What an ``events.jsonl`` line reports: a client that raised or timed out, a reply refused by
+validation, a round below ``min_train_nodes``, a server actor Ray restarted, a resumed run."""
 
 _INT32_MAX = 2**31 - 1
 
@@ -119,6 +129,14 @@ class RunDir:
     def summary_path(self) -> Path:
         return self._path / "summary.json"
 
+    @property
+    def events_path(self) -> Path:
+        return self._path / "events.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self._path / "checkpoints"
+
     def write_config(self, text: str) -> None:
         """Write the resolved config (TOML text), so the run can be reproduced from its folder."""
         _write_atomic(self.config_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -135,6 +153,44 @@ class RunDir:
         self._table = pa.concat_tables([self._table, new]).combine_chunks()
         table = self._table
         _write_atomic(self.metrics_path, lambda tmp: pq.write_table(table, tmp))
+
+    def log_events(self, round: int, events: Iterable[tuple[int | None, str, str]]) -> None:
+        """Append ``(client_id, kind, reason)`` events of ``round`` to ``events.jsonl``.
+
+        Validated first, then the file is rewritten through a temporary file, like the metrics:
+        a kill never leaves half a line.
+        """
+        lines = [_event_line(round, *event) for event in events]
+        if lines:
+            text = "".join(json.dumps(e) + "\n" for e in [*self.events(), *lines])
+            _write_atomic(self.events_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every event logged so far, in order; empty when there were none."""
+        path = self.events_path
+        if not path.exists():
+            return []
+        events = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                event = json.loads(line)
+                events.append(_event_line(event["round"], event["client_id"], event["kind"], event["reason"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise RunFileError(f"events file {path}, line {number}: {exc}") from exc
+        return events
+
+    def truncate_after(self, round: int) -> None:
+        """Drop the metrics and events of rounds after ``round``: what a resumed run will redo."""
+        table = self._read_metrics()
+        kept = table.filter(pc.less_equal(table["round"], round))
+        if kept.num_rows != table.num_rows:
+            _write_atomic(self.metrics_path, lambda tmp: pq.write_table(kept, tmp))
+        self._table = kept
+        events = self.events()
+        later = [e for e in events if e["round"] > round]
+        if later:
+            text = "".join(json.dumps(e) + "\n" for e in events if e["round"] <= round)
+            _write_atomic(self.events_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def metrics(self) -> pa.Table:
         """All rows logged so far (schema ``METRICS_SCHEMA``); empty before the first round."""
@@ -331,6 +387,20 @@ def _rows_to_table(round: int, rows: Iterable[tuple[str, int | None, str, float]
         values.append(float(value))
     return pa.table({"round": [int(round)] * len(scopes), "scope": scopes, "client_id": clients,
                      "metric": metrics, "value": values}, schema=METRICS_SCHEMA)
+
+
+def _event_line(round: int, client_id: int | None, kind: str, reason: str) -> dict[str, Any]:
+    """One event as a JSON-able dict, or ValueError saying which field is wrong."""
+    if not isinstance(round, numbers.Integral) or isinstance(round, bool) or not 0 <= round <= _INT32_MAX:
+        raise ValueError(f"event round must be a non-negative int32, got {round!r}")
+    if client_id is not None and (not isinstance(client_id, numbers.Integral) or isinstance(client_id, bool)):
+        raise ValueError(f"round {round}: event client_id must be None or an int, got {client_id!r}")
+    if kind not in EVENT_KINDS:
+        raise ValueError(f"round {round}: event kind {kind!r} is not one of {sorted(EVENT_KINDS)}")
+    if not isinstance(reason, str):
+        raise ValueError(f"round {round}: event reason must be a string, got {reason!r}")
+    return {"round": int(round), "client_id": None if client_id is None else int(client_id),
+            "kind": kind, "reason": reason}
 
 
 def _series(table: pa.Table, scope: str, metric: str) -> dict[int, float]:

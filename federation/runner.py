@@ -1,8 +1,10 @@
-"""Entry points that run experiments: one run, a comparison of aggregators, a partition report.
+"""Entry points that run experiments: one run, a resumed run, a comparison of aggregators, a
+partition report.
 
 ``run_experiment`` starts (or attaches to) Ray itself before handing over to Flower's simulation
 engine, so the ServerApp can create actors and Flower's clients share the same cluster: a local
 Ray by default, an existing cluster with ``address`` / ``ray.address`` / ``$RAY_ADDRESS``.
+``resume_experiment`` continues a stopped run from its newest checkpoint, in the same folder.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import torch
 
 from clients.partition import format_label_counts, label_counts, partition, plot_label_heatmap
 from clients.tasks import get_task
-from federation.config import AggregatorConfig, ConfigError, ExperimentConfig
+from federation.checkpoint import Checkpoint, latest_checkpoint
+from federation.config import AggregatorConfig, ConfigError, ExperimentConfig, load_config
 from federation.results import RunDir, compare_table, format_run_report, plot_curves, summarize
 from federation.server import Experiment, build_aggregator, partition_params
 
-__all__ = ["ExperimentError", "compare", "init_ray", "partition_report", "run_experiment"]
+__all__ = ["ExperimentError", "compare", "init_ray", "partition_report", "resume_experiment", "run_experiment"]
 
 log = logging.getLogger("fedmerge")
 
@@ -81,17 +85,70 @@ class CompareOutcome:
 def run_experiment(config: ExperimentConfig, *, address: str | None = None,
                    progress: Callable[[str], None] = print, verbose: bool = False) -> RunOutcome:
     """Run one federated experiment end to end; returns its run directory."""
-    from flwr.simulation import run_simulation
-
-    from clients.app import app as client_app
-
     build_aggregator(config)  # fail fast, before any folder or cluster exists
     run_dir = RunDir.create(Path(config.output.root), config.name)
     run_dir.write_config(config.to_toml())
     progress(f"run directory: {run_dir.path}")
+    return _execute(config, run_dir, None, address=address, progress=progress, verbose=verbose)
+
+
+def resume_experiment(run_dir: str | os.PathLike[str], *, address: str | None = None,
+                      progress: Callable[[str], None] = print, verbose: bool = False) -> RunOutcome:
+    """Continue a stopped run in its own folder, from its newest checkpoint.
+
+    Reads the run's resolved ``config.toml``, verifies and loads the newest checkpoint (a corrupt
+    one is an error naming the file, raised before Ray starts), drops the metrics and events of
+    rounds after it and runs the remaining rounds, appending to the same ``metrics.parquet``. With
+    the same seed the result equals that of a run never stopped. Without a checkpoint the run
+    starts again from round 1.
+    """
+    run = RunDir(run_dir)
+    config = load_config(run.config_path)
+    build_aggregator(config)
+    checkpoint = latest_checkpoint(run.checkpoint_dir)
+    done = checkpoint.round if checkpoint is not None else 0
+    run.truncate_after(done)
+    where = f"checkpoint {checkpoint.path.name}" if checkpoint is not None else "round 1 (no checkpoint)"
+    run.log_events(done, [(None, "resumed", f"resumed from {where}")])
+    progress(f"resuming {run.path} from {where}; rounds {done + 1}..{config.federation.num_rounds} to go")
+    return _execute(config, run, checkpoint, address=address, progress=progress, verbose=verbose)
+
+
+def _execute(config: ExperimentConfig, run_dir: RunDir, resume: Checkpoint | None, *, address: str | None,
+             progress: Callable[[str], None], verbose: bool) -> RunOutcome:
+    """Run the rounds a run still needs (all, or those after ``resume``), then save and report."""
     started = time.perf_counter()
+    experiment = Experiment(config, run_dir, progress=progress, resume=resume)
+    if resume is not None and resume.round >= config.federation.num_rounds:
+        experiment.final_state = {k: torch.from_numpy(v) for k, v in resume.global_state.items()}
+    else:
+        _simulate(experiment, address, progress, verbose)
+    wall = time.perf_counter() - started
+    if config.output.save_model:
+        run_dir.save_model(experiment.final_state, metadata={"task": config.data.task,
+                                                             "aggregator": config.aggregator.name})
+    summary = summarize(run_dir)
+    summary.update(wall_time_s=wall, placement=experiment.placement, aggregator=config.aggregator.name,
+                   seed=config.seed)
+    if resume is not None:
+        summary["resumed_from_round"] = resume.round
+    run_dir.write_summary(summary)
+    if config.output.plot:
+        plot_curves({config.aggregator.name: run_dir.server_curve("accuracy")}, run_dir.plot_path,
+                    title=f"{config.name}: global test accuracy per round")
+    progress(format_run_report(run_dir))
+    progress(f"wall time {wall:.1f}s; results in {run_dir.path}")
+    return RunOutcome(run_dir=run_dir, wall_time_s=wall, placement=experiment.placement)
+
+
+def _simulate(experiment: Experiment, address: str | None, progress: Callable[[str], None], verbose: bool) -> None:
+    """Start Ray, the actors and Flower's simulation; leaves the final weights in the experiment."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+
+    config = experiment.config
     init_ray(config, address)
-    experiment = Experiment(config, run_dir, progress=progress)
     try:
         experiment.setup()
         progress(f"aggregator {config.aggregator.name!r} on {_where(experiment.placement['aggregator'])}, "
@@ -116,20 +173,6 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None,
         raise ExperimentError(f"the run failed: {experiment.error!r}") from experiment.error
     if experiment.final_state is None:
         raise ExperimentError("the simulation ended before the server finished its rounds; see the log above")
-    wall = time.perf_counter() - started
-    if config.output.save_model:
-        run_dir.save_model(experiment.final_state, metadata={"task": config.data.task,
-                                                             "aggregator": config.aggregator.name})
-    summary = summarize(run_dir)
-    summary.update(wall_time_s=wall, placement=experiment.placement, aggregator=config.aggregator.name,
-                   seed=config.seed)
-    run_dir.write_summary(summary)
-    if config.output.plot:
-        plot_curves({config.aggregator.name: run_dir.server_curve("accuracy")}, run_dir.plot_path,
-                    title=f"{config.name}: global test accuracy per round")
-    progress(format_run_report(run_dir))
-    progress(f"wall time {wall:.1f}s; results in {run_dir.path}")
-    return RunOutcome(run_dir=run_dir, wall_time_s=wall, placement=experiment.placement)
 
 
 def compare(config: ExperimentConfig, aggregators: Sequence[str], *, address: str | None = None,

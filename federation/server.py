@@ -2,8 +2,10 @@
 
 ``Experiment.setup`` runs on the driver once Ray is up: it loads and verifies the task's data,
 writes the clients' shards (once, cached), builds the seeded initial model and starts the
-``AggregatorActor`` and ``EvaluatorActor`` where the config places them. ``server_app()`` returns
-the Flower ServerApp whose main loop drives the rounds and records each one in the run directory.
+``AggregatorActor`` and ``EvaluatorActor`` where the config places them (restoring a checkpoint's
+state into the aggregator when the run resumes). ``server_app()`` returns the Flower ServerApp
+whose main loop drives the rounds and records each one in the run directory: metrics, events
+and, every ``checkpoint.every`` rounds, a checkpoint.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from aggregators import Aggregator, create_aggregator
-from clients.partition import materialize_shards
+from clients.partition import load_manifest, materialize_shards
 from clients.tasks import get_task
 from clients.training import get_state
 from federation.actors import AggregatorActor, EvaluatorActor, actor_options
 from federation.arrays import state_to_record, to_numpy_state
+from federation.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from federation.config import ConfigError, DataConfig, ExperimentConfig
 from federation.results import RunDir
 from federation.strategy import FedMergeStrategy, RoundReport
 
-__all__ = ["Experiment", "build_aggregator", "partition_params", "report_rows"]
+__all__ = ["Experiment", "build_aggregator", "checkpoint_due", "partition_params", "report_events",
+           "report_rows"]
 
 log = logging.getLogger("fedmerge")
 
@@ -62,8 +66,8 @@ def report_rows(report: RoundReport) -> list[tuple[str, int | None, str, float]]
     rows += [("client", None, f"federated_{k}", float(v)) for k, v in report.federated_metrics.items()]
     for cid, metrics in sorted(report.client_metrics.items()):
         rows += [("client", cid, k, float(v)) for k, v in metrics.items()]
-    rows += [("system", f.client_id, "failed", 1.0) for f in report.failures]
-    rows += [("system", f.client_id, "rejected", 1.0) for f in report.rejected]
+    rows += [("system", _client(f.client_id), "failed", 1.0) for f in report.failures]
+    rows += [("system", _client(f.client_id), "rejected", 1.0) for f in report.rejected]
     rows += [
         ("system", None, "round_time_s", report.round_time_s),
         ("system", None, "clients_sampled", float(len(report.sampled))),
@@ -74,14 +78,37 @@ def report_rows(report: RoundReport) -> list[tuple[str, int | None, str, float]]
     return rows
 
 
+def report_events(report: RoundReport) -> list[tuple[int | None, str, str]]:
+    """A round's events (client_id, kind, reason): why clients failed or were rejected, why the
+    round was skipped, which server actors were restarted."""
+    events: list[tuple[int | None, str, str]] = []
+    events += [(_client(f.client_id), "failed", f.reason) for f in report.failures]
+    events += [(_client(f.client_id), "rejected", f.reason) for f in report.rejected]
+    if report.skipped:
+        events.append((None, "skipped", report.skipped))
+    events += [(None, "actor_restarted", note) for note in report.restarts]
+    return events
+
+
+def checkpoint_due(server_round: int, every: int, last_round: int) -> bool:
+    """Checkpoint every ``every`` rounds and after the last one; never when ``every`` is 0."""
+    return every > 0 and (server_round % every == 0 or server_round == last_round)
+
+
+def _client(client_id: int) -> int | None:
+    """A client id for the records; None when the reply did not say which client it was."""
+    return client_id if client_id >= 0 else None
+
+
 class Experiment:
-    """One configured run on the server side."""
+    """One configured run on the server side; ``resume`` is the checkpoint a resumed run starts from."""
 
     def __init__(self, config: ExperimentConfig, run_dir: RunDir,
-                 progress: Callable[[str], None] = print) -> None:
+                 progress: Callable[[str], None] = print, resume: Checkpoint | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
         self.progress = progress
+        self.resume = resume
         self.error: BaseException | None = None
         self.final_state: dict[str, Any] | None = None
         self.placement: dict[str, dict[str, str]] = {}
@@ -103,8 +130,11 @@ class Experiment:
         cache_dir = Path(cfg.data.cache_dir or Path(cfg.output.root) / "_shards").resolve()
         self.shard_dir = materialize_shards(task, train, cfg.data.num_clients, cfg.data.partitioner,
                                             cfg.seed, partition_params(cfg.data), cache_dir)
+        self.shard_sizes = [int(n) for n in load_manifest(self.shard_dir)["counts"]]
         torch.manual_seed(cfg.seed)
         self.initial_state = get_state(task.build_model())
+        if self.resume is not None:
+            self._check_resume(self.resume)
 
         agg, ev = cfg.ray.aggregator, cfg.ray.evaluator
         self.aggregator = AggregatorActor.options(**actor_options(agg)).remote(
@@ -117,6 +147,20 @@ class Experiment:
             except ray.exceptions.GetTimeoutError:
                 raise ConfigError(f"the {role} actor was not placed within {PLACEMENT_TIMEOUT_S} s: no node "
                                   f"offers what ray.{role} asks for ({actor_options(section)})") from None
+        if self.resume is not None:
+            ray.get(self.aggregator.restore.remote(self.resume.global_state, self.resume.aggregator_state,
+                                                   self.resume.round), timeout=PLACEMENT_TIMEOUT_S)
+
+    def _check_resume(self, checkpoint: Checkpoint) -> None:
+        """The checkpoint must belong to this run: same seed, same model layout."""
+        if checkpoint.seed != self.config.seed:
+            raise CheckpointError(f"checkpoint {checkpoint.path} was written with seed {checkpoint.seed}, "
+                                  f"but the run's config.toml says seed = {self.config.seed}")
+        expected = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in self.initial_state.items()}
+        found = {k: (tuple(v.shape), str(v.dtype)) for k, v in checkpoint.global_state.items()}
+        if expected != found:
+            raise CheckpointError(f"checkpoint file {checkpoint.path / 'global.safetensors'} does not fit the "
+                                  f"{self.config.data.task} model: keys, shapes or dtypes differ")
 
     def run_config(self) -> dict[str, Any]:
         """The static part of every client's message."""
@@ -151,20 +195,42 @@ class Experiment:
             fraction_evaluate=cfg.federation.fraction_evaluate,
             min_evaluate_nodes=cfg.federation.min_evaluate_nodes, evaluate_every=cfg.evaluation.every,
             seed=cfg.seed, run_config=self.run_config(), expected_nodes=self.num_supernodes,
-            on_round=self._record,
+            on_round=self._record, max_update_norm=cfg.federation.max_update_norm,
+            shard_sizes=self.shard_sizes, aggregator_restarts=cfg.ray.aggregator.max_restarts,
+            evaluator_restarts=cfg.ray.evaluator.max_restarts,
         )
         self._started = time.perf_counter()
-        result = strategy.start(grid, state_to_record(self.initial_state), num_rounds=cfg.federation.num_rounds,
-                                timeout=cfg.federation.round_timeout_s)
+        if self.resume is None:
+            initial, first_round, aggregator_state = state_to_record(self.initial_state), 1, {}
+        else:
+            initial = state_to_record(self.resume.global_state)
+            first_round, aggregator_state = self.resume.round + 1, self.resume.aggregator_state
+        result = strategy.start(grid, initial, num_rounds=cfg.federation.num_rounds,
+                                timeout=cfg.federation.round_timeout_s, first_round=first_round,
+                                aggregator_state=aggregator_state)
         self.final_state = result.arrays.to_torch_state_dict()
 
     def _record(self, report: RoundReport) -> None:
+        """Log the round (metrics, then events), checkpoint it when due, print its line.
+
+        The checkpoint comes last: a run killed in between resumes from the previous checkpoint
+        and redoes this round, dropping its rows first, so no round is ever missing or doubled.
+        """
         self.run_dir.log_round(report.round, report_rows(report))
+        self.run_dir.log_events(report.round, report_events(report))
+        ckpt = self.config.checkpoint
+        if report.state is not None and checkpoint_due(report.round, ckpt.every, self.config.federation.num_rounds):
+            save_checkpoint(self.run_dir.checkpoint_dir, report.round, self.config.seed,
+                            report.state.global_state, report.state.aggregator_state, keep=ckpt.keep)
         n = self.config.federation.num_rounds
         ok = len(report.client_metrics)
         line = f"round {report.round:>3}/{n}  clients {ok}/{len(report.sampled)}"
         if report.server_metrics:
             line += f"  test acc {report.server_metrics['accuracy']:.4f}  loss {report.server_metrics['loss']:.4f}"
+        if report.failures or report.rejected:
+            line += f"  failed {len(report.failures)} rejected {len(report.rejected)}"
+        if report.restarts:
+            line += f"  actor restarts {len(report.restarts)}"
         if report.skipped:
             line += f"  SKIPPED: {report.skipped}"
         line += f"  round {report.round_time_s:5.1f}s  total {time.perf_counter() - self._started:6.1f}s"

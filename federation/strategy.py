@@ -21,17 +21,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import ray
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from clients.app import AGGREGATOR_CONFIG_KEY, RUN_CONFIG_KEY
 from federation.arrays import record_to_numpy, state_to_record
+from federation.recovery import ActorGuard, RoundAggregation, RoundState
+from federation.validation import UpdateRejected, UpdateValidator, validate_update
 
 __all__ = ["ClientFailure", "FedMergeStrategy", "RoundReport", "UpdateRejected", "validate_update"]
 
 log = logging.getLogger("fedmerge")
+
 
 @dataclass(frozen=True)
 class ClientFailure:
@@ -41,7 +43,8 @@ class ClientFailure:
 
 @dataclass
 class RoundReport:
-    """Everything one round produced; the server app turns it into metrics rows and a log line."""
+    """Everything one round produced; the server app turns it into metrics rows, events and a log
+    line, and checkpoints ``state`` (the weights and aggregator state after the round)."""
 
     round: int
     sampled: list[int]
@@ -52,45 +55,33 @@ class RoundReport:
     server_metrics: dict[str, float] = field(default_factory=dict)
     federated_metrics: dict[str, float] = field(default_factory=dict)
     skipped: str = ""
+    restarts: list[str] = field(default_factory=list)
     round_time_s: float = 0.0
-
-
-class UpdateRejected(ValueError):
-    """A client reply that must not reach the aggregator; the message says why."""
-
-
-def validate_update(arrays: Mapping[str, np.ndarray], reference: Mapping[str, tuple[tuple, np.dtype]],
-                    num_examples: Any) -> None:
-    """Refuse replies with missing or extra keys, wrong shapes or dtypes, NaN/Inf or bad counts."""
-    if not isinstance(num_examples, (int, np.integer)) or isinstance(num_examples, bool) or num_examples <= 0:
-        raise UpdateRejected(f"num-examples must be a positive integer, got {num_examples!r}")
-    missing = sorted(set(reference) - set(arrays))
-    extra = sorted(set(arrays) - set(reference))
-    if missing or extra:
-        raise UpdateRejected(f"keys differ from the global model: missing {missing}, unexpected {extra}")
-    for key, (shape, dtype) in reference.items():
-        value = arrays[key]
-        if value.shape != shape or value.dtype != dtype:
-            raise UpdateRejected(f"{key}: expected {dtype}{list(shape)}, got {value.dtype}{list(value.shape)}")
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise UpdateRejected(f"{key}: contains NaN or Inf")
+    state: RoundState | None = field(default=None, repr=False)
 
 
 class FedMergeStrategy(Strategy):
-    """Seeded sampling of virtual clients, streaming aggregation in a Ray actor.
+    """Seeded sampling of virtual clients, validated replies, streaming aggregation in a Ray actor.
 
     Parameters follow Flower's strategies: ``fraction_train`` / ``min_train_nodes`` choose how many
     of ``num_clients`` train each round, ``fraction_evaluate`` / ``min_evaluate_nodes`` how many run
     federated evaluation on their local split. ``aggregator`` is an ``AggregatorActor`` handle and
     ``evaluator`` an ``EvaluatorActor`` handle (or None). ``run_config`` is the static part of every
     client's config (task, shard location, local training settings).
+
+    Reliability: every reply is checked (``federation.validation``; ``max_update_norm`` and
+    ``shard_sizes`` bound its distance from the global model and its example count) and a bad one
+    is rejected with its reason; a dead actor is restarted up to ``aggregator_restarts`` /
+    ``evaluator_restarts`` times and the round replayed into it (``federation.recovery``).
     """
 
     def __init__(self, *, aggregator: Any, evaluator: Any | None, num_clients: int,
                  fraction_train: float = 0.5, min_train_nodes: int = 2,
                  fraction_evaluate: float = 0.0, min_evaluate_nodes: int = 0,
                  evaluate_every: int = 1, seed: int = 0, run_config: Mapping[str, Any] | None = None,
-                 expected_nodes: int = 1, on_round: Callable[[RoundReport], None] | None = None) -> None:
+                 expected_nodes: int = 1, on_round: Callable[[RoundReport], None] | None = None,
+                 max_update_norm: float = 0.0, shard_sizes: Sequence[int] | None = None,
+                 aggregator_restarts: int = 0, evaluator_restarts: int = 0) -> None:
         self.aggregator = aggregator
         self.evaluator = evaluator
         self.num_clients = num_clients
@@ -103,7 +94,11 @@ class FedMergeStrategy(Strategy):
         self.run_config = json.dumps(dict(run_config or {}), sort_keys=True)
         self.expected_nodes = expected_nodes
         self.on_round = on_round
-        self._reference: dict[str, tuple[tuple, np.dtype]] = {}
+        self.validator = UpdateValidator(max_update_norm=max_update_norm, shard_sizes=shard_sizes)
+        self.aggregator_restarts = aggregator_restarts
+        self.evaluator_restarts = evaluator_restarts
+        self._aggregation: RoundAggregation | None = None
+        self._evaluator_guard: ActorGuard | None = None
         self._nodes: list[int] = []
         self._last_round = -1
 
@@ -116,6 +111,11 @@ class FedMergeStrategy(Strategy):
         rng = np.random.default_rng([self.seed, server_round, stream])
         return sorted(int(i) for i in rng.choice(self.num_clients, size=size, replace=False))
 
+    def client_seed(self, server_round: int, client_id: int) -> int:
+        """The seed of one client's local training in one round: a pure function of (seed, round,
+        client), so a resumed or replayed round trains exactly as the first attempt did."""
+        return int(np.random.default_rng([self.seed, server_round, client_id]).integers(2**31))
+
     def _messages(self, server_round: int, clients: Sequence[int], arrays: ArrayRecord,
                   extra: Mapping[str, Any], message_type: str) -> list[Message]:
         messages = []
@@ -123,7 +123,7 @@ class FedMergeStrategy(Strategy):
             config = ConfigRecord({
                 "server-round": server_round,
                 "partition-id": cid,
-                "seed": int(np.random.default_rng([self.seed, server_round, cid]).integers(2**31)),
+                "seed": self.client_seed(server_round, cid),
                 RUN_CONFIG_KEY: self.run_config,
                 AGGREGATOR_CONFIG_KEY: json.dumps(dict(extra), sort_keys=True),
             })
@@ -138,16 +138,18 @@ class FedMergeStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         clients = self.sample(server_round, self.fraction_train, self.min_train_nodes, stream=0)
-        extra = ray.get(self.aggregator.client_config.remote(server_round))
+        extra = self._require_aggregation().client_config(server_round)
         return self._messages(server_round, clients, arrays, extra, MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Non-streaming path (used when Flower's own ``start`` drives the strategy)."""
+        """Non-streaming path (all of a round's replies at once); needs the state ``start`` set up."""
         report = RoundReport(round=server_round, sampled=[])
-        ray.get(self.aggregator.begin_round.remote(server_round))
-        pending = [self._submit(reply, report) for reply in replies]
-        return self._finish_train(report, pending)
+        self._begin_round(server_round)
+        for reply in replies:
+            self._submit(reply, report)
+        new_arrays = self._finish_train(report)
+        return new_arrays, MetricRecord(report.aggregator_metrics) if report.aggregator_metrics else None
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -177,13 +179,19 @@ class FedMergeStrategy(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              first_round: int = 1) -> Result:
+              first_round: int = 1, aggregator_state: Mapping[str, Any] | None = None) -> Result:
+        """Run rounds ``first_round..num_rounds`` from ``initial_arrays``.
+
+        A resumed run passes the checkpoint's weights, ``first_round`` = its round + 1 and the
+        aggregator state it restored into the actor (kept to restore the actor again if it dies).
+        """
         self.summary()
         self._last_round = num_rounds
         self._nodes = self._wait_for_nodes(grid, timeout)
         result = Result(arrays=initial_arrays)
         arrays = initial_arrays
-        self._reference = {k: (v.shape, v.dtype) for k, v in record_to_numpy(arrays).items()}
+        self._start_aggregation(RoundState(first_round - 1, record_to_numpy(arrays), dict(aggregator_state or {})),
+                                timeout)
         for server_round in range(first_round, num_rounds + 1):
             started = time.perf_counter()
             report, new_arrays = self._train_round(grid, server_round, arrays, timeout)
@@ -199,9 +207,31 @@ class FedMergeStrategy(Strategy):
             if report.server_metrics:
                 result.evaluate_metrics_serverapp[server_round] = MetricRecord(report.server_metrics)
             report.round_time_s = time.perf_counter() - started
+            report.state = self._require_aggregation().state
+            report.restarts = self._take_restart_notes()
             if self.on_round is not None:
                 self.on_round(report)
         return result
+
+    def _start_aggregation(self, state: RoundState, timeout: float) -> None:
+        self._aggregation = RoundAggregation(
+            self.aggregator, state, ActorGuard("aggregator", max_restarts=self.aggregator_restarts, timeout=timeout))
+        self._evaluator_guard = ActorGuard("evaluator", max_restarts=self.evaluator_restarts, timeout=timeout)
+
+    def _require_aggregation(self) -> RoundAggregation:
+        if self._aggregation is None:
+            raise RuntimeError("FedMergeStrategy drives its own rounds: call start()")
+        return self._aggregation
+
+    def _begin_round(self, server_round: int) -> None:
+        """Open the round on the aggregator; replies are checked against the model it broadcasts."""
+        aggregation = self._require_aggregation()
+        aggregation.begin_round(server_round)
+        self.validator.set_global(aggregation.state.global_state)
+
+    def _take_restart_notes(self) -> list[str]:
+        guards = [self._require_aggregation().guard, self._evaluator_guard]
+        return [note for guard in guards if guard is not None for note in guard.take_notes()]
 
     def _wait_for_nodes(self, grid: Grid, timeout: float) -> list[int]:
         """Simulation nodes register asynchronously; sampling before they all exist skews round 1."""
@@ -223,14 +253,13 @@ class FedMergeStrategy(Strategy):
         messages = list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
         clients = [int(m.content["config"]["partition-id"]) for m in messages]
         report = RoundReport(round=server_round, sampled=clients)
-        ray.get(self.aggregator.begin_round.remote(server_round))
+        self._begin_round(server_round)
 
         ids = list(grid.push_messages(messages))
         del messages
         slot_of = {mid: slot for slot, mid in enumerate(ids)}
         outstanding = set(ids)
         arrived: dict[int, Message] = {}
-        pending = []
         next_slot = 0
         deadline = time.monotonic() + timeout
         while outstanding and time.monotonic() < deadline:
@@ -240,51 +269,84 @@ class FedMergeStrategy(Strategy):
                 outstanding.discard(mid)
                 arrived[slot_of[mid]] = reply
             while next_slot in arrived:  # hand over in sampling order, as soon as possible
-                pending.append(self._submit(arrived.pop(next_slot), report, clients[next_slot]))
+                self._submit(arrived.pop(next_slot), report, clients[next_slot])
                 next_slot += 1
             if outstanding and not replies:
                 time.sleep(0.02)
         for mid in outstanding:
-            report.failures.append(ClientFailure(clients[slot_of[mid]], f"no reply within {timeout:.0f}s"))
+            self._fail(report, clients[slot_of[mid]], f"no reply within {timeout:g} s")
         for slot in sorted(arrived):
-            pending.append(self._submit(arrived[slot], report, clients[slot]))
-        return report, self._finish_train(report, pending)
+            self._submit(arrived[slot], report, clients[slot])
+        return report, self._finish_train(report)
 
-    def _submit(self, reply: Message, report: RoundReport, client_id: int | None = None) -> Any:
-        """Validate one reply and send it to the aggregator actor (non-blocking)."""
+    def _submit(self, reply: Message, report: RoundReport, client_id: int | None = None) -> None:
+        """Validate one reply and hand it to the aggregator (non-blocking), or record why not."""
         if reply.has_error():
-            cid = client_id if client_id is not None else -1
-            report.failures.append(ClientFailure(cid, reply.error.reason or f"error code {reply.error.code}"))
-            log.warning("round %d: client %d failed: %s", report.round, cid, report.failures[-1].reason)
-            return None
-        metrics = {k: v for k, v in reply.content["metrics"].items()}
-        cid = int(metrics.pop("partition-id", client_id if client_id is not None else -1))
+            self._fail(report, client_id if client_id is not None else -1,
+                       reply.error.reason or f"error code {reply.error.code}")
+            return
+        cid = client_id if client_id is not None else -1
         try:
-            arrays = record_to_numpy(reply.content["arrays"])
-            num_examples = metrics.pop("num-examples", None)
-            validate_update(arrays, self._reference, num_examples)
-        except (UpdateRejected, KeyError, ValueError) as err:
+            cid, arrays, num_examples, metrics = self._unpack(reply, client_id)
+            metrics["update_norm"] = self.validator(cid, arrays, num_examples)
+        except UpdateRejected as err:
             report.rejected.append(ClientFailure(cid, str(err)))
             log.warning("round %d: update of client %d rejected: %s", report.round, cid, err)
-            return None
-        report.client_metrics[cid] = {k: float(v) for k, v in metrics.items()}
+            return
+        report.client_metrics[cid] = metrics
         if client_id is None:
             report.sampled.append(cid)
-        return self.aggregator.accumulate.remote(cid, arrays, int(num_examples), report.client_metrics[cid])
+        self._require_aggregation().accumulate(cid, arrays, num_examples, metrics)
 
-    def _finish_train(self, report: RoundReport, pending: list[Any]) -> ArrayRecord | None:
-        accepted = [ref for ref in pending if ref is not None]
-        ray.get(accepted)  # surfaces an aggregator error at the reply that caused it
-        if len(accepted) < self.min_train_nodes:
-            report.skipped = (f"only {len(accepted)} valid replies (min_train_nodes={self.min_train_nodes});"
+    @staticmethod
+    def _unpack(reply: Message, client_id: int | None
+                ) -> tuple[int, dict[str, np.ndarray], Any, dict[str, float]]:
+        """(client id, arrays, example count, other metrics) of a train reply; ``UpdateRejected``
+        when a record is missing, a metric is not a number, or the reply speaks for another client."""
+        content = reply.content
+        for name, kind in (("arrays", "an ArrayRecord"), ("metrics", "a MetricRecord")):
+            if name not in content:
+                raise UpdateRejected(f"the reply has no {name!r} record ({kind})")
+        metrics = dict(content["metrics"])
+        claimed = metrics.pop("partition-id", client_id)
+        if client_id is not None and claimed != client_id:
+            raise UpdateRejected(f"the reply claims to come from client {claimed!r}")
+        if not isinstance(claimed, (int, np.integer)) or isinstance(claimed, bool):
+            raise UpdateRejected(f"partition-id must be an integer, got {claimed!r}")
+        num_examples = metrics.pop("num-examples", None)
+        bad = sorted(k for k, v in metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool))
+        if bad:
+            raise UpdateRejected(f"metrics {bad} are not numbers")
+        try:
+            arrays = record_to_numpy(content["arrays"])
+        except (ValueError, TypeError, KeyError) as err:
+            raise UpdateRejected(f"unreadable arrays: {err}") from None
+        return int(claimed), arrays, num_examples, {k: float(v) for k, v in metrics.items()}
+
+    @staticmethod
+    def _fail(report: RoundReport, client_id: int, reason: str) -> None:
+        report.failures.append(ClientFailure(client_id, reason))
+        log.warning("round %d: client %d failed: %s", report.round, client_id, reason)
+
+    def _finish_train(self, report: RoundReport) -> ArrayRecord | None:
+        aggregation = self._require_aggregation()
+        accepted = aggregation.num_accepted
+        if accepted < self.min_train_nodes:
+            aggregation.skip_round()
+            report.skipped = (f"only {accepted} valid replies (min_train_nodes={self.min_train_nodes});"
                               " global model kept")
             log.warning("round %d skipped: %s", report.round, report.skipped)
             return None
-        state_ref, metrics_ref = self.aggregator.finalize.remote()
-        evaluate = self.evaluator is not None and (
-            report.round % self.evaluate_every == 0 or report.round == self._last_round)
-        eval_ref = self.evaluator.evaluate.remote(state_ref) if evaluate else None
-        state, report.aggregator_metrics = ray.get([state_ref, metrics_ref])
-        if eval_ref is not None:
-            report.server_metrics = ray.get(eval_ref)
+        state_ref, state, report.aggregator_metrics = aggregation.finalize()
+        if self.evaluator is not None and (report.round % self.evaluate_every == 0
+                                           or report.round == self._last_round):
+            report.server_metrics = self._evaluate(report.round, state_ref)
         return state_to_record(state)
+
+    def _evaluate(self, server_round: int, state_ref: Any) -> dict[str, float]:
+        """Score the new global model on the server's held-out data, retried if the evaluator dies."""
+        guard = self._evaluator_guard
+        assert guard is not None
+        what = f"the evaluation of round {server_round}"
+        return guard.call(what, lambda: guard.get(self.evaluator.evaluate.remote(state_ref), what),
+                          lambda: guard.get(self.evaluator.placement.remote(), "its restart"))

@@ -1,0 +1,108 @@
+"""The checks every client reply passes before it may reach the aggregator.
+
+A reply is refused (``UpdateRejected``, whose message is the reason that goes to the log and to
+the run's ``events.jsonl``) when its arrays do not match the global model (missing or extra keys,
+other shapes or dtypes), hold NaN or Inf, lie farther from the global model than the run allows
+(``federation.max_update_norm``), or claim an example count that is not a positive integer or
+exceeds the client's shard. One bad client thus costs the round one reply, never the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Reference",
+    "UpdateRejected",
+    "UpdateValidator",
+    "check_num_examples",
+    "reference_of",
+    "update_norm",
+    "validate_update",
+]
+
+Reference = Mapping[str, tuple[tuple[int, ...], np.dtype]]
+"""Key -> (shape, dtype) of the global model: what every reply must match."""
+
+
+class UpdateRejected(ValueError):
+    """A client reply that must not reach the aggregator; the message says why."""
+
+
+def reference_of(state: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The (shape, dtype) of every array of ``state``."""
+    return {key: (tuple(value.shape), value.dtype) for key, value in state.items()}
+
+
+def check_num_examples(num_examples: Any, max_examples: int | None = None) -> None:
+    """A reply's example count weights its update: it must be a positive integer, and no more than
+    the client holds (``max_examples``, its shard size) when that is known."""
+    if not isinstance(num_examples, (int, np.integer)) or isinstance(num_examples, bool) or num_examples <= 0:
+        raise UpdateRejected(f"num-examples must be a positive integer, got {num_examples!r}")
+    if max_examples is not None and num_examples > max_examples:
+        raise UpdateRejected(f"num-examples {num_examples} exceeds the {max_examples} examples of the client's shard")
+
+
+def validate_update(arrays: Mapping[str, np.ndarray], reference: Reference, num_examples: Any, *,
+                    max_examples: int | None = None) -> None:
+    """Refuse replies with missing or extra keys, wrong shapes or dtypes, NaN/Inf or bad counts."""
+    check_num_examples(num_examples, max_examples)
+    missing = sorted(set(reference) - set(arrays))
+    extra = sorted(set(arrays) - set(reference))
+    if missing or extra:
+        raise UpdateRejected(f"keys differ from the global model: missing {missing}, unexpected {extra}")
+    for key, (shape, dtype) in reference.items():
+        value = arrays[key]
+        if not isinstance(value, np.ndarray):
+            raise UpdateRejected(f"{key}: expected an array, got {type(value).__name__}")
+        if value.shape != shape or value.dtype != dtype:
+            raise UpdateRejected(f"{key}: expected {dtype}{list(shape)}, got {value.dtype}{list(value.shape)}")
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            raise UpdateRejected(f"{key}: contains NaN or Inf")
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray]) -> float:
+    """‖θi − θt‖₂ over the floating-point arrays (integer buffers such as step counters are not
+    weights), summed in float64 so that a large model neither overflows nor loses precision."""
+    total = 0.0
+    for key, reference in global_state.items():
+        if reference.dtype.kind != "f":
+            continue
+        diff = np.subtract(arrays[key], reference, dtype=np.float64).ravel()
+        total += float(np.dot(diff, diff))
+    return math.sqrt(total)
+
+
+class UpdateValidator:
+    """The checks of one run: the global model of the current round, the bound on an update's
+    distance from it (0 = none) and each client's shard size (the most examples it can claim)."""
+
+    def __init__(self, *, max_update_norm: float = 0.0, shard_sizes: Sequence[int] | None = None) -> None:
+        if not max_update_norm >= 0:
+            raise ValueError(f"max_update_norm must be >= 0, got {max_update_norm!r}")
+        self.max_update_norm = max_update_norm
+        self.shard_sizes = list(shard_sizes) if shard_sizes is not None else None
+        self._global: Mapping[str, np.ndarray] = {}
+        self._reference: Reference = {}
+
+    def set_global(self, state: Mapping[str, np.ndarray]) -> None:
+        """The model broadcast this round: replies must match its layout and stay near it."""
+        self._global = state
+        self._reference = reference_of(state)
+
+    def __call__(self, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: Any) -> float:
+        """Raise ``UpdateRejected`` for a bad reply; return its update norm otherwise."""
+        max_examples = None
+        if self.shard_sizes is not None:
+            if not 0 <= client_id < len(self.shard_sizes):
+                raise UpdateRejected(f"client id {client_id} is not one of the {len(self.shard_sizes)} clients")
+            max_examples = self.shard_sizes[client_id]
+        validate_update(arrays, self._reference, num_examples, max_examples=max_examples)
+        norm = update_norm(arrays, self._global)
+        if self.max_update_norm and norm > self.max_update_norm:
+            raise UpdateRejected(f"update norm {norm:.4g} exceeds federation.max_update_norm = {self.max_update_norm:g}")
+        return norm

@@ -1,0 +1,179 @@
+"""Server actors killed for real (``ray.kill``, Ray restarts them): the round is replayed into the
+new actor and the result is exactly the one of an actor never killed.
+
+A small local Ray, no Flower: the driver side (``RoundAggregation``, ``ActorGuard``) talks to real
+``AggregatorActor`` / ``EvaluatorActor`` processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext, create_aggregator
+from clients.tasks import get_task
+from federation.actors import ActorStateLost, AggregatorActor, EvaluatorActor
+from federation.recovery import ActorGuard, RoundAggregation, RoundState, ServerActorError
+
+pytestmark = pytest.mark.slow
+
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+BASE = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+class DriftingMean(Aggregator):
+    """The mean of the clients plus a share of the drift it accumulates across rounds: its
+    result depends on state kept between rounds, which a restarted actor must get back."""
+
+    name = "drifting_mean"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds = 0
+        self.drift: dict[str, torch.Tensor] = {}
+
+    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        mean = {k: torch.stack([u.state[k] for u in updates]).mean(dim=0) for k in updates[0].state}
+        for key, value in mean.items():
+            self.drift[key] = self.drift.get(key, torch.zeros_like(value)) + (value - ctx.global_state[key])
+        self.rounds += 1
+        state = {k: v + 0.1 * self.drift[k] for k, v in mean.items()}
+        return AggregateResult(state=state, metrics={"rounds": self.rounds})
+
+    def state_dict(self) -> dict:
+        return {"rounds": self.rounds, "drift": dict(self.drift)}
+
+    def load_state_dict(self, state) -> None:
+        self.rounds = int(state.get("rounds", 0))
+        self.drift = {k: v.clone() for k, v in state.get("drift", {}).items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+    yield
+    ray.shutdown()
+
+
+def kill(actor, until_restarted: bool = False) -> None:
+    """``ray.kill`` the actor (Ray may restart it) and wait until its process is really gone
+    (``ray.kill`` only asks; a call made meanwhile could still reach the old process), or, with
+    ``until_restarted``, until Ray has restarted it: a restart that no driver call saw fail."""
+    pid = ray.get(actor.placement.remote())["pid"]
+    ray.kill(actor, no_restart=False)
+    while True:
+        try:
+            if ray.get(actor.placement.remote(), timeout=60)["pid"] != pid:
+                return
+        except ray.exceptions.RayActorError:
+            if not until_restarted:
+                return  # dead or restarting
+        time.sleep(0.05)
+
+
+def client_updates(server_round: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(server_round)
+    return [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in BASE.items()} for _ in range(3)]
+
+
+def run_rounds(aggregator: Aggregator, rounds: int = 2, kill_at: tuple[int, int] | None = None,
+               max_restarts: int = 2) -> tuple[list[dict[str, np.ndarray]], list[dict], ActorGuard]:
+    """Drive ``rounds`` rounds through a fresh actor; ``kill_at = (round, reply)`` kills it right
+    after that reply was accumulated (reply -1: right after the round was merged)."""
+    actor = AggregatorActor.options(num_cpus=0, max_restarts=max_restarts).remote(aggregator, BASE, 0)
+    guard = ActorGuard("aggregator", max_restarts=max_restarts, timeout=120)
+    aggregation = RoundAggregation(actor, RoundState(0, BASE, {}), guard)
+    states, metrics = [], []
+    for r in range(1, rounds + 1):
+        aggregation.begin_round(r)
+        for i, arrays in enumerate(client_updates(r)):
+            aggregation.accumulate(i, arrays, 10 + i, {"train_loss": 0.5})
+            if kill_at == (r, i):
+                ray.get(aggregation._pending[-1])  # the dead actor had really folded this reply in
+                kill(actor)
+        _, state, round_metrics = aggregation.finalize()
+        round_metrics.pop("aggregate_s")
+        states.append(state)
+        metrics.append(round_metrics)
+        if kill_at == (r, -1):
+            kill(actor, until_restarted=True)
+    return states, metrics, guard
+
+
+def assert_same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def unkilled():
+    return run_rounds(DriftingMean())[:2]
+
+
+def test_aggregator_killed_mid_round_is_replayed_exactly(unkilled):
+    # FedAvg's streaming accumulator is killed the same way in a full run (test_reliability_runs).
+    states, metrics, guard = run_rounds(DriftingMean(), kill_at=(2, 1))
+    assert_same(states, unkilled[0])
+    assert metrics == unkilled[1]
+    notes = guard.take_notes()
+    assert guard.restarts == 1 and len(notes) == 1
+    assert re.fullmatch(r"aggregator actor (died|had lost its state in a restart) during the aggregation of "
+                        r"round 2; restored in \d+\.\d s", notes[0]), notes
+
+
+def test_aggregator_killed_between_rounds_gets_its_state_back(unkilled):
+    states, metrics, guard = run_rounds(DriftingMean(), rounds=2, kill_at=(1, -1))
+    assert_same(states, unkilled[0])
+    assert [m["rounds"] for m in metrics] == [1, 2]  # the counter survived the restart
+    assert guard.restarts == 1
+    # No call failed: the new actor was caught holding the initial state instead of round 1's.
+    assert guard.take_notes()[0].startswith("aggregator actor had lost its state in a restart during the "
+                                            "start of round 2")
+
+
+def test_stale_calls_never_reach_the_aggregator():
+    actor = AggregatorActor.options(num_cpus=0).remote(create_aggregator("fedavg", {}), BASE, 0)
+    ray.get(actor.begin_round.remote(1, 5, 0))
+    with pytest.raises(ActorStateLost, match="attempt 4, but the open one is 5"):
+        ray.get(actor.accumulate.remote(4, 0, BASE, 1, {}))
+    with pytest.raises(ActorStateLost, match="state after round 3"):  # a restarted actor holds round 0
+        ray.get(actor.begin_round.remote(4, 6, 3))
+    ray.kill(actor)
+
+
+def test_an_actor_without_restarts_fails_the_run_clearly():
+    with pytest.raises(ServerActorError, match=r"ray.aggregator.max_restarts = 0"):
+        run_rounds(create_aggregator("fedavg", {}), rounds=1, kill_at=(1, 0), max_restarts=0)
+
+
+def test_evaluator_killed_is_restarted_and_the_evaluation_retried():
+    task = get_task("digits")
+    test = task.load("test")
+    torch.manual_seed(0)
+    state = {k: v.numpy() for k, v in task.build_model().state_dict().items()}
+    evaluator = EvaluatorActor.options(num_cpus=0, max_restarts=1).remote("digits", test.x, test.y, 512, 1)
+    guard = ActorGuard("evaluator", max_restarts=1, timeout=120)
+    state_ref = ray.put(state)
+
+    def evaluate():
+        return guard.call("an evaluation", lambda: guard.get(evaluator.evaluate.remote(state_ref), "it"),
+                          lambda: guard.get(evaluator.placement.remote(), "its restart"))
+
+    before = evaluate()
+    kill(evaluator)
+    after = evaluate()
+    for metrics in (before, after):
+        metrics.pop("evaluate_s")
+    assert after == before and guard.restarts == 1
