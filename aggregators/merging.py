@@ -1,0 +1,147 @@
+"""What the model-merging aggregators share: task vectors, grouping by task, per-task heads.
+
+A multi-task model keeps one classification head per task under ``heads.<task index>.``; those
+keys are never merged across tasks. A client that trained on a single task says so with the
+metric ``task_id`` (sent by the client app), so the head of task t is the example-weighted mean
+of the heads of task t's clients, whatever method merges the rest. Without task ids (a one-task
+model such as the Fashion-MNIST CNN) every client is its own group and there are no heads.
+
+``group_states`` turns a round's updates into the models a merge combines: one per client
+(``"client"``) or, with ``"task"``, the example-weighted mean of each task's clients (clients
+without a task id stay on their own), so several clients of one task count as one fine-tuned
+model, as in the papers' one-model-per-task setting.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from aggregators.base import ClientUpdate, StateDict, checked_num_examples
+
+__all__ = [
+    "GROUP_BY",
+    "HEAD_PATTERN",
+    "Group",
+    "count_parameters",
+    "group_states",
+    "head_task",
+    "merged_heads",
+    "mergeable",
+    "task_id",
+]
+
+GROUP_BY = ("task", "client")
+HEAD_PATTERN = re.compile(r"^heads\.(\d+)\.")
+"""Keys of a per-task head: ``heads.<task index>.<param>``."""
+
+
+def head_task(key: str) -> int | None:
+    """The task index of a per-task head key, None for a shared parameter."""
+    match = HEAD_PATTERN.match(key)
+    return int(match.group(1)) if match else None
+
+
+def task_id(update: ClientUpdate) -> int | None:
+    """The single task a client trained on (its ``task_id`` metric), None when it reported none
+    or a negative one (a shard that mixes tasks)."""
+    value = update.metrics.get("task_id")
+    if value is None or value < 0:
+        return None
+    if value != int(value):
+        raise ValueError(f"client {update.client_id}: task_id must be an integer, got {value!r}")
+    return int(value)
+
+
+def mergeable(key: str, tensor: torch.Tensor) -> bool:
+    """Whether a merge combines ``key``: floating-point shared parameters (not heads, not integer
+    buffers such as BatchNorm's step counter)."""
+    return tensor.is_floating_point() and head_task(key) is None
+
+
+@dataclass(frozen=True)
+class Group:
+    """One model a merge combines: its weights, example count, the clients and task behind it."""
+
+    state: Mapping[str, torch.Tensor]
+    num_examples: float
+    clients: tuple[int, ...]
+    task: int | None
+
+
+def _weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+                   device: torch.device) -> StateDict:
+    total = float(sum(weights))
+    out: StateDict = {}
+    for key, first in states[0].items():
+        if not first.is_floating_point():
+            out[key] = first.to(device)
+            continue
+        acc = torch.zeros(first.shape, dtype=torch.float64, device=device)
+        for state, w in zip(states, weights):
+            acc.add_(state[key].to(device), alpha=w / total)
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+def group_states(updates: Sequence[ClientUpdate], group_by: str, device: torch.device) -> list[Group]:
+    """The round's models to merge, in a fixed order (by first client), on ``device``."""
+    if group_by not in GROUP_BY:
+        raise ValueError(f"group_by={group_by!r} is invalid: must be one of {', '.join(GROUP_BY)}")
+    if not updates:
+        raise ValueError("no client updates to merge")
+    buckets: dict[object, list[ClientUpdate]] = {}
+    for u in updates:
+        t = task_id(u) if group_by == "task" else None
+        buckets.setdefault(("task", t) if t is not None else ("client", u.client_id), []).append(u)
+    groups = []
+    for members in buckets.values():
+        counts = [checked_num_examples(u) for u in members]
+        if len(members) == 1:
+            state = {k: v.to(device) for k, v in members[0].state.items()}
+        else:
+            state = _weighted_mean([u.state for u in members], counts, device)
+        tasks = {task_id(u) for u in members}
+        groups.append(Group(state=state, num_examples=float(sum(counts)),
+                            clients=tuple(u.client_id for u in members),
+                            task=tasks.pop() if len(tasks) == 1 else None))
+    return groups
+
+
+def merged_heads(base: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+                 device: torch.device) -> StateDict:
+    """Every per-task head key: the example-weighted mean over the clients of its task.
+
+    A head no client of its task trained keeps the base value. When no client reported a task
+    id, heads are averaged over all clients (plain FedAvg), the only choice left.
+    """
+    head_keys = [k for k in base if head_task(k) is not None]
+    if not head_keys:
+        return {}
+    any_ids = any(task_id(u) is not None for u in updates)
+    out: StateDict = {}
+    for t in sorted({head_task(k) for k in head_keys}):
+        keys = [k for k in head_keys if head_task(k) == t]
+        members = [u for u in updates if not any_ids or task_id(u) == t]
+        if not members:
+            out.update({k: base[k].to(device) for k in keys})
+            continue
+        out.update(_weighted_mean([{k: u.state[k] for k in keys} for u in members],
+                                  [checked_num_examples(u) for u in members], device))
+    return out
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Stored numbers of a module: parameters and floating buffers (frozen task vectors, the
+    pretrained weights a MoE layer keeps), each shared tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if not tensor.is_floating_point() or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel()
+    return total

@@ -1,0 +1,42 @@
+"""Simple averaging of fine-tuned models, one vote per model, heads kept per task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext
+from aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
+from aggregators.registry import register
+from aggregators.task_arithmetic import task_arithmetic
+
+__all__ = ["SimpleAverage"]
+
+
+@register()
+class SimpleAverage(Aggregator):
+    """The uniform mean of the fine-tuned models, θ = (1/N) Σi θi = θ0 + (1/N) Σi τi.
+
+    Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves
+    accuracy without increasing inference time", ICML 2022, https://arxiv.org/abs/2203.05482
+    (the uniform soup), the usual merging baseline. Unlike FedAvg it gives each model (each task,
+    with ``group_by = "task"``) one vote whatever its example count, and it keeps per-task heads
+    per task (each task's clients' mean) instead of averaging them with other tasks' heads.
+    """
+
+    name = "simple_average"
+
+    def __init__(self, *, group_by: str = "task") -> None:
+        super().__init__()
+        if group_by not in GROUP_BY:
+            raise ValueError(f"group_by={group_by!r} is invalid: must be one of {', '.join(GROUP_BY)}")
+        self.group_by = group_by
+
+    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        groups = group_states(updates, self.group_by, ctx.device)
+        base = {k: v.to(ctx.device) for k, v in ctx.base_state.items()}
+        shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
+        state = task_arithmetic(shared, [g.state for g in groups], lam=1.0 / len(groups))
+        state.update(merged_heads(base, updates, ctx.device))
+        return AggregateResult(state={k: state[k] for k in base}, metrics={
+            "num_clients": float(len(updates)), "num_models": float(len(groups)),
+            "num_examples": float(sum(u.num_examples for u in updates))})

@@ -1,0 +1,66 @@
+"""Task arithmetic: add the scaled sum of the task vectors to the base model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
+from aggregators.registry import register
+
+__all__ = ["TaskArithmetic", "task_arithmetic"]
+
+
+def task_arithmetic(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]], *,
+                    lam: float) -> StateDict:
+    """θ0 + λ Σi (θi − θ0) on every floating key of ``base`` (computed in float32, cast back);
+    other keys (integer buffers) keep the base value."""
+    if not states:
+        raise ValueError("task_arithmetic: no fine-tuned states to merge")
+    out: StateDict = {}
+    for key, theta0 in base.items():
+        if not theta0.is_floating_point():
+            out[key] = theta0
+            continue
+        base32 = theta0.float()
+        total = torch.zeros_like(base32)
+        for state in states:
+            total += state[key].to(base32.device, torch.float32) - base32
+        out[key] = (base32 + lam * total).to(theta0.dtype)
+    return out
+
+
+@register()
+class TaskArithmetic(Aggregator):
+    """Task arithmetic: θ = θ0 + λ Σi τi, with τi = θi − θ0 the task vectors.
+
+    Ilharco, Ribeiro, Wortsman, Gururangan, Schmidt, Hajishirzi, Farhadi, "Editing Models with
+    Task Arithmetic", ICLR 2023, https://arxiv.org/abs/2212.04089.
+
+    θ0 is the run's initial (pretrained) model. With ``group_by = "task"`` the clients of one task
+    are averaged into one task model first (several clients of a task count once); per-task heads
+    are each task's clients' mean. The merged model is both broadcast and served. ``lam`` = 0.3.
+    """
+
+    name = "task_arithmetic"
+
+    def __init__(self, *, lam: float = 0.3, group_by: str = "task") -> None:
+        super().__init__()
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise ValueError(f"lam={lam!r} is invalid: must be a finite number")
+        if group_by not in GROUP_BY:
+            raise ValueError(f"group_by={group_by!r} is invalid: must be one of {', '.join(GROUP_BY)}")
+        self.lam, self.group_by = float(lam), group_by
+
+    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        groups = group_states(updates, self.group_by, ctx.device)
+        base = {k: v.to(ctx.device) for k, v in ctx.base_state.items()}
+        shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
+        state = task_arithmetic(shared, [g.state for g in groups], lam=self.lam)
+        state.update(merged_heads(base, updates, ctx.device))
+        return AggregateResult(state={k: state[k] for k in base}, metrics={
+            "num_clients": float(len(updates)), "num_models": float(len(groups)),
+            "num_examples": float(sum(u.num_examples for u in updates))})

@@ -1,0 +1,89 @@
+"""TIES merging: trim each task vector, elect a sign per entry, average the agreeing entries."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
+from aggregators.registry import register
+
+__all__ = ["Ties", "ties_merge"]
+
+
+def ties_merge(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]], *,
+               lam: float, keep: float) -> StateDict:
+    """θ0 + λ · disjoint-mean(trimmed, elected τ) over the floating keys of ``base``.
+
+    1. Trim: each model's task vector, flattened over all those keys, keeps its ``keep`` share of
+       entries of largest magnitude (ties at the threshold are kept); the rest become 0.
+    2. Elect: the sign of each entry is the sign of the sum of the trimmed vectors.
+    3. Disjoint mean: per entry, the mean over the models whose trimmed entry is non-zero and has
+       the elected sign (0 where none has).
+    Integer keys keep the base value. Computed in float32 on the base tensors' device.
+    """
+    if not states:
+        raise ValueError("ties_merge: no fine-tuned states to merge")
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep={keep!r} is invalid: must be in (0, 1]")
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    if not keys:
+        return dict(base)
+    flat0 = torch.cat([base[k].float().reshape(-1) for k in keys])
+    trimmed = []
+    for state in states:
+        tau = torch.cat([state[k].to(flat0.device, torch.float32).reshape(-1) for k in keys]) - flat0
+        n_keep = max(1, math.ceil(keep * tau.numel()))
+        magnitude = tau.abs()
+        threshold = magnitude.kthvalue(tau.numel() - n_keep + 1).values
+        trimmed.append(torch.where(magnitude >= threshold, tau, torch.zeros_like(tau)))
+    stacked = torch.stack(trimmed)
+    elected = torch.sign(stacked.sum(dim=0))
+    agree = (stacked != 0) & (torch.sign(stacked) == elected)
+    merged = (stacked * agree).sum(dim=0) / agree.sum(dim=0).clamp_min(1)
+    flat = flat0 + lam * merged
+    out: StateDict = dict(base)
+    offset = 0
+    for k in keys:
+        n = base[k].numel()
+        out[k] = flat[offset:offset + n].reshape(base[k].shape).to(base[k].dtype)
+        offset += n
+    return out
+
+
+@register()
+class Ties(Aggregator):
+    """TIES merging: trim, elect sign, disjoint merge, then θ = θ0 + λ · merged.
+
+    Yadav, Tam, Choshen, Raffel, Bansal, "TIES-Merging: Resolving Interference When Merging
+    Models", NeurIPS 2023, https://arxiv.org/abs/2306.01708.
+
+    ``keep`` = 0.2 (top 20 % of |τ| per model, over the whole model), ``lam`` = 0.3. As in
+    task arithmetic, ``group_by = "task"`` merges one model per task and per-task heads are each
+    task's clients' mean. The merged model is both broadcast and served.
+    """
+
+    name = "ties"
+
+    def __init__(self, *, lam: float = 0.3, keep: float = 0.2, group_by: str = "task") -> None:
+        super().__init__()
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise ValueError(f"lam={lam!r} is invalid: must be a finite number")
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+            raise ValueError(f"keep={keep!r} is invalid: must be in (0, 1]")
+        if group_by not in GROUP_BY:
+            raise ValueError(f"group_by={group_by!r} is invalid: must be one of {', '.join(GROUP_BY)}")
+        self.lam, self.keep, self.group_by = float(lam), float(keep), group_by
+
+    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        groups = group_states(updates, self.group_by, ctx.device)
+        base = {k: v.to(ctx.device) for k, v in ctx.base_state.items()}
+        shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
+        state = ties_merge(shared, [g.state for g in groups], lam=self.lam, keep=self.keep)
+        state.update(merged_heads(base, updates, ctx.device))
+        return AggregateResult(state={k: state[k] for k in base}, metrics={
+            "num_clients": float(len(updates)), "num_models": float(len(groups)),
+            "num_examples": float(sum(u.num_examples for u in updates))})

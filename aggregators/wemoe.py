@@ -1,0 +1,344 @@
+"""WEMoE: task arithmetic outside the MLPs, a weight-ensembling mixture of experts inside them.
+
+Each transformer block's MLP becomes a ``WEMoEMLP``: the frozen pretrained MLP, the frozen MLP
+task vectors τi and a small trainable router. For each sample the router, applied to the tokens
+entering the MLP and averaged over them, gives weights λ(x) ∈ R^N (no softmax), and the MLP
+computed is θ0 + Σi λi(x) τi. Every other parameter is task arithmetic, θ0 + λ0 Σi τi, and
+per-task heads stay per task. The routers are trained on the server by test-time adaptation:
+minimising the entropy of the predictions on unlabelled proxy inputs of every task.
+
+Supported MLPs: BERT-style blocks (``intermediate.dense`` → activation → ``output.dense``, as in
+all-MiniLM-L6-v2); the block's ``intermediate`` module is replaced by the whole WEMoE MLP and
+``output.dense`` by an identity (``Removed``), which is exact because the first feeds only the
+second. Another layout is refused with its module named.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from aggregators.fedavg import fedavg
+from aggregators.merging import GROUP_BY, count_parameters, group_states, merged_heads, mergeable
+from aggregators.registry import register
+from aggregators.task_arithmetic import task_arithmetic
+from aggregators.upscaled import Removed, module_type, set_submodule
+
+__all__ = ["ACTIVATIONS", "MLPSite", "Router", "WEMoE", "WEMoEMLP", "find_mlps", "prune_magnitude",
+           "train_routers", "upscale_mlps"]
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+_ACTIVATION_CLASSES = {"GELUActivation": "gelu", "ReLU": "relu", "SiLU": "silu", "SiLUActivation": "silu",
+                       "NewGELUActivation": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh"}
+
+
+def _activation_name(module: nn.Module) -> str:
+    if isinstance(module, nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    name = _ACTIVATION_CLASSES.get(type(module).__name__)
+    if name is None:
+        raise ValueError(f"WEMoE: unsupported MLP activation {type(module).__name__}; "
+                         f"supported: {', '.join(sorted(_ACTIVATION_CLASSES))}, nn.GELU")
+    return name
+
+
+@module_type("wemoe_router")
+class Router(nn.Module):
+    """r(h) = W2 ReLU(W1 h + b1) + b2; weights N(0, std²), b1 = 0, b2 = init_lambda."""
+
+    def __init__(self, features: int, num_experts: int, *, init_lambda: float = 0.3, std: float = 0.01) -> None:
+        super().__init__()
+        self.features, self.num_experts, self.init_lambda, self.std = features, num_experts, init_lambda, std
+        self.fc1 = nn.Linear(features, features)
+        self.fc2 = nn.Linear(features, num_experts)
+        with torch.no_grad():
+            nn.init.normal_(self.fc1.weight, std=std)
+            nn.init.normal_(self.fc2.weight, std=std)
+            self.fc1.bias.zero_()
+            self.fc2.bias.fill_(init_lambda)
+
+    def config(self) -> dict[str, Any]:
+        return {"features": self.features, "num_experts": self.num_experts, "init_lambda": self.init_lambda,
+                "std": self.std}
+
+    @classmethod
+    def empty(cls, config: Mapping[str, Any], shared: dict[str, Any]) -> Router:
+        c = dict(config)
+        return cls(c.pop("features"), c.pop("num_experts"), **c)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(h)))
+
+
+@module_type("wemoe_mlp")
+class WEMoEMLP(nn.Module):
+    """act(x W1ᵀ + b1) W2ᵀ + b2 with (W, b) = θ0 + Σi λi(x) τi per sample; λ from the router.
+
+    Inputs are (batch, tokens, features) — λ is the router averaged over the tokens — or
+    (batch, features). Only the router is trainable.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, num_experts: int, *,
+                 activation: str, init_lambda: float = 0.3, router_std: float = 0.01,
+                 shared_router: bool = False, router: Router | None = None) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is invalid: must be one of {', '.join(ACTIVATIONS)}")
+        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        self.num_experts, self.activation, self.shared_router = num_experts, activation, shared_router
+
+        def frozen(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(*shape), requires_grad=False)
+
+        self.w1, self.b1 = frozen(hidden_features, in_features), frozen(hidden_features)
+        self.w2, self.b2 = frozen(out_features, hidden_features), frozen(out_features)
+        self.tau_w1, self.tau_b1 = frozen(num_experts, hidden_features, in_features), frozen(num_experts, hidden_features)
+        self.tau_w2, self.tau_b2 = frozen(num_experts, out_features, hidden_features), frozen(num_experts, out_features)
+        self.router = router if router is not None else Router(in_features, num_experts, init_lambda=init_lambda,
+                                                               std=router_std)
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "hidden_features": self.hidden_features,
+                "out_features": self.out_features, "num_experts": self.num_experts,
+                "activation": self.activation, "shared_router": self.shared_router,
+                "router": self.router.config()}
+
+    @classmethod
+    def empty(cls, config: Mapping[str, Any], shared: dict[str, Any]) -> WEMoEMLP:
+        c = dict(config)
+        router_config = c.pop("router")
+        if c["shared_router"]:
+            router = shared.setdefault("wemoe_router", Router.empty(router_config, shared))
+        else:
+            router = Router.empty(router_config, shared)
+        return cls(c.pop("in_features"), c.pop("hidden_features"), c.pop("out_features"), c.pop("num_experts"),
+                   activation=c["activation"], shared_router=c["shared_router"], router=router)
+
+    def expert_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """λ(x), one row of N weights per sample."""
+        lam = self.router(x)
+        return lam.mean(dim=1) if x.dim() == 3 else lam
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lam = self.expert_weights(x)
+        lam = lam.unsqueeze(1) if x.dim() == 3 else lam  # (B, 1, N) broadcasts over tokens
+        n = self.num_experts
+        h = F.linear(x, self.w1, self.b1)
+        h = h + (F.linear(x, self.tau_w1.reshape(-1, self.in_features), self.tau_b1.reshape(-1))
+                 .unflatten(-1, (n, self.hidden_features)) * lam.unsqueeze(-1)).sum(dim=-2)
+        h = ACTIVATIONS[self.activation](h)
+        y = F.linear(h, self.w2, self.b2)
+        return y + (F.linear(h, self.tau_w2.reshape(-1, self.hidden_features), self.tau_b2.reshape(-1))
+                    .unflatten(-1, (n, self.out_features)) * lam.unsqueeze(-1)).sum(dim=-2)
+
+
+class MLPSite:
+    """One transformer block's MLP: where the WEMoE module goes and which linears it absorbs."""
+
+    def __init__(self, install: str, fc1: str, fc2: str, activation: str) -> None:
+        self.install, self.fc1, self.fc2, self.activation = install, fc1, fc2, activation
+
+    @property
+    def keys(self) -> list[str]:
+        return [f"{self.fc1}.weight", f"{self.fc1}.bias", f"{self.fc2}.weight", f"{self.fc2}.bias"]
+
+
+def find_mlps(model: nn.Module) -> list[MLPSite]:
+    """The transformer MLPs of ``model`` (BERT layout); ValueError when there are none."""
+    sites = []
+    for name, module in model.named_modules():
+        intermediate, output = getattr(module, "intermediate", None), getattr(module, "output", None)
+        if (intermediate is not None and isinstance(getattr(intermediate, "dense", None), nn.Linear)
+                and hasattr(intermediate, "intermediate_act_fn") and output is not None
+                and isinstance(getattr(output, "dense", None), nn.Linear)):
+            prefix = f"{name}." if name else ""
+            sites.append(MLPSite(f"{prefix}intermediate", f"{prefix}intermediate.dense", f"{prefix}output.dense",
+                                 _activation_name(intermediate.intermediate_act_fn)))
+    if not sites:
+        raise ValueError(f"WEMoE: no transformer MLP (BERT layout: intermediate.dense -> output.dense) "
+                         f"found in {type(model).__name__}")
+    return sites
+
+
+def prune_magnitude(tensor: torch.Tensor, keep: float) -> torch.Tensor:
+    """``tensor`` with all but its ``keep`` share of largest-magnitude entries set to 0."""
+    n_keep = max(1, math.ceil(keep * tensor.numel()))
+    if n_keep >= tensor.numel():
+        return tensor.clone()
+    magnitude = tensor.abs().reshape(-1)
+    threshold = magnitude.kthvalue(tensor.numel() - n_keep + 1).values
+    return torch.where(tensor.abs() >= threshold, tensor, torch.zeros_like(tensor))
+
+
+def upscale_mlps(model: nn.Module, base_state: Mapping[str, torch.Tensor],
+                 expert_states: Sequence[Mapping[str, torch.Tensor]], *, init_lambda: float = 0.3,
+                 router_std: float = 0.01, shared_router: bool = False, keep: float = 1.0,
+                 sites: Sequence[MLPSite] | None = None) -> list[MLPSite]:
+    """Replace each MLP of ``model`` (in place, on its device, float32) by a WEMoEMLP over
+    θ0 = ``base_state`` and τi = ``expert_states[i]`` − θ0 (magnitude-pruned to ``keep`` per
+    tensor when ``keep`` < 1). Router weights follow torch's global RNG."""
+    sites = list(sites) if sites is not None else find_mlps(model)
+    device = next(model.parameters()).device
+    n = len(expert_states)
+    router = Router(model.get_submodule(sites[0].fc1).in_features, n, init_lambda=init_lambda,
+                    std=router_std) if shared_router else None
+    for site in sites:
+        fc1, fc2 = model.get_submodule(site.fc1), model.get_submodule(site.fc2)
+        module = WEMoEMLP(fc1.in_features, fc1.out_features, fc2.out_features, n, activation=site.activation,
+                          init_lambda=init_lambda, router_std=router_std, shared_router=shared_router,
+                          router=router).to(device)
+        with torch.no_grad():
+            for name, key in (("w1", f"{site.fc1}.weight"), ("b1", f"{site.fc1}.bias"),
+                              ("w2", f"{site.fc2}.weight"), ("b2", f"{site.fc2}.bias")):
+                theta0 = base_state[key].to(device, torch.float32)
+                getattr(module, name).copy_(theta0)
+                for i, state in enumerate(expert_states):
+                    tau = state[key].to(device, torch.float32) - theta0
+                    getattr(module, f"tau_{name}")[i] = prune_magnitude(tau, keep) if keep < 1 else tau
+        set_submodule(model, site.install, module)
+        set_submodule(model, site.fc2, Removed())
+    return sites
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1).mean()
+
+
+def train_routers(model: nn.Module, proxy_inputs: Mapping[int, torch.Tensor], *, steps: int, lr: float,
+                  batch_size: int, seed: int) -> dict[str, float]:
+    """Test-time adaptation: Adam on the routers only, minimising Σ_tasks mean prediction entropy
+    over ``batch_size`` proxy inputs of each task per step (drawn with a generator seeded by
+    ``seed``). Returns the loss of the first and last step and the wall time."""
+    routers = [p for name, p in model.named_parameters() if ".router." in f".{name}"]
+    if not routers:
+        raise ValueError("train_routers: the model has no WEMoE routers")
+    if not proxy_inputs or any(len(x) == 0 for x in proxy_inputs.values()):
+        raise ValueError("train_routers: no unlabelled proxy inputs for some task")
+    started = time.perf_counter()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in routers:
+        p.requires_grad_(True)
+    device = routers[0].device
+    optimizer = torch.optim.Adam(routers, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()  # no dropout: the routers adapt to the model as it will be served
+    first = last = math.nan
+    with torch.enable_grad():
+        for step in range(steps):
+            loss = torch.zeros((), device=device)
+            for task in sorted(proxy_inputs):
+                x = proxy_inputs[task]
+                index = torch.randint(len(x), (batch_size,), generator=generator)
+                loss = loss + _entropy(model(x[index].to(device)))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step == 0:
+                first = loss.item()
+            last = loss.item()
+    for p in routers:
+        p.requires_grad_(False)
+    return {"router_entropy_first": first, "router_entropy_last": last,
+            "router_train_s": time.perf_counter() - started}
+
+
+@register()
+class WEMoE(Aggregator):
+    """Weight-ensembling MoE, with routers trained by test-time entropy minimisation on the server.
+
+    Tang, Shen, Du, Yang, Du, Tao, "Merging Multi-Task Models via Weight-Ensembling Mixture of
+    Experts", ICML 2024, https://arxiv.org/abs/2402.00433. E-WEMoE (``efficient = true``):
+    Shen, Tang, et al., "Efficient and Effective Weight-Ensembling Mixture of Experts for
+    Multi-Task Model Merging", arXiv 2410.21804, https://arxiv.org/abs/2410.21804 — each MLP task
+    vector magnitude-pruned to its top ``keep`` share and one router shared by all layers.
+
+    Outside the MLPs: task arithmetic with ``init_lambda`` (λ0 = 0.3); routers start at
+    b2 = λ0, so before training the model is (up to the router's small random weights,
+    ``router_std`` = 0.01) task arithmetic. Routers train for ``steps`` Adam steps (``lr`` 1e-4,
+    ``batch_size`` 16 per task) on ``RoundContext.proxy_inputs`` (the server's unlabelled inputs)
+    on the aggregator's device. Experts are per task (``group_by = "task"``) or per client. The
+    WEMoE model is served; the broadcast model is the clients' FedAvg.
+    """
+
+    name = "wemoe"
+
+    def __init__(self, *, init_lambda: float = 0.3, steps: int = 1000, lr: float = 1e-4, batch_size: int = 16,
+                 router_std: float = 0.01, group_by: str = "task", efficient: bool = False,
+                 keep: float = 0.1) -> None:
+        super().__init__()
+        checks = {
+            "init_lambda": isinstance(init_lambda, (int, float)) and math.isfinite(init_lambda),
+            "steps": isinstance(steps, int) and steps >= 0,
+            "lr": isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr),
+            "batch_size": isinstance(batch_size, int) and batch_size >= 1,
+            "router_std": isinstance(router_std, (int, float)) and router_std >= 0,
+            "group_by": group_by in GROUP_BY,
+            "efficient": isinstance(efficient, bool),
+            "keep": isinstance(keep, (int, float)) and 0 < keep <= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{key}={locals()[key]!r} is invalid")
+        self.init_lambda, self.steps, self.lr, self.batch_size = float(init_lambda), steps, float(lr), batch_size
+        self.router_std, self.group_by, self.efficient, self.keep = float(router_std), group_by, efficient, float(keep)
+
+    def build(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> tuple[nn.Module, int]:
+        """The WEMoE model before router training, and its number of experts."""
+        if ctx.build_model is None:
+            raise ValueError("wemoe needs the run's model architecture (RoundContext.build_model), "
+                             "which the AggregatorActor provides")
+        device = ctx.device
+        groups = group_states(updates, self.group_by, device)
+        base = {k: v.to(device) for k, v in ctx.base_state.items()}
+        model = ctx.build_model().to(device).float()
+        sites = find_mlps(model)
+        mlp_keys = {k for site in sites for k in site.keys}
+        shared = {k: v for k, v in base.items()
+                  if k not in mlp_keys and (mergeable(k, v) or not v.is_floating_point())}
+        state: StateDict = dict(base)
+        state.update(task_arithmetic(shared, [g.state for g in groups], lam=self.init_lambda))
+        state.update(merged_heads(base, updates, device))
+        model.load_state_dict(state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed * 1_000_003 + ctx.round)
+            upscale_mlps(model, base, [g.state for g in groups], init_lambda=self.init_lambda,
+                         router_std=self.router_std, shared_router=self.efficient,
+                         keep=self.keep if self.efficient else 1.0, sites=sites)
+        return model, len(groups)
+
+    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        started = time.perf_counter()
+        one_model = count_parameters(ctx.build_model()) if ctx.build_model is not None else 0
+        model, n_experts = self.build(ctx, updates)
+        metrics: dict[str, float] = {"construct_s": time.perf_counter() - started}
+        if self.steps > 0:
+            if not ctx.proxy_inputs:
+                raise ValueError("wemoe trains its routers on unlabelled server inputs, but the round has no "
+                                 "proxy inputs (RoundContext.proxy_inputs); set steps = 0 to serve it untrained")
+            metrics.update(train_routers(model, ctx.proxy_inputs, steps=self.steps, lr=self.lr,
+                                         batch_size=self.batch_size, seed=ctx.seed * 1_000_003 + ctx.round))
+        model.eval()
+        served = count_parameters(model)
+        tau_nonzero = sum(int((p != 0).sum()) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1].startswith("tau_"))
+        average = fedavg([u.state for u in updates], [u.num_examples for u in updates], device=ctx.device)
+        average.update(merged_heads(ctx.base_state, updates, ctx.device))
+        metrics.update({
+            "num_clients": float(len(updates)), "num_examples": float(sum(u.num_examples for u in updates)),
+            "num_experts": float(n_experts), "params_model": float(one_model), "params_served": float(served),
+            "params_ratio": served / one_model if one_model else math.nan, "task_vector_nonzero": float(tau_nonzero),
+        })
+        return AggregateResult(state=average, metrics=metrics, served_model=model)
