@@ -19,16 +19,46 @@ def _flower_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.getbasetemp() / "flwr"))
 
 
-def digits_config(tmp_path: Path, *overrides: str):
-    """A real but tiny experiment: sklearn digits, 3 clients, 2 rounds, everyone trains."""
-    from federation.config import load_config
-
-    base = [
+def digits_overrides(tmp_path: Path, *overrides: str) -> list[str]:
+    """``--set`` overrides of the default experiment for a real but tiny run: sklearn digits,
+    3 clients, 2 rounds, everyone trains (later overrides win)."""
+    return [
         "name=digits-e2e", "seed=7",
         "data.task=digits", "data.num_clients=3", "data.alpha=0.5", "data.min_partition_size=20",
         f"data.cache_dir={str(tmp_path / 'shards')!r}",
         "train.local_epochs=2", "train.batch_size=16", "train.lr=0.05",
         "federation.num_rounds=2", "federation.fraction_train=1.0", "federation.min_train_nodes=2",
         f"output.root={str(tmp_path / 'runs')!r}", "evaluation.batch_size=512",
+        *overrides,
     ]
-    return load_config(ROOT / "experiments" / "fashion_mnist_fedavg.toml", [*base, *overrides])
+
+
+DEFAULT_EXPERIMENT = ROOT / "experiments" / "fashion_mnist_fedavg.toml"
+
+
+def digits_config(tmp_path: Path, *overrides: str):
+    """The tiny digits experiment of ``digits_overrides`` as a loaded config."""
+    from federation.config import load_config
+
+    return load_config(DEFAULT_EXPERIMENT, digits_overrides(tmp_path, *overrides))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real three-node Ray cluster started with ``ray start`` (tests/ray_cluster.py), shared by the
+    cluster and Ray Jobs tests: a head with no CPUs (it runs the dashboard and job drivers), a
+    ``gpu`` worker that declares one GPU and the ``aggregator`` resource but no CPUs, and a
+    ``clients`` worker with 2 CPUs labelled ``fedmerge-role=clients``."""
+    from .ray_cluster import start_cluster
+
+    cluster = start_cluster(
+        workers={
+            "gpu": ["--num-cpus", "0", "--num-gpus", "1", "--resources", '{"aggregator": 1}'],
+            "clients": ["--num-cpus", "2", "--labels", "fedmerge-role=clients"],
+        },
+        head_args=["--num-cpus", "0"],
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

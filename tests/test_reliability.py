@@ -343,3 +343,16 @@ def test_zero_dim_buffers_keep_their_shape_on_the_wire_and_on_disk(tmp_path):
     assert arrays["bn.num_batches_tracked"].shape == () and arrays["w"].shape == (3, 2)
     ckpt = load_checkpoint(save_checkpoint(tmp_path, 1, 0, arrays, {}))
     assert ckpt.global_state["bn.num_batches_tracked"].shape == ()
+
+
+def test_a_failed_client_is_reported_by_its_own_error_message():
+    from federation.strategy import client_error_text
+
+    wrapped = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()"
+               "\x1b[39m (pid=1)\n  File \"clients/app.py\", line 73, in _setup\nDataError: shard s.arrow is "
+               "corrupt\n\nThe above exception was the direct cause of the following exception:\n\n"
+               "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. "
+               "Message: shard s.arrow is corrupt'>")
+    assert client_error_text(wrapped) == "shard s.arrow is corrupt"
+    assert client_error_text("no reply within 3 s") == "no reply within 3 s"
+    assert client_error_text("\x1b[31mboom\x1b[0m\n") == "boom"
