@@ -1,4 +1,4 @@
-"""The ``fedmerge`` command: run | resume | compare | report | partition | list."""
+"""The ``fedmerge`` command: run | resume | compare | sweep | report | partition | list."""
 
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     experiment_args(p)
     p.add_argument("--aggregators", required=True, help="comma-separated names, e.g. fedavg,wsa")
     p.add_argument("--address", default=None)
+
+    p = sub.add_parser("sweep", help="run methods x settings x seeds from a sweep file; mean ± std table and plots")
+    p.add_argument("sweep", type=Path, help="sweep TOML file (see federation/sweep.py, experiments/*sweep*.toml)")
+    p.add_argument("--out", type=Path, required=True, help="folder for results.jsonl, summary.md, plots and runs")
+    p.add_argument("--seeds", default=None, help="comma-separated subset of the sweep's seeds")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the sweep's methods")
+    p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                   help="run only settings whose axis KEY has VALUE (TOML literal; repeatable)")
+    p.add_argument("--summary-only", action="store_true", help="only rewrite summary.md and plots from results.jsonl")
 
     p = sub.add_parser("report", help="re-print and re-plot a finished run")
     p.add_argument("run_dir", type=Path)
@@ -70,6 +79,28 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(format_run_report(run))
         plot_curves({run.path.name: run.server_curve("accuracy")}, run.plot_path, title=f"{run.path.name}: test accuracy")
         print(f"plot: {run.plot_path}")
+        return 0
+    if args.command == "sweep":
+        import tomllib
+
+        from federation.config import ConfigError
+        from federation.sweep import load_sweep, run_sweep, summarize_sweep
+
+        sweep = load_sweep(args.sweep)
+        if args.summary_only:
+            path = summarize_sweep(sweep, args.out)
+        else:
+            only = {}
+            for item in args.only:
+                key, _, value = item.partition("=")
+                try:
+                    only[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+                except tomllib.TOMLDecodeError:
+                    raise ConfigError(f"--only {item!r}: the value must be a TOML literal") from None
+            path = run_sweep(sweep, args.out, methods=args.methods.split(",") if args.methods else None,
+                             seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, only=only)
+        print(path.read_text(encoding="utf-8"))
+        print(f"summary: {path}")
         return 0
     if args.command == "resume":
         from federation.runner import resume_experiment
