@@ -30,7 +30,11 @@ __all__ = [
     "available_partitioners", "format_label_counts", "get_partitioner", "label_counts",
     "load_manifest", "materialize_shards", "open_shard", "partition", "partitioner_params",
     "plot_label_heatmap", "register_partitioner", "shard_path", "write_shards",
+    "by_task", "limit_examples", "uses_groups",
 ]
+
+GROUPS = "groups"
+"""The keyword through which a scheme receives the task index of every example."""
 
 # A partitioner maps (labels, num_clients, seed, **params) to one index array per client.
 Partitioner = Callable[..., list[np.ndarray]]
@@ -77,7 +81,29 @@ def partitioner_params(name: str) -> list[str]:
     """The params scheme ``name`` accepts (its keyword-only arguments), e.g. to pick them out of
     a config that holds every scheme's settings."""
     return [p.name for p in inspect.signature(get_partitioner(name)).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY]
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != GROUPS]
+
+
+def uses_groups(name: str) -> bool:
+    """Whether scheme ``name`` splits by example groups (the task of each example) as well."""
+    return GROUPS in inspect.signature(get_partitioner(name)).parameters
+
+
+def limit_examples(data: ArrayData, cap: int, seed: int, groups: np.ndarray | None = None) -> ArrayData:
+    """At most ``cap`` examples of ``data`` (of each group, when ``groups`` is given): a seeded
+    random subset in the original order; ``cap`` = 0 keeps everything."""
+    _check_int(cap, "cap", 0)
+    if cap == 0:
+        return data
+    keys = np.zeros(len(data), dtype=np.int64) if groups is None else np.asarray(groups)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for g in np.unique(keys):
+        index = np.flatnonzero(keys == g)
+        keep.append(index if cap == 0 or len(index) <= cap else rng.choice(index, size=cap, replace=False))
+    if not keep:
+        return data
+    return data.subset(np.sort(np.concatenate(keep)))
 
 
 def _label_dataset(labels: np.ndarray, seed: int):
@@ -175,12 +201,38 @@ def pathological(labels: np.ndarray, num_clients: int, seed: int, *,
                          f"{classes_per_client}, num_clients={num_clients}: {e}") from e
 
 
+@register_partitioner("by_task")
+def by_task(labels: np.ndarray, num_clients: int, seed: int, *, groups: np.ndarray, alpha: float = 0.5,
+            min_partition_size: int = 10) -> list[np.ndarray]:
+    """Each client holds one task of a multi-task data set: client c gets task c mod T (tasks in
+    sorted order), so tasks differ by at most one client. A task with several clients is split
+    among them as ``dirichlet`` splits a data set (Dirichlet(alpha) label skew within the task)."""
+    tasks = np.unique(groups)
+    if num_clients < len(tasks):
+        raise ValueError(f"by_task needs at least one client per task: {len(tasks)} tasks, "
+                         f"num_clients={num_clients}")
+    parts: list[np.ndarray] = [np.arange(0)] * num_clients
+    for j, t in enumerate(tasks):
+        clients = list(range(j, num_clients, len(tasks)))
+        index = np.flatnonzero(groups == t)
+        if len(clients) == 1:
+            parts[clients[0]] = index
+            continue
+        sub = dirichlet(labels[index], len(clients), seed + j, alpha=alpha,
+                        min_partition_size=min(min_partition_size, len(index) // len(clients)))
+        for c, rows in zip(clients, sub):
+            parts[c] = index[rows]
+    return parts
+
+
 def partition(labels: np.ndarray, num_clients: int, scheme: str, seed: int,
-              **params: Any) -> list[np.ndarray]:
+              groups: np.ndarray | None = None, **params: Any) -> list[np.ndarray]:
     """Split example indices ``0..len(labels)-1`` across ``num_clients`` clients with ``scheme``.
 
     Returns one sorted int64 index array per client: disjoint, never empty. Seeded: the same
     inputs always give the same output. Bad params raise ValueError naming the param.
+    ``groups`` (the task of each example in a multi-task data set) goes to schemes that take it
+    (``by_task``), which need it; the others ignore it.
     """
     fn = get_partitioner(scheme)
     labels = np.asarray(labels)
@@ -196,6 +248,14 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, seed: int,
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for scheme {scheme!r}; "
                          f"it accepts: {', '.join(accepted) or 'none'}")
+    if uses_groups(scheme):
+        if groups is None:
+            raise ValueError(f"scheme {scheme!r} needs a multi-task data set (a task index for every "
+                             f"example); this task has none")
+        groups = np.asarray(groups)
+        if groups.shape != labels.shape:
+            raise ValueError(f"groups has shape {groups.shape}, labels {labels.shape}")
+        params = {**params, GROUPS: groups}
     raw = fn(labels, int(num_clients), int(seed), **params)
     parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in raw]
     _check_parts(parts, num_clients, len(labels), scheme)
@@ -350,7 +410,7 @@ def load_manifest(shard_dir: Path) -> dict[str, Any]:
 
 
 def _shards_key(task_name: str, scheme: str, params: Mapping[str, Any], num_clients: int,
-                seed: int, data: ArrayData) -> str:
+                seed: int, data: ArrayData, groups: np.ndarray | None = None) -> str:
     """Everything that determines the shards, hashed; readable prefix for humans."""
     labels = np.ascontiguousarray(data.y, dtype=np.int64)
     spec = json.dumps({
@@ -358,6 +418,8 @@ def _shards_key(task_name: str, scheme: str, params: Mapping[str, Any], num_clie
         "params": sorted((k, repr(_plain(v))) for k, v in params.items()), "num_clients": num_clients,
         "seed": seed, "n": len(data), "shape": list(data.x.shape[1:]), "dtype": data.x.dtype.str,
         "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
+        **({} if groups is None else
+           {"groups": hashlib.sha256(np.ascontiguousarray(groups, dtype=np.int64).tobytes()).hexdigest()}),
     })
     digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
     return f"{task_name}-{scheme}-{num_clients}c-s{seed}-{digest}"
@@ -387,11 +449,13 @@ def materialize_shards(task: Task | str, data: ArrayData, num_clients: int, sche
     task_name = task if isinstance(task, str) else task.name
     num_classes = None if isinstance(task, str) else task.num_classes
     cache_dir = Path(cache_dir)
-    key = _shards_key(task_name, scheme, params, num_clients, seed, data)
+    task_index = getattr(task, "task_index", None)
+    groups = task_index(data.x) if task_index is not None and uses_groups(scheme) else None
+    key = _shards_key(task_name, scheme, params, num_clients, seed, data, groups)
     target = cache_dir / key
     if _complete(target, key):
         return target
-    parts = partition(data.y, num_clients, scheme, seed, **params)
+    parts = partition(data.y, num_clients, scheme, seed, groups=groups, **params)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{key}.tmp-{uuid.uuid4().hex}"
     try:

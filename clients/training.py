@@ -8,6 +8,7 @@ client-side term (WSA's regulariser, FedProx's proximal term) pass it as a ``Los
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -35,8 +36,15 @@ class TrainConfig:
     momentum: float = field(default=0.9, metadata={"doc": "SGD momentum (sgd only)"})
     weight_decay: float = field(default=0.0, metadata={"doc": "L2 weight decay of the local optimizer"})
     optimizer: str = field(default="sgd", metadata={"doc": "local optimizer: sgd | adam"})
+    trainable: str = field(default="", metadata={"doc": "regular expression: only parameters whose names it "
+                                                        "matches (re.search) train, the rest stay frozen; "
+                                                        "empty = all"})
 
     def __post_init__(self) -> None:
+        try:
+            re.compile(self.trainable)
+        except re.error as err:
+            raise ValueError(f"trainable={self.trainable!r} is invalid: not a regular expression ({err})") from None
         checks = {
             "local_epochs": self.local_epochs >= 1,
             "batch_size": self.batch_size >= 1,
@@ -53,10 +61,27 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {rules[name]}")
 
 
+def _trainable_parameters(model: nn.Module, cfg: TrainConfig) -> list[nn.Parameter]:
+    """The parameters ``cfg.trainable`` selects (all when empty); the others get requires_grad
+    False, so they keep their weights exactly. Selecting none is a ValueError."""
+    if not cfg.trainable:
+        return list(model.parameters())
+    pattern = re.compile(cfg.trainable)
+    chosen = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(pattern.search(name)))
+        if p.requires_grad:
+            chosen.append(p)
+    if not chosen:
+        raise ValueError(f"train.trainable={cfg.trainable!r} matches no parameter of {type(model).__name__}")
+    return chosen
+
+
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = _trainable_parameters(model, cfg)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from clients.tasks.base import ArrayData, DataError, Task
 from clients.tasks.digits import Digits
 from clients.tasks.fashion_mnist import FashionMNIST
+from clients.tasks.text import RottenTomatoes, TextMultiTask, WordNetNouns, WordNetVerbs
 
 __all__ = [
     "ArrayData", "DataError", "Task", "available_tasks", "get_task", "register_task",
@@ -46,3 +47,5 @@ def available_tasks() -> list[str]:
 
 register_task(FashionMNIST)
 register_task(Digits)
+for _text_task in (WordNetNouns, WordNetVerbs, RottenTomatoes, TextMultiTask):
+    register_task(_text_task)
