@@ -15,6 +15,7 @@ from aggregators.registry import (
 # The built-in algorithms register themselves on import.
 from aggregators import fedavg, fedprox, wsa  # noqa: E402, F401  isort: skip
 from aggregators import simple_average, smile, task_arithmetic, ties, wemoe  # noqa: E402, F401  isort: skip
+from aggregators import feddrl, krum, median, trimmed_mean  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "AggregateResult",

@@ -71,7 +71,10 @@ class RoundContext:
 
     ``global_state`` is the model broadcast this round (θt); ``base_state`` the round-0 model
     (θ0, the pretrained or initial weights) that task-vector methods subtract. ``evaluate``
-    scores a candidate state on the server's validation data when the run has some (FedDRL).
+    scores a candidate state on the server's validation data when the run has some (FedDRL);
+    ``evaluate_many`` scores several at once (in parallel on Ray workers in a run) and returns
+    their metrics in the order given. ``malicious`` is the ground truth of a simulated attack,
+    the ids of the clients that misbehave: for detection metrics only, never for decisions.
     ``build_model`` returns a fresh model of the run's architecture, for methods that serve a
     model other than the broadcast weights (SMILE, WEMoE); ``proxy_inputs`` holds the server's
     unlabelled inputs, model-ready, per task index, for test-time adaptation (WEMoE's routers).
@@ -83,6 +86,8 @@ class RoundContext:
     seed: int = 0
     device: torch.device = torch.device("cpu")
     evaluate: Callable[[Mapping[str, torch.Tensor]], dict[str, float]] | None = None
+    evaluate_many: Callable[[Sequence[Mapping[str, torch.Tensor]]], list[dict[str, float]]] | None = None
+    malicious: frozenset[int] = frozenset()
     build_model: Callable[[], torch.nn.Module] | None = None
     proxy_inputs: Mapping[int, torch.Tensor] | None = None
 

@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from aggregators.terms import build_terms
+from clients.attacks import attack_data, attack_state, client_attack, reported_count
 from clients.partition import open_shard
 from clients.tasks import get_task
 from clients.tasks.base import ArrayData
@@ -69,17 +70,26 @@ def train_handler(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     seed = int(config["seed"])
     torch.manual_seed(seed)
+    received = get_state(model)
+    # A simulated malicious client (robustness experiments): poisoned data before training.
+    attack = client_attack(run, partition)
+    if attack is not None:
+        train_part = attack_data(attack, train_part, num_classes=task.num_classes, client_id=partition)
     # The aggregator's client-side loss terms (FedProx's proximal term, WSA's scope regulariser),
     # anchored at the model just received.
     specs = json.loads(str(config.get(AGGREGATOR_CONFIG_KEY, "{}"))).get("terms", [])
-    terms = build_terms(specs, model, get_state(model)) if specs else []
+    terms = build_terms(specs, model, received) if specs else []
     metrics = train(model, task, train_part, TrainConfig(**run["train"]), seed=seed, loss_terms=terms)
+    state, num_examples = get_state(model), len(train_part)
+    if attack is not None:  # ... and a poisoned reply after it
+        state = attack_state(attack, state, received, seed=seed)
+        num_examples = reported_count(attack, num_examples)
     reply = RecordDict({
-        "arrays": ArrayRecord(torch_state_dict=get_state(model)),
+        "arrays": ArrayRecord(torch_state_dict=state),
         "metrics": MetricRecord({
             "train_loss": float(metrics["train_loss"]),
             "train_accuracy": float(metrics["train_accuracy"]),
-            "num-examples": len(train_part),
+            "num-examples": num_examples,
             "partition-id": partition,
         }),
     })

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from clients.tasks.base import ArrayData
 from clients.training import evaluate, set_state
 from federation.arrays import to_numpy_state, to_torch_state
 from federation.config import ActorConfig
+from federation.scoring import ValidationScorer
 
 __all__ = ["ActorStateLost", "AggregatorActor", "EvaluatorActor", "actor_options", "placement"]
 
@@ -79,10 +80,17 @@ class AggregatorActor:
     between calls too) is caught here, never merged on top of the wrong state.
     """
 
-    def __init__(self, aggregator: Aggregator, base_state: Mapping[str, np.ndarray], seed: int) -> None:
+    def __init__(self, aggregator: Aggregator, base_state: Mapping[str, np.ndarray], seed: int, *,
+                 validation: Mapping[str, Any] | None = None, malicious: Sequence[int] = ()) -> None:
+        """``validation`` (task name, x, y, batch size) is the server's validation set, scored through
+        the RoundContext (``federation.scoring``); ``malicious`` the attack's ground truth."""
         self.device = _device()
         self.aggregator = aggregator
         self.seed = seed
+        self.scorer = None if validation is None else ValidationScorer(
+            validation["task"], validation["x"], validation["y"], batch_size=int(validation["batch_size"]),
+            device=self.device)
+        self.malicious = frozenset(int(i) for i in malicious)
         self.base_state = self._to_device(base_state)
         self.global_state = dict(self.base_state)
         self._accumulate_s = 0.0
@@ -108,6 +116,9 @@ class AggregatorActor:
         self.aggregator.begin_round(RoundContext(
             round=server_round, global_state=self.global_state, base_state=self.base_state,
             seed=self.seed, device=self.device,
+            evaluate=None if self.scorer is None else self.scorer.evaluate,
+            evaluate_many=None if self.scorer is None else self.scorer.evaluate_many,
+            malicious=self.malicious,
         ))
 
     def accumulate(self, token: int, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: int,

@@ -20,10 +20,12 @@ from typing import Any
 
 import tomli_w
 
+from clients.attacks import AttackConfig
 from clients.training import TrainConfig
 
 __all__ = [
     "ActorConfig",
+    "AttackConfig",
     "AggregatorConfig",
     "CheckpointConfig",
     "ConfigError",
@@ -68,6 +70,8 @@ class DataConfig:
     min_partition_size: int = _f(10, "resample until every client has at least this many examples (dirichlet)")
     local_test_fraction: float = _f(0.0, "share of each shard kept by the client for federated evaluation")
     cache_dir: str = _f("", "where shards are written once and reused; empty = <output.root>/_shards")
+    server_val_size: int = _f(0, "examples held out of the training data, before partitioning, as the server's "
+                                 "validation set (FedDRL's reward; 1000 in its experiments); 0 = none")
 
     def validate(self) -> None:
         _check(1 <= self.num_clients <= INT32_MAX, "data.num_clients", f"must be in 1..{INT32_MAX}")
@@ -75,6 +79,7 @@ class DataConfig:
         _check(self.classes_per_client >= 1, "data.classes_per_client", "must be >= 1")
         _check(self.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
         _check(0.0 <= self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in [0, 1)")
+        _check(0 <= self.server_val_size <= INT32_MAX, "data.server_val_size", f"must be in 0..{INT32_MAX}")
         from clients.partition import available_partitioners
         from clients.tasks import available_tasks
 
@@ -190,6 +195,7 @@ class ExperimentConfig:
     evaluation: EvaluationConfig = _f(EvaluationConfig(), "server-side evaluation")
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), "per-round checkpoints, for `fedmerge resume`")
     output: OutputConfig = _f(OutputConfig(), "run directory")
+    attack: AttackConfig = _f(AttackConfig(), "simulated malicious clients (robustness experiments)")
 
     def validate(self) -> None:
         _check(bool(self.name.strip()), "name", "must not be empty")

@@ -10,6 +10,7 @@ and, every ``checkpoint.every`` rounds, a checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from aggregators import Aggregator, create_aggregator
+from clients.attacks import summary as attack_summary
 from clients.partition import load_manifest, materialize_shards
 from clients.tasks import get_task
 from clients.training import get_state
@@ -31,6 +33,7 @@ from federation.arrays import state_to_record, to_numpy_state
 from federation.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from federation.config import ConfigError, DataConfig, ExperimentConfig
 from federation.results import RunDir
+from federation.scoring import hold_out
 from federation.strategy import FedMergeStrategy, RoundReport
 
 __all__ = ["Experiment", "build_aggregator", "checkpoint_due", "partition_params", "report_events",
@@ -127,6 +130,16 @@ class Experiment:
         task = get_task(cfg.data.task)
         data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else None
         train, test = task.load("train", data_dir), task.load("test", data_dir)
+        validation = None
+        if cfg.data.server_val_size > 0:  # held out before partitioning: in no client's shard
+            train, held = hold_out(train, cfg.data.server_val_size, cfg.seed)
+            validation = {"task": cfg.data.task, "x": held.x, "y": held.y,
+                          "batch_size": cfg.evaluation.batch_size}
+        elif getattr(build_aggregator(cfg), "needs_validation", False):
+            raise ConfigError(f"aggregator {cfg.aggregator.name!r} scores models on a server validation set: "
+                              "set data.server_val_size > 0 (e.g. 1000)")
+        self.attack = attack_summary(cfg.attack, cfg.data.num_clients)
+        (self.run_dir.path / "attack.json").write_text(json.dumps(self.attack, indent=1))
         cache_dir = Path(cfg.data.cache_dir or Path(cfg.output.root) / "_shards").resolve()
         self.shard_dir = materialize_shards(task, train, cfg.data.num_clients, cfg.data.partitioner,
                                             cfg.seed, partition_params(cfg.data), cache_dir)
@@ -138,7 +151,8 @@ class Experiment:
 
         agg, ev = cfg.ray.aggregator, cfg.ray.evaluator
         self.aggregator = AggregatorActor.options(**actor_options(agg)).remote(
-            build_aggregator(cfg), to_numpy_state(self.initial_state), cfg.seed)
+            build_aggregator(cfg), to_numpy_state(self.initial_state), cfg.seed,
+            validation=validation, malicious=self.attack["malicious_clients"])
         self.evaluator = EvaluatorActor.options(**actor_options(ev)).remote(
             cfg.data.task, test.x, test.y, cfg.evaluation.batch_size, int(ev.num_cpus))
         for role, actor, section in (("aggregator", self.aggregator, agg), ("evaluator", self.evaluator, ev)):
@@ -172,6 +186,8 @@ class Experiment:
             "local_test_fraction": cfg.data.local_test_fraction,
             "num_threads": max(1, int(cfg.ray.client_num_cpus)),
             "train": asdict(cfg.train),
+            "num_clients": cfg.data.num_clients,
+            "attack": asdict(cfg.attack) if cfg.attack.active else None,
         }
 
     def server_app(self) -> ServerApp:

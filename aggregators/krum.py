@@ -1,0 +1,112 @@
+"""Krum and multi-Krum: keep the client models closest to their neighbours, drop the outliers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from aggregators.detection import detection_metrics
+from aggregators.fedavg import fedavg
+from aggregators.registry import register
+
+__all__ = ["Krum", "krum", "krum_scores"]
+
+
+def _flat(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    return torch.cat([state[k].detach().reshape(-1).to(torch.float64) for k in keys])
+
+
+def krum_scores(states: Sequence[Mapping[str, torch.Tensor]], num_byzantine: int) -> list[float]:
+    """Each state's Krum score: the sum of its squared L2 distances to its n − f − 2 nearest other
+    states (floating tensors only), f = ``num_byzantine`` (at least one neighbour when f = 0)."""
+    n = len(states)
+    if n < 1:
+        raise ValueError("krum: no states")
+    neighbours = n - num_byzantine - 2
+    if num_byzantine < 0 or (num_byzantine > 0 and neighbours < 1):
+        raise ValueError(f"krum: num_byzantine={num_byzantine} with {n} clients leaves "
+                         f"{neighbours} neighbours to score against; need n >= num_byzantine + 3")
+    neighbours = max(1, neighbours)  # two honest-assumed clients (f = 0) score against each other
+    keys = [k for k, v in states[0].items() if v.is_floating_point()]
+    for i, state in enumerate(states):
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"krum: state {i} has no key {missing[0]!r}")
+    flat = [_flat(s, keys) for s in states]
+    for i, vector in enumerate(flat):
+        if vector.shape != flat[0].shape:
+            raise ValueError(f"krum: state {i} has {vector.numel()} weights, state 0 has {flat[0].numel()}")
+        if not bool(torch.isfinite(vector).all()):
+            raise ValueError(f"krum: state {i} has non-finite weights")
+    if n == 1:
+        return [0.0]
+    dist = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            dist[i, j] = dist[j, i] = torch.sum((flat[i] - flat[j]) ** 2)
+    scores = []
+    for i in range(n):
+        others = torch.cat([dist[i, :i], dist[i, i + 1:]])
+        scores.append(float(others.sort().values[:neighbours].sum()))
+    return scores
+
+
+def default_byzantine(n: int) -> int:
+    """The most malicious clients Krum tolerates among n: the largest f with 2f + 2 < n."""
+    return max(0, (n - 3) // 2)
+
+
+def krum(states: Sequence[Mapping[str, torch.Tensor]], *, num_byzantine: int | None = None,
+         multi: int = 1) -> tuple[StateDict, list[int]]:
+    """(merged state, indices of the selected states). The ``multi`` states with the lowest Krum
+    scores are selected (ties: the earlier state first) and averaged uniformly; ``multi = 1`` is
+    Krum, which returns the selected state itself. ``num_byzantine`` None = ``default_byzantine``."""
+    n = len(states)
+    f = default_byzantine(n) if num_byzantine is None else num_byzantine
+    if not isinstance(multi, int) or isinstance(multi, bool) or multi < 1:
+        raise ValueError(f"multi={multi!r} is invalid: must be an integer >= 1")
+    scores = krum_scores(states, f)
+    order = sorted(range(n), key=lambda i: (scores[i], i))
+    selected = sorted(order[:min(multi, n)])
+    if len(selected) == 1:
+        return {k: v.clone() for k, v in states[selected[0]].items()}, selected
+    return fedavg([states[i] for i in selected], [1.0] * len(selected)), selected
+
+
+@register()
+class Krum(Aggregator):
+    """Krum / multi-Krum: the next global model is the client model (or the uniform mean of the
+    ``multi`` client models) with the smallest summed squared distance to its n − f − 2 nearest
+    neighbours.
+
+    Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning with Adversaries: Byzantine
+    Tolerant Gradient Descent", NeurIPS 2017,
+    https://papers.nips.cc/paper/6617-machine-learning-with-adversaries-byzantine-tolerant-gradient-descent.
+    ``num_byzantine`` f: the malicious clients assumed per round (default: the most Krum
+    tolerates, floor((n − 3) / 2)); ``multi`` m: how many models are kept (1 = Krum). The
+    clients not selected count as dropped in the detection metrics.
+    """
+
+    name = "krum"
+
+    def __init__(self, *, num_byzantine: int | None = None, multi: int = 1) -> None:
+        super().__init__()
+        if num_byzantine is not None and (isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int)
+                                          or num_byzantine < 0):
+            raise ValueError(f"num_byzantine={num_byzantine!r} is invalid: must be an integer >= 0")
+        if isinstance(multi, bool) or not isinstance(multi, int) or multi < 1:
+            raise ValueError(f"multi={multi!r} is invalid: must be an integer >= 1")
+        self.num_byzantine = num_byzantine
+        self.multi = multi
+
+    def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        n = len(updates)
+        f = self.num_byzantine if self.num_byzantine is not None else default_byzantine(n)
+        f = min(f, max(0, n - 3))  # a round with fewer replies than planned still gets a merge
+        state, selected = krum([u.state for u in updates], num_byzantine=f, multi=self.multi)
+        ids = [u.client_id for u in updates]
+        metrics = {"num_clients": float(n), "krum_f": float(f)}
+        metrics.update(detection_metrics(ids, [ids[i] for i in selected], ctx.malicious))
+        return AggregateResult(state=state, metrics=metrics)

@@ -1,0 +1,201 @@
+"""Simulated malicious and low-quality clients, for robustness experiments (FedDRL, Krum, ...).
+
+An attack is chosen by the run's ``[attack]`` section (``AttackConfig``): its ``kind``, the
+``fraction`` of clients that are malicious and a ``seed``. Which clients are malicious is a pure
+function of (seed, num_clients, fraction) (``malicious_clients``), so the clients decide it for
+themselves from the run config and the server records the same set as ground truth for the
+detection metrics.
+
+Two families, applied by ``clients.app`` to the chosen clients only:
+
+- data attacks change the client's training data before it trains (``attack_data``):
+  ``label_flip`` (label y becomes C − 1 − y), ``noisy_labels`` (a share ``label_noise`` of the
+  labels is redrawn uniformly), ``tiny`` (the client keeps only a share ``tiny_fraction`` of its
+  shard);
+- model attacks change the reply after honest training (``attack_state``): ``noise`` (the update
+  is replaced by Gaussian noise, θ' = θt + ε, ε ~ N(0, noise_std²)), ``sign_flip`` (θ' = θt −
+  flip_scale · (θ − θt)).
+
+``count_factor`` multiplies the example count a malicious client reports, whatever its kind;
+``inflate`` is the attack that does only that. Note that the spine's reply validation
+(``federation.validation``) refuses a count above the client's shard size, so an inflation that
+exceeds the shard is rejected there rather than reaching the aggregator.
+
+Everything random is seeded from the attack seed and the client (its id, or its seed of the
+round), so the same run config gives the same attack. Pure NumPy and torch: no flwr or ray.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients.tasks.base import ArrayData
+
+__all__ = [
+    "ATTACK_KINDS",
+    "DATA_ATTACKS",
+    "MODEL_ATTACKS",
+    "AttackConfig",
+    "attack_data",
+    "attack_state",
+    "client_attack",
+    "is_malicious",
+    "malicious_clients",
+    "reported_count",
+    "summary",
+]
+
+DATA_ATTACKS = ("label_flip", "noisy_labels", "tiny")
+MODEL_ATTACKS = ("noise", "sign_flip")
+ATTACK_KINDS = ("none", *MODEL_ATTACKS, *DATA_ATTACKS, "inflate")
+
+# Separates the attack's random streams from every other use of the same seed.
+_STREAM_CHOICE, _STREAM_DATA, _STREAM_MODEL = 0xA77AC, 0xDA7A, 0x30DE1
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Which clients misbehave and how; ``kind = "none"`` (the default) simulates no attack."""
+
+    kind: str = field(default="none", metadata={
+        "doc": "none | noise | sign_flip | label_flip | noisy_labels | tiny | inflate"})
+    fraction: float = field(default=0.0, metadata={
+        "doc": "share of the clients that are malicious: round(fraction * num_clients) of them"})
+    seed: int = field(default=0, metadata={
+        "doc": "chooses the malicious clients and seeds the attacks' noise"})
+    noise_std: float = field(default=0.5, metadata={
+        "doc": "noise: std of the Gaussian noise sent instead of the update"})
+    flip_scale: float = field(default=4.0, metadata={
+        "doc": "sign_flip: the update sent is -flip_scale times the honest one"})
+    label_noise: float = field(default=0.8, metadata={
+        "doc": "noisy_labels: share of the client's labels redrawn uniformly at random"})
+    tiny_fraction: float = field(default=0.02, metadata={
+        "doc": "tiny: share of its shard a client keeps (at least one example)"})
+    count_factor: float = field(default=1.0, metadata={
+        "doc": "malicious clients report this many times their example count (any kind)"})
+
+    def __post_init__(self) -> None:
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        checks = {
+            "kind": (self.kind in ATTACK_KINDS, f"one of {', '.join(ATTACK_KINDS)}"),
+            "fraction": (number(self.fraction) and 0.0 <= self.fraction <= 1.0, "in [0, 1]"),
+            "seed": (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+                     "an integer >= 0"),
+            "noise_std": (number(self.noise_std) and self.noise_std > 0, "a positive number"),
+            "flip_scale": (number(self.flip_scale) and self.flip_scale > 0, "a positive number"),
+            "label_noise": (number(self.label_noise) and 0.0 < self.label_noise <= 1.0, "in (0, 1]"),
+            "tiny_fraction": (number(self.tiny_fraction) and 0.0 < self.tiny_fraction <= 1.0, "in (0, 1]"),
+            "count_factor": (number(self.count_factor) and self.count_factor > 0, "a positive number"),
+        }
+        for name, (ok, rule) in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {rule}")
+        if self.kind == "inflate" and self.count_factor == 1.0:
+            raise ValueError("count_factor=1.0 is invalid for kind 'inflate': it must differ from 1 "
+                             "(inflate only changes the reported example count)")
+
+    @property
+    def active(self) -> bool:
+        """True when some client misbehaves."""
+        return self.kind != "none" and self.fraction > 0
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> "AttackConfig":
+        """Rebuild from ``dataclasses.asdict`` output (what the clients receive in the run config)."""
+        return cls(**dict(raw))
+
+
+def malicious_clients(seed: int, num_clients: int, fraction: float) -> list[int]:
+    """The malicious clients' ids, sorted: round(fraction · num_clients) of 0..num_clients−1 drawn
+    without replacement by a generator seeded with ``seed`` alone (pure function)."""
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ValueError(f"num_clients={num_clients!r} is invalid: must be an integer >= 1")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r} is invalid: must be in [0, 1]")
+    count = int(round(fraction * num_clients))
+    if count == 0:
+        return []
+    rng = np.random.default_rng([seed, _STREAM_CHOICE])
+    return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
+
+
+def is_malicious(config: AttackConfig, client_id: int, num_clients: int) -> bool:
+    return config.active and client_id in malicious_clients(config.seed, num_clients, config.fraction)
+
+
+def attack_data(config: AttackConfig, data: ArrayData, *, num_classes: int, client_id: int) -> ArrayData:
+    """A malicious client's training data under a data attack (other kinds: ``data`` unchanged).
+
+    Seeded by (attack seed, client id) only, so a client's poisoned data are the same every round.
+    """
+    if config.kind not in DATA_ATTACKS:
+        return data
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r}: a label attack needs at least 2 classes")
+    labels = np.asarray(data.y, dtype=np.int64)
+    rng = np.random.default_rng([config.seed, _STREAM_DATA, client_id])
+    if config.kind == "label_flip":
+        return ArrayData(data.x, (num_classes - 1) - labels)
+    if config.kind == "noisy_labels":
+        redraw = rng.random(len(labels)) < config.label_noise
+        noisy = labels.copy()
+        noisy[redraw] = rng.integers(0, num_classes, size=int(redraw.sum()))
+        return ArrayData(data.x, noisy)
+    keep = max(1, int(round(config.tiny_fraction * len(labels))))
+    return data.subset(np.sort(rng.choice(len(labels), size=keep, replace=False)))
+
+
+def attack_state(config: AttackConfig, state: Mapping[str, torch.Tensor],
+                 global_state: Mapping[str, torch.Tensor], *, seed: int) -> dict[str, torch.Tensor]:
+    """A malicious client's reply weights under a model attack (other kinds: ``state`` as is).
+
+    Only floating tensors change; integer buffers (step counters) are sent as trained. ``seed``
+    is the client's seed for the round, so the noise differs between rounds and clients.
+    """
+    out = dict(state)
+    if config.kind not in MODEL_ATTACKS:
+        return out
+    missing = sorted(set(state) - set(global_state))
+    if missing:
+        raise ValueError(f"attack_state: key {missing[0]!r} is not in the global state")
+    generator = torch.Generator().manual_seed(
+        int(np.random.default_rng([config.seed, _STREAM_MODEL, seed]).integers(2**63)))
+    for key, value in state.items():
+        if not value.is_floating_point():
+            continue
+        reference = global_state[key].to(value.dtype)
+        if config.kind == "noise":
+            noise = torch.randn(value.shape, generator=generator, dtype=torch.float32).to(value.dtype)
+            out[key] = reference + config.noise_std * noise
+        else:  # sign_flip
+            out[key] = reference - config.flip_scale * (value - reference)
+    return out
+
+
+def reported_count(config: AttackConfig, num_examples: int) -> int:
+    """The example count a malicious client reports: ``count_factor`` × the true one, rounded,
+    at least 1."""
+    return max(1, int(round(num_examples * config.count_factor)))
+
+
+def summary(config: AttackConfig, num_clients: int) -> dict[str, Any]:
+    """What a run records about its attack: the settings and the malicious clients (ground truth)."""
+    chosen = malicious_clients(config.seed, num_clients, config.fraction) if config.active else []
+    return {"attack": asdict(config), "num_clients": num_clients, "malicious_clients": chosen}
+
+
+def client_attack(run: Mapping[str, Any], client_id: int) -> AttackConfig | None:
+    """The attack this client carries out according to the run config, or None when honest."""
+    raw = run.get("attack")
+    if not raw:
+        return None
+    config = AttackConfig.from_mapping(raw)
+    return config if is_malicious(config, client_id, int(run["num_clients"])) else None

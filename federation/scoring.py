@@ -1,0 +1,135 @@
+"""Scoring candidate models on the server's validation set, one at a time or many in parallel.
+
+The server's validation set (``data.server_val_size`` examples held out of the training data
+before partitioning, never in any client's shard) lets an aggregator judge the models it merges:
+FedDRL scores every client model and every candidate selection or weighting with it. The
+``AggregatorActor`` builds a ``ValidationScorer`` and hands its ``evaluate`` / ``evaluate_many``
+to the aggregator through the ``RoundContext``.
+
+``evaluate_many`` runs one Ray task per state, at most ``parallel`` at a time, and returns the
+results in the order of the states whatever order they finish in, so a run stays reproducible.
+The tasks ask for no CPU: Flower's client pool holds every CPU of the cluster for the whole run,
+and a task that asked for one would never be scheduled, while aggregation runs when the clients
+of the round are done, so the cores are free. Without Ray (unit tests) or on a GPU actor the
+states are scored one after the other in the calling process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from clients.tasks import get_task
+from clients.tasks.base import ArrayData
+from clients.training import evaluate, set_state
+from federation.arrays import to_numpy_state, to_torch_state
+
+__all__ = ["ValidationScorer", "hold_out"]
+
+MAX_PARALLEL = 8
+
+
+def hold_out(data: ArrayData, size: int, seed: int) -> tuple[ArrayData, ArrayData]:
+    """(rest, held): ``size`` examples drawn at random (seeded) from ``data``, and the others.
+
+    Both keep the original order of their examples. A ValueError names the problem when
+    ``size`` leaves no training data.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+        raise ValueError(f"data.server_val_size={size!r} is invalid: must be an integer >= 0")
+    if size >= len(data):
+        raise ValueError(f"data.server_val_size={size} leaves no training data: the training split "
+                         f"has only {len(data)} examples")
+    order = np.random.default_rng([seed, 0x5E7]).permutation(len(data))
+    held = np.sort(order[:size])
+    rest = np.sort(order[size:])
+    return data.subset(rest), data.subset(held)
+
+
+def _score(task_name: str, data: ArrayData, state: Mapping[str, torch.Tensor], batch_size: int,
+           device: torch.device | str = "cpu") -> dict[str, float]:
+    task = get_task(task_name)
+    model = task.build_model()
+    set_state(model, state)
+    metrics = evaluate(model, task, data, batch_size=batch_size, device=device)
+    metrics.pop("num_examples", None)
+    return metrics
+
+
+@ray.remote(num_cpus=0)
+def _score_task(task_name: str, x: np.ndarray, y: np.ndarray, state: Mapping[str, np.ndarray],
+                batch_size: int) -> dict[str, float]:
+    torch.set_num_threads(1)
+    return _score(task_name, ArrayData(x, y), to_torch_state(state), batch_size)
+
+
+class ValidationScorer:
+    """Scores state dicts of the task's model on a fixed validation set (loss and accuracy)."""
+
+    def __init__(self, task_name: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1000,
+                 device: torch.device | str = "cpu", parallel: int | None = None) -> None:
+        if len(y) == 0:
+            raise ValueError("the server validation set is empty")
+        self.task_name = task_name
+        self.data = ArrayData(x, y)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.parallel = parallel
+        self._refs: tuple[Any, Any] | None = None
+
+    def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Loss and accuracy of one state, in this process."""
+        with _threads(1):
+            return _score(self.task_name, self.data, state, self.batch_size, self.device)
+
+    def _workers(self) -> int:
+        if self.parallel is not None:
+            return max(1, self.parallel)
+        if not ray.is_initialized():
+            return 1
+        return max(1, min(MAX_PARALLEL, int(ray.cluster_resources().get("CPU", 1))))
+
+    def evaluate_many(self, states: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, float]]:
+        """Loss and accuracy of each state, in the order given: Ray tasks when Ray is running and
+        the scorer is on the CPU, else one after the other here."""
+        workers = self._workers()
+        if not ray.is_initialized() or self.device.type != "cpu" or workers == 1 or len(states) <= 1:
+            return [self.evaluate(state) for state in states]
+        if self._refs is None:
+            self._refs = (ray.put(self.data.x), ray.put(self.data.y))
+        x_ref, y_ref = self._refs
+        results: list[dict[str, float] | None] = [None] * len(states)
+        pending: dict[Any, int] = {}
+        for index, state in enumerate(states):
+            if len(pending) >= workers:
+                self._collect(pending, results)
+            numpy_state = to_numpy_state({k: v.detach().cpu() for k, v in state.items()})
+            pending[_score_task.remote(self.task_name, x_ref, y_ref, numpy_state, self.batch_size)] = index
+        while pending:
+            self._collect(pending, results)
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _collect(pending: dict[Any, int], results: list[dict[str, float] | None]) -> None:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            results[pending.pop(ref)] = ray.get(ref)
+
+
+class _threads:
+    """Run a block with torch's intra-op threads set to ``n``, restoring the count after."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.before = 0
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_num_threads(self.before)
