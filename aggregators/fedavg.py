@@ -20,6 +20,20 @@ from aggregators.registry import register
 
 __all__ = ["FedAvg", "fedavg"]
 
+_CHUNK = 1 << 18
+"""Elements cast to float64 per step when accumulating on the CPU: a 2 MiB scratch buffer, which
+stays in cache (measured fastest among 2**14..2**20 on a 2-core EPYC)."""
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or inf. ``aminmax`` reads the tensor once and
+    propagates NaN, so both extremes are finite exactly when every value is; unlike
+    ``isfinite(t).all()`` it allocates no mask as big as the tensor."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
 
 class _WeightedSum:
     """A running sum_i w_i * theta_i in float64 (one tensor a key) and sum_i w_i.
@@ -36,6 +50,7 @@ class _WeightedSum:
         self.dtypes: dict[str, torch.dtype] = {}
         self.total: float = 0
         self.count = 0
+        self._scratch: torch.Tensor | None = None
 
     def add(self, state: Mapping[str, torch.Tensor], weight: float, source: str) -> None:
         self._check(state, source)
@@ -45,10 +60,33 @@ class _WeightedSum:
                 self.dtypes[key] = tensor.dtype
                 self.sums[key] = torch.zeros(tensor.shape, dtype=torch.float64, device=device)
         for key, acc in self.sums.items():
-            # add_ promotes the tensor to float64 as it adds: no float64 copy of it on CUDA.
-            acc.add_(state[key].to(acc.device), alpha=weight)
+            self._add_scaled(acc, state[key], weight)
         self.total += weight
         self.count += 1
+
+    def _add_scaled(self, acc: torch.Tensor, tensor: torch.Tensor, weight: float) -> None:
+        """acc += weight * tensor in float64.
+
+        On the CPU, torch's mixed-dtype ``add_`` (float64 += float32) runs an unvectorised casting
+        loop at a tenth of memory bandwidth, and ``tensor.double()`` first-touches a fresh buffer as
+        big as the model. So the tensor is cast a cache-sized chunk at a time into one reused
+        float64 scratch buffer and added from there, at the speed of a same-dtype add.
+        """
+        if acc.device.type != "cpu":  # add_ promotes as it adds: no float64 copy on CUDA
+            acc.add_(tensor.to(acc.device), alpha=weight)
+            return
+        if tensor.dtype == torch.float64:
+            acc.add_(tensor, alpha=weight)
+            return
+        flat_acc, flat = acc.view(-1), tensor.reshape(-1)
+        size = flat.numel()
+        if self._scratch is None or self._scratch.numel() < min(size, _CHUNK):
+            self._scratch = torch.empty(min(size, _CHUNK), dtype=torch.float64)
+        for start in range(0, size, _CHUNK):
+            stop = min(size, start + _CHUNK)
+            buffer = self._scratch[: stop - start]
+            buffer.copy_(flat[start:stop])
+            flat_acc[start:stop].add_(buffer, alpha=weight)
 
     def _check(self, state: Mapping[str, torch.Tensor], source: str) -> None:
         if not state:
@@ -71,7 +109,7 @@ class _WeightedSum:
             if self.sums and tensor.shape != self.sums[key].shape:
                 raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(self.sums[key].shape)}")
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not _all_finite(tensor):
                 raise ValueError(f"{source}: {key!r} has non-finite values (NaN or inf)")
 
     def result(self) -> StateDict:

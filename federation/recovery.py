@@ -140,7 +140,9 @@ class RoundAggregation:
     ``begin_round`` / ``accumulate`` (non-blocking) / ``finalize`` mirror the actor's methods;
     ``skip_round`` closes a round without merging. ``state`` is the ``RoundState`` after the last
     round closed. Replies are kept (as ObjectRefs) until their round closes, so a restarted actor
-    can be given the round again.
+    can be given the round again; when the actor may not be restarted (``max_restarts`` = 0) each
+    reply leaves Ray's object store as soon as the actor has merged it, so the memory a round needs
+    stays flat in the number of clients.
     """
 
     def __init__(self, actor: Any, state: RoundState, guard: ActorGuard) -> None:
@@ -152,15 +154,21 @@ class RoundAggregation:
         self._token = 0
         self._replies: list[_Reply] = []
         self._pending: list[ray.ObjectRef] = []
+        self._accepted = 0
 
     @property
     def state(self) -> RoundState:
         return self._state
 
     @property
+    def holds_replies(self) -> bool:
+        """Whether the open round's replies are kept for a replay: only if the actor can be restarted."""
+        return self.guard.max_restarts > 0
+
+    @property
     def num_accepted(self) -> int:
         """Replies handed over in the open round."""
-        return len(self._replies)
+        return self._accepted
 
     def client_config(self, server_round: int) -> dict[str, Any]:
         what = f"the client config of round {server_round}"
@@ -169,15 +177,18 @@ class RoundAggregation:
             self._restore)
 
     def begin_round(self, server_round: int) -> None:
-        self._round, self._replies, self._pending = server_round, [], []
+        self._round, self._replies, self._pending, self._accepted = server_round, [], [], 0
         self.guard.call(f"the start of round {server_round}", self._open, self._restore)
 
     def accumulate(self, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: int,
                    metrics: Mapping[str, float]) -> None:
-        """Hand one validated reply to the actor without waiting; it is kept until the round closes."""
+        """Hand one validated reply to the actor without waiting; it is kept until the round closes
+        when ``holds_replies``."""
         reply = _Reply(client_id, ray.put(dict(arrays)), num_examples, dict(metrics))
-        self._replies.append(reply)
+        if self.holds_replies:
+            self._replies.append(reply)
         self._pending.append(self._send(reply))
+        self._accepted += 1
 
     def finalize(self) -> tuple[ray.ObjectRef, dict[str, np.ndarray], dict[str, float]]:
         """Merge the round: (ref of the new global state, that state, the aggregator's metrics)."""
@@ -207,7 +218,7 @@ class RoundAggregation:
 
     def _close(self, state: RoundState) -> None:
         self._state = state
-        self._round, self._replies, self._pending = None, [], []
+        self._round, self._replies, self._pending, self._accepted = None, [], [], 0
 
     def _send(self, reply: _Reply) -> ray.ObjectRef:
         return self.actor.accumulate.remote(self._token, reply.client_id, reply.arrays, reply.num_examples,
