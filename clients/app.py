@@ -91,6 +91,8 @@ def train_handler(msg: Message, context: Context) -> Message:
             "train_accuracy": float(metrics["train_accuracy"]),
             "num-examples": num_examples,
             "partition-id": partition,
+            # A multi-task client names its task, so merges keep each task's head per task.
+            **({"task_id": task.client_task_id(train_part)} if hasattr(task, "client_task_id") else {}),
         }),
     })
     return Message(content=reply, reply_to=msg)

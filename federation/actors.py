@@ -26,6 +26,7 @@ from clients.tasks.base import ArrayData
 from clients.training import evaluate, set_state
 from federation.arrays import to_numpy_state, to_torch_state
 from federation.config import ActorConfig
+from federation.moe import build_served, evaluate_per_task, served_spec
 from federation.scoring import ValidationScorer
 
 __all__ = ["ActorStateLost", "AggregatorActor", "EvaluatorActor", "actor_options", "placement"]
@@ -81,9 +82,14 @@ class AggregatorActor:
     """
 
     def __init__(self, aggregator: Aggregator, base_state: Mapping[str, np.ndarray], seed: int, *,
-                 validation: Mapping[str, Any] | None = None, malicious: Sequence[int] = ()) -> None:
+                 validation: Mapping[str, Any] | None = None, malicious: Sequence[int] = (),
+                 task_name: str | None = None, proxy: Mapping[int, np.ndarray] | None = None) -> None:
         """``validation`` (task name, x, y, batch size) is the server's validation set, scored through
-        the RoundContext (``federation.scoring``); ``malicious`` the attack's ground truth."""
+        the RoundContext (``federation.scoring``); ``malicious`` the attack's ground truth.
+        ``task_name`` lets upscaling aggregators build the run's model (``RoundContext.build_model``);
+        ``proxy`` holds the server's unlabelled inputs per task (``RoundContext.proxy_inputs``)."""
+        self.task_name = task_name
+        self.served: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
         self.device = _device()
         self.aggregator = aggregator
         self.seed = seed
@@ -91,6 +97,10 @@ class AggregatorActor:
             validation["task"], validation["x"], validation["y"], batch_size=int(validation["batch_size"]),
             device=self.device)
         self.malicious = frozenset(int(i) for i in malicious)
+        self.proxy = None
+        if proxy is not None and task_name is not None:
+            task = get_task(task_name)
+            self.proxy = {int(t): task.preprocess(np.asarray(x)) for t, x in proxy.items()}
         self.base_state = self._to_device(base_state)
         self.global_state = dict(self.base_state)
         self._accumulate_s = 0.0
@@ -119,6 +129,8 @@ class AggregatorActor:
             evaluate=None if self.scorer is None else self.scorer.evaluate,
             evaluate_many=None if self.scorer is None else self.scorer.evaluate_many,
             malicious=self.malicious,
+            build_model=None if self.task_name is None else get_task(self.task_name).build_model,
+            proxy_inputs=self.proxy,
         ))
 
     def accumulate(self, token: int, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: int,
@@ -142,6 +154,11 @@ class AggregatorActor:
         self.global_state = {k: v.detach() for k, v in result.state.items()}
         self.state_round = self._round
         metrics = dict(result.metrics)
+        if result.served_model is not None:
+            if self.task_name is None:
+                raise ValueError(f"{type(self.aggregator).__name__} serves its own model, but the actor was "
+                                 "not told the run's task (task_name)")
+            self.served = served_spec(result.served_model, self.task_name)
         metrics["aggregate_s"] = self._accumulate_s + time.perf_counter() - start
         return (to_numpy_state({k: v.cpu() for k, v in self.global_state.items()}), metrics,
                 self.state_dict())
@@ -162,6 +179,11 @@ class AggregatorActor:
     def _check_token(self, token: int) -> None:
         if token != self._token:
             raise ActorStateLost(f"call for round attempt {token}, but the open one is {self._token}")
+
+    def served_model(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+        """The last round's served model (``federation.moe`` spec, weights), None when the
+        aggregator serves the broadcast weights."""
+        return self.served
 
     def get_global(self) -> dict[str, np.ndarray]:
         return to_numpy_state({k: v.cpu() for k, v in self.global_state.items()})
@@ -203,11 +225,20 @@ class EvaluatorActor:
     def placement(self) -> dict[str, str]:
         return placement()
 
-    def evaluate(self, state: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def evaluate(self, state: Mapping[str, np.ndarray],
+                 served: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | None = None) -> dict[str, float]:
+        """Score the global weights or, when the aggregator served its own model (``served``: a
+        ``federation.moe`` spec and weights), that model; multi-task data are scored per task."""
         start = time.perf_counter()
-        set_state(self.model, to_torch_state(state))
-        metrics = evaluate(self.model, self.task, self.data, batch_size=self.batch_size,
-                           device=self.device)
+        if served is not None:
+            model = build_served(served[0], served[1], device=self.device)
+        else:
+            set_state(self.model, to_torch_state(state))
+            model = self.model
+        if hasattr(self.task, "task_index"):
+            metrics = evaluate_per_task(model, self.task, self.data, batch_size=self.batch_size, device=self.device)
+        else:
+            metrics = evaluate(model, self.task, self.data, batch_size=self.batch_size, device=self.device)
         metrics.pop("num_examples", None)  # the test-set size, not a per-round figure
         metrics["evaluate_s"] = time.perf_counter() - start
         return metrics

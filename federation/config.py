@@ -64,7 +64,8 @@ class DataConfig:
     task: str = _f("fashion_mnist", "task name (`fedmerge list`): data, model, loss and metrics")
     data_dir: str = _f("", "where the task's data lie; empty = $FEDMERGE_DATA_DIR, then system paths")
     num_clients: int = _f(10, "number of (virtual) clients, one data shard each")
-    partitioner: str = _f("dirichlet", "how labels are split across clients: iid | dirichlet | pathological")
+    partitioner: str = _f("dirichlet", "how labels are split across clients: iid | dirichlet | pathological | "
+                                       "by_task (multi-task data: one task a client, dirichlet within a task)")
     alpha: float = _f(0.5, "Dirichlet concentration; smaller = stronger label skew (dirichlet only)")
     classes_per_client: int = _f(2, "classes each client holds (pathological only)")
     min_partition_size: int = _f(10, "resample until every client has at least this many examples (dirichlet)")
@@ -72,6 +73,9 @@ class DataConfig:
     cache_dir: str = _f("", "where shards are written once and reused; empty = <output.root>/_shards")
     server_val_size: int = _f(0, "examples held out of the training data, before partitioning, as the server's "
                                  "validation set (FedDRL's reward; 1000 in its experiments); 0 = none")
+    max_train_examples: int = _f(0, "use at most this many training examples (per task for multi-task data), a "
+                                    "seeded random subset; 0 = all")
+    max_test_examples: int = _f(0, "score on at most this many test examples (per task for multi-task data); 0 = all")
 
     def validate(self) -> None:
         _check(1 <= self.num_clients <= INT32_MAX, "data.num_clients", f"must be in 1..{INT32_MAX}")
@@ -80,6 +84,8 @@ class DataConfig:
         _check(self.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
         _check(0.0 <= self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in [0, 1)")
         _check(0 <= self.server_val_size <= INT32_MAX, "data.server_val_size", f"must be in 0..{INT32_MAX}")
+        _check(self.max_train_examples >= 0, "data.max_train_examples", "must be >= 0 (0 = all)")
+        _check(self.max_test_examples >= 0, "data.max_test_examples", "must be >= 0 (0 = all)")
         from clients.partition import available_partitioners
         from clients.tasks import available_tasks
 

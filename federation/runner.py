@@ -25,6 +25,7 @@ from clients.partition import format_label_counts, label_counts, partition, plot
 from clients.tasks import get_task
 from federation.checkpoint import Checkpoint, latest_checkpoint
 from federation.config import AggregatorConfig, ConfigError, ExperimentConfig, load_config
+from federation.moe import build_served, save_served
 from federation.results import RunDir, compare_table, format_run_report, plot_curves, summarize
 from federation.server import Experiment, build_aggregator, partition_params
 
@@ -127,6 +128,10 @@ def _execute(config: ExperimentConfig, run_dir: RunDir, resume: Checkpoint | Non
     if config.output.save_model:
         run_dir.save_model(experiment.final_state, metadata={"task": config.data.task,
                                                              "aggregator": config.aggregator.name})
+        if experiment.final_served is not None:  # an upscaled model (SMILE, WEMoE): federation.moe.load_served
+            spec, weights = experiment.final_served
+            save_served(run_dir.path / "served_model.safetensors", build_served(spec, weights), spec["task"],
+                        metadata={"aggregator": config.aggregator.name, "params": dict(config.aggregator.params)})
     summary = summarize(run_dir)
     summary.update(wall_time_s=wall, placement=experiment.placement, aggregator=config.aggregator.name,
                    seed=config.seed)
@@ -203,7 +208,7 @@ def partition_report(config: ExperimentConfig, out: Path | None = None) -> tuple
     task = get_task(config.data.task)
     train = task.load("train", Path(config.data.data_dir) if config.data.data_dir else None)
     parts = partition(train.y, config.data.num_clients, config.data.partitioner, config.seed,
-                      **partition_params(config.data))
+                      groups=getattr(task, "task_index", lambda x: None)(train.x), **partition_params(config.data))
     counts = label_counts(parts, train.y, task.num_classes)
     out = out or Path(config.output.root) / f"{config.name}-partition.png"
     out.parent.mkdir(parents=True, exist_ok=True)

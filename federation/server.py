@@ -25,11 +25,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from aggregators import Aggregator, create_aggregator
 from clients.attacks import summary as attack_summary
-from clients.partition import load_manifest, materialize_shards
+from clients.partition import limit_examples, load_manifest, materialize_shards
 from clients.tasks import get_task
 from clients.training import get_state
 from federation.actors import AggregatorActor, EvaluatorActor, actor_options
 from federation.arrays import state_to_record, to_numpy_state
+from federation.moe import proxy_inputs
 from federation.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from federation.config import ConfigError, DataConfig, ExperimentConfig
 from federation.results import RunDir
@@ -58,6 +59,7 @@ def partition_params(data: DataConfig) -> dict[str, Any]:
         "iid": {},
         "dirichlet": {"alpha": data.alpha, "min_partition_size": data.min_partition_size},
         "pathological": {"classes_per_client": data.classes_per_client},
+        "by_task": {"alpha": data.alpha, "min_partition_size": data.min_partition_size},
     }.get(data.partitioner, {})
 
 
@@ -114,6 +116,7 @@ class Experiment:
         self.resume = resume
         self.error: BaseException | None = None
         self.final_state: dict[str, Any] | None = None
+        self.final_served: tuple[dict[str, Any], dict[str, Any]] | None = None  # federation.moe spec, weights
         self.placement: dict[str, dict[str, str]] = {}
 
     @property
@@ -130,6 +133,8 @@ class Experiment:
         task = get_task(cfg.data.task)
         data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else None
         train, test = task.load("train", data_dir), task.load("test", data_dir)
+        train, test = (limit_examples(part, cap, cfg.seed, getattr(task, "task_index", lambda x: None)(part.x))
+                       for part, cap in ((train, cfg.data.max_train_examples), (test, cfg.data.max_test_examples)))
         validation = None
         if cfg.data.server_val_size > 0:  # held out before partitioning: in no client's shard
             train, held = hold_out(train, cfg.data.server_val_size, cfg.seed)
@@ -152,7 +157,8 @@ class Experiment:
         agg, ev = cfg.ray.aggregator, cfg.ray.evaluator
         self.aggregator = AggregatorActor.options(**actor_options(agg)).remote(
             build_aggregator(cfg), to_numpy_state(self.initial_state), cfg.seed,
-            validation=validation, malicious=self.attack["malicious_clients"])
+            validation=validation, malicious=self.attack["malicious_clients"],
+            task_name=cfg.data.task, proxy=proxy_inputs(task, test))
         self.evaluator = EvaluatorActor.options(**actor_options(ev)).remote(
             cfg.data.task, test.x, test.y, cfg.evaluation.batch_size, int(ev.num_cpus))
         for role, actor, section in (("aggregator", self.aggregator, agg), ("evaluator", self.evaluator, ev)):
@@ -225,6 +231,7 @@ class Experiment:
                                 timeout=cfg.federation.round_timeout_s, first_round=first_round,
                                 aggregator_state=aggregator_state)
         self.final_state = result.arrays.to_torch_state_dict()
+        self.final_served = ray.get(self.aggregator.served_model.remote(), timeout=PLACEMENT_TIMEOUT_S)
 
     def _record(self, report: RoundReport) -> None:
         """Log the round (metrics, then events), checkpoint it when due, print its line.

@@ -344,9 +344,12 @@ class FedMergeStrategy(Strategy):
         return state_to_record(state)
 
     def _evaluate(self, server_round: int, state_ref: Any) -> dict[str, float]:
-        """Score the new global model on the server's held-out data, retried if the evaluator dies."""
+        """Score the new global model on the server's held-out data, retried if the evaluator dies.
+        An aggregator that serves its own model (SMILE, WEMoE) has that model scored instead; it
+        goes from actor to actor through the object store."""
         guard = self._evaluator_guard
         assert guard is not None
         what = f"the evaluation of round {server_round}"
-        return guard.call(what, lambda: guard.get(self.evaluator.evaluate.remote(state_ref), what),
+        served_ref = self.aggregator.served_model.remote()
+        return guard.call(what, lambda: guard.get(self.evaluator.evaluate.remote(state_ref, served_ref), what),
                           lambda: guard.get(self.evaluator.placement.remote(), "its restart"))

@@ -186,3 +186,27 @@ def test_smile_aggregator_needs_the_architecture() -> None:
     ctx = RoundContext(round=1, global_state=state, base_state=state)
     with pytest.raises(ValueError, match="build_model"):
         create_aggregator("smile", {}).aggregate(ctx, [ClientUpdate(0, state, 1)])
+
+
+def test_smile_on_the_fashion_mnist_cnn_experts_per_client() -> None:
+    """One task, label-skewed clients: one expert per client in both linears, convolutions averaged."""
+    from clients.tasks import get_task
+
+    task = get_task("fashion_mnist")
+    torch.manual_seed(0)
+    base_state = {k: v.clone() for k, v in task.build_model().state_dict().items()}
+    updates = []
+    for i in range(4):
+        g = torch.Generator().manual_seed(i)
+        updates.append(ClientUpdate(i, {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base_state.items()},
+                                    100 + i))
+    ctx = RoundContext(round=3, global_state=base_state, base_state=base_state, build_model=task.build_model)
+    agg = create_aggregator("smile", {"k_gate": 8, "k": 16, "base": "round", "nonlinear": "average"})
+    result = agg.aggregate(ctx, updates)
+    served = result.served_model
+    assert [type(m).__name__ for m in served if isinstance(m, (nn.Conv2d, SmileLinear))] == \
+        ["Conv2d", "Conv2d", "SmileLinear", "SmileLinear"]
+    assert result.metrics["num_experts"] == 4
+    torch.testing.assert_close(served[0].weight, result.state["0.weight"])  # the FedAvg of the clients
+    assert served[9].k_gate == 8 and served[9].k == 10  # ranks capped at min(out, in) = 10
+    assert served(torch.randn(2, 1, 28, 28)).shape == (2, 10)

