@@ -12,13 +12,16 @@ Replies follow Flower's own convention (an ArrayRecord "arrays", a MetricRecord 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from aggregators.terms import build_terms
@@ -28,10 +31,12 @@ from clients.tasks import get_task
 from clients.tasks.base import ArrayData
 from clients.training import TrainConfig, evaluate, get_state, set_state, train
 
-__all__ = ["app", "local_split"]
+__all__ = ["app", "local_split", "where_am_i"]
 
 RUN_CONFIG_KEY = "fedmerge.run"
 AGGREGATOR_CONFIG_KEY = "fedmerge.aggregator"
+PLACEMENT_KEY = "placement"
+"""The train reply's ConfigRecord saying where the client ran (``where_am_i``)."""
 
 app = ClientApp()
 
@@ -39,6 +44,15 @@ app = ClientApp()
 @lru_cache(maxsize=64)
 def _shard(path: str) -> ArrayData:
     return open_shard(Path(path))
+
+
+def where_am_i() -> dict[str, str]:
+    """Host, process and, inside a Ray worker (simulation), the Ray node that runs this client."""
+    node_id = ""
+    ray = sys.modules.get("ray")  # never import Ray here: a deployed SuperNode may not have it
+    if ray is not None and ray.is_initialized():
+        node_id = ray.get_runtime_context().get_node_id()
+    return {"node_id": node_id, "hostname": socket.gethostname(), "pid": str(os.getpid())}
 
 
 def local_split(data: ArrayData, test_fraction: float, seed: int) -> tuple[ArrayData, ArrayData]:
@@ -94,6 +108,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             # A multi-task client names its task, so merges keep each task's head per task.
             **({"task_id": task.client_task_id(train_part)} if hasattr(task, "client_task_id") else {}),
         }),
+        PLACEMENT_KEY: ConfigRecord({**where_am_i(), "flower_node_id": str(context.node_id)}),
     })
     return Message(content=reply, reply_to=msg)
 

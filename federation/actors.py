@@ -49,6 +49,8 @@ def placement() -> dict[str, str]:
         "pid": str(os.getpid()),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+        # What Ray assigned, even where CUDA is not usable (a node that declares GPUs it lacks).
+        "ray_gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids()),
     }
 
 
@@ -58,6 +60,10 @@ def actor_options(placement: ActorConfig) -> dict[str, Any]:
                                "max_restarts": placement.max_restarts}
     if placement.resources:
         options["resources"] = dict(placement.resources)
+    if placement.label_selector:
+        options["label_selector"] = dict(placement.label_selector)
+    if placement.scheduling_strategy != "DEFAULT":
+        options["scheduling_strategy"] = placement.scheduling_strategy
     return options
 
 

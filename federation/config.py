@@ -132,6 +132,9 @@ class ActorConfig:
     resources: dict[str, float] = _f({}, "custom Ray resources, e.g. {aggregator = 1} to pin it to a node")
     max_restarts: int = _f(3, "times Ray restarts the actor when its process dies (the round is replayed "
                               "into it); 0 = a dead actor ends the run")
+    label_selector: dict[str, str] = _f({}, "node labels the actor requires, e.g. {\"fedmerge-role\" = \"aggregator\"} "
+                                            "(labels come from `ray start --labels`; values may be `!x`, `in(a,b)`)")
+    scheduling_strategy: str = _f("DEFAULT", "Ray scheduling strategy: DEFAULT (pack) or SPREAD (prefer another node)")
 
     def validate(self, prefix: str) -> None:
         _check(self.num_cpus >= 0, f"{prefix}.num_cpus", "must be >= 0")
@@ -140,6 +143,13 @@ class ActorConfig:
         for key, value in self.resources.items():
             _check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
                    f"{prefix}.resources.{key}", "must be a positive finite number")
+        _check(self.scheduling_strategy in SCHEDULING_STRATEGIES, f"{prefix}.scheduling_strategy",
+               f"= {_short(self.scheduling_strategy)} is not one of {', '.join(SCHEDULING_STRATEGIES)}")
+        for key, value in self.label_selector.items():
+            _check(isinstance(key, str) and isinstance(value, str), f"{prefix}.label_selector.{key}",
+                   f"must be a string (a label value or selector), got {_type_name(value)}")
+            problem = _label_problem(key, value)
+            _check(problem is None, f"{prefix}.label_selector.{key}", f"is not a valid Ray label selector: {problem}")
 
 
 @dataclass(frozen=True)
@@ -181,12 +191,36 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    root: str = _f("runs", "directory under which each run gets its own folder")
+    root: str = _f("runs", "directory (path or file:// URI) under which each run gets its own folder; on a "
+                           "cluster, a volume every node mounts")
     save_model: bool = _f(True, "write the final global model as safetensors")
     plot: bool = _f(True, "write the accuracy-per-round plot")
+    upload_uri: str = _f("", "also copy the run folder to <upload_uri>/<folder> after every round (pyarrow.fs "
+                             "URI: s3://, gs://, abfs://, hdfs://, file://); empty = no copy")
 
     def validate(self) -> None:
+        from federation.storage import LOCAL_SCHEMES, REMOTE_SCHEMES, StorageError, local_path, uri_scheme
+
         _check(bool(self.root.strip()), "output.root", "must not be empty")
+        scheme = uri_scheme(self.root)
+        _check(scheme in LOCAL_SCHEMES, "output.root",
+               f"= {_short(self.root)}: runs are written to a local or mounted folder (a path or file:// URI); "
+               "to keep a copy on object storage set output.upload_uri")
+        try:
+            local_path(self.root)
+        except StorageError as err:
+            raise ConfigError(f"output.root {err}") from None
+        if self.upload_uri:
+            _check(uri_scheme(self.upload_uri) in REMOTE_SCHEMES, "output.upload_uri",
+                   f"= {_short(self.upload_uri)} must be a URI with one of the schemes "
+                   f"{', '.join(sorted(REMOTE_SCHEMES))}")
+
+    @property
+    def root_path(self) -> Path:
+        """``root`` as a local path (a ``file://`` URI unwrapped)."""
+        from federation.storage import local_path
+
+        return local_path(self.root)
 
 
 @dataclass(frozen=True)
@@ -348,6 +382,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise TypeError(f"unsupported config field type {tp!r} for {key}")
     expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, "a table")
     raise ConfigError(f"{key} must be {expected}, got {_type_name(value)} {_short(value)}")
+
+
+SCHEDULING_STRATEGIES = ("DEFAULT", "SPREAD")
+"""The placement-free Ray scheduling strategies an actor section may name."""
+
+
+def _label_problem(key: str, value: str) -> str | None:
+    """Ray's own verdict on one label selector entry (None when it is valid)."""
+    from ray._private.label_utils import validate_label_selector
+
+    return validate_label_selector({key: value})
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -7,7 +7,9 @@ keeps every round it finished. The model is stored as safetensors, never as a pi
 What went wrong, and why, goes to ``events.jsonl``: one JSON object per line with ``round``,
 ``client_id`` (null when the event is not about one client), ``kind`` (``EVENT_KINDS``) and a
 human-readable ``reason`` — failed and rejected clients, skipped rounds, restarted actors, resumes.
-Per-round checkpoints live under ``checkpoints/`` (``federation.checkpoint``).
+Per-round checkpoints live under ``checkpoints/`` (``federation.checkpoint``). Where each server
+actor and each client ran every round (Ray node id, host, device, GPU name) goes to
+``placement.jsonl``, one JSON object per line (``RunDir.log_placement``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from safetensors.torch import load_file, save_file
 __all__ = [
     "EVENT_KINDS",
     "METRICS_SCHEMA",
+    "PLACEMENT_ROLES",
     "SCOPES",
     "RunDir",
     "RunFileError",
@@ -54,6 +57,9 @@ METRICS_SCHEMA = pa.schema([
 
 SCOPES = frozenset({"server", "client", "aggregator", "system"})
 """Who a metric is about: the global model, one client, the aggregator, or the machinery."""
+
+PLACEMENT_ROLES = frozenset({"aggregator", "evaluator", "client"})
+"""Who a ``placement.jsonl`` record is about: a server actor, or one client's training."""
 
 EVENT_KINDS = frozenset({"failed", "rejected", "skipped", "actor_restarted", "resumed"})
 """What an ``events.jsonl`` line reports: a client that raised or timed out, a reply refused by
@@ -134,6 +140,10 @@ class RunDir:
         return self._path / "events.jsonl"
 
     @property
+    def placement_path(self) -> Path:
+        return self._path / "placement.jsonl"
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self._path / "checkpoints"
 
@@ -191,6 +201,36 @@ class RunDir:
         if later:
             text = "".join(json.dumps(e) + "\n" for e in events if e["round"] <= round)
             _write_atomic(self.events_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        placements = self.placements()
+        if any(p["round"] > round for p in placements):
+            text = "".join(json.dumps(p) + "\n" for p in placements if p["round"] <= round)
+            _write_atomic(self.placement_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def log_placement(self, round: int, records: Iterable[Mapping[str, Any]]) -> None:
+        """Append where each actor and client of ``round`` ran to ``placement.jsonl``.
+
+        A record has ``role`` (``PLACEMENT_ROLES``), ``client_id`` (None for the server actors)
+        and string fields such as ``node_id``, ``hostname``, ``device`` and ``gpu``. Node ids are
+        text, which the float ``value`` column of ``metrics.parquet`` cannot hold.
+        """
+        lines = [_placement_line(round, record) for record in records]
+        if lines:
+            text = "".join(json.dumps(p) + "\n" for p in [*self.placements(), *lines])
+            _write_atomic(self.placement_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def placements(self) -> list[dict[str, Any]]:
+        """Every placement record logged so far, in order; empty when there were none."""
+        path = self.placement_path
+        if not path.exists():
+            return []
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                record = json.loads(line)
+                records.append(_placement_line(record.pop("round"), record))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise RunFileError(f"placement file {path}, line {number}: {exc}") from exc
+        return records
 
     def metrics(self) -> pa.Table:
         """All rows logged so far (schema ``METRICS_SCHEMA``); empty before the first round."""
@@ -401,6 +441,23 @@ def _event_line(round: int, client_id: int | None, kind: str, reason: str) -> di
         raise ValueError(f"round {round}: event reason must be a string, got {reason!r}")
     return {"round": int(round), "client_id": None if client_id is None else int(client_id),
             "kind": kind, "reason": reason}
+
+
+def _placement_line(round: int, record: Mapping[str, Any]) -> dict[str, Any]:
+    """One placement record as a JSON-able dict, or ValueError saying which field is wrong."""
+    if not isinstance(round, numbers.Integral) or isinstance(round, bool) or not 0 <= round <= _INT32_MAX:
+        raise ValueError(f"placement round must be a non-negative int32, got {round!r}")
+    role, client_id = record.get("role"), record.get("client_id")
+    if role not in PLACEMENT_ROLES:
+        raise ValueError(f"round {round}: placement role {role!r} is not one of {sorted(PLACEMENT_ROLES)}")
+    if client_id is not None and (not isinstance(client_id, numbers.Integral) or isinstance(client_id, bool)):
+        raise ValueError(f"round {round}: placement client_id must be None or an int, got {client_id!r}")
+    fields = {k: v for k, v in record.items() if k not in ("role", "client_id")}
+    bad = sorted(k for k, v in fields.items() if not (isinstance(k, str) and isinstance(v, str)))
+    if bad:
+        raise ValueError(f"round {round}: placement fields {bad} of {role} must be strings")
+    return {"round": int(round), "role": role, "client_id": None if client_id is None else int(client_id),
+            **fields}
 
 
 def _series(table: pa.Table, scope: str, metric: str) -> dict[int, float]:

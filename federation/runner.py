@@ -10,6 +10,7 @@ Ray by default, an existing cluster with ``address`` / ``ray.address`` / ``$RAY_
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -29,7 +30,7 @@ from federation.moe import build_served, save_served
 from federation.results import RunDir, compare_table, format_run_report, plot_curves, summarize
 from federation.server import Experiment, build_aggregator, partition_params
 
-__all__ = ["ExperimentError", "compare", "init_ray", "partition_report", "resume_experiment", "run_experiment"]
+__all__ = ["ExperimentError", "compare", "finish_run", "init_ray", "partition_report", "resume_experiment", "run_experiment"]
 
 log = logging.getLogger("fedmerge")
 
@@ -56,17 +57,31 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> str:
     address = address or config.ray.address or os.environ.get("RAY_ADDRESS", "")
     if ray.is_initialized():
         ray.shutdown()
-    runtime_env = {"env_vars": {
+    env_vars = {
         "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
         "FLWR_TELEMETRY_ENABLED": "0",
         "HF_HUB_OFFLINE": "1",
-    }}
+    }
+    # Inside a Ray Job, Ray refuses a driver runtime_env that sets a variable the job's does.
+    job_env = _job_env_vars()
+    runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in job_env}}
     kwargs = dict(runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", num_cpus=config.ray.num_cpus or None, include_dashboard=False, **kwargs)
     return address
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime_env of the Ray Job this driver runs in (empty outside a job)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 @dataclass(frozen=True)
@@ -87,7 +102,7 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None,
                    progress: Callable[[str], None] = print, verbose: bool = False) -> RunOutcome:
     """Run one federated experiment end to end; returns its run directory."""
     build_aggregator(config)  # fail fast, before any folder or cluster exists
-    run_dir = RunDir.create(Path(config.output.root), config.name)
+    run_dir = RunDir.create(config.output.root_path, config.name)
     run_dir.write_config(config.to_toml())
     progress(f"run directory: {run_dir.path}")
     return _execute(config, run_dir, None, address=address, progress=progress, verbose=verbose)
@@ -124,7 +139,13 @@ def _execute(config: ExperimentConfig, run_dir: RunDir, resume: Checkpoint | Non
         experiment.final_state = {k: torch.from_numpy(v) for k, v in resume.global_state.items()}
     else:
         _simulate(experiment, address, progress, verbose)
-    wall = time.perf_counter() - started
+    return finish_run(experiment, time.perf_counter() - started, progress)
+
+
+def finish_run(experiment: Experiment, wall: float, progress: Callable[[str], None] = print) -> RunOutcome:
+    """Save the final model, summary and plot of a run whose rounds are done, and print its report
+    (for simulations here, and for Flower deployment runs in ``federation.deployment``)."""
+    config, run_dir, resume = experiment.config, experiment.run_dir, experiment.resume
     if config.output.save_model:
         run_dir.save_model(experiment.final_state, metadata={"task": config.data.task,
                                                              "aggregator": config.aggregator.name})
@@ -141,6 +162,7 @@ def _execute(config: ExperimentConfig, run_dir: RunDir, resume: Checkpoint | Non
     if config.output.plot:
         plot_curves({config.aggregator.name: run_dir.server_curve("accuracy")}, run_dir.plot_path,
                     title=f"{config.name}: global test accuracy per round")
+    experiment.upload(final=True)
     progress(format_run_report(run_dir))
     progress(f"wall time {wall:.1f}s; results in {run_dir.path}")
     return RunOutcome(run_dir=run_dir, wall_time_s=wall, placement=experiment.placement)
@@ -193,7 +215,7 @@ def compare(config: ExperimentConfig, aggregators: Sequence[str], *, address: st
         variant = dataclasses.replace(config, name=f"{config.name}-{name}",
                                       aggregator=AggregatorConfig(name=name, params=params))
         runs[name] = run_experiment(variant, address=address, progress=progress).run_dir
-    out = RunDir.create(Path(config.output.root), f"{config.name}-compare").path
+    out = RunDir.create(config.output.root_path, f"{config.name}-compare").path
     table = compare_table(runs)
     (out / "compare.txt").write_text(table + "\n" + "\n".join(f"{k}: {v.path}" for k, v in runs.items()) + "\n")
     plot_curves({name: run.server_curve("accuracy") for name, run in runs.items()}, out / "compare.png",
@@ -210,7 +232,7 @@ def partition_report(config: ExperimentConfig, out: Path | None = None) -> tuple
     parts = partition(train.y, config.data.num_clients, config.data.partitioner, config.seed,
                       groups=getattr(task, "task_index", lambda x: None)(train.x), **partition_params(config.data))
     counts = label_counts(parts, train.y, task.num_classes)
-    out = out or Path(config.output.root) / f"{config.name}-partition.png"
+    out = out or config.output.root_path / f"{config.name}-partition.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     title = f"{config.data.task}: {config.data.partitioner} {partition_params(config.data)}, seed {config.seed}"
     plot_label_heatmap(counts, out, title=title)

@@ -34,6 +34,7 @@ from federation.moe import proxy_inputs
 from federation.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from federation.config import ConfigError, DataConfig, ExperimentConfig
 from federation.results import RunDir
+from federation.storage import RunUploader, StorageError
 from federation.scoring import hold_out
 from federation.strategy import FedMergeStrategy, RoundReport
 
@@ -43,6 +44,7 @@ __all__ = ["Experiment", "build_aggregator", "checkpoint_due", "partition_params
 log = logging.getLogger("fedmerge")
 
 PLACEMENT_TIMEOUT_S = 120
+PLACEMENT_QUERY_TIMEOUT_S = 30
 
 
 def build_aggregator(config: ExperimentConfig) -> Aggregator:
@@ -118,6 +120,7 @@ class Experiment:
         self.final_state: dict[str, Any] | None = None
         self.final_served: tuple[dict[str, Any], dict[str, Any]] | None = None  # federation.moe spec, weights
         self.placement: dict[str, dict[str, str]] = {}
+        self.uploader = RunUploader(run_dir.path, config.output.upload_uri) if config.output.upload_uri else None
 
     @property
     def clients_per_round(self) -> int:
@@ -145,7 +148,7 @@ class Experiment:
                               "set data.server_val_size > 0 (e.g. 1000)")
         self.attack = attack_summary(cfg.attack, cfg.data.num_clients)
         (self.run_dir.path / "attack.json").write_text(json.dumps(self.attack, indent=1))
-        cache_dir = Path(cfg.data.cache_dir or Path(cfg.output.root) / "_shards").resolve()
+        cache_dir = Path(cfg.data.cache_dir or cfg.output.root_path / "_shards").resolve()
         self.shard_dir = materialize_shards(task, train, cfg.data.num_clients, cfg.data.partitioner,
                                             cfg.seed, partition_params(cfg.data), cache_dir)
         self.shard_sizes = [int(n) for n in load_manifest(self.shard_dir)["counts"]]
@@ -233,18 +236,52 @@ class Experiment:
         self.final_state = result.arrays.to_torch_state_dict()
         self.final_served = ray.get(self.aggregator.served_model.remote(), timeout=PLACEMENT_TIMEOUT_S)
 
+    def upload(self, final: bool = False) -> None:
+        """Copy what changed in the run folder to ``output.upload_uri``. A failed copy during the run
+        is only logged (the local folder is complete and the next round retries); a failed final
+        copy raises."""
+        if self.uploader is None:
+            return
+        try:
+            self.uploader.sync()
+        except OSError as err:
+            if final:
+                raise StorageError(f"the run finished in {self.run_dir.path}, but copying it to "
+                                   f"{self.config.output.upload_uri} failed: {err}") from err
+            log.warning("copying the run folder to %s failed (retried next round): %s",
+                        self.config.output.upload_uri, err)
+
+    def _placements(self, report: RoundReport) -> dict[str, dict[str, str]]:
+        """Where the server actors are after this round (Ray may have restarted one elsewhere)."""
+        for role, actor in (("aggregator", self.aggregator), ("evaluator", self.evaluator)):
+            try:
+                self.placement[role] = ray.get(actor.placement.remote(), timeout=PLACEMENT_QUERY_TIMEOUT_S)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as err:
+                log.warning("round %d: cannot ask the %s where it runs: %s", report.round, role, err)
+                self.placement[role] = {**self.placement.get(role, {}),
+                                        "note": f"last known placement; not reachable after round {report.round}"}
+        return self.placement
+
     def _record(self, report: RoundReport) -> None:
         """Log the round (metrics, then events), checkpoint it when due, print its line.
 
         The checkpoint comes last: a run killed in between resumes from the previous checkpoint
         and redoes this round, dropping its rows first, so no round is ever missing or doubled.
         """
-        self.run_dir.log_round(report.round, report_rows(report))
+        placements = self._placements(report)
+        self.run_dir.log_round(report.round, report_rows(report) + [
+            ("system", None, f"{role}_on_gpu", float(placements[role]["device"].startswith("cuda")))
+            for role in ("aggregator", "evaluator") if "device" in placements[role]])
         self.run_dir.log_events(report.round, report_events(report))
+        self.run_dir.log_placement(report.round, [
+            *({"role": role, "client_id": None, **placements[role]} for role in ("aggregator", "evaluator")),
+            *({"role": "client", "client_id": cid, **where} for cid, where in sorted(report.client_placement.items())),
+        ])
         ckpt = self.config.checkpoint
         if report.state is not None and checkpoint_due(report.round, ckpt.every, self.config.federation.num_rounds):
             save_checkpoint(self.run_dir.checkpoint_dir, report.round, self.config.seed,
                             report.state.global_state, report.state.aggregator_state, keep=ckpt.keep)
+        self.upload()
         n = self.config.federation.num_rounds
         ok = len(report.client_metrics)
         line = f"round {report.round:>3}/{n}  clients {ok}/{len(report.sampled)}"

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from clients.app import AGGREGATOR_CONFIG_KEY, RUN_CONFIG_KEY
+from clients.app import AGGREGATOR_CONFIG_KEY, PLACEMENT_KEY, RUN_CONFIG_KEY
 from federation.arrays import record_to_numpy, state_to_record
 from federation.recovery import ActorGuard, RoundAggregation, RoundState
 from federation.validation import UpdateRejected, UpdateValidator, validate_update
@@ -58,6 +58,7 @@ class RoundReport:
     restarts: list[str] = field(default_factory=list)
     round_time_s: float = 0.0
     state: RoundState | None = field(default=None, repr=False)
+    client_placement: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
 class FedMergeStrategy(Strategy):
@@ -294,6 +295,8 @@ class FedMergeStrategy(Strategy):
             log.warning("round %d: update of client %d rejected: %s", report.round, cid, err)
             return
         report.client_metrics[cid] = metrics
+        if PLACEMENT_KEY in reply.content:  # where the client ran; informational, never validated
+            report.client_placement[cid] = {str(k): str(v) for k, v in reply.content[PLACEMENT_KEY].items()}
         if client_id is None:
             report.sampled.append(cid)
         self._require_aggregation().accumulate(cid, arrays, num_examples, metrics)

@@ -1,0 +1,155 @@
+"""Flower's deployment mode on loopback: a SuperLink and two SuperNodes as separate processes, TLS
+with certificates made here (deploy/flower/credentials.py), SuperNode authentication, and a short
+run through `flwr run deploy/flower`, whose ServerApp aggregates in a Ray actor."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from federation.results import RunDir
+
+from .conftest import DEFAULT_EXPERIMENT, ROOT
+from .ray_cluster import free_port
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+_spec = importlib.util.spec_from_file_location("fedmerge_flower_credentials",
+                                               ROOT / "deploy" / "flower" / "credentials.py")
+credentials = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(credentials)
+make_credentials = credentials.make_credentials
+
+
+class Processes:
+    """Processes this test starts, each in its own session; stop() ends them and what they spawned."""
+
+    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+        self.logs, self.env, self.procs = logs, env, {}
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def wait_for(self, name: str, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log(name):
+            if self.procs[name].poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{name} never logged {text!r}:\n{self.log(name)[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # a SuperNode's SuperExec and ClientApp processes, the SuperLink's ServerApp
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if proc.poll() is None:
+                proc.wait(timeout=10)
+
+
+def _tls_handshake(port: int, cafile: str | None) -> dict:
+    context = ssl.create_default_context(cafile=cafile)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            return tls.getpeercert()
+
+
+def test_superlink_and_two_authenticated_supernodes_over_tls(tmp_path):
+    creds = make_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], supernodes=3)
+    home = tmp_path / "flwr"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedmerge-local"\n\n[superlink.fedmerge-local]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{creds["ca"]}"\n')
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fmfl-"))  # the ServerApp's local Ray; short for its sockets
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
+           "RAY_TMPDIR": str(ray_tmp), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    procs = Processes(tmp_path, env)
+
+    def flwr(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+
+    try:
+        procs.start("superlink", [
+            str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--ssl-ca-certfile", str(creds["ca"]), "--ssl-certfile", str(creds["server_cert"]),
+            "--ssl-keyfile", str(creds["server_key"]), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation"])
+        procs.wait_for("superlink", "Uvicorn running on https://", timeout=120)
+
+        # TLS: the SuperLink presents the certificate made for it, which only our CA vouches for.
+        peer = _tls_handshake(port, str(creds["ca"]))
+        assert ("IP Address", "127.0.0.1") in peer["subjectAltName"]
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _tls_handshake(port, None)
+
+        node_ids = []
+        for i in (0, 1):  # register two SuperNodes' public keys; the third key stays unknown
+            out = flwr("supernode", "register", str(creds[f"supernode_{i}_pub"]), "fedmerge-local", "--format", "json")
+            assert out.returncode == 0, out.stdout + out.stderr
+            node_ids.append(int(json.loads(out.stdout[out.stdout.index("{"):])["node-id"]))
+        for i in (0, 1, 2):
+            procs.start(f"supernode-{i}", [
+                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                "--root-certificates", str(creds["ca"]), "--auth-supernode-private-key", str(creds[f"supernode_{i}"]),
+                "--port", str(free_port()), "--max-retries", "2", "--max-wait-time", "60"])
+
+        overrides = ";".join([
+            "name=flower-deploy", "seed=7", "data.task=digits", "data.num_clients=2", "data.alpha=0.5",
+            "data.min_partition_size=20", f"data.cache_dir={tmp_path / 'shards'}", "train.local_epochs=1",
+            "train.batch_size=16", "train.lr=0.05", "federation.num_rounds=2", "federation.fraction_train=1.0",
+            "federation.min_train_nodes=2", "federation.num_supernodes=2", "federation.round_timeout_s=300",
+            f"output.root={tmp_path / 'runs'}", "evaluation.batch_size=512"])
+        out = flwr("run", "deploy/flower", "fedmerge-local", "--stream", "--run-config",
+                   f'config="{DEFAULT_EXPERIMENT}" overrides="{overrides}"', timeout=500)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+        assert "rounds completed: 2" in out.stdout, out.stdout[-4000:] + procs.log("superlink")[-3000:]
+
+        # SuperNode authentication: the unregistered key was turned away.
+        rogue = procs.procs["supernode-2"]
+        rogue.wait(timeout=120)
+        assert rogue.returncode != 0 and "Failed to activate SuperNode" in procs.log("supernode-2")
+    finally:
+        procs.stop()
+
+    (run_path,) = (tmp_path / "runs").glob("flower-deploy-*")
+    run = RunDir(run_path)
+    assert [r for r, _ in run.server_curve("accuracy")] == [1, 2]
+    assert run.server_curve("accuracy")[-1][1] > 0.5  # learned (chance is 0.1)
+    clients = [p for p in run.placements() if p["role"] == "client"]
+    assert sorted((p["round"], p["client_id"]) for p in clients) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    # Every reply came from one of the two registered SuperNodes, and both served.
+    assert {int(p["flower_node_id"]) for p in clients} == set(node_ids)
+    # The ServerApp aggregated in a Ray actor: placed on a Ray node, in another process.
+    aggregators = [p for p in run.placements() if p["role"] == "aggregator"]
+    assert len(aggregators) == 2 and all(p["node_id"] for p in aggregators)
+    assert "aggregate_s" in {r["metric"] for r in run.metrics().to_pylist() if r["scope"] == "aggregator"}
