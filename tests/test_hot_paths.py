@@ -1,9 +1,10 @@
-"""The server's hot paths made fast by profiling must give the results of the plain computations.
+"""The hot paths made fast by profiling must give the results of the plain computations.
 
 FedAvg folds float32 replies into its float64 sums a cache-sized chunk at a time and checks them
 for NaN/Inf with ``aminmax``; the reply validator computes the update norm in chunks and finds
-NaN/Inf on the way; a round without actor restarts lets each reply go once merged. Chunk sizes are
-shrunk here so that small tensors cross many chunk boundaries, remainders included.
+NaN/Inf on the way; a round without actor restarts lets each reply go once merged; partitions of
+flwr-datasets partitioners are read in one pass instead of one ``load_partition`` per client.
+Chunk sizes are shrunk here so that small tensors cross many chunk boundaries, remainders included.
 """
 
 from __future__ import annotations
@@ -169,3 +170,32 @@ def test_a_round_without_restarts_keeps_no_reply_and_merges_the_same():
             assert np.array_equal(states[0][key], states[2][key]), key
     finally:
         ray.shutdown()
+
+
+def flwr_partitioner(scheme: str, num_clients: int, seed: int):
+    from flwr_datasets import partitioner
+
+    if scheme == "iid":
+        return partitioner.IidPartitioner(num_partitions=num_clients)
+    if scheme == "dirichlet":
+        return partitioner.DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=0.3,
+                                                min_partition_size=2, self_balancing=True, seed=seed)
+    return partitioner.PathologicalPartitioner(num_partitions=num_clients, partition_by="label",
+                                               num_classes_per_partition=2, class_assignment_mode="deterministic",
+                                               seed=seed)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological"])
+@pytest.mark.parametrize("num_clients", [1, 7, 13])
+def test_partitions_read_in_one_pass_equal_load_partition(scheme, num_clients):
+    """The one-pass reading of a flwr-datasets partitioner gives exactly its load_partition(i)."""
+    from clients.partition import _label_dataset, _run_flwr_partitioner
+
+    labels = np.random.default_rng(5).integers(0, 10, 503)
+    fast = _run_flwr_partitioner(flwr_partitioner(scheme, num_clients, 3), _label_dataset(labels, 3), num_clients)
+    reference = flwr_partitioner(scheme, num_clients, 3)
+    reference.dataset = _label_dataset(labels, 3)
+    slow = [np.asarray(reference.load_partition(i).with_format("numpy")[:]["idx"]) for i in range(num_clients)]
+    assert len(fast) == len(slow) == num_clients
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        assert np.array_equal(a, b), (scheme, i)
