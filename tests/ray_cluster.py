@@ -96,13 +96,30 @@ class LocalCluster:
                 node.proc.wait(timeout=10)
 
 
-def start_cluster(workers: dict[str, list[str]], head_args: list[str] = (), timeout: float = 180) -> LocalCluster:
-    """Start a head (with the dashboard, for Ray Jobs) and the named workers; wait until all joined."""
+def start_cluster(workers: dict[str, list[str]], head_args: list[str] = (), timeout: float = 180,
+                  attempts: int = 2) -> LocalCluster:
+    """Start a head (with the dashboard, for Ray Jobs) and the named workers; wait until all joined.
+
+    Ray gives a starting node a fixed 30 s to register, which a heavily loaded machine can miss:
+    a failed start is stopped and tried again, up to ``attempts`` times in all.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_cluster(workers, list(head_args), timeout)
+        except (RuntimeError, TimeoutError):
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_cluster(workers: dict[str, list[str]], head_args: list[str], timeout: float) -> LocalCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="fmray-"))  # short: Ray's socket paths must stay < 108 chars
     (temp_dir / "head").mkdir()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_TMPDIR": str(temp_dir / "head"), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
-           "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+           "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           # the dashboard gives each module 30 s to start, too little on a loaded 2-core machine
+           "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180"}
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = free_port(), free_port()
     cluster = LocalCluster(temp_dir=temp_dir, address=f"127.0.0.1:{gcs_port}",

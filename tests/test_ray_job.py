@@ -37,7 +37,7 @@ def test_a_submitted_job_runs_the_experiment_on_the_cluster(ray_cluster, tmp_pat
 
     status = subprocess.run([*ray, "status", *where, submission], env=ray_cluster.env,
                             capture_output=True, text=True, timeout=60)
-    assert "SUCCEEDED" in status.stdout + status.stderr, status.stdout + status.stderr
+    assert f"Job '{submission}' succeeded" in status.stdout + status.stderr, status.stdout + status.stderr
     logs = subprocess.run([*ray, "logs", *where, submission], env=ray_cluster.env,
                           capture_output=True, text=True, timeout=60).stdout
     assert "rounds completed: 2" in logs, logs[-3000:]
