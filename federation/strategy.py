@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,9 +31,26 @@ from federation.arrays import record_to_numpy, state_to_record
 from federation.recovery import ActorGuard, RoundAggregation, RoundState
 from federation.validation import UpdateRejected, UpdateValidator, validate_update
 
-__all__ = ["ClientFailure", "FedMergeStrategy", "RoundReport", "UpdateRejected", "validate_update"]
+__all__ = ["ClientFailure", "FedMergeStrategy", "RoundReport", "UpdateRejected", "client_error_text",
+           "validate_update"]
 
 log = logging.getLogger("fedmerge")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def client_error_text(reason: str) -> str:
+    """The gist of a failed client's error: Flower wraps the client's exception in Ray's remote
+    traceback (with terminal colours); the log keeps all of it, the run's events only the
+    exception's own message."""
+    text = _ANSI.sub("", reason or "").strip()
+    marker = "Message: "
+    if marker in text:
+        text = text.rsplit(marker, 1)[1]
+        text = text.removesuffix("'>").strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 @dataclass(frozen=True)
@@ -284,7 +302,7 @@ class FedMergeStrategy(Strategy):
         """Validate one reply and hand it to the aggregator (non-blocking), or record why not."""
         if reply.has_error():
             self._fail(report, client_id if client_id is not None else -1,
-                       reply.error.reason or f"error code {reply.error.code}")
+                       client_error_text(reply.error.reason) or f"error code {reply.error.code}")
             return
         cid = client_id if client_id is not None else -1
         try:

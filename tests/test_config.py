@@ -34,10 +34,21 @@ def test_default_experiment_lists_every_field():
 
 
 def test_every_experiment_file_is_valid():
+    """Experiments load as configs; sweep files (``*_sweep.toml``) load as sweeps, and every run
+    they describe is a valid config."""
+    from federation.server import build_aggregator
+    from federation.sweep import load_sweep, run_config
+
     files = sorted((ROOT / "experiments").glob("*.toml"))
     assert files
     for path in files:
-        load_config(path)
+        if not path.name.endswith("_sweep.toml"):
+            load_config(path)
+            continue
+        sweep = load_sweep(path)
+        for setting in sweep.settings():
+            for method in sweep.methods:
+                build_aggregator(run_config(sweep, method, setting, sweep.seeds[0], ROOT / "runs"))
 
 
 def test_overrides_are_toml_literals_or_text():
