@@ -41,6 +41,10 @@ T = TypeVar("T")
 RETRY_INTERVAL_S = 0.2
 """How often a restarting actor is asked whether it is back."""
 
+MAX_IN_FLIGHT = 4
+"""Replies handed to the aggregator actor and not yet merged, at most: when replies arrive faster
+than the actor merges them, the driver waits rather than queue them all in Ray's object store."""
+
 
 class ServerActorError(RuntimeError):
     """A server actor died for good (restarts used up) or stopped answering; the message says which."""
@@ -141,8 +145,9 @@ class RoundAggregation:
     ``skip_round`` closes a round without merging. ``state`` is the ``RoundState`` after the last
     round closed. Replies are kept (as ObjectRefs) until their round closes, so a restarted actor
     can be given the round again; when the actor may not be restarted (``max_restarts`` = 0) each
-    reply leaves Ray's object store as soon as the actor has merged it, so the memory a round needs
-    stays flat in the number of clients.
+    reply leaves Ray's object store as soon as the actor has merged it and, with at most
+    ``MAX_IN_FLIGHT`` replies waiting for the actor, the memory a round needs stays flat in the
+    number of clients.
     """
 
     def __init__(self, actor: Any, state: RoundState, guard: ActorGuard) -> None:
@@ -154,6 +159,7 @@ class RoundAggregation:
         self._token = 0
         self._replies: list[_Reply] = []
         self._pending: list[ray.ObjectRef] = []
+        self._merged = 0  # replies of _pending known to be merged
         self._accepted = 0
 
     @property
@@ -177,7 +183,7 @@ class RoundAggregation:
             self._restore)
 
     def begin_round(self, server_round: int) -> None:
-        self._round, self._replies, self._pending, self._accepted = server_round, [], [], 0
+        self._round, self._replies, self._pending, self._merged, self._accepted = server_round, [], [], 0, 0
         self.guard.call(f"the start of round {server_round}", self._open, self._restore)
 
     def accumulate(self, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: int,
@@ -189,6 +195,15 @@ class RoundAggregation:
             self._replies.append(reply)
         self._pending.append(self._send(reply))
         self._accepted += 1
+        self._bound_in_flight()
+
+    def _bound_in_flight(self) -> None:
+        """Wait until at most ``MAX_IN_FLIGHT`` handed-over replies are still being merged. Errors are
+        not raised here: ``finalize`` gets every call's result and surfaces them."""
+        older = self._pending[self._merged:len(self._pending) - MAX_IN_FLIGHT]
+        if older:
+            ray.wait(older, num_returns=len(older), timeout=self.guard.timeout)
+            self._merged += len(older)
 
     def finalize(self) -> tuple[ray.ObjectRef, dict[str, np.ndarray], dict[str, float]]:
         """Merge the round: (ref of the new global state, that state, the aggregator's metrics)."""
@@ -218,7 +233,7 @@ class RoundAggregation:
 
     def _close(self, state: RoundState) -> None:
         self._state = state
-        self._round, self._replies, self._pending, self._accepted = None, [], [], 0
+        self._round, self._replies, self._pending, self._merged, self._accepted = None, [], [], 0, 0
 
     def _send(self, reply: _Reply) -> ray.ObjectRef:
         return self.actor.accumulate.remote(self._token, reply.client_id, reply.arrays, reply.num_examples,
@@ -229,7 +244,7 @@ class RoundAggregation:
         self._token += 1
         self.guard.get(self.actor.begin_round.remote(self._round, self._token, self._held),
                        f"the start of round {self._round}")
-        self._pending = [self._send(reply) for reply in self._replies]
+        self._pending, self._merged = [self._send(reply) for reply in self._replies], 0
 
     def _restore(self) -> None:
         """Give a restarted actor the last completed round's state, then replay the open round."""

@@ -136,32 +136,45 @@ def test_validator_finds_nan_and_inf_while_computing_the_norm(small_chunks):
     assert validator(0, {**ok, "w": np.full((4, 5), 1e30, np.float32)}, 10) > 1e30
 
 
+class SlowMean(FedAvg):
+    """FedAvg that takes its time over each reply: replies arrive faster than it merges."""
+
+    name = "slow_mean"
+
+    def accumulate(self, update: ClientUpdate) -> None:
+        import time
+
+        time.sleep(0.05)
+        super().accumulate(update)
+
+
 @pytest.mark.slow
 def test_a_round_without_restarts_keeps_no_reply_and_merges_the_same():
     """With ``max_restarts = 0`` a reply leaves the driver once handed over (no replay is possible
-    anyway), and the merged model is the one of a round that keeps them for a replay."""
+    anyway), the driver never lets more than MAX_IN_FLIGHT replies queue up at a slow actor, and
+    the merged model is the one of a round that keeps them for a replay."""
     import ray
 
-    from aggregators import create_aggregator
     from federation.actors import AggregatorActor
-    from federation.recovery import ActorGuard, RoundAggregation, RoundState
+    from federation.recovery import MAX_IN_FLIGHT, ActorGuard, RoundAggregation, RoundState
 
     base = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
     rng = np.random.default_rng(3)
-    replies = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()} for _ in range(5)]
+    replies = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()} for _ in range(12)]
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
     try:
         states = {}
         for restarts in (0, 2):
-            actor = AggregatorActor.options(num_cpus=0, max_restarts=restarts).remote(
-                create_aggregator("fedavg", {}), base, 0)
+            actor = AggregatorActor.options(num_cpus=0, max_restarts=restarts).remote(SlowMean(), base, 0)
             aggregation = RoundAggregation(actor, RoundState(0, base, {}),
                                            ActorGuard("aggregator", max_restarts=restarts, timeout=60))
             assert aggregation.holds_replies == (restarts > 0)
             aggregation.begin_round(1)
             for i, arrays in enumerate(replies):
                 aggregation.accumulate(i, arrays, 10 + i, {})
+                _, unmerged = ray.wait(aggregation._pending, num_returns=len(aggregation._pending), timeout=0)
+                assert len(unmerged) <= MAX_IN_FLIGHT  # the driver waits for a slow actor
             assert aggregation.num_accepted == len(replies)
             assert len(aggregation._replies) == (len(replies) if restarts else 0)
             _, states[restarts], _ = aggregation.finalize()
