@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,10 +50,12 @@ METHODS = [
 
 def fine_tune(task, shards, theta0, cfg: TrainConfig, seed: int, label: str, cache: Path):
     """Each client's model after one local round from θ0 (cached), and the seconds it took."""
-    path = cache / f"{label}.pt"
-    if path.is_file():
-        saved = torch.load(path)
-        return saved["updates"], saved["seconds"]
+    index = cache / f"{label}.json"
+    if index.is_file():  # safetensors + JSON: loading the cache runs no code
+        meta = json.loads(index.read_text())
+        updates = [ClientUpdate(c["client_id"], load_file(str(cache / c["file"])), c["num_examples"],
+                                {"task_id": c["task_id"]}) for c in meta["clients"]]
+        return updates, meta["seconds"]
     strategy = FedMergeStrategy(aggregator=None, evaluator=None, num_clients=len(shards), seed=seed)
     updates, seconds = [], []
     for cid, shard in enumerate(shards):
@@ -65,7 +68,13 @@ def fine_tune(task, shards, theta0, cfg: TrainConfig, seed: int, label: str, cac
               f"train acc {metrics['train_accuracy']:.3f}, {seconds[-1]:.1f} s", flush=True)
         updates.append(ClientUpdate(cid, get_state(model), len(shard), {"task_id": float(task.client_task_id(shard))}))
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"updates": updates, "seconds": seconds}, path)
+    clients = []
+    for u in updates:
+        name = f"{label}-client{u.client_id}.safetensors"
+        save_file({k: v.contiguous() for k, v in u.state.items()}, str(cache / name))
+        clients.append({"client_id": u.client_id, "file": name, "num_examples": u.num_examples,
+                        "task_id": u.metrics["task_id"]})
+    index.write_text(json.dumps({"clients": clients, "seconds": seconds}))
     return updates, seconds
 
 
