@@ -1,0 +1,114 @@
+"""Every benchmark runs with one command and reports every row it promises (``--quick`` sizes).
+
+These tests check that the benchmarks run and print complete tables with numbers in them, and
+that the merged weights of the aggregation paths agree; they do not check any time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"-?[\d,]+(?:\.\d+)?"
+
+
+def run_benchmark(name: str, *args: str, timeout: float = 600) -> str:
+    env = dict(os.environ, FEDMERGE_DATA_DIR=os.environ.get("FEDMERGE_DATA_DIR", str(ROOT / "data")))
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"benchmarks.{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def tables(output: str) -> list[list[list[str]]]:
+    """Every Markdown table of ``output`` as its rows of cells, the header row first."""
+    found: list[list[list[str]]] = []
+    current: list[list[str]] | None = None
+    for line in output.splitlines():
+        if line.startswith("|"):
+            if current is None:
+                current = []
+                found.append(current)
+            if not set(line) <= set("|-: "):
+                current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        else:
+            current = None
+    return found
+
+
+def by_first_cell(table: list[list[str]]) -> dict[str, list[str]]:
+    return {row[0]: row for row in table[1:]}
+
+
+def numeric(cell: str) -> float:
+    match = re.match(NUMBER, cell)
+    assert match, f"{cell!r} is not a figure"
+    return float(match.group(0).replace(",", ""))
+
+
+def test_table_parsing_and_cells():
+    from benchmarks.aggregation import layer_shapes, parse_cells
+    from benchmarks.common import markdown_table
+
+    text = markdown_table(["a", "b"], [["x", 1.5], ["y", None]])
+    assert tables("before\n" + text + "\nafter") == [[["a", "b"], ["x", "1.5"], ["y", "-"]]]
+    assert parse_cells("50x10M,4x1k") == [(50, 10_000_000), (4, 1000)]
+    with pytest.raises(Exception, match="must look like 50x10M"):
+        parse_cells("fifty")
+    shapes = layer_shapes(1_000_003)
+    assert sum(math.prod(shape) for shape in shapes.values()) == 1_000_003
+
+
+@pytest.mark.slow
+def test_aggregation_quick_reports_every_path():
+    out = run_benchmark("aggregation", "--quick")
+    throughput, memory, breakdown = tables(out)
+    header, row = throughput[0], by_first_cell(throughput)["4 x 1M"]
+    for column in ("Flower FedAvg GB/s (s)", "fedmerge GB/s (s)", "fedmerge + Ray, restarts 3 GB/s (s)",
+                   "fedmerge + Ray, restarts 0 GB/s (s)", "ceiling fp32 a*x+y GB/s"):
+        assert numeric(row[header.index(column)]) > 0, column
+    for cell in by_first_cell(memory)["4 x 1M"][1:]:
+        assert numeric(cell) > 0
+    assert [(r[0], r[1]) for r in breakdown[1:]] == [("4 x 1M", "3"), ("4 x 1M", "0")]
+    assert all(numeric(cell) >= 0 for r in breakdown[1:] for cell in r[2:])
+    assert "merged weights agree across paths: yes" in out
+
+
+@pytest.mark.slow
+def test_round_quick_reports_flower_and_fedmerge():
+    out = run_benchmark("round", "--quick")
+    (table,) = tables(out)
+    for system in ("flower", "fedmerge"):
+        row = by_first_cell(table)[system]
+        assert numeric(row[1]) > 0 and numeric(row[2]) > 0, row  # steady round, client compute
+        assert 0.0 <= numeric(row[-1]) <= 1.0, row  # final test accuracy
+    assert re.search(r"fedmerge steady round vs Flower: [\d.]+x", out)
+
+
+@pytest.mark.slow
+def test_scale_quick_reports_both_systems():
+    out = run_benchmark("scale", "--quick", "--clients", "40")
+    (table,) = tables(out)
+    rows = table[1:]
+    assert sorted((r[0], r[1]) for r in rows) == [("fedmerge", "40"), ("flower", "40")]
+    for row in rows:
+        assert numeric(row[2]) > 0, row  # rounds / min
+        assert numeric(row[8]) > 0, row  # server peak RSS
+
+
+@pytest.mark.slow
+def test_smile_quick_reports_both_svds():
+    out = run_benchmark("smile", "--quick")
+    (table,) = tables(out)
+    rows = by_first_cell(table)
+    assert sorted(rows) == ["1", "2"]
+    for row in rows.values():
+        assert numeric(row[1]) > 0 and numeric(row[2]) > 0, row  # construction times
+        assert 0.0 <= numeric(row[6]) <= 1.0 and 0.0 <= numeric(row[7]) <= 1.0, row
