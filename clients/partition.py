@@ -29,7 +29,7 @@ from clients.tasks.base import ArrayData, DataError, Task
 __all__ = [
     "available_partitioners", "format_label_counts", "get_partitioner", "label_counts",
     "load_manifest", "materialize_shards", "open_shard", "partition", "partitioner_params",
-    "plot_label_heatmap", "register_partitioner", "shard_path", "write_shards",
+    "plot_label_heatmap", "register_partitioner", "shard_path", "write_atomic", "write_shards",
     "by_task", "limit_examples", "uses_groups",
 ]
 
@@ -303,8 +303,9 @@ def shard_path(shard_dir: Path, client_id: int) -> Path:
     return Path(shard_dir) / f"client_{client_id:05d}.arrow"
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary sibling then rename, so readers never see a partial file."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary sibling then rename it over ``path``: readers, and a killed
+    writer, only ever leave the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     try:
         write(tmp)
@@ -351,7 +352,7 @@ def write_shards(data: ArrayData, parts: Sequence[np.ndarray], out_dir: Path, *,
                 writer.write_batch(batch)
 
         path = shard_path(out_dir, i)
-        _write_atomic(path, write)
+        write_atomic(path, write)
         files.append(path.name)
     counts = label_counts(parts, labels, num_classes)
     manifest = {
@@ -367,7 +368,7 @@ def write_shards(data: ArrayData, parts: Sequence[np.ndarray], out_dir: Path, *,
         "files": files,
         **dict(info or {}),
     }
-    _write_atomic(out_dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    write_atomic(out_dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return out_dir
 
 

@@ -32,6 +32,8 @@ from matplotlib.ticker import MaxNLocator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from clients.partition import write_atomic
+
 __all__ = [
     "EVENT_KINDS",
     "METRICS_SCHEMA",
@@ -149,7 +151,7 @@ class RunDir:
 
     def write_config(self, text: str) -> None:
         """Write the resolved config (TOML text), so the run can be reproduced from its folder."""
-        _write_atomic(self.config_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_atomic(self.config_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def log_round(self, round: int, rows: Iterable[tuple[str, int | None, str, float]]) -> None:
         """Append ``(scope, client_id, metric, value)`` rows for ``round`` and rewrite the file.
@@ -162,7 +164,7 @@ class RunDir:
             self._table = self._read_metrics()
         self._table = pa.concat_tables([self._table, new]).combine_chunks()
         table = self._table
-        _write_atomic(self.metrics_path, lambda tmp: pq.write_table(table, tmp))
+        write_atomic(self.metrics_path, lambda tmp: pq.write_table(table, tmp))
 
     def log_events(self, round: int, events: Iterable[tuple[int | None, str, str]]) -> None:
         """Append ``(client_id, kind, reason)`` events of ``round`` to ``events.jsonl``.
@@ -173,7 +175,7 @@ class RunDir:
         lines = [_event_line(round, *event) for event in events]
         if lines:
             text = "".join(json.dumps(e) + "\n" for e in [*self.events(), *lines])
-            _write_atomic(self.events_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            write_atomic(self.events_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def events(self) -> list[dict[str, Any]]:
         """Every event logged so far, in order; empty when there were none."""
@@ -194,17 +196,17 @@ class RunDir:
         table = self._read_metrics()
         kept = table.filter(pc.less_equal(table["round"], round))
         if kept.num_rows != table.num_rows:
-            _write_atomic(self.metrics_path, lambda tmp: pq.write_table(kept, tmp))
+            write_atomic(self.metrics_path, lambda tmp: pq.write_table(kept, tmp))
         self._table = kept
         events = self.events()
         later = [e for e in events if e["round"] > round]
         if later:
             text = "".join(json.dumps(e) + "\n" for e in events if e["round"] <= round)
-            _write_atomic(self.events_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            write_atomic(self.events_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         placements = self.placements()
         if any(p["round"] > round for p in placements):
             text = "".join(json.dumps(p) + "\n" for p in placements if p["round"] <= round)
-            _write_atomic(self.placement_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            write_atomic(self.placement_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def log_placement(self, round: int, records: Iterable[Mapping[str, Any]]) -> None:
         """Append where each actor and client of ``round`` ran to ``placement.jsonl``.
@@ -216,7 +218,7 @@ class RunDir:
         lines = [_placement_line(round, record) for record in records]
         if lines:
             text = "".join(json.dumps(p) + "\n" for p in [*self.placements(), *lines])
-            _write_atomic(self.placement_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            write_atomic(self.placement_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def placements(self) -> list[dict[str, Any]]:
         """Every placement record logged so far, in order; empty when there were none."""
@@ -251,7 +253,7 @@ class RunDir:
             if bad:
                 raise TypeError(f"model metadata must map str to str; bad entries: {bad}")
         tensors = {key: t.detach().cpu().contiguous() for key, t in state.items()}
-        _write_atomic(self.model_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        write_atomic(self.model_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def load_model(self) -> dict[str, torch.Tensor]:
         """The saved state dict, on CPU (safetensors: no pickle, nothing executed)."""
@@ -267,7 +269,7 @@ class RunDir:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary`` as indented JSON (e.g. the dict from ``summarize``)."""
         text = json.dumps(summary, indent=2) + "\n"
-        _write_atomic(self.summary_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        write_atomic(self.summary_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def read_summary(self) -> dict[str, Any]:
         path = _existing(self.summary_path, "summary")
@@ -318,7 +320,7 @@ def plot_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | o
     if curves:
         ax.legend()
     fmt = path.suffix.lstrip(".") or "png"
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120))
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -472,17 +474,6 @@ def _keys(table: pa.Table) -> set[tuple[str, str]]:
     """The distinct (scope, metric) pairs of the non-per-client rows."""
     shared = table.filter(pc.is_null(table["client_id"]))
     return set(zip(shared["scope"].to_pylist(), shared["metric"].to_pylist()))
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file beside ``path`` and rename it over: readers, and a killed
-    writer, only ever leave the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _existing(path: Path, what: str) -> Path:
