@@ -31,6 +31,7 @@ __all__ = [
     "head_task",
     "merged_heads",
     "mergeable",
+    "stored_bytes",
     "task_id",
 ]
 
@@ -144,4 +145,16 @@ def count_parameters(module: torch.nn.Module) -> int:
             continue
         seen.add(id(tensor))
         total += tensor.numel()
+    return total
+
+
+def stored_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer of a module, integer ones too (the positions a sparse
+    tensor stores next to its values), each shared tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
     return total

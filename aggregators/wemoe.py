@@ -2,10 +2,11 @@
 
 Each transformer block's MLP becomes a ``WEMoEMLP``: the frozen pretrained MLP, the frozen MLP
 task vectors τi and a small trainable router. For each sample the router, applied to the tokens
-entering the MLP and averaged over them, gives weights λ(x) ∈ R^N (no softmax), and the MLP
-computed is θ0 + Σi λi(x) τi. Every other parameter is task arithmetic, θ0 + λ0 Σi τi, and
-per-task heads stay per task. The routers are trained on the server by test-time adaptation:
-minimising the entropy of the predictions on unlabelled proxy inputs of every task.
+entering the MLP and averaged over the sample's real (non-padding) tokens, gives weights
+λ(x) ∈ R^N (no softmax), and the MLP computed is θ0 + Σi λi(x) τi. Every other parameter is
+task arithmetic, θ0 + λ0 Σi τi, and per-task heads stay per task. The routers are trained on the
+server by test-time adaptation: minimising the entropy of the predictions on unlabelled proxy
+inputs of every task.
 
 Supported MLPs: BERT-style blocks (``intermediate.dense`` → activation → ``output.dense``, as in
 all-MiniLM-L6-v2); the block's ``intermediate`` module is replaced by the whole WEMoE MLP and
@@ -26,10 +27,10 @@ from torch.nn import functional as F
 
 from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
 from aggregators.fedavg import fedavg
-from aggregators.merging import GROUP_BY, count_parameters, group_states, merged_heads, mergeable
+from aggregators.merging import GROUP_BY, count_parameters, group_states, merged_heads, mergeable, stored_bytes
 from aggregators.registry import register
 from aggregators.task_arithmetic import task_arithmetic
-from aggregators.upscaled import Removed, module_type, set_submodule
+from aggregators.upscaled import Removed, active_token_mask, module_type, set_submodule
 
 __all__ = ["ACTIVATIONS", "MLPSite", "Router", "WEMoE", "WEMoEMLP", "find_mlps", "prune_magnitude",
            "train_routers", "upscale_mlps"]
@@ -52,6 +53,15 @@ def _activation_name(module: nn.Module) -> str:
         raise ValueError(f"WEMoE: unsupported MLP activation {type(module).__name__}; "
                          f"supported: {', '.join(sorted(_ACTIVATION_CLASSES))}, nn.GELU")
     return name
+
+
+TAU_NAMES = ("w1", "b1", "w2", "b2")
+"""The MLP tensors a WEMoE module holds task vectors of: first linear, then second linear."""
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The integer type of flat positions into a tensor of ``numel`` entries: int32 where it fits."""
+    return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
 
 
 @module_type("wemoe_router")
@@ -86,26 +96,45 @@ class Router(nn.Module):
 class WEMoEMLP(nn.Module):
     """act(x W1ᵀ + b1) W2ᵀ + b2 with (W, b) = θ0 + Σi λi(x) τi per sample; λ from the router.
 
-    Inputs are (batch, tokens, features) — λ is the router averaged over the tokens — or
-    (batch, features). Only the router is trainable.
+    Inputs are (batch, tokens, features) — λ is the router averaged over the real tokens, those
+    the model marks with ``token_mask`` (padding would otherwise pull λ towards the router's
+    output at padding positions) — or (batch, features). Only the router is trainable.
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, num_experts: int, *,
                  activation: str, init_lambda: float = 0.3, router_std: float = 0.01,
-                 shared_router: bool = False, router: Router | None = None) -> None:
+                 shared_router: bool = False, router: Router | None = None,
+                 sparse: Mapping[str, int] | None = None) -> None:
+        """``sparse`` (E-WEMoE's pruned task vectors) maps each of w1, b1, w2, b2 to the number
+        of non-zero task-vector entries stored for it: the module then keeps ``tau_<name>_index``
+        (flat positions in the (N, ...) stack, int32 where they fit) and ``tau_<name>_values``
+        instead of the dense ``tau_<name>``, and forward scatters them into a dense stack."""
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is invalid: must be one of {', '.join(ACTIVATIONS)}")
         self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
         self.num_experts, self.activation, self.shared_router = num_experts, activation, shared_router
+        self.tau_shapes = {"w1": (num_experts, hidden_features, in_features), "b1": (num_experts, hidden_features),
+                           "w2": (num_experts, out_features, hidden_features), "b2": (num_experts, out_features)}
+        if sparse is not None and set(sparse) != set(TAU_NAMES):
+            raise ValueError(f"sparse must give the stored entries of each of {', '.join(TAU_NAMES)}, "
+                             f"got {sorted(sparse)}")
+        self.sparse = None if sparse is None else {name: int(sparse[name]) for name in TAU_NAMES}
 
         def frozen(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.zeros(*shape), requires_grad=False)
 
         self.w1, self.b1 = frozen(hidden_features, in_features), frozen(hidden_features)
         self.w2, self.b2 = frozen(out_features, hidden_features), frozen(out_features)
-        self.tau_w1, self.tau_b1 = frozen(num_experts, hidden_features, in_features), frozen(num_experts, hidden_features)
-        self.tau_w2, self.tau_b2 = frozen(num_experts, out_features, hidden_features), frozen(num_experts, out_features)
+        for name, shape in self.tau_shapes.items():
+            if self.sparse is None:
+                setattr(self, f"tau_{name}", frozen(*shape))
+                continue
+            nnz = self.sparse[name]
+            if not 0 <= nnz <= math.prod(shape):
+                raise ValueError(f"sparse[{name!r}] = {nnz} is not in 0..{math.prod(shape)}")
+            setattr(self, f"tau_{name}_values", frozen(nnz))
+            self.register_buffer(f"tau_{name}_index", torch.zeros(nnz, dtype=index_dtype(math.prod(shape))))
         self.router = router if router is not None else Router(in_features, num_experts, init_lambda=init_lambda,
                                                                std=router_std)
 
@@ -113,7 +142,7 @@ class WEMoEMLP(nn.Module):
         return {"in_features": self.in_features, "hidden_features": self.hidden_features,
                 "out_features": self.out_features, "num_experts": self.num_experts,
                 "activation": self.activation, "shared_router": self.shared_router,
-                "router": self.router.config()}
+                "router": self.router.config(), "sparse": self.sparse}
 
     @classmethod
     def empty(cls, config: Mapping[str, Any], shared: dict[str, Any]) -> WEMoEMLP:
@@ -124,23 +153,58 @@ class WEMoEMLP(nn.Module):
         else:
             router = Router.empty(router_config, shared)
         return cls(c.pop("in_features"), c.pop("hidden_features"), c.pop("out_features"), c.pop("num_experts"),
-                   activation=c["activation"], shared_router=c["shared_router"], router=router)
+                   activation=c["activation"], shared_router=c["shared_router"], router=router,
+                   sparse=c.get("sparse"))
+
+    def set_task_vectors(self, name: str, tau: torch.Tensor) -> None:
+        """Store the (N, ...) task-vector stack of ``name`` (w1, b1, w2, b2): as it is when dense,
+        its non-zero entries when sparse (``sparse[name]`` must be their number)."""
+        shape = self.tau_shapes[name]
+        if tuple(tau.shape) != shape:
+            raise ValueError(f"tau_{name} must have shape {shape}, got {tuple(tau.shape)}")
+        with torch.no_grad():
+            if self.sparse is None:
+                getattr(self, f"tau_{name}").copy_(tau)
+                return
+            index = tau.reshape(-1).nonzero().squeeze(1)
+            if len(index) != self.sparse[name]:
+                raise ValueError(f"tau_{name} has {len(index)} non-zero entries, the module stores "
+                                 f"{self.sparse[name]}")
+            getattr(self, f"tau_{name}_values").copy_(tau.reshape(-1)[index])
+            getattr(self, f"tau_{name}_index").copy_(index)
+
+    def tau(self, name: str) -> torch.Tensor:
+        """The dense (N, ...) task-vector stack of ``name`` (w1, b1, w2, b2), rebuilt from its
+        stored entries when sparse."""
+        if self.sparse is None:
+            return getattr(self, f"tau_{name}")
+        values = getattr(self, f"tau_{name}_values")
+        dense = values.new_zeros(math.prod(self.tau_shapes[name]))
+        dense[getattr(self, f"tau_{name}_index").long()] = values
+        return dense.view(self.tau_shapes[name])
 
     def expert_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """λ(x), one row of N weights per sample."""
+        """λ(x), one row of N weights per sample: for token inputs the router's mean over the
+        sample's real tokens (``aggregators.upscaled.token_mask``; all tokens when none is set)."""
         lam = self.router(x)
-        return lam.mean(dim=1) if x.dim() == 3 else lam
+        if x.dim() != 3:
+            return lam
+        mask = active_token_mask(x.shape[0], x.shape[1])
+        if mask is None:
+            return lam.mean(dim=1)
+        m = mask.to(device=lam.device, dtype=lam.dtype).unsqueeze(-1)
+        return (lam * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lam = self.expert_weights(x)
         lam = lam.unsqueeze(1) if x.dim() == 3 else lam  # (B, 1, N) broadcasts over tokens
         n = self.num_experts
         h = F.linear(x, self.w1, self.b1)
-        h = h + (F.linear(x, self.tau_w1.reshape(-1, self.in_features), self.tau_b1.reshape(-1))
+        h = h + (F.linear(x, self.tau("w1").reshape(-1, self.in_features), self.tau("b1").reshape(-1))
                  .unflatten(-1, (n, self.hidden_features)) * lam.unsqueeze(-1)).sum(dim=-2)
         h = ACTIVATIONS[self.activation](h)
         y = F.linear(h, self.w2, self.b2)
-        return y + (F.linear(h, self.tau_w2.reshape(-1, self.hidden_features), self.tau_b2.reshape(-1))
+        return y + (F.linear(h, self.tau("w2").reshape(-1, self.hidden_features), self.tau("b2").reshape(-1))
                     .unflatten(-1, (n, self.out_features)) * lam.unsqueeze(-1)).sum(dim=-2)
 
 
@@ -182,13 +246,22 @@ def prune_magnitude(tensor: torch.Tensor, keep: float) -> torch.Tensor:
     return torch.where(tensor.abs() >= threshold, tensor, torch.zeros_like(tensor))
 
 
+STORAGE = ("auto", "dense", "sparse")
+
+
 def upscale_mlps(model: nn.Module, base_state: Mapping[str, torch.Tensor],
                  expert_states: Sequence[Mapping[str, torch.Tensor]], *, init_lambda: float = 0.3,
                  router_std: float = 0.01, shared_router: bool = False, keep: float = 1.0,
-                 sites: Sequence[MLPSite] | None = None) -> list[MLPSite]:
+                 sites: Sequence[MLPSite] | None = None, storage: str = "auto") -> list[MLPSite]:
     """Replace each MLP of ``model`` (in place, on its device, float32) by a WEMoEMLP over
     θ0 = ``base_state`` and τi = ``expert_states[i]`` − θ0 (magnitude-pruned to ``keep`` per
-    tensor when ``keep`` < 1). Router weights follow torch's global RNG."""
+    tensor when ``keep`` < 1). Router weights follow torch's global RNG.
+
+    ``storage``: ``"sparse"`` keeps only the task vectors' non-zero entries (value + index),
+    ``"dense"`` the whole stacks, ``"auto"`` whichever takes fewer bytes per module (sparse when
+    under about half the entries are non-zero, as after E-WEMoE's 10 % pruning)."""
+    if storage not in STORAGE:
+        raise ValueError(f"storage={storage!r} is invalid: must be one of {', '.join(STORAGE)}")
     sites = list(sites) if sites is not None else find_mlps(model)
     device = next(model.parameters()).device
     n = len(expert_states)
@@ -196,17 +269,25 @@ def upscale_mlps(model: nn.Module, base_state: Mapping[str, torch.Tensor],
                     std=router_std) if shared_router else None
     for site in sites:
         fc1, fc2 = model.get_submodule(site.fc1), model.get_submodule(site.fc2)
+        keys = dict(zip(TAU_NAMES, site.keys))
+        theta0 = {name: base_state[key].to(device, torch.float32) for name, key in keys.items()}
+        taus = {}
+        for name, key in keys.items():
+            stack = [state[key].to(device, torch.float32) - theta0[name] for state in expert_states]
+            taus[name] = torch.stack([prune_magnitude(t, keep) if keep < 1 else t for t in stack])
+        nnz = {name: int(torch.count_nonzero(tau)) for name, tau in taus.items()}
+        sparse_bytes = sum(k * (4 + index_dtype(taus[name].numel()).itemsize) for name, k in nnz.items())
+        if storage == "sparse" or (storage == "auto" and sparse_bytes < 4 * sum(t.numel() for t in taus.values())):
+            sparse = nnz
+        else:
+            sparse = None
         module = WEMoEMLP(fc1.in_features, fc1.out_features, fc2.out_features, n, activation=site.activation,
                           init_lambda=init_lambda, router_std=router_std, shared_router=shared_router,
-                          router=router).to(device)
+                          router=router, sparse=sparse).to(device)
         with torch.no_grad():
-            for name, key in (("w1", f"{site.fc1}.weight"), ("b1", f"{site.fc1}.bias"),
-                              ("w2", f"{site.fc2}.weight"), ("b2", f"{site.fc2}.bias")):
-                theta0 = base_state[key].to(device, torch.float32)
-                getattr(module, name).copy_(theta0)
-                for i, state in enumerate(expert_states):
-                    tau = state[key].to(device, torch.float32) - theta0
-                    getattr(module, f"tau_{name}")[i] = prune_magnitude(tau, keep) if keep < 1 else tau
+            for name in TAU_NAMES:
+                getattr(module, name).copy_(theta0[name])
+                module.set_task_vectors(name, taus[name])
         set_submodule(model, site.install, module)
         set_submodule(model, site.fc2, Removed())
     return sites
@@ -264,7 +345,8 @@ class WEMoE(Aggregator):
     Experts", ICML 2024, https://arxiv.org/abs/2402.00433. E-WEMoE (``efficient = true``):
     Shen, Tang, et al., "Efficient and Effective Weight-Ensembling Mixture of Experts for
     Multi-Task Model Merging", arXiv 2410.21804, https://arxiv.org/abs/2410.21804 — each MLP task
-    vector magnitude-pruned to its top ``keep`` share and one router shared by all layers.
+    vector magnitude-pruned to its top ``keep`` share and one router shared by all layers; the
+    pruned task vectors are stored sparsely (values + int32 positions) when that is smaller.
 
     Outside the MLPs: task arithmetic with ``init_lambda`` (λ0 = 0.3); routers start at
     b2 = λ0, so before training the model is (up to the router's small random weights,
@@ -272,6 +354,10 @@ class WEMoE(Aggregator):
     ``batch_size`` 16 per task) on ``RoundContext.proxy_inputs`` (the server's unlabelled inputs)
     on the aggregator's device. Experts are per task (``group_by = "task"``) or per client. The
     WEMoE model is served; the broadcast model is the clients' FedAvg.
+
+    Size report: ``params_served`` counts the stored floating-point numbers (a sparse task
+    vector's non-zero values only), ``sparse_index_entries`` the integer positions stored next to
+    them, ``bytes_served`` both in bytes; ``params_ratio`` is ``params_served`` over one model's.
     """
 
     name = "wemoe"
@@ -333,12 +419,15 @@ class WEMoE(Aggregator):
                                          batch_size=self.batch_size, seed=ctx.seed * 1_000_003 + ctx.round))
         model.eval()
         served = count_parameters(model)
-        tau_nonzero = sum(int((p != 0).sum()) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1].startswith("tau_"))
+        modules = [m for m in model.modules() if isinstance(m, WEMoEMLP)]
+        tau_nonzero = sum(int(torch.count_nonzero(m.tau(name))) for m in modules for name in TAU_NAMES)
+        indices = sum(m.sparse[name] for m in modules if m.sparse is not None for name in TAU_NAMES)
         average = fedavg([u.state for u in updates], [u.num_examples for u in updates], device=ctx.device)
         average.update(merged_heads(ctx.base_state, updates, ctx.device))
         metrics.update({
             "num_clients": float(len(updates)), "num_examples": float(sum(u.num_examples for u in updates)),
             "num_experts": float(n_experts), "params_model": float(one_model), "params_served": float(served),
             "params_ratio": served / one_model if one_model else math.nan, "task_vector_nonzero": float(tau_nonzero),
+            "sparse_index_entries": float(indices), "bytes_served": float(stored_bytes(model)),
         })
         return AggregateResult(state=average, metrics=metrics, served_model=model)

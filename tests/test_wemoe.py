@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from aggregators import ClientUpdate, RoundContext, create_aggregator
+from aggregators.merging import count_parameters
 from aggregators.task_arithmetic import task_arithmetic
 from aggregators.upscaled import Removed, describe, rebuild
-from aggregators.wemoe import WEMoEMLP, find_mlps, prune_magnitude
+from aggregators.wemoe import WEMoEMLP, _entropy, find_mlps, prune_magnitude, upscale_mlps
 from clients.tasks.text import MultiTaskTextClassifier
 
 VOCAB = 40
@@ -109,11 +110,47 @@ def test_e_wemoe_prunes_task_vectors_and_shares_one_router(setting) -> None:
     modules = [m for m in served.modules() if isinstance(m, WEMoEMLP)]
     assert len(modules) == 2 and modules[0].router is modules[1].router
     for m in modules:
-        for name in ("tau_w1", "tau_w2"):
-            tau = getattr(m, name)
+        for name in ("w1", "w2"):
+            tau = m.tau(name)
             for i in range(tau.shape[0]):
                 share = (tau[i] != 0).float().mean().item()
                 assert 0.09 <= share <= 0.11, (name, share)
+
+
+def test_e_wemoe_stores_only_the_kept_entries_and_counts_them_honestly(setting) -> None:
+    """Sparse storage serves the very model dense storage does, and the size report counts the
+    kept values (worked out here from the task vectors), their positions and bytes apart."""
+    base_state, states, updates, ctx = setting
+    result = create_aggregator("wemoe", {"steps": 0, "efficient": True, "keep": 0.1}).aggregate(ctx, updates)
+    served, metrics = result.served_model, result.metrics
+    sites = find_mlps(tiny_model())
+    kept = sum(int(torch.count_nonzero(prune_magnitude(state[key] - base_state[key], 0.1)))
+               for site in sites for key in site.keys for state in states)
+    dense_taus = sum(len(states) * base_state[key].numel() for site in sites for key in site.keys)
+    router = 16 * 16 + 16 + 2 * 16 + 2  # one shared router: W1 d×d, b1, W2 N×d, b2
+    assert metrics["params_model"] == sum(v.numel() for v in base_state.values() if v.is_floating_point())
+    assert metrics["params_served"] == metrics["params_model"] + kept + router
+    assert metrics["task_vector_nonzero"] == metrics["sparse_index_entries"] == kept < 0.11 * dense_taus
+    other_ints = sum(b.numel() * b.element_size() for n, b in served.named_buffers()
+                     if not b.is_floating_point() and not n.endswith("_index"))  # BERT's position ids
+    assert metrics["bytes_served"] == 4 * metrics["params_served"] + 4 * kept + other_ints  # int32 positions
+    assert not any(n.endswith(("tau_w1", "tau_w2")) for n, _ in served.named_parameters())
+
+    modules = [m for m in served.modules() if isinstance(m, WEMoEMLP)]
+    for site, m in zip(sites, modules):
+        for name, key in zip(("w1", "b1", "w2", "b2"), site.keys):
+            for i, state in enumerate(states):
+                assert torch.equal(m.tau(name)[i], prune_magnitude(state[key] - base_state[key], 0.1))
+
+    # The same model with its task vectors stored densely: identical outputs, the zeros counted.
+    dense = tiny_model(7)
+    dense.load_state_dict(served.state_dict(), strict=False)  # everything outside the MLPs
+    upscale_mlps(dense, base_state, states, shared_router=True, keep=0.1, storage="dense")
+    dense.load_state_dict({k: v for k, v in served.state_dict().items() if ".router." in k}, strict=False)
+    dense.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(_both_tasks()), served(_both_tasks()), rtol=0, atol=0)
+    assert count_parameters(dense) == metrics["params_served"] - kept + dense_taus
 
 
 def test_prune_magnitude_keeps_the_largest_entries() -> None:
@@ -140,3 +177,40 @@ def test_wemoe_needs_proxy_inputs_to_train(setting) -> None:
     ctx = RoundContext(round=1, global_state=base_state, base_state=base_state, build_model=lambda: tiny_model(7))
     with pytest.raises(ValueError, match="proxy inputs"):
         create_aggregator("wemoe", {"steps": 1}).aggregate(ctx, updates)
+
+
+def _route_and_predict(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(λ of every WEMoE module, as it routed ``x``; the model's logits)."""
+    weights: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda m, args, out: weights.append(m.expert_weights(args[0]).detach()))
+             for m in model.modules() if isinstance(m, WEMoEMLP)]
+    try:
+        logits = model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return weights, logits
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_padding_changes_neither_the_routing_nor_the_entropy_loss(setting, efficient: bool) -> None:
+    """A row routes and predicts alike alone (no padding: the model trims it to its length) and in
+    a batch padded to a longer row; so the routers' entropy objective of the batch is the mean of
+    the rows' own."""
+    _, _, updates, ctx = setting
+    served = create_aggregator("wemoe", {"steps": 3, "lr": 1e-2, "efficient": efficient}).aggregate(
+        ctx, updates).served_model
+    x = _both_tasks()
+    lengths = (x[:, 1:] != 0).sum(dim=1)
+    assert len(set(lengths.tolist())) > 2 and int(lengths.min()) < x.shape[1] - 1  # really padded
+    with torch.no_grad():
+        batch_weights, batch_logits = _route_and_predict(served, x)
+        alone = [_route_and_predict(served, x[i:i + 1]) for i in range(len(x))]
+        batch_loss = _entropy(batch_logits)
+    assert len(batch_weights) == 2
+    for i, (weights, logits) in enumerate(alone):
+        for layer, lam in enumerate(weights):
+            torch.testing.assert_close(batch_weights[layer][i:i + 1], lam, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batch_logits[i:i + 1], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch_loss, torch.stack([_entropy(logits) for _, logits in alone]).mean(),
+                               rtol=1e-5, atol=1e-6)

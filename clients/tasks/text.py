@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from aggregators.upscaled import token_mask
 from clients.tasks.base import ArrayData, DataError, Task
 
 __all__ = [
@@ -137,8 +138,9 @@ class TextClassifier(nn.Module):
         length = int((ids != 0).sum(dim=1).max().clamp_min(1))
         ids = ids[:, :length]
         mask = (ids != 0).long()
-        hidden = self.encoder(input_ids=ids, attention_mask=mask,
-                              token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        with token_mask(mask):  # modules that pool over tokens inside the encoder (WEMoE) skip padding too
+            hidden = self.encoder(input_ids=ids, attention_mask=mask,
+                                  token_type_ids=torch.zeros_like(ids)).last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
