@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from aggregators import ClientUpdate, RoundContext, create_aggregator  # noqa: E402
-from aggregators.merging import count_parameters  # noqa: E402
+from aggregators.merging import count_parameters, stored_bytes  # noqa: E402
 from clients.partition import limit_examples, partition  # noqa: E402
 from clients.tasks import get_task  # noqa: E402
 from clients.training import TrainConfig, get_state, train  # noqa: E402
 from federation.config import load_config  # noqa: E402
-from federation.moe import evaluate_per_task, proxy_inputs  # noqa: E402
+from federation.moe import evaluate_per_task, proxy_inputs, proxy_split  # noqa: E402
 from federation.server import partition_params  # noqa: E402
 from federation.strategy import FedMergeStrategy  # noqa: E402
 
@@ -107,6 +107,8 @@ def main() -> None:
     train_data, test = task.load("train"), task.load("test")
     train_data = limit_examples(train_data, cfg.data.max_train_examples, cfg.seed, groups_of(train_data.x))
     test = limit_examples(test, cfg.data.max_test_examples, cfg.seed, groups_of(test.x))
+    train_data, proxy_source = proxy_split(task, train_data, test, source=cfg.data.proxy_inputs,
+                                           size=cfg.data.proxy_size, seed=cfg.seed)
     parts = partition(train_data.y, cfg.data.num_clients, cfg.data.partitioner, cfg.seed,
                       groups=groups_of(train_data.x), **partition_params(cfg.data))
     shards = [train_data.subset(p) for p in parts]
@@ -116,6 +118,8 @@ def main() -> None:
     one_model = count_parameters(model0)
     batch = cfg.evaluation.batch_size
     key = f"{cfg.data.task}-s{cfg.seed}-n{cfg.data.max_train_examples}-c{cfg.data.num_clients}"
+    if cfg.data.proxy_inputs == "held_out":  # the clients trained on less
+        key += f"-proxy{cfg.data.proxy_size}"
     cache = Path(args.cache)
     timing: dict[str, float] = {}
     rows: list[dict] = []
@@ -139,7 +143,7 @@ def main() -> None:
     row("pretrained + heads (lower)", per_task_of_own_models(task, head_updates, test, batch), 1.0)
     timing["evaluate_s_bounds"] = time.perf_counter() - started
 
-    proxy = {t: task.preprocess(x) for t, x in proxy_inputs(task, test).items()}
+    proxy = {t: task.preprocess(x) for t, x in proxy_inputs(task, proxy_source).items()}
     ctx = RoundContext(round=1, global_state=theta0, base_state=theta0, seed=cfg.seed,
                        build_model=task.build_model, proxy_inputs=proxy)
     for name, agg_name, params in [*METHODS, ("WEMoE", "wemoe", {"steps": args.wemoe_steps}),
@@ -158,6 +162,7 @@ def main() -> None:
         eval_s = time.perf_counter() - started
         params_ratio = result.metrics.get("params_ratio", count_parameters(model) / one_model)
         row(name, metrics, float(params_ratio), merge_s=merge_s, evaluate_s=eval_s,
+            bytes_ratio=stored_bytes(model) / stored_bytes(model0),  # sparse positions included
             **{k: float(v) for k, v in result.metrics.items() if k.endswith("_s") or k.startswith("router_")})
     report = {"config": cfg.to_dict(), "rows": rows, "timing": timing, "one_model_params": one_model,
               "threads": args.threads, "loadavg": os.getloadavg()}

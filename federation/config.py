@@ -50,6 +50,9 @@ class ConfigError(ValueError):
 INT32_MAX = 2**31 - 1
 """Rounds and client ids are stored as int32 in metrics.parquet."""
 
+PROXY_INPUTS = ("test", "held_out")
+"""Where the server's unlabelled proxy inputs come from (``data.proxy_inputs``)."""
+
 
 def _f(default: Any, doc: str) -> Any:
     if isinstance(default, dict):
@@ -73,6 +76,11 @@ class DataConfig:
     cache_dir: str = _f("", "where shards are written once and reused; empty = <output.root>/_shards")
     server_val_size: int = _f(0, "examples held out of the training data, before partitioning, as the server's "
                                  "validation set (FedDRL's reward; 1000 in its experiments); 0 = none")
+    proxy_inputs: str = _f("test", "the server's unlabelled inputs for test-time adaptation (WEMoE's routers): "
+                                   "test = the server's test inputs (the paper's transductive setting) | "
+                                   "held_out = data.proxy_size examples per task held out of the training data")
+    proxy_size: int = _f(0, "examples per task held out of the training data, before partitioning (in no "
+                            "client's shard), as unlabelled proxy inputs; only with proxy_inputs = \"held_out\"")
     max_train_examples: int = _f(0, "use at most this many training examples (per task for multi-task data), a "
                                     "seeded random subset; 0 = all")
     max_test_examples: int = _f(0, "score on at most this many test examples (per task for multi-task data); 0 = all")
@@ -84,6 +92,11 @@ class DataConfig:
         _check(self.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
         _check(0.0 <= self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in [0, 1)")
         _check(0 <= self.server_val_size <= INT32_MAX, "data.server_val_size", f"must be in 0..{INT32_MAX}")
+        _check_choice(self.proxy_inputs, PROXY_INPUTS, "data.proxy_inputs")
+        _check(0 <= self.proxy_size <= INT32_MAX, "data.proxy_size", f"must be in 0..{INT32_MAX}")
+        _check((self.proxy_size > 0) == (self.proxy_inputs == "held_out"), "data.proxy_size",
+               f"= {self.proxy_size} does not fit data.proxy_inputs = {self.proxy_inputs!r}: held_out needs "
+               "a proxy_size > 0, test takes none (0)")
         _check(self.max_train_examples >= 0, "data.max_train_examples", "must be >= 0 (0 = all)")
         _check(self.max_test_examples >= 0, "data.max_test_examples", "must be >= 0 (0 = all)")
         from clients.partition import available_partitioners

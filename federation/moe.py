@@ -35,7 +35,7 @@ from clients.tasks.base import ArrayData, Task
 from clients.training import evaluate
 
 __all__ = ["FORMAT", "ServedModelError", "build_served", "evaluate_per_task", "load_served", "proxy_inputs",
-           "save_served", "served_spec"]
+           "proxy_split", "save_served", "served_spec"]
 
 FORMAT = 1
 
@@ -93,6 +93,31 @@ def load_served(path: str | Path, device: torch.device | str = "cpu") -> nn.Modu
     except (OSError, RuntimeError) as err:
         raise ServedModelError(f"{weights} does not fit the structure in {spec_path}: {err}") from None
     return model.to(device).eval()
+
+
+PROXY_SALT = 0x9E0
+"""Separates the proxy hold-out's random draw from the server validation set's (same seed)."""
+
+
+def proxy_split(task: Task, train: ArrayData, test: ArrayData, *, source: str, size: int,
+                seed: int) -> tuple[ArrayData, ArrayData]:
+    """(training data left for the clients, data whose inputs are the server's proxy inputs).
+
+    ``source = "test"``: the test split (WEMoE's transductive setting), training data untouched.
+    ``source = "held_out"``: ``size`` examples of each task drawn (seeded) out of ``train``,
+    before it is partitioned, so that no client holds them; their labels are never used.
+    """
+    if source == "test":
+        return train, test
+    if source != "held_out":
+        raise ValueError(f"data.proxy_inputs={source!r} is invalid: must be 'test' or 'held_out'")
+    if size < 1:
+        raise ValueError(f"data.proxy_size={size!r} is invalid: held_out proxy inputs need a size >= 1")
+    from federation.scoring import hold_out  # imports Ray, which loading a served model does not need
+
+    task_index = getattr(task, "task_index", None)
+    groups = None if task_index is None else task_index(train.x)
+    return hold_out(train, size, seed, groups=groups, key="data.proxy_size", salt=PROXY_SALT)
 
 
 def proxy_inputs(task: Task, data: ArrayData) -> dict[int, np.ndarray]:

@@ -33,20 +33,38 @@ __all__ = ["ValidationScorer", "hold_out"]
 MAX_PARALLEL = 8
 
 
-def hold_out(data: ArrayData, size: int, seed: int) -> tuple[ArrayData, ArrayData]:
+def hold_out(data: ArrayData, size: int, seed: int, *, groups: np.ndarray | None = None,
+             key: str = "data.server_val_size", salt: int = 0x5E7) -> tuple[ArrayData, ArrayData]:
     """(rest, held): ``size`` examples drawn at random (seeded) from ``data``, and the others.
 
-    Both keep the original order of their examples. A ValueError names the problem when
-    ``size`` leaves no training data.
+    With ``groups`` (the task of each example in a multi-task data set) ``size`` examples are
+    drawn from each group. Both parts keep the original order of their examples. ``key`` names
+    the config field in errors; ``salt`` separates the draws of different hold-outs (the server's
+    validation set, WEMoE's proxy inputs) made with one seed. A ValueError names the problem
+    when ``size`` leaves no training data (in some group).
     """
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
-        raise ValueError(f"data.server_val_size={size!r} is invalid: must be an integer >= 0")
-    if size >= len(data):
-        raise ValueError(f"data.server_val_size={size} leaves no training data: the training split "
-                         f"has only {len(data)} examples")
-    order = np.random.default_rng([seed, 0x5E7]).permutation(len(data))
-    held = np.sort(order[:size])
-    rest = np.sort(order[size:])
+        raise ValueError(f"{key}={size!r} is invalid: must be an integer >= 0")
+    rng = np.random.default_rng([seed, salt])
+    if groups is None:
+        if size >= len(data):
+            raise ValueError(f"{key}={size} leaves no training data: the training split "
+                             f"has only {len(data)} examples")
+        order = rng.permutation(len(data))
+        held = np.sort(order[:size])
+    else:
+        groups = np.asarray(groups)
+        if len(groups) != len(data):
+            raise ValueError(f"{key}: {len(groups)} group labels for {len(data)} examples")
+        picked = []
+        for g in np.unique(groups):
+            index = np.flatnonzero(groups == g)
+            if size >= len(index):
+                raise ValueError(f"{key}={size} leaves no training data of task {g}: it has only "
+                                 f"{len(index)} training examples")
+            picked.append(index[rng.permutation(len(index))[:size]])
+        held = np.sort(np.concatenate(picked)) if picked else np.arange(0)
+    rest = np.setdiff1d(np.arange(len(data)), held, assume_unique=True)
     return data.subset(rest), data.subset(held)
 
 

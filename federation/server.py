@@ -30,7 +30,7 @@ from clients.tasks import get_task
 from clients.training import get_state
 from federation.actors import AggregatorActor, EvaluatorActor, actor_options
 from federation.arrays import state_to_record, to_numpy_state
-from federation.moe import proxy_inputs
+from federation.moe import proxy_inputs, proxy_split
 from federation.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from federation.config import ConfigError, DataConfig, ExperimentConfig
 from federation.results import RunDir
@@ -146,6 +146,9 @@ class Experiment:
         elif getattr(build_aggregator(cfg), "needs_validation", False):
             raise ConfigError(f"aggregator {cfg.aggregator.name!r} scores models on a server validation set: "
                               "set data.server_val_size > 0 (e.g. 1000)")
+        # unlabelled proxy inputs (WEMoE): the test inputs, or a slice held out here, before partitioning
+        train, proxy_source = proxy_split(task, train, test, source=cfg.data.proxy_inputs,
+                                          size=cfg.data.proxy_size, seed=cfg.seed)
         self.attack = attack_summary(cfg.attack, cfg.data.num_clients)
         (self.run_dir.path / "attack.json").write_text(json.dumps(self.attack, indent=1))
         cache_dir = Path(cfg.data.cache_dir or cfg.output.root_path / "_shards").resolve()
@@ -161,7 +164,7 @@ class Experiment:
         self.aggregator = AggregatorActor.options(**actor_options(agg)).remote(
             build_aggregator(cfg), to_numpy_state(self.initial_state), cfg.seed,
             validation=validation, malicious=self.attack["malicious_clients"],
-            task_name=cfg.data.task, proxy=proxy_inputs(task, test))
+            task_name=cfg.data.task, proxy=proxy_inputs(task, proxy_source))
         self.evaluator = EvaluatorActor.options(**actor_options(ev)).remote(
             cfg.data.task, test.x, test.y, cfg.evaluation.batch_size, int(ev.num_cpus))
         for role, actor, section in (("aggregator", self.aggregator, agg), ("evaluator", self.evaluator, ev)):

@@ -66,6 +66,7 @@ def test_smile_on_minilm_text_tasks_end_to_end(tmp_path) -> None:
         "data.max_train_examples=16", "data.max_test_examples=12", "train.batch_size=8", "train.lr=1e-4",
         "aggregator.k_gate=4", "aggregator.k=8", f"output.root={str(tmp_path / 'runs')!r}",
         f"data.cache_dir={str(tmp_path / 'shards')!r}", "output.plot=false",
+        'data.proxy_inputs="held_out"', "data.proxy_size=4",  # SMILE needs none; the clients lose them
     ])
     run: RunDir = run_experiment(config, progress=lambda _: None).run_dir
     rows = run.metrics().to_pylist()
@@ -76,6 +77,7 @@ def test_smile_on_minilm_text_tasks_end_to_end(tmp_path) -> None:
     assert server["accuracy"] == pytest.approx(np.mean([server[f"accuracy/{n}"] for n in names]))
     aggregator = {r["metric"]: r["value"] for r in rows if r["scope"] == "aggregator"}
     assert aggregator["num_experts"] == 3
+    assert aggregator["num_examples"] == 3 * (16 - 4)  # 4 of each task's 16 held out before partitioning
     assert aggregator["layers_upscaled"] == 36  # 6 blocks x (q, k, v, attention out, intermediate, out)
     assert 1.0 < aggregator["params_ratio"] < 1.2
     tasks = {r["client_id"]: r["value"] for r in rows if r["scope"] == "client" and r["metric"] == "task_id"}
