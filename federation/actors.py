@@ -95,7 +95,6 @@ class AggregatorActor:
         ``task_name`` lets upscaling aggregators build the run's model (``RoundContext.build_model``);
         ``proxy`` holds the server's unlabelled inputs per task (``RoundContext.proxy_inputs``)."""
         self.task_name = task_name
-        self.served: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
         self.device = _device()
         self.aggregator = aggregator
         self.seed = seed
@@ -149,10 +148,13 @@ class AggregatorActor:
         ))
         self._accumulate_s += time.perf_counter() - start
 
-    @ray.method(num_returns=3)
-    def finalize(self, token: int) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, Any]]:
-        """The next global weights, the round's metrics, and the aggregator's state after the round
-        (which the driver keeps, to restore a restarted actor and to checkpoint)."""
+    @ray.method(num_returns=4)
+    def finalize(self, token: int) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, Any],
+                                            tuple[dict[str, Any], dict[str, np.ndarray]] | None]:
+        """The next global weights, the round's metrics, the aggregator's state after the round
+        (which the driver keeps, to restore a restarted actor and to checkpoint), and the served
+        model (``federation.moe`` spec, weights) or None when the broadcast weights are served. The
+        driver holds the served model's ref, so it outlives this actor: a restart loses nothing."""
         self._check_token(token)
         self._token = None
         start = time.perf_counter()
@@ -160,14 +162,15 @@ class AggregatorActor:
         self.global_state = {k: v.detach() for k, v in result.state.items()}
         self.state_round = self._round
         metrics = dict(result.metrics)
+        served = None
         if result.served_model is not None:
             if self.task_name is None:
                 raise ValueError(f"{type(self.aggregator).__name__} serves its own model, but the actor was "
                                  "not told the run's task (task_name)")
-            self.served = served_spec(result.served_model, self.task_name)
+            served = served_spec(result.served_model, self.task_name)
         metrics["aggregate_s"] = self._accumulate_s + time.perf_counter() - start
         return (to_numpy_state({k: v.cpu() for k, v in self.global_state.items()}), metrics,
-                self.state_dict())
+                self.state_dict(), served)
 
     def restore(self, global_state: Mapping[str, np.ndarray], aggregator_state: Mapping[str, Any],
                 state_round: int) -> None:
@@ -185,11 +188,6 @@ class AggregatorActor:
     def _check_token(self, token: int) -> None:
         if token != self._token:
             raise ActorStateLost(f"call for round attempt {token}, but the open one is {self._token}")
-
-    def served_model(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
-        """The last round's served model (``federation.moe`` spec, weights), None when the
-        aggregator serves the broadcast weights."""
-        return self.served
 
     def get_global(self) -> dict[str, np.ndarray]:
         return to_numpy_state({k: v.cpu() for k, v in self.global_state.items()})

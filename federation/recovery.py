@@ -143,7 +143,9 @@ class RoundAggregation:
 
     ``begin_round`` / ``accumulate`` (non-blocking) / ``finalize`` mirror the actor's methods;
     ``skip_round`` closes a round without merging. ``state`` is the ``RoundState`` after the last
-    round closed. Replies are kept (as ObjectRefs) until their round closes, so a restarted actor
+    round closed; ``served`` the ref of the last merged round's served model (``federation.moe``
+    spec and weights, or None), held by the driver so that it outlives the actor that made it.
+    Replies are kept (as ObjectRefs) until their round closes, so a restarted actor
     can be given the round again; when the actor may not be restarted (``max_restarts`` = 0) each
     reply leaves Ray's object store as soon as the actor has merged it and, with at most
     ``MAX_IN_FLIGHT`` replies waiting for the actor, the memory a round needs stays flat in the
@@ -154,6 +156,7 @@ class RoundAggregation:
         self.actor = actor
         self.guard = guard
         self._state = state
+        self.served: ray.ObjectRef | None = None  # the last merged round's served model (moe spec, weights) or None
         self._held = state.round  # the round whose result the actor holds (a skipped round changes none)
         self._round: int | None = None
         self._token = 0
@@ -210,13 +213,14 @@ class RoundAggregation:
         server_round = self._require_round()
         what = f"the aggregation of round {server_round}"
 
-        def step() -> tuple[ray.ObjectRef, dict[str, np.ndarray], dict[str, float], dict[str, Any]]:
+        def step() -> tuple[ray.ObjectRef, dict[str, np.ndarray], dict[str, float], dict[str, Any],
+                            ray.ObjectRef]:
             self.guard.get(self._pending, what)  # an aggregator error surfaces at the reply that caused it
-            state_ref, metrics_ref, aggregator_ref = self.actor.finalize.remote(self._token)
+            state_ref, metrics_ref, aggregator_ref, served_ref = self.actor.finalize.remote(self._token)
             state, metrics, aggregator_state = self.guard.get([state_ref, metrics_ref, aggregator_ref], what)
-            return state_ref, state, metrics, aggregator_state
+            return state_ref, state, metrics, aggregator_state, served_ref
 
-        state_ref, state, metrics, aggregator_state = self.guard.call(what, step, self._restore)
+        state_ref, state, metrics, aggregator_state, self.served = self.guard.call(what, step, self._restore)
         self._held = server_round
         self._close(RoundState(server_round, state, aggregator_state))
         return state_ref, state, metrics

@@ -237,7 +237,8 @@ class Experiment:
                                 timeout=cfg.federation.round_timeout_s, first_round=first_round,
                                 aggregator_state=aggregator_state)
         self.final_state = result.arrays.to_torch_state_dict()
-        self.final_served = ray.get(self.aggregator.served_model.remote(), timeout=PLACEMENT_TIMEOUT_S)
+        served_ref = strategy.served_model_ref()
+        self.final_served = None if served_ref is None else ray.get(served_ref, timeout=PLACEMENT_TIMEOUT_S)
 
     def upload(self, final: bool = False) -> None:
         """Copy what changed in the run folder to ``output.upload_uri``. A failed copy during the run

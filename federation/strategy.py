@@ -237,6 +237,11 @@ class FedMergeStrategy(Strategy):
             self.aggregator, state, ActorGuard("aggregator", max_restarts=self.aggregator_restarts, timeout=timeout))
         self._evaluator_guard = ActorGuard("evaluator", max_restarts=self.evaluator_restarts, timeout=timeout)
 
+    def served_model_ref(self) -> Any | None:
+        """The Ray ref of the last merged round's served model (``federation.moe`` spec, weights;
+        None inside when the broadcast weights are served), or None before any round merged."""
+        return None if self._aggregation is None else self._aggregation.served
+
     def _require_aggregation(self) -> RoundAggregation:
         if self._aggregation is None:
             raise RuntimeError("FedMergeStrategy drives its own rounds: call start()")
@@ -371,6 +376,6 @@ class FedMergeStrategy(Strategy):
         guard = self._evaluator_guard
         assert guard is not None
         what = f"the evaluation of round {server_round}"
-        served_ref = self.aggregator.served_model.remote()
+        served_ref = self._require_aggregation().served  # held by the driver: outlives an aggregator restart
         return guard.call(what, lambda: guard.get(self.evaluator.evaluate.remote(state_ref, served_ref), what),
                           lambda: guard.get(self.evaluator.placement.remote(), "its restart"))
