@@ -146,6 +146,27 @@ class Aggregator(ABC):
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         """Merge a round's updates into the next global state."""
 
+    # ---- within a round ----------------------------------------------------------------
+    def round_state(self) -> dict[str, Any] | None:
+        """A snapshot of the open round so far (an incremental method's accumulator and counters),
+        or None when the method has none to give, the default.
+
+        The executor keeps a snapshot instead of the replies it covers, so that an executor
+        restarted mid-round needs only the replies after it (see ``load_round_state``); with None
+        it keeps every reply of the round. Tensors in the snapshot may share memory with the live
+        accumulator: serialise or copy them before the next ``accumulate``.
+        """
+        return None
+
+    def load_round_state(self, state: Mapping[str, Any]) -> None:
+        """Put back a ``round_state()`` snapshot, right after ``begin_round`` with the round's context.
+
+        Accumulating the replies that came after the snapshot, in their order, must then give bit
+        for bit the result of a round never interrupted. Tensors in ``state`` may be read-only
+        views: copy what will be written.
+        """
+        raise NotImplementedError(f"{type(self).__name__} gives no round state, so it cannot load one")
+
     # ---- persistence -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Aggregator state to checkpoint (tensors and plain data only)."""

@@ -100,6 +100,18 @@ class FedProx(Aggregator):
         result.metrics.update(tracker.metrics())
         return result
 
+    def round_state(self) -> dict[str, Any]:
+        """FedAvg's sums and the scopes of the replies so far (see ``Aggregator.round_state``)."""
+        if self._tracker is None:
+            raise RuntimeError("FedProx.round_state() called before begin_round()")
+        return {"fedavg": self._fedavg.round_state(), "scopes": self._tracker.state()}
+
+    def load_round_state(self, state: Mapping[str, Any]) -> None:
+        if self._tracker is None:
+            raise RuntimeError("FedProx.load_round_state() called before begin_round()")
+        self._fedavg.load_round_state(state["fedavg"])
+        self._tracker.load_state(state["scopes"])
+
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         """All of a round's updates at once, as FedAvg.aggregate; round state untouched."""
         result = self._fedavg.aggregate(ctx, updates)

@@ -237,6 +237,24 @@ class ScopeTracker:
         self.weights.append(weight)
         return scopes
 
+    def state(self) -> dict[str, Any]:
+        """What has been added so far, as plain data (a round-state snapshot)."""
+        return {"layers": list(self.layers), "scopes": [dict(s) for s in self.scopes],
+                "weights": list(self.weights)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state()``; only into an empty tracker."""
+        if self.scopes:
+            raise RuntimeError("a scope snapshot can only be loaded into an empty tracker")
+        if not isinstance(state, Mapping) or set(state) != {"layers", "scopes", "weights"}:
+            raise ValueError("a scope snapshot has the keys 'layers', 'scopes' and 'weights'")
+        if len(state["scopes"]) != len(state["weights"]):
+            raise ValueError(f"a scope snapshot has {len(state['scopes'])} clients' scopes but "
+                             f"{len(state['weights'])} weights")
+        self.layers = [str(name) for name in state["layers"]]
+        self.scopes = [{str(k): (float(v[0]), float(v[1])) for k, v in s.items()} for s in state["scopes"]]
+        self.weights = list(state["weights"])
+
     def metrics(self, target: Mapping[str, Scope] | None = None) -> dict[str, float]:
         """``scope_mu_spread`` / ``scope_sigma_spread``: mean over layers of the population std
         of μ / σ across the clients (unweighted: drift between models, whatever their sizes);
@@ -348,6 +366,18 @@ class WSA(Aggregator):
         self.target = fuse_scopes(tracker.scopes, tracker.weights, self.fusion)
         result.metrics.update(tracker.metrics(self._round_target))
         return result
+
+    def round_state(self) -> dict[str, Any]:
+        """FedAvg's sums and the scopes of the replies so far (see ``Aggregator.round_state``)."""
+        if self._tracker is None:
+            raise RuntimeError("WSA.round_state() called before begin_round()")
+        return {"fedavg": self._fedavg.round_state(), "scopes": self._tracker.state()}
+
+    def load_round_state(self, state: Mapping[str, Any]) -> None:
+        if self._tracker is None:
+            raise RuntimeError("WSA.load_round_state() called before begin_round()")
+        self._fedavg.load_round_state(state["fedavg"])
+        self._tracker.load_state(state["scopes"])
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         """A whole round at once: begin_round, accumulate each update, finalize (sets the target)."""

@@ -172,6 +172,19 @@ class AggregatorActor:
         return (to_numpy_state({k: v.cpu() for k, v in self.global_state.items()}), metrics,
                 self.state_dict(), served)
 
+    def round_state(self, token: int) -> dict[str, Any] | None:
+        """A snapshot of the open round so far (``Aggregator.round_state``, tensors as NumPy arrays
+        on the CPU), or None when the aggregator gives none. Ray copies it into the object store
+        as this call returns, before the next reply is merged, so live tensors may be returned."""
+        self._check_token(token)
+        state = self.aggregator.round_state()
+        return None if state is None else _tensors_to_numpy(state)
+
+    def load_round_state(self, token: int, state: Mapping[str, Any]) -> None:
+        """Continue the round (just begun under ``token``) from a ``round_state`` snapshot."""
+        self._check_token(token)
+        self.aggregator.load_round_state(_numpy_to_tensors(state))
+
     def restore(self, global_state: Mapping[str, np.ndarray], aggregator_state: Mapping[str, Any],
                 state_round: int) -> None:
         """Put back the state after round ``state_round`` (after a restart, or to resume a run)."""
@@ -198,6 +211,32 @@ class AggregatorActor:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.aggregator.load_state_dict(state)
+
+
+def _tensors_to_numpy(value: Any) -> Any:
+    """``value`` with every tensor inside (nested dicts, lists, tuples) as a CPU NumPy array, which
+    Ray serialises without pickling its buffer; dtypes NumPy lacks (bfloat16) stay tensors."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value if value.dtype == torch.bfloat16 else value.numpy()
+    if isinstance(value, Mapping):
+        return {k: _tensors_to_numpy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_tensors_to_numpy(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def _numpy_to_tensors(value: Any) -> Any:
+    """The inverse of ``_tensors_to_numpy``: NumPy arrays (read-only views included) as tensors."""
+    if isinstance(value, np.ndarray):
+        return to_torch_state({"x": value})["x"]
+    if isinstance(value, Mapping):
+        return {k: _numpy_to_tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_numpy_to_tensors(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
 
 
 def _on_cpu(value: Any) -> Any:

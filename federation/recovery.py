@@ -6,10 +6,14 @@ fresh process that runs ``__init__`` again with the original arguments; the driv
 bring it back to where it was:
 
 - ``RoundAggregation`` keeps, on the driver, the state after the last completed round
-  (``RoundState``: global weights and ``Aggregator.state_dict()``) and the open round's accepted
-  replies, each ``ray.put`` once and held as an ObjectRef until ``finalize`` succeeds. A restarted
-  aggregator actor is given that state, the round is begun again and the replies are re-sent in
-  their original order, so the result is the one the dead actor would have produced.
+  (``RoundState``: global weights and ``Aggregator.state_dict()``) and what it takes to rebuild
+  the open round: every ``SNAPSHOT_EVERY`` replies a snapshot of the actor's round so far
+  (``Aggregator.round_state()``, e.g. FedAvg's sums), and the accepted replies that came after
+  it, each ``ray.put`` once and held as an ObjectRef. A restarted aggregator actor is given that
+  state, the round is begun again, the snapshot loaded and the later replies re-sent in their
+  original order, so the result is the one the dead actor would have produced, and the memory
+  held for this stays flat in the number of clients. An aggregator without round state (one that
+  merges all replies at once) has all of the round's replies kept and re-sent instead.
 - The evaluator is stateless: its call is simply retried once the actor is back.
 
 Ray also restarts an actor between two calls, so a restart need not fail any call. Every call
@@ -44,6 +48,13 @@ RETRY_INTERVAL_S = 0.2
 MAX_IN_FLIGHT = 4
 """Replies handed to the aggregator actor and not yet merged, at most: when replies arrive faster
 than the actor merges them, the driver waits rather than queue them all in Ray's object store."""
+
+SNAPSHOT_EVERY = 8
+"""Replies kept for a replay before the driver asks the aggregator actor for a snapshot of its
+round, which then replaces them: a round keeps one snapshot and at most
+``SNAPSHOT_EVERY + MAX_IN_FLIGHT + 1`` replies whatever its number of clients. A snapshot costs the
+actor one copy of its round state (two models' worth for FedAvg's float64 sums) per
+``SNAPSHOT_EVERY`` replies merged, and the driver a second copy into its own object store."""
 
 
 class ServerActorError(RuntimeError):
@@ -145,25 +156,31 @@ class RoundAggregation:
     ``skip_round`` closes a round without merging. ``state`` is the ``RoundState`` after the last
     round closed; ``served`` the ref of the last merged round's served model (``federation.moe``
     spec and weights, or None), held by the driver so that it outlives the actor that made it.
-    Replies are kept (as ObjectRefs) until their round closes, so a restarted actor
-    can be given the round again; when the actor may not be restarted (``max_restarts`` = 0) each
-    reply leaves Ray's object store as soon as the actor has merged it and, with at most
-    ``MAX_IN_FLIGHT`` replies waiting for the actor, the memory a round needs stays flat in the
-    number of clients.
+    When the actor may be restarted, replies are kept (as ObjectRefs) so that a
+    restarted actor can be given the round again, but only until a snapshot of the actor's round
+    covers them: every ``snapshot_every`` kept replies the actor is asked for one (without
+    waiting) and, once it has arrived, it replaces the replies before it. When the actor may not
+    be restarted (``max_restarts`` = 0) each reply leaves Ray's object store as soon as the actor
+    has merged it. Either way, with at most ``MAX_IN_FLIGHT`` replies waiting for the actor, the
+    memory a round needs stays flat in the number of clients, except for an aggregator that gives
+    no round state (``Aggregator.round_state`` returns None): all its replies are kept.
     """
 
-    def __init__(self, actor: Any, state: RoundState, guard: ActorGuard) -> None:
+    def __init__(self, actor: Any, state: RoundState, guard: ActorGuard, *,
+                 snapshot_every: int = SNAPSHOT_EVERY) -> None:
+        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be a positive integer, got {snapshot_every!r}")
         self.actor = actor
         self.guard = guard
+        self.snapshot_every = snapshot_every
+        self.snapshots = 0  # snapshots taken over the run
+        self.replayed = 0  # replies re-sent to restarted actors over the run
         self._state = state
         self.served: ray.ObjectRef | None = None  # the last merged round's served model (moe spec, weights) or None
         self._held = state.round  # the round whose result the actor holds (a skipped round changes none)
         self._round: int | None = None
         self._token = 0
-        self._replies: list[_Reply] = []
-        self._pending: list[ray.ObjectRef] = []
-        self._merged = 0  # replies of _pending known to be merged
-        self._accepted = 0
+        self._reset_round()
 
     @property
     def state(self) -> RoundState:
@@ -171,8 +188,14 @@ class RoundAggregation:
 
     @property
     def holds_replies(self) -> bool:
-        """Whether the open round's replies are kept for a replay: only if the actor can be restarted."""
+        """Whether the open round's replies are kept for a replay (until a snapshot covers them):
+        only if the actor can be restarted."""
         return self.guard.max_restarts > 0
+
+    @property
+    def num_kept(self) -> int:
+        """Replies of the open round kept for a replay now."""
+        return len(self._replies)
 
     @property
     def num_accepted(self) -> int:
@@ -186,19 +209,57 @@ class RoundAggregation:
             self._restore)
 
     def begin_round(self, server_round: int) -> None:
-        self._round, self._replies, self._pending, self._merged, self._accepted = server_round, [], [], 0, 0
+        self._reset_round()
+        self._round = server_round
         self.guard.call(f"the start of round {server_round}", self._open, self._restore)
 
     def accumulate(self, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: int,
                    metrics: Mapping[str, float]) -> None:
-        """Hand one validated reply to the actor without waiting; it is kept until the round closes
-        when ``holds_replies``."""
+        """Hand one validated reply to the actor without waiting; when ``holds_replies`` it is kept
+        until a snapshot covers it or the round closes."""
         reply = _Reply(client_id, ray.put(dict(arrays)), num_examples, dict(metrics))
         if self.holds_replies:
             self._replies.append(reply)
         self._pending.append(self._send(reply))
         self._accepted += 1
         self._bound_in_flight()
+        if self.holds_replies:
+            self._snapshot_step()
+
+    def _snapshot_step(self) -> None:
+        """Take the snapshot asked for once it has arrived (waiting for it only when the kept
+        replies have grown past ``snapshot_every + MAX_IN_FLIGHT``), and ask for the next one once
+        ``snapshot_every`` replies are kept."""
+        if self._asked is not None:
+            must = len(self._replies) > self.snapshot_every + MAX_IN_FLIGHT
+            ready, _ = ray.wait([self._asked[0]], timeout=self.guard.timeout if must else 0)
+            if ready:
+                self._take_snapshot()
+        if self._asked is None and self._snapshots_on and len(self._replies) >= self.snapshot_every:
+            self._asked = (self.actor.round_state.remote(self._token), self._accepted)
+
+    def _take_snapshot(self) -> None:
+        """Keep the snapshot asked for, on the driver's node, in place of the replies it covers."""
+        assert self._asked is not None
+        ref, covers = self._asked
+        self._asked = None
+        try:
+            snapshot = ray.get(ref)
+        except (RayActorError, ActorStateLost):
+            return  # the actor died or was restarted: finalize recovers, from the last snapshot taken
+        except Exception as err:
+            raise RuntimeError(f"the aggregator's round_state() failed in round {self._round}: "
+                               f"{_first_line(err)}") from err
+        if snapshot is None:  # this aggregator keeps no round state: every reply stays
+            self._snapshots_on = False
+            return
+        # ray.put first: the old snapshot and the replies may go only once the new one is stored.
+        stored = ray.put(snapshot)
+        del snapshot, ref
+        self._snapshot = stored
+        del self._replies[:covers - self._covered]
+        self._covered = covers
+        self.snapshots += 1
 
     def _bound_in_flight(self) -> None:
         """Wait until at most ``MAX_IN_FLIGHT`` handed-over replies are still being merged. Errors are
@@ -237,18 +298,35 @@ class RoundAggregation:
 
     def _close(self, state: RoundState) -> None:
         self._state = state
-        self._round, self._replies, self._pending, self._merged, self._accepted = None, [], [], 0, 0
+        self._round = None
+        self._reset_round()
+
+    def _reset_round(self) -> None:
+        self._replies: list[_Reply] = []  # kept for a replay: those after the snapshot
+        self._snapshot: ray.ObjectRef | None = None  # the actor's round after the first _covered replies
+        self._covered = 0
+        self._asked: tuple[ray.ObjectRef, int] | None = None  # a snapshot asked for, and the replies it covers
+        self._snapshots_on = True
+        self._pending: list[ray.ObjectRef] = []
+        self._merged = 0  # replies of _pending known to be merged
+        self._accepted = 0
 
     def _send(self, reply: _Reply) -> ray.ObjectRef:
         return self.actor.accumulate.remote(self._token, reply.client_id, reply.arrays, reply.num_examples,
                                             reply.metrics)
 
     def _open(self) -> None:
-        """Begin the open round on the actor under a new token and (re)send its replies in order."""
+        """Begin the open round on the actor under a new token, load the round's snapshot if one
+        was taken, and (re)send the replies after it in order."""
         self._token += 1
+        self._asked = None  # asked of an earlier attempt: its answer would not be trusted
         self.guard.get(self.actor.begin_round.remote(self._round, self._token, self._held),
                        f"the start of round {self._round}")
-        self._pending, self._merged = [self._send(reply) for reply in self._replies], 0
+        pending = []
+        if self._snapshot is not None:
+            pending.append(self.actor.load_round_state.remote(self._token, self._snapshot))
+        pending.extend(self._send(reply) for reply in self._replies)
+        self._pending, self._merged = pending, 0
 
     def _restore(self) -> None:
         """Give a restarted actor the last completed round's state, then replay the open round."""
@@ -258,6 +336,7 @@ class RoundAggregation:
         self._held = state.round
         if self._round is not None:
             self._open()
+            self.replayed += len(self._replies)
 
 
 def _how(err: BaseException) -> str:
