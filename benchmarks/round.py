@@ -65,6 +65,11 @@ def overrides(quick: bool, rounds: int | None, root: Path) -> list[str]:
     ]
 
 
+def address_override(address: str) -> list[str]:
+    """``ray.address`` for every run of a benchmark attached to a running cluster (none for a local Ray)."""
+    return [f"ray.address={address!r}"] if address else []
+
+
 def _config(spec: Mapping[str, Any]):
     from federation.config import load_config
 
@@ -252,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="digits, 4 clients, 2 rounds: for a smoke test")
     parser.add_argument("--rounds", type=int, help="rounds per run (default 4; --quick: 2); the first is start-up")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per run")
+    parser.add_argument("--address", default="", help="Ray cluster both systems attach to (default: a local Ray "
+                                                      "started and stopped by each run, included in its times)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -265,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info()
     with tempfile.TemporaryDirectory(prefix="fedmerge-bench-round-") as tmp:
         quiet_env(Path(tmp))
-        spec = {"overrides": overrides(args.quick, args.rounds, Path(tmp))}
+        spec = {"overrides": overrides(args.quick, args.rounds, Path(tmp)) + address_override(args.address)}
         print("# One federated round: plain Flower FedAvg vs fedmerge")
         print(format_machine(info))
         print("experiment: experiments/fashion_mnist_fedavg.toml with "

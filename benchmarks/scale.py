@@ -33,6 +33,7 @@ from typing import Any
 from benchmarks.common import (
     WorkerError, emit_result, format_machine, machine_info, markdown_table, peak_rss_mb, quiet_env, run_worker,
 )
+from benchmarks.round import address_override
 
 FULL = {"task": "fashion_mnist", "clients": (1000, 10000), "per_round": 100, "rounds": 3}
 QUICK = {"task": "digits", "clients": (50, 500), "per_round": 10, "rounds": 2}
@@ -86,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", help="comma-separated client counts (default 1000,10000; --quick: 50,500)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="which of flower,fedmerge to run")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    parser.add_argument("--address", default="", help="Ray cluster both systems attach to (default: a local Ray "
+                                                      "started and stopped by each run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -113,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedmerge-bench-scale-") as tmp:
         quiet_env(Path(tmp))
         for clients in plan["clients"]:
-            spec = {"overrides": overrides(plan["task"], clients, plan["per_round"], plan["rounds"], Path(tmp))}
+            spec = {"overrides": overrides(plan["task"], clients, plan["per_round"], plan["rounds"], Path(tmp))
+                     + address_override(args.address)}
             try:
                 prepare = run_worker("benchmarks.scale", {**spec, "what": "prepare"}, timeout=args.timeout)
                 print(f"  {clients} clients: shards written in {prepare['seconds']:.0f}s", file=sys.stderr)

@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run the same experiment with several aggregators")
     experiment_args(p)
     p.add_argument("--aggregators", required=True, help="comma-separated names, e.g. fedavg,wsa")
-    p.add_argument("--address", default=None)
+    p.add_argument("--address", default=None, help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)")
 
     p = sub.add_parser("sweep", help="run methods x settings x seeds from a sweep file; mean ± std table and plots")
     p.add_argument("sweep", type=Path, help="sweep TOML file (see federation/sweep.py, experiments/*sweep*.toml)")
@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="run only settings whose axis KEY has VALUE (TOML literal; repeatable)")
     p.add_argument("--summary-only", action="store_true", help="only rewrite summary.md and plots from results.jsonl")
+    p.add_argument("--address", default=None, help="Ray cluster every run attaches to (default: $RAY_ADDRESS or "
+                                                   "a local Ray per run)")
 
     p = sub.add_parser("report", help="re-print and re-plot a finished run")
     p.add_argument("run_dir", type=Path)
@@ -98,7 +100,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 except tomllib.TOMLDecodeError:
                     raise ConfigError(f"--only {item!r}: the value must be a TOML literal") from None
             path = run_sweep(sweep, args.out, methods=args.methods.split(",") if args.methods else None,
-                             seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, only=only)
+                             seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, only=only,
+                             address=args.address)
         print(path.read_text(encoding="utf-8"))
         print(f"summary: {path}")
         return 0

@@ -136,8 +136,10 @@ def _load_results(path: Path) -> list[dict[str, Any]]:
 
 def run_sweep(sweep: Sweep, out: str | Path, *, seeds: Sequence[int] | None = None,
               methods: Sequence[str] | None = None, only: Mapping[str, Any] | None = None,
-              progress: Callable[[str], None] = print) -> Path:
-    """Run every (setting, method, seed) not yet in ``out/results.jsonl``; returns the summary path."""
+              address: str | None = None, progress: Callable[[str], None] = print) -> Path:
+    """Run every (setting, method, seed) not yet in ``out/results.jsonl``; returns the summary path.
+
+    ``address``: a Ray cluster every run attaches to (as ``fedmerge run --address``)."""
     from federation.runner import run_experiment
 
     out = Path(out)
@@ -154,7 +156,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, seeds: Sequence[int] | None = No
     for number, (setting, method, seed) in enumerate(todo, 1):
         progress(f"=== sweep run {number}/{len(todo)}: {method}, {_label(setting)}, seed {seed}")
         config = run_config(sweep, method, setting, seed, out)
-        run = run_experiment(config, progress=progress).run_dir
+        run = run_experiment(config, address=address, progress=progress).run_dir
         record = {
             "method": method, "setting": setting, "seed": seed, "run_dir": str(run.path),
             "curves": {"server/accuracy": run.server_curve("accuracy"),

@@ -44,19 +44,32 @@ def digits_config(tmp_path: Path, *overrides: str):
 
 
 @pytest.fixture(scope="session")
+def ray_address():
+    """The address of one local Ray (a head with 2 CPUs, no dashboard) that the in-process end-to-end
+    runs attach to, as to a cluster: starting and stopping a Ray of their own would launch its
+    half-dozen system processes for every run, most of a small run's cost on 2 cores. Each run is
+    its own Ray job, so its actors and workers end with it. Tests of what a run's own local Ray
+    does (SIGKILL and resume, the demo's path) do not use it."""
+    from .ray_cluster import start_cluster
+
+    cluster = start_cluster(workers={}, head_args=["--num-cpus", "2"], dashboard=False, object_store_mb=1024)
+    try:
+        yield cluster.address
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
-    """A real three-node Ray cluster started with ``ray start`` (tests/ray_cluster.py), shared by the
-    cluster and Ray Jobs tests: a head with no CPUs (it runs the dashboard and job drivers), a
-    ``gpu`` worker that declares one GPU and the ``aggregator`` resource but no CPUs, and a
-    ``clients`` worker with 2 CPUs labelled ``fedmerge-role=clients``."""
+    """A real two-node Ray cluster started with ``ray start`` (tests/ray_cluster.py), shared by the
+    cluster and Ray Jobs tests: a head with no CPUs that declares one GPU and the ``aggregator``
+    resource (it also runs the dashboard and job drivers), and a ``clients`` worker with 2 CPUs
+    labelled ``fedmerge-role=clients``."""
     from .ray_cluster import start_cluster
 
     cluster = start_cluster(
-        workers={
-            "gpu": ["--num-cpus", "0", "--num-gpus", "1", "--resources", '{"aggregator": 1}'],
-            "clients": ["--num-cpus", "2", "--labels", "fedmerge-role=clients"],
-        },
-        head_args=["--num-cpus", "0"],
+        workers={"clients": ["--num-cpus", "2", "--labels", "fedmerge-role=clients"]},
+        head_args=["--num-cpus", "0", "--num-gpus", "1", "--resources", '{"aggregator": 1}'],
     )
     try:
         yield cluster

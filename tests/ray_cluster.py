@@ -97,22 +97,24 @@ class LocalCluster:
 
 
 def start_cluster(workers: dict[str, list[str]], head_args: list[str] = (), timeout: float = 180,
-                  attempts: int = 2) -> LocalCluster:
-    """Start a head (with the dashboard, for Ray Jobs) and the named workers; wait until all joined.
+                  attempts: int = 2, dashboard: bool = True, object_store_mb: int = 150) -> LocalCluster:
+    """Start a head (with the dashboard, for Ray Jobs, unless ``dashboard`` is false) and the named
+    workers, each node with an object store of ``object_store_mb``; wait until all joined.
 
     Ray gives a starting node a fixed 30 s to register, which a heavily loaded machine can miss:
     a failed start is stopped and tried again, up to ``attempts`` times in all.
     """
     for attempt in range(1, attempts + 1):
         try:
-            return _start_cluster(workers, list(head_args), timeout)
+            return _start_cluster(workers, list(head_args), timeout, dashboard, object_store_mb)
         except (RuntimeError, TimeoutError):
             if attempt == attempts:
                 raise
     raise AssertionError("unreachable")
 
 
-def _start_cluster(workers: dict[str, list[str]], head_args: list[str], timeout: float) -> LocalCluster:
+def _start_cluster(workers: dict[str, list[str]], head_args: list[str], timeout: float, dashboard: bool,
+                   object_store_mb: int) -> LocalCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="fmray-"))  # short: Ray's socket paths must stay < 108 chars
     (temp_dir / "head").mkdir()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -135,15 +137,16 @@ def _start_cluster(workers: dict[str, list[str]], head_args: list[str], timeout:
                "--temp-dir", str(temp_dir / name), "--node-manager-port", str(nm_port),
                "--object-manager-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
                "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-               "--metrics-export-port", str(free_port()), "--object-store-memory", str(150 * 2**20), *args]
+               "--metrics-export-port", str(free_port()), "--object-store-memory", str(object_store_mb * 2**20), *args]
         log = open(temp_dir / f"{name}.log", "wb")
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         cluster.nodes[name] = Node(name, proc, nm_port)
 
     try:
-        launch("head", ["--head", "--port", str(gcs_port), "--include-dashboard", "true",
-                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-                        "--ray-client-server-port", str(free_port()), *head_args])
+        web = (["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
+               if dashboard else ["--include-dashboard", "false"])
+        launch("head", ["--head", "--port", str(gcs_port), *web, "--ray-client-server-port", str(free_port()),
+                        *head_args])
         _wait("the head to start", lambda: _started(temp_dir / "head.log"), timeout, [cluster.nodes["head"].proc])
         for name, args in workers.items():
             launch(name, ["--address", cluster.address, *args])
@@ -151,8 +154,9 @@ def _start_cluster(workers: dict[str, list[str]], head_args: list[str], timeout:
             _wait(f"worker {name} to start", lambda: _started(temp_dir / f"{name}.log"), timeout,
                   [cluster.nodes[name].proc])
         _wait_for_nodes(cluster, timeout)
-        _wait("the dashboard (Jobs API) to answer", lambda: _http_ok(f"{cluster.dashboard}/api/version"),
-              timeout, [cluster.nodes["head"].proc])
+        if dashboard:
+            _wait("the dashboard (Jobs API) to answer", lambda: _http_ok(f"{cluster.dashboard}/api/version"),
+                  timeout, [cluster.nodes["head"].proc])
     except BaseException:
         cluster.stop()
         raise

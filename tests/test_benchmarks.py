@@ -71,7 +71,8 @@ def test_aggregation_quick_reports_every_path():
     out = run_benchmark("aggregation", "--quick")
     throughput, memory, breakdown = tables(out)
     header, row = throughput[0], by_first_cell(throughput)["4 x 1M"]
-    for column in ("Flower FedAvg GB/s (s)", "fedmerge GB/s (s)", "fedmerge + Ray, restarts 3 GB/s (s)",
+    for column in ("Flower FedAvg GB/s (s)", "fedmerge GB/s (s)", "fedmerge, float32 sums GB/s (s)",
+                   "fedmerge + Ray, restarts 3 GB/s (s)",
                    "fedmerge + Ray, restarts 0 GB/s (s)", "ceiling fp32 a*x+y GB/s"):
         assert numeric(row[header.index(column)]) > 0, column
     for cell in by_first_cell(memory)["4 x 1M"][1:]:
@@ -82,8 +83,8 @@ def test_aggregation_quick_reports_every_path():
 
 
 @pytest.mark.slow
-def test_round_quick_reports_flower_and_fedmerge():
-    out = run_benchmark("round", "--quick")
+def test_round_quick_reports_flower_and_fedmerge(ray_address):
+    out = run_benchmark("round", "--quick", "--address", ray_address)
     (table,) = tables(out)
     for system in ("flower", "fedmerge"):
         row = by_first_cell(table)[system]
@@ -93,8 +94,8 @@ def test_round_quick_reports_flower_and_fedmerge():
 
 
 @pytest.mark.slow
-def test_scale_quick_reports_both_systems():
-    out = run_benchmark("scale", "--quick", "--clients", "40")
+def test_scale_quick_reports_both_systems(ray_address):
+    out = run_benchmark("scale", "--quick", "--clients", "40", "--address", ray_address)
     (table,) = tables(out)
     rows = table[1:]
     assert sorted((r[0], r[1]) for r in rows) == [("fedmerge", "40"), ("flower", "40")]

@@ -55,14 +55,15 @@ def test_digits_end_to_end(base_run):
     assert outcome.placement["aggregator"]["device"] == "cpu"
 
 
-def test_same_seed_same_metrics(base_run, tmp_path):
+def test_same_seed_same_metrics(base_run, tmp_path, ray_address):
+    """The base run started a Ray of its own; this one attaches to a running Ray: same metrics."""
     first = base_run[0].run_dir
-    second = run_experiment(digits_config(tmp_path), progress=lambda _: None).run_dir
+    second = run_experiment(digits_config(tmp_path), address=ray_address, progress=lambda _: None).run_dir
     assert _rows(first) == _rows(second)
     a, b = first.load_model(), second.load_model()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_other_seed_other_metrics(base_run, tmp_path):
-    other = run_experiment(digits_config(tmp_path, "seed=8"), progress=lambda _: None).run_dir
+def test_other_seed_other_metrics(base_run, tmp_path, ray_address):
+    other = run_experiment(digits_config(tmp_path, "seed=8"), address=ray_address, progress=lambda _: None).run_dir
     assert _rows(base_run[0].run_dir) != _rows(other)

@@ -19,12 +19,12 @@ FEDDRL = ["aggregator.name=feddrl", "aggregator.a2c_hidden=16", "aggregator.a2c_
 
 
 @pytest.fixture(scope="module")
-def attacked_run(tmp_path_factory) -> RunDir:
+def attacked_run(tmp_path_factory, ray_address) -> RunDir:
     config = digits_config(
         tmp_path_factory.mktemp("feddrl"), "data.num_clients=4", "data.server_val_size=300",
         "federation.num_rounds=3", "federation.min_train_nodes=4",
         "attack.kind=\"noise\"", "attack.fraction=0.25", "attack.seed=1", *FEDDRL)
-    return run_experiment(config, progress=lambda _: None).run_dir
+    return run_experiment(config, address=ray_address, progress=lambda _: None).run_dir
 
 
 def _rows(run: RunDir, scope: str, metric: str) -> dict[tuple[int, int | None], float]:

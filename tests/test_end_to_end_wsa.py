@@ -12,19 +12,19 @@ from .conftest import digits_config
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path_factory, label: str, *overrides: str) -> RunDir:
+def _run(tmp_path_factory, address: str, label: str, *overrides: str) -> RunDir:
     config = digits_config(tmp_path_factory.mktemp(label), *overrides)
-    return run_experiment(config, progress=lambda _: None).run_dir
+    return run_experiment(config, address=address, progress=lambda _: None).run_dir
 
 
 @pytest.fixture(scope="module")
-def wsa_run(tmp_path_factory) -> RunDir:
-    return _run(tmp_path_factory, "wsa", "aggregator.name=wsa")
+def wsa_run(tmp_path_factory, ray_address) -> RunDir:
+    return _run(tmp_path_factory, ray_address, "wsa", "aggregator.name=wsa")
 
 
 @pytest.fixture(scope="module")
-def fedprox_run(tmp_path_factory) -> RunDir:
-    return _run(tmp_path_factory, "fedprox", "aggregator.name=fedprox")
+def fedprox_run(tmp_path_factory, ray_address) -> RunDir:
+    return _run(tmp_path_factory, ray_address, "fedprox", "aggregator.name=fedprox")
 
 
 def _series(run: RunDir, scope: str, metric: str) -> dict[tuple[int, int | None], float]:
@@ -45,13 +45,13 @@ def test_learns_and_reports_scope_metrics_every_round(fixture, metrics, request)
         assert sorted(_series(run, "aggregator", metric)) == [(1, None), (2, None)], metric
 
 
-def test_the_scope_term_reaches_the_clients(wsa_run, tmp_path_factory) -> None:
+def test_the_scope_term_reaches_the_clients(wsa_run, tmp_path_factory, ray_address) -> None:
     """Same seed, partitions and initial model; only λ differs, and λ acts on the clients alone.
 
     Were the term ignored, round 1's client models would be identical in both runs, and so
     would their task losses and their KL to the round-1 target (the initial model's scopes).
     """
-    strong = _run(tmp_path_factory, "wsa-lam100", "aggregator.name=wsa", "aggregator.lam=100")
+    strong = _run(tmp_path_factory, ray_address, "wsa-lam100", "aggregator.name=wsa", "aggregator.lam=100")
     kl_weak = _series(wsa_run, "aggregator", "scope_kl_to_target")[(1, None)]
     kl_strong = _series(strong, "aggregator", "scope_kl_to_target")[(1, None)]
     assert kl_strong < 0.2 * kl_weak, (kl_strong, kl_weak)

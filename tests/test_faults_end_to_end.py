@@ -40,7 +40,7 @@ def _comparable(run: RunDir) -> dict[tuple[int, str, int, str], float]:
             for r in table if not r["metric"].endswith("_s")}  # seconds differ run to run
 
 
-def test_a_crashing_client_is_a_failure_with_its_error_and_the_rounds_go_on(tmp_path):
+def test_a_crashing_client_is_a_failure_with_its_error_and_the_rounds_go_on(tmp_path, ray_address):
     config = digits_config(tmp_path, "data.num_clients=4", "federation.num_rounds=2")
     task = get_task("digits")
     train = task.load("train", None)
@@ -49,7 +49,7 @@ def test_a_crashing_client_is_a_failure_with_its_error_and_the_rounds_go_on(tmp_
     broken = shard_path(shard_dir, 1)
     broken.write_bytes(broken.read_bytes()[:100])  # a damaged disk at one site
 
-    run = run_experiment(config, progress=lambda _: None).run_dir
+    run = run_experiment(config, address=ray_address, progress=lambda _: None).run_dir
 
     events = run.events()
     failed = [e for e in events if e["kind"] == "failed"]
@@ -136,7 +136,7 @@ def test_a_client_that_never_answers_times_out_and_the_round_completes():
     assert new_arrays is not None and not report.skipped
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path):
+def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path, ray_address):
     overrides = digits_overrides(tmp_path / "killed", "federation.num_rounds=4", "checkpoint.keep=0")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "federation.cli", "run", str(DEFAULT_EXPERIMENT)]
@@ -160,9 +160,10 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path):
     killed = RunDir(run_path)
     assert max(r for r, _ in killed.server_curve("accuracy")) < 4
 
-    assert main(["resume", str(run_path)]) == 0
+    # The killed run had a Ray of its own, gone with it; the resumed and the reference runs attach to one.
+    assert main(["resume", str(run_path), "--address", ray_address]) == 0
     reference = run_experiment(digits_config(tmp_path / "whole", "federation.num_rounds=4"),
-                               progress=lambda _: None).run_dir
+                               address=ray_address, progress=lambda _: None).run_dir
 
     resumed, whole = _comparable(killed), _comparable(reference)
     assert {key[0] for key in resumed} == {1, 2, 3, 4}

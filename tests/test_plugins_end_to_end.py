@@ -19,10 +19,10 @@ def _aggregator_metric(run, metric):
     return rows["value"].to_pylist()
 
 
-def test_registered_class_with_federated_evaluation(tmp_path):
+def test_registered_class_with_federated_evaluation(tmp_path, ray_address):
     config = digits_config(tmp_path, "aggregator.name=mean_of_two_best",
                            "data.local_test_fraction=0.25", "federation.fraction_evaluate=1.0")
-    run = run_experiment(config, progress=lambda _: None).run_dir
+    run = run_experiment(config, address=ray_address, progress=lambda _: None).run_dir
     assert _aggregator_metric(run, "dropped_clients") == [1.0, 1.0]  # 3 clients, the two best kept
     assert run.server_curve()[-1][1] > 0.5
 
@@ -35,9 +35,10 @@ def test_registered_class_with_federated_evaluation(tmp_path):
     assert 0.2 * 1437 < examples[0] < 0.3 * 1437  # about a quarter of digits' 1,437 training rows
 
 
-def test_import_path_and_entry_point_through_compare(tmp_path):
+def test_import_path_and_entry_point_through_compare(tmp_path, ray_address):
     path_route = "tests.plugins.custom_aggregators:KeepBestByMetric"
-    outcome = compare(digits_config(tmp_path), [path_route, "example_plugin"], progress=lambda _: None)
+    outcome = compare(digits_config(tmp_path), [path_route, "example_plugin"], address=ray_address,
+                      progress=lambda _: None)
     assert path_route in outcome.table and "example_plugin" in outcome.table
     assert (outcome.path / "compare.png").stat().st_size > 0
     best = _aggregator_metric(outcome.runs[path_route], "best_client")

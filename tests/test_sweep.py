@@ -59,14 +59,14 @@ def test_each_run_gets_its_method_setting_and_seed(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_runs_once_resumes_and_summarises(tmp_path):
+def test_a_sweep_runs_once_resumes_and_summarises(tmp_path, ray_address):
     sweep = load_sweep(write_sweep(tmp_path))
     out = tmp_path / "out"
     lines: list[str] = []
-    summary = run_sweep(sweep, out, methods=["fedavg"], progress=lines.append)
+    summary = run_sweep(sweep, out, methods=["fedavg"], address=ray_address, progress=lines.append)
     assert sum(line.startswith("=== sweep run") for line in lines) == 1
     lines.clear()
-    summary = run_sweep(sweep, out, progress=lines.append)  # fedavg is done: only wsa runs
+    summary = run_sweep(sweep, out, address=ray_address, progress=lines.append)  # fedavg is done: only wsa runs
     assert [line for line in lines if line.startswith("=== sweep run")] == ["=== sweep run 1/1: wsa, alpha=0.5, seed 3"]
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["method"] for r in results] == ["fedavg", "wsa"]
