@@ -14,20 +14,25 @@ the same client weights go through:
 - **fedmerge**: one reply at a time, made just in time and dropped once handed over, through
   ``federation.arrays.record_to_numpy`` (zero-copy views of the Array bytes) and
   ``aggregators.fedavg.FedAvg`` begin_round / accumulate / finalize, in-process: the merge alone.
+- **fedmerge, float32 sums**: the same with ``FedAvg(accumulator="float32")``, which sums in
+  float32 as Flower does (12 bytes of traffic per parameter instead of 20; error bound in FedAvg).
 - **fedmerge + Ray**: the whole server path of ``FedMergeStrategy``: ``record_to_numpy``, the
   run's ``UpdateValidator`` (layout, NaN/Inf, update norm), ``RoundAggregation.accumulate``
   (``ray.put`` into the object store, ``AggregatorActor.accumulate`` without waiting), then
   ``finalize`` and ``state_to_record``, on a local Ray. Replies are handed over back to back, so
   the driver's checks overlap the actor's merge as in a real round. "restarts 3" is the default
-  config (``ray.aggregator.max_restarts = 3``: the round's replies stay in the object store for a
-  replay into a restarted actor); "restarts 0" lets each reply go once merged.
+  config (``ray.aggregator.max_restarts = 3``: replies stay in the object store for a replay into
+  a restarted actor until a snapshot of the actor's sums, taken every ``SNAPSHOT_EVERY`` replies,
+  replaces them); "restarts 0" lets each reply go once merged.
 
 Only the merge is timed; making a reply (which a real server receives over the network) is not.
 Throughput is GB of client float32 weights merged per second (N * P * 4 bytes / seconds). The
 ceiling is the machine's in-place a*x + y bandwidth, torch ``y.add_(x, alpha=a)`` over P float32
 (bytes of x per second), with the threads the merges get (``--threads``, default 1). fedmerge
-accumulates in float64 (exact and independent of arrival order), which moves 20 bytes per
-parameter where the float32 ceiling moves 12, so about 60 % of the ceiling is its bound.
+accumulates in float64 by default (exact and independent of arrival order), which moves 20 bytes
+per parameter where the float32 ceiling moves 12, and reads each reply once more to refuse NaN/Inf
+before adding it (4 bytes): about half the ceiling is its bound. With float32 sums it moves 16
+bytes, so about three quarters of the ceiling.
 
 Every measurement runs in a fresh process and reports its peak resident memory (``ru_maxrss``);
 for the Ray paths the actor's ``VmHWM`` is added (an upper bound: object-store pages touched by
@@ -51,7 +56,7 @@ from benchmarks.common import (
 
 FULL_CELLS = "10x10M,50x10M,100x25M"
 QUICK_CELLS = "4x1M"
-PATHS = ("flower", "fedmerge", "fedmerge-ray", "fedmerge-ray-norestart")
+PATHS = ("flower", "fedmerge", "fedmerge-fp32", "fedmerge-ray", "fedmerge-ray-norestart")
 LAYER_SHARES = (0.4, 0.3, 0.2, 0.1)  # of P, largest layer first, like an MLP's weight matrices
 ROW_WIDTH = 1024
 POOL = 2  # distinct reply contents; client i sends content i % POOL
@@ -175,14 +180,14 @@ def measure_flower(clients: int, num_params: int) -> dict[str, Any]:
             "checksum": checksum({k: a.numpy() for k, a in arrays.items()})}
 
 
-def measure_fedmerge(clients: int, num_params: int) -> dict[str, Any]:
+def measure_fedmerge(clients: int, num_params: int, accumulator: str = "float64") -> dict[str, Any]:
     """fedmerge's FedAvg, in-process, fed one reply at a time (each dropped once accumulated)."""
     from aggregators.base import ClientUpdate, RoundContext
     from aggregators.fedavg import FedAvg
     from federation.arrays import record_to_numpy, to_torch_state
 
     base = base_state(num_params)
-    aggregator = FedAvg()
+    aggregator = FedAvg(accumulator=accumulator)
     aggregator.begin_round(RoundContext(round=1, global_state=base, base_state=base))
     start_rss = rss_mb()
     seconds = 0.0
@@ -235,8 +240,9 @@ def measure_fedmerge_ray(clients: int, num_params: int, restarts: int = 3) -> di
     Replies are handed over back to back from a pool of prebuilt ones (their bytes are never
     mutated), so the timed loop is the server's own work, with the overlap of driver and actor
     that a real round gets; each hand-over is still a new object in Ray's object store.
-    ``restarts`` is ``ray.aggregator.max_restarts``: above 0 (the default, 3) the round's replies
-    stay in the object store until the round closes, for a replay into a restarted actor.
+    ``restarts`` is ``ray.aggregator.max_restarts``: above 0 (the default, 3) replies stay in the
+    object store for a replay into a restarted actor until a snapshot of the actor's round covers
+    them.
     """
     import ray
 
@@ -273,7 +279,8 @@ def measure_fedmerge_ray(clients: int, num_params: int, restarts: int = 3) -> di
             aggregation.accumulate(i, arrays, num_examples(i), metrics)
             handover_s += time.perf_counter() - mark
             del arrays
-        plasma_mib = _plasma_mib()  # every reply handed over, none released yet
+        plasma_mib = _plasma_mib()  # every reply handed over; kept ones not released yet
+        kept = aggregation.num_kept
         mark = time.perf_counter()
         _, state, round_metrics = aggregation.finalize()
         merged = state_to_record(state)
@@ -285,7 +292,7 @@ def measure_fedmerge_ray(clients: int, num_params: int, restarts: int = 3) -> di
                 "actor_peak_mb": actor_peak, "object_store_mb": plasma_mib * 2**20 / 1e6,
                 "driver_validate_s": validate_s, "driver_handover_s": handover_s,
                 "finalize_wait_s": finalize_wait_s, "actor_merge_s": round_metrics.get("aggregate_s"),
-                "max_restarts": restarts,
+                "max_restarts": restarts, "snapshots": aggregation.snapshots, "kept_before_finalize": kept,
                 "checksum": checksum({k: a.numpy() for k, a in merged.items()})}
     finally:
         ray.shutdown()
@@ -294,6 +301,7 @@ def measure_fedmerge_ray(clients: int, num_params: int, restarts: int = 3) -> di
 MEASURES = {
     "flower": measure_flower,
     "fedmerge": measure_fedmerge,
+    "fedmerge-fp32": lambda n, p: measure_fedmerge(n, p, accumulator="float32"),
     "fedmerge-ray": lambda n, p: measure_fedmerge_ray(n, p, restarts=3),
     "fedmerge-ray-norestart": lambda n, p: measure_fedmerge_ray(n, p, restarts=0),
 }
@@ -321,8 +329,10 @@ def projected_gb(path: str, clients: int, num_params: int) -> float:
     per_path = {
         "flower": clients * model_gb + 5 * model_gb,  # every reply held, plus Flower's temporaries
         "fedmerge": 8 * model_gb,                     # base, one reply, its bytes, float64 sum + temps
-        # driver and actor, object-store copy, second process; with restarts every reply stays in the store
-        "fedmerge-ray": (clients + 14) * model_gb + BASELINE_GB,
+        "fedmerge-fp32": 8 * model_gb,
+        # driver and actor, object-store copy, second process; with restarts the replies a snapshot
+        # does not cover yet (SNAPSHOT_EVERY + MAX_IN_FLIGHT + 1 at most) and up to 3 float64 snapshots
+        "fedmerge-ray": (min(clients, 13) + 6 + 14) * model_gb + BASELINE_GB,
         "fedmerge-ray-norestart": 14 * model_gb + BASELINE_GB,
         "ceiling": 4 * model_gb,
     }
@@ -383,15 +393,18 @@ def throughput_table(cells: Sequence[tuple[int, int]], results: Sequence[Mapping
             f"{clients} x {num_params / 1e6:g}M", f"{data_gb:.2f}",
             *(_gbps(res[p], data_gb) if p in res else "-" for p in PATHS),
             _ratio(fedmerge, res.get("flower", {})),
+            _ratio(res.get("fedmerge-fp32", {}), res.get("flower", {})),
             _ratio(res.get("fedmerge-ray-norestart", {}), res.get("flower", {})),
             "-" if ceiling_gbps is None else f"{ceiling_gbps:.2f}",
-            f"{100 * data_gb / fedmerge['seconds'] / ceiling_gbps:.0f} %"
-            if ceiling_gbps and "seconds" in fedmerge else "-",
+            *(f"{100 * data_gb / res[p]['seconds'] / ceiling_gbps:.0f} %"
+              if ceiling_gbps and "seconds" in res.get(p, {}) else "-" for p in ("fedmerge", "fedmerge-fp32")),
         ])
     return markdown_table(
         ["clients x params", "GB merged", "Flower FedAvg GB/s (s)", "fedmerge GB/s (s)",
-         "fedmerge + Ray, restarts 3 GB/s (s)", "fedmerge + Ray, restarts 0 GB/s (s)", "fedmerge vs Flower",
-         "fedmerge + Ray (restarts 0) vs Flower", "ceiling fp32 a*x+y GB/s", "fedmerge / ceiling"], rows)
+         "fedmerge, float32 sums GB/s (s)", "fedmerge + Ray, restarts 3 GB/s (s)",
+         "fedmerge + Ray, restarts 0 GB/s (s)", "fedmerge vs Flower", "fedmerge float32 sums vs Flower",
+         "fedmerge + Ray (restarts 0) vs Flower", "ceiling fp32 a*x+y GB/s", "fedmerge / ceiling",
+         "fedmerge float32 sums / ceiling"], rows)
 
 
 def memory_table(cells: Sequence[tuple[int, int]], results: Sequence[Mapping[str, Any]]) -> str:
@@ -404,7 +417,8 @@ def memory_table(cells: Sequence[tuple[int, int]], results: Sequence[Mapping[str
             store = res.get(path, {}).get("object_store_mb")
             rows[-1].append("-" if store is None else f"{store:,.0f}")
     return markdown_table(["clients x params", "one model MB", "Flower FedAvg peak MB (growth)",
-                           "fedmerge peak MB (growth)", "fedmerge + Ray, restarts 3: driver+actor peak MB (growth)",
+                           "fedmerge peak MB (growth)", "fedmerge, float32 sums peak MB (growth)",
+                           "fedmerge + Ray, restarts 3: driver+actor peak MB (growth)",
                            "fedmerge + Ray, restarts 0: driver+actor peak MB (growth)",
                            "object store before finalize MB, restarts 3", "object store, restarts 0"], rows)
 
@@ -420,9 +434,11 @@ def ray_breakdown_table(cells: Sequence[tuple[int, int]], results: Sequence[Mapp
                 continue
             per = lambda key: f"{1e3 * r[key] / clients:.1f}" if r.get(key) is not None else "-"  # noqa: E731
             rows.append([f"{clients} x {num_params / 1e6:g}M", restarts, per("seconds"), per("driver_validate_s"),
-                         per("driver_handover_s"), per("actor_merge_s"), f"{r['finalize_wait_s']:.2f}"])
+                         per("driver_handover_s"), per("actor_merge_s"), f"{r['finalize_wait_s']:.2f}",
+                         r.get("snapshots", "-"), r.get("kept_before_finalize", "-")])
     return markdown_table(["clients x params", "restarts", "total ms/reply", "driver checks ms/reply",
-                           "driver hand-over ms/reply", "actor merge ms/reply", "wait in finalize s"], rows)
+                           "driver hand-over ms/reply", "actor merge ms/reply", "wait in finalize s",
+                           "snapshots taken", "replies kept before finalize"], rows)
 
 
 def agreement(results: Sequence[Mapping[str, Any]]) -> str:
@@ -442,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.aggregation", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"tiny sizes ({QUICK_CELLS}) for a smoke test")
     parser.add_argument("--cells", help=f"NxP list (default {FULL_CELLS}; --quick: {QUICK_CELLS})")
-    parser.add_argument("--paths", default=",".join(PATHS), help="which of flower,fedmerge,fedmerge-ray to run")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"which of {','.join(PATHS)} to run")
     parser.add_argument("--max-gb", type=float, default=14.0, help="skip a measurement projected above this")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=1,
