@@ -143,7 +143,16 @@ def test_an_aggregator_without_round_state_says_so():
         aggregator.load_round_state({})
 
 
-def test_float32_accumulation_is_within_its_error_bound_and_deterministic():
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a loaded 2-core machine two threads' barriers made this test 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_float32_accumulation_is_within_its_error_bound_and_deterministic(one_thread):
     """FedAvg(accumulator="float32") against the exact float64 mean, on 60 replies with unequal
     counts: every element within gamma * (weighted mean of |theta|), gamma = (N+1)u / (1-(N+1)u)."""
     gen = torch.Generator().manual_seed(1)
@@ -183,10 +192,11 @@ def test_the_accumulator_parameter_is_checked():
 # ---- real actors ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(ray_address):
+    """This module's driver, attached to the session's shared local Ray (``conftest.ray_address``)."""
     import ray
 
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(address=ray_address, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
     yield ray
     ray.shutdown()
