@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,18 @@ def ray_address():
         yield cluster.address
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def attached_ray(ray_address):
+    """``ray``, with this module's driver attached to the shared local Ray (``ray_address``): for
+    tests that create and kill actors themselves. Workers import the project through PYTHONPATH."""
+    import ray
+
+    ray.init(address=ray_address, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,7 @@ Chunk sizes are shrunk here so that small tensors cross many chunk boundaries, r
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -149,7 +146,7 @@ class SlowMean(FedAvg):
 
 
 @pytest.mark.slow
-def test_a_round_without_restarts_keeps_no_reply_and_merges_the_same():
+def test_a_round_without_restarts_keeps_no_reply_and_merges_the_same(attached_ray):
     """With ``max_restarts = 0`` a reply leaves the driver once handed over (no replay is possible
     anyway), the driver never lets more than MAX_IN_FLIGHT replies queue up at a slow actor, and
     the merged model is the one of a round that keeps them for a replay."""
@@ -161,30 +158,25 @@ def test_a_round_without_restarts_keeps_no_reply_and_merges_the_same():
     base = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
     rng = np.random.default_rng(3)
     replies = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()} for _ in range(12)]
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
-    try:
-        states = {}
-        for restarts in (0, 2):
-            actor = AggregatorActor.options(num_cpus=0, max_restarts=restarts).remote(SlowMean(), base, 0)
-            aggregation = RoundAggregation(actor, RoundState(0, base, {}),
-                                           ActorGuard("aggregator", max_restarts=restarts, timeout=60))
-            assert aggregation.holds_replies == (restarts > 0)
-            aggregation.begin_round(1)
-            for i, arrays in enumerate(replies):
-                aggregation.accumulate(i, arrays, 10 + i, {})
-                _, unmerged = ray.wait(aggregation._pending, num_returns=len(aggregation._pending), timeout=0)
-                assert len(unmerged) <= MAX_IN_FLIGHT  # the driver waits for a slow actor
-            assert aggregation.num_accepted == len(replies)
-            # With restarts, replies are kept for a replay until a snapshot covers them
-            # (tests/test_round_snapshots.py); without, none is kept.
-            assert (aggregation.num_kept > 0) == (restarts > 0)
-            _, states[restarts], _ = aggregation.finalize()
-            ray.kill(actor)
-        for key in base:
-            assert np.array_equal(states[0][key], states[2][key]), key
-    finally:
-        ray.shutdown()
+    states = {}
+    for restarts in (0, 2):
+        actor = AggregatorActor.options(num_cpus=0, max_restarts=restarts).remote(SlowMean(), base, 0)
+        aggregation = RoundAggregation(actor, RoundState(0, base, {}),
+                                       ActorGuard("aggregator", max_restarts=restarts, timeout=60))
+        assert aggregation.holds_replies == (restarts > 0)
+        aggregation.begin_round(1)
+        for i, arrays in enumerate(replies):
+            aggregation.accumulate(i, arrays, 10 + i, {})
+            _, unmerged = ray.wait(aggregation._pending, num_returns=len(aggregation._pending), timeout=0)
+            assert len(unmerged) <= MAX_IN_FLIGHT  # the driver waits for a slow actor
+        assert aggregation.num_accepted == len(replies)
+        # With restarts, replies are kept for a replay until a snapshot covers them
+        # (tests/test_round_snapshots.py); without, none is kept.
+        assert (aggregation.num_kept > 0) == (restarts > 0)
+        _, states[restarts], _ = aggregation.finalize()
+        ray.kill(actor)
+    for key in base:
+        assert np.array_equal(states[0][key], states[2][key]), key
 
 
 def flwr_partitioner(scheme: str, num_clients: int, seed: int):

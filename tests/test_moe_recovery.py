@@ -9,9 +9,7 @@ actor answered None and the evaluator silently scored the broadcast weights inst
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import time
 
 import numpy as np
@@ -32,11 +30,8 @@ SMILE = {"k_gate": 4, "k": 8, "top_k": 2, "base": "round"}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
-    yield
-    ray.shutdown()
+def _driver(attached_ray):
+    """Every test here runs against the session's shared local Ray."""
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,8 @@ A small local Ray, no Flower: the driver side (``RoundAggregation``, ``ActorGuar
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Sequence
 
@@ -59,11 +57,8 @@ class DriftingMean(Aggregator):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
-    yield
-    ray.shutdown()
+def _driver(attached_ray):
+    """Every test here runs against the session's shared local Ray."""
 
 
 def kill(actor, until_restarted: bool = False) -> None:

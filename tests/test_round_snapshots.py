@@ -10,11 +10,9 @@ against the float64 mean and its documented error bound.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import pickle
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -192,14 +190,8 @@ def test_the_accumulator_parameter_is_checked():
 # ---- real actors ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def local_ray(ray_address):
-    """This module's driver, attached to the session's shared local Ray (``conftest.ray_address``)."""
-    import ray
-
-    ray.init(address=ray_address, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
-    yield ray
-    ray.shutdown()
+def local_ray(attached_ray):
+    return attached_ray
 
 
 def actor_rounds(ray, aggregator: Aggregator, rounds: Sequence[Sequence[dict[str, np.ndarray]]], *,
