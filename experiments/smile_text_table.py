@@ -91,6 +91,12 @@ def per_task_of_own_models(task, updates, test, batch_size: int) -> dict[str, fl
     return out
 
 
+def _agrees(old: dict, new: dict) -> bool:
+    """``new`` has every setting of ``old`` (fields added to the config since keep their defaults)."""
+    return all(_agrees(v, new.get(k)) if isinstance(v, dict) and isinstance(new.get(k), dict) else new.get(k) == v
+               for k, v in old.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "experiments" / "smile_text.toml"))
@@ -99,7 +105,11 @@ def main() -> None:
     parser.add_argument("--wemoe-steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="")
+    parser.add_argument("--aggregators", default="",
+                        help="comma-separated aggregator names (e.g. wemoe): run only their rows and replace "
+                             "them in an existing --out report, keeping its other rows")
     args = parser.parse_args()
+    only = {a.strip() for a in args.aggregators.split(",") if a.strip()}
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set)
     task = get_task(cfg.data.task)
@@ -138,10 +148,11 @@ def main() -> None:
     head_updates, head_seconds = fine_tune(task, shards, theta0, heads_cfg, cfg.seed, f"{key}-heads", cache)
     timing["heads_only_s_per_client"] = float(np.mean(head_seconds))
 
-    started = time.perf_counter()
-    row("individual fine-tuned (upper)", per_task_of_own_models(task, updates, test, batch), float(len(updates)))
-    row("pretrained + heads (lower)", per_task_of_own_models(task, head_updates, test, batch), 1.0)
-    timing["evaluate_s_bounds"] = time.perf_counter() - started
+    if not only:
+        started = time.perf_counter()
+        row("individual fine-tuned (upper)", per_task_of_own_models(task, updates, test, batch), float(len(updates)))
+        row("pretrained + heads (lower)", per_task_of_own_models(task, head_updates, test, batch), 1.0)
+        timing["evaluate_s_bounds"] = time.perf_counter() - started
 
     proxy = {t: task.preprocess(x) for t, x in proxy_inputs(task, proxy_source).items()}
     ctx = RoundContext(round=1, global_state=theta0, base_state=theta0, seed=cfg.seed,
@@ -149,6 +160,8 @@ def main() -> None:
     for name, agg_name, params in [*METHODS, ("WEMoE", "wemoe", {"steps": args.wemoe_steps}),
                                    ("E-WEMoE (10%, shared router)", "wemoe",
                                     {"steps": args.wemoe_steps, "efficient": True})]:
+        if only and agg_name not in only:
+            continue
         started = time.perf_counter()
         result = create_aggregator(agg_name, params).aggregate(ctx, updates)
         merge_s = time.perf_counter() - started
@@ -166,6 +179,15 @@ def main() -> None:
             **{k: float(v) for k, v in result.metrics.items() if k.endswith("_s") or k.startswith("router_")})
     report = {"config": cfg.to_dict(), "rows": rows, "timing": timing, "one_model_params": one_model,
               "threads": args.threads, "loadavg": os.getloadavg()}
+    if only and args.out and Path(args.out).is_file():  # replace these rows, keep the rest as measured
+        old = json.loads(Path(args.out).read_text())
+        if not _agrees(old["config"], report["config"]):
+            raise SystemExit(f"{args.out} was measured with another config; run every row (no --aggregators)")
+        new = {r["method"]: r for r in rows}
+        report = {**old, "rows": [new.pop(r["method"], r) for r in old["rows"]] + list(new.values()),
+                  "timing": {**old["timing"], **timing},
+                  "rerun": [*old.get("rerun", []), {"rows": [r["method"] for r in rows], "loadavg": os.getloadavg(),
+                                                    "threads": args.threads}]}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(timing))

@@ -57,7 +57,7 @@ def test_a_served_model_that_does_not_fit_is_named(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_smile_on_minilm_text_tasks_end_to_end(tmp_path) -> None:
+def test_smile_on_minilm_text_tasks_end_to_end(tmp_path, ray_address) -> None:
     from federation.config import load_config
     from federation.results import RunDir
     from federation.runner import run_experiment
@@ -68,7 +68,7 @@ def test_smile_on_minilm_text_tasks_end_to_end(tmp_path) -> None:
         f"data.cache_dir={str(tmp_path / 'shards')!r}", "output.plot=false",
         'data.proxy_inputs="held_out"', "data.proxy_size=4",  # SMILE needs none; the clients lose them
     ])
-    run: RunDir = run_experiment(config, progress=lambda _: None).run_dir
+    run: RunDir = run_experiment(config, address=ray_address, progress=lambda _: None).run_dir
     rows = run.metrics().to_pylist()
     server = {r["metric"]: r["value"] for r in rows if r["scope"] == "server"}
     names = get_task("text_multitask").task_names
