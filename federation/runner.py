@@ -102,6 +102,7 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None,
                    progress: Callable[[str], None] = print, verbose: bool = False) -> RunOutcome:
     """Run one federated experiment end to end; returns its run directory."""
     build_aggregator(config)  # fail fast, before any folder or cluster exists
+    _check_data(config)
     run_dir = RunDir.create(config.output.root_path, config.name)
     run_dir.write_config(config.to_toml())
     progress(f"run directory: {run_dir.path}")
@@ -121,6 +122,7 @@ def resume_experiment(run_dir: str | os.PathLike[str], *, address: str | None = 
     run = RunDir(run_dir)
     config = load_config(run.config_path)
     build_aggregator(config)
+    _check_data(config)
     checkpoint = latest_checkpoint(run.checkpoint_dir)
     done = checkpoint.round if checkpoint is not None else 0
     run.truncate_after(done)
@@ -128,6 +130,15 @@ def resume_experiment(run_dir: str | os.PathLike[str], *, address: str | None = 
     run.log_events(done, [(None, "resumed", f"resumed from {where}")])
     progress(f"resuming {run.path} from {where}; rounds {done + 1}..{config.federation.num_rounds} to go")
     return _execute(config, run, checkpoint, address=address, progress=progress, verbose=verbose)
+
+
+def _check_data(config: ExperimentConfig) -> None:
+    """Read both splits of the task's data (a ``DataError`` names what is missing) before a run folder
+    or Ray exists; the task caches what it read, so the run's setup does not read it twice."""
+    task = get_task(config.data.task)
+    data_dir = Path(config.data.data_dir) if config.data.data_dir else None
+    for split in ("train", "test"):
+        task.load(split, data_dir)
 
 
 def _execute(config: ExperimentConfig, run_dir: RunDir, resume: Checkpoint | None, *, address: str | None,

@@ -60,6 +60,14 @@ def test_missing_data_says_how_to_get_it(tmp_path, capsys):
     assert code == 2 and "make data" in err and "Traceback" not in err
 
 
+def test_a_run_without_its_data_fails_before_making_a_folder(tmp_path, capsys):
+    root = tmp_path / "runs"
+    code = main(["run", DEFAULT, "--set", f"data.data_dir='{tmp_path / 'empty'}'", "--set", f"output.root='{root}'"])
+    err = capsys.readouterr().err
+    assert code == 2 and "make data" in err and "Traceback" not in err
+    assert not root.exists() or not any(root.iterdir())
+
+
 def test_report_reprints_and_replots(tmp_path, capsys):
     run = RunDir.create(tmp_path, "demo")
     for r, acc in ((1, 0.5), (2, 0.75)):
