@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,25 @@ def digits_config(tmp_path: Path, *overrides: str):
     from federation.config import load_config
 
     return load_config(DEFAULT_EXPERIMENT, digits_overrides(tmp_path, *overrides))
+
+
+def kill_actor(actor, until_restarted: bool = False) -> None:
+    """``ray.kill`` the actor (Ray may restart it) and wait until its process is really gone
+    (``ray.kill`` only asks; a call made meanwhile could still reach the old process), or, with
+    ``until_restarted``, until Ray has restarted it: a restart that no driver call saw fail.
+    The actor must have a ``placement()`` method reporting its ``pid`` (the server actors do)."""
+    import ray
+
+    pid = ray.get(actor.placement.remote())["pid"]
+    ray.kill(actor, no_restart=False)
+    while True:
+        try:
+            if ray.get(actor.placement.remote(), timeout=60)["pid"] != pid:
+                return
+        except ray.exceptions.RayActorError:
+            if not until_restarted:
+                return  # dead or restarting
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

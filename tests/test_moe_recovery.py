@@ -10,7 +10,6 @@ actor answered None and the evaluator silently scored the broadcast weights inst
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -21,6 +20,8 @@ from aggregators import create_aggregator
 from clients.tasks import get_task
 from federation.actors import AggregatorActor
 from federation.recovery import ActorGuard, RoundAggregation, RoundState
+
+from .conftest import kill_actor as kill
 
 pytestmark = pytest.mark.slow
 
@@ -38,21 +39,6 @@ def _driver(attached_ray):
 def base() -> dict[str, np.ndarray]:
     torch.manual_seed(0)
     return {k: v.numpy().copy() for k, v in get_task("digits").build_model().state_dict().items()}
-
-
-def kill(actor, until_restarted: bool = False) -> None:
-    """``ray.kill`` the actor (Ray restarts it) and wait until its process is gone or, with
-    ``until_restarted``, until the new one answers."""
-    pid = ray.get(actor.placement.remote())["pid"]
-    ray.kill(actor, no_restart=False)
-    while True:
-        try:
-            if ray.get(actor.placement.remote(), timeout=60)["pid"] != pid:
-                return
-        except ray.exceptions.RayActorError:
-            if not until_restarted:
-                return
-        time.sleep(0.05)
 
 
 def run_rounds(base: dict[str, np.ndarray], kill_at: frozenset[tuple[int, int]] = frozenset(), rounds: int = 2):

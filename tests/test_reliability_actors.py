@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,6 +20,8 @@ from aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext,
 from clients.tasks import get_task
 from federation.actors import ActorStateLost, AggregatorActor, EvaluatorActor
 from federation.recovery import ActorGuard, RoundAggregation, RoundState, ServerActorError
+
+from .conftest import kill_actor as kill
 
 pytestmark = pytest.mark.slow
 
@@ -59,22 +60,6 @@ class DriftingMean(Aggregator):
 @pytest.fixture(scope="module", autouse=True)
 def _driver(attached_ray):
     """Every test here runs against the session's shared local Ray."""
-
-
-def kill(actor, until_restarted: bool = False) -> None:
-    """``ray.kill`` the actor (Ray may restart it) and wait until its process is really gone
-    (``ray.kill`` only asks; a call made meanwhile could still reach the old process), or, with
-    ``until_restarted``, until Ray has restarted it: a restart that no driver call saw fail."""
-    pid = ray.get(actor.placement.remote())["pid"]
-    ray.kill(actor, no_restart=False)
-    while True:
-        try:
-            if ray.get(actor.placement.remote(), timeout=60)["pid"] != pid:
-                return
-        except ray.exceptions.RayActorError:
-            if not until_restarted:
-                return  # dead or restarting
-        time.sleep(0.05)
 
 
 def client_updates(server_round: int) -> list[dict[str, np.ndarray]]:
