@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -213,42 +213,35 @@ class AggregatorActor:
         self.aggregator.load_state_dict(state)
 
 
+def _map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with ``leaf`` applied to everything inside its nested dicts, lists and tuples."""
+    if isinstance(value, Mapping):
+        return {k: _map_leaves(v, leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_map_leaves(v, leaf) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return leaf(value)
+
+
 def _tensors_to_numpy(value: Any) -> Any:
     """``value`` with every tensor inside (nested dicts, lists, tuples) as a CPU NumPy array, which
     Ray serialises without pickling its buffer; dtypes NumPy lacks (bfloat16) stay tensors."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        return value if value.dtype == torch.bfloat16 else value.numpy()
-    if isinstance(value, Mapping):
-        return {k: _tensors_to_numpy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_tensors_to_numpy(v) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    return value
+    def leaf(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        x = x.detach().cpu()
+        return x if x.dtype == torch.bfloat16 else x.numpy()
+    return _map_leaves(value, leaf)
 
 
 def _numpy_to_tensors(value: Any) -> Any:
     """The inverse of ``_tensors_to_numpy``: NumPy arrays (read-only views included) as tensors."""
-    if isinstance(value, np.ndarray):
-        return to_torch_state({"x": value})["x"]
-    if isinstance(value, Mapping):
-        return {k: _numpy_to_tensors(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_numpy_to_tensors(v) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    return value
+    return _map_leaves(value, lambda x: to_torch_state({"x": x})["x"] if isinstance(x, np.ndarray) else x)
 
 
 def _on_cpu(value: Any) -> Any:
     """``value`` with every tensor inside (nested dicts, lists, tuples) detached and on the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, Mapping):
-        return {k: _on_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_on_cpu(v) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    return value
+    return _map_leaves(value, lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x)
 
 
 @ray.remote
