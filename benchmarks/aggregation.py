@@ -50,8 +50,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks.common import (
-    WorkerError, emit_result, format_machine, machine_info, markdown_table, mem_available_gb,
-    peak_rss_mb, proc_peak_mb, quiet_env, rss_mb, run_worker,
+    WorkerError, add_worker_flag, emit_result, format_machine, machine_info, markdown_table, mem_available_gb,
+    peak_rss_mb, proc_peak_mb, quiet_env, ran_as_worker, rss_mb, run_worker,
 )
 
 FULL_CELLS = "10x10M,50x10M,100x25M"
@@ -464,12 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the in-process merges and the ceiling (default 1: what Ray gives"
                              " the AggregatorActor, and Flower's NumPy merge is single-threaded too)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_worker_flag(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        import json
-
-        worker(json.loads(args.worker))
+    if ran_as_worker(args, worker):
         return 0
     paths = [p for p in args.paths.split(",") if p]
     unknown = sorted(set(paths) - set(PATHS))

@@ -12,6 +12,7 @@ parent stays light (it imports neither torch, flwr nor ray) and reads one JSON r
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,30 @@ class ProcessPeaks:
 
 
 # ---- worker subprocesses ------------------------------------------------------------------
+
+def add_worker_flag(parser: argparse.ArgumentParser) -> None:
+    """The hidden ``--worker SPEC`` flag with which ``run_worker`` starts a benchmark's measurement."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def add_address_flag(parser: argparse.ArgumentParser) -> None:
+    """``--address``: a running Ray cluster every run of the benchmark attaches to."""
+    parser.add_argument("--address", default="", help="Ray cluster both systems attach to (default: a local Ray "
+                                                      "started and stopped by each run, included in its times)")
+
+
+def address_override(address: str) -> list[str]:
+    """``ray.address`` for every run of a benchmark attached to a running cluster (none for a local Ray)."""
+    return [f"ray.address={address!r}"] if address else []
+
+
+def ran_as_worker(args: argparse.Namespace, worker: Callable[[Mapping[str, Any]], None]) -> bool:
+    """Run ``worker`` on the JSON spec of ``--worker`` when the process was started as one."""
+    if not args.worker:
+        return False
+    worker(json.loads(args.worker))
+    return True
+
 
 def emit_result(result: Mapping[str, Any]) -> None:
     """A worker's answer: one tagged JSON line on stdout (anything else there is ignored)."""

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    ROOT, ProcessPeaks, WorkerError, emit_result, format_machine, machine_info, markdown_table,
-    peak_rss_mb, quiet_env, run_worker,
+    ROOT, ProcessPeaks, WorkerError, add_address_flag, add_worker_flag, address_override, emit_result, format_machine, machine_info, markdown_table,
+    peak_rss_mb, quiet_env, ran_as_worker, run_worker,
 )
 
 DEFAULT_EXPERIMENT = ROOT / "experiments" / "fashion_mnist_fedavg.toml"
@@ -63,11 +63,6 @@ def overrides(quick: bool, rounds: int | None, root: Path) -> list[str]:
         f"federation.num_rounds={rounds}", "federation.fraction_train=0.5", "federation.min_train_nodes=2",
         "train.local_epochs=1", "ray.client_num_cpus=1.0", "output.plot=false",
     ]
-
-
-def address_override(address: str) -> list[str]:
-    """``ray.address`` for every run of a benchmark attached to a running cluster (none for a local Ray)."""
-    return [f"ray.address={address!r}"] if address else []
 
 
 def _config(spec: Mapping[str, Any]):
@@ -257,14 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="digits, 4 clients, 2 rounds: for a smoke test")
     parser.add_argument("--rounds", type=int, help="rounds per run (default 4; --quick: 2); the first is start-up")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per run")
-    parser.add_argument("--address", default="", help="Ray cluster both systems attach to (default: a local Ray "
-                                                      "started and stopped by each run, included in its times)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_address_flag(parser)
+    add_worker_flag(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        import json
-
-        worker(json.loads(args.worker))
+    if ran_as_worker(args, worker):
         return 0
     if args.rounds is not None and args.rounds < 2:
         parser.error("--rounds must be >= 2: round 1 carries the start-up")

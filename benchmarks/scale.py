@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    WorkerError, emit_result, format_machine, machine_info, markdown_table, peak_rss_mb, quiet_env, run_worker,
+    WorkerError, add_address_flag, add_worker_flag, address_override, emit_result, format_machine, machine_info,
+    markdown_table, peak_rss_mb, quiet_env, ran_as_worker, run_worker,
 )
-from benchmarks.round import address_override
 
 FULL = {"task": "fashion_mnist", "clients": (1000, 10000), "per_round": 100, "rounds": 3}
 QUICK = {"task": "digits", "clients": (50, 500), "per_round": 10, "rounds": 2}
@@ -87,14 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", help="comma-separated client counts (default 1000,10000; --quick: 50,500)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="which of flower,fedmerge to run")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
-    parser.add_argument("--address", default="", help="Ray cluster both systems attach to (default: a local Ray "
-                                                      "started and stopped by each run)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_address_flag(parser)
+    add_worker_flag(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        import json
-
-        worker(json.loads(args.worker))
+    if ran_as_worker(args, worker):
         return 0
     plan = dict(QUICK if args.quick else FULL)
     if args.clients:
