@@ -20,7 +20,7 @@ from aggregators.base import (
 from aggregators.fedavg import FedAvg
 from aggregators.registry import register
 from aggregators.terms import LossTerm, register_term
-from aggregators.wsa import ScopeTracker
+from aggregators.wsa import ScopeTrackedRounds, ScopeTracker
 
 __all__ = ["FedProx", "proximal_term"]
 
@@ -55,7 +55,7 @@ def proximal_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *,
 
 
 @register()
-class FedProx(Aggregator):
+class FedProx(ScopeTrackedRounds, Aggregator):
     """FedProx: clients minimise their loss + μ/2 ‖θ − θt‖²; the server averages as FedAvg.
 
     Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, "Federated Optimization in Heterogeneous
@@ -99,18 +99,6 @@ class FedProx(Aggregator):
         result = self._fedavg.finalize()
         result.metrics.update(tracker.metrics())
         return result
-
-    def round_state(self) -> dict[str, Any]:
-        """FedAvg's sums and the scopes of the replies so far (see ``Aggregator.round_state``)."""
-        if self._tracker is None:
-            raise RuntimeError("FedProx.round_state() called before begin_round()")
-        return {"fedavg": self._fedavg.round_state(), "scopes": self._tracker.state()}
-
-    def load_round_state(self, state: Mapping[str, Any]) -> None:
-        if self._tracker is None:
-            raise RuntimeError("FedProx.load_round_state() called before begin_round()")
-        self._fedavg.load_round_state(state["fedavg"])
-        self._tracker.load_state(state["scopes"])
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         """All of a round's updates at once, as FedAvg.aggregate; round state untouched."""

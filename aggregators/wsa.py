@@ -279,8 +279,28 @@ class ScopeTracker:
         return out
 
 
+class ScopeTrackedRounds:
+    """The round state of an aggregator that merges with an inner ``FedAvg`` (``self._fedavg``)
+    and tracks the replies' scopes (``self._tracker``, set by ``begin_round``): both together, so
+    a restarted actor resumes the round exactly (``Aggregator.round_state``)."""
+
+    _fedavg: FedAvg
+    _tracker: ScopeTracker | None
+
+    def round_state(self) -> dict[str, Any]:
+        if self._tracker is None:
+            raise RuntimeError(f"{type(self).__name__}.round_state() called before begin_round()")
+        return {"fedavg": self._fedavg.round_state(), "scopes": self._tracker.state()}
+
+    def load_round_state(self, state: Mapping[str, Any]) -> None:
+        if self._tracker is None:
+            raise RuntimeError(f"{type(self).__name__}.load_round_state() called before begin_round()")
+        self._fedavg.load_round_state(state["fedavg"])
+        self._tracker.load_state(state["scopes"])
+
+
 @register()
-class WSA(Aggregator):
+class WSA(ScopeTrackedRounds, Aggregator):
     """Weight Scope Alignment: clients add λ·KL to a target layer scope; the server fuses scopes.
 
     Xu, Li, Gan, Zhan, "Weight Scope Alignment: A Frustratingly Easy Method for Model Merging",
@@ -366,18 +386,6 @@ class WSA(Aggregator):
         self.target = fuse_scopes(tracker.scopes, tracker.weights, self.fusion)
         result.metrics.update(tracker.metrics(self._round_target))
         return result
-
-    def round_state(self) -> dict[str, Any]:
-        """FedAvg's sums and the scopes of the replies so far (see ``Aggregator.round_state``)."""
-        if self._tracker is None:
-            raise RuntimeError("WSA.round_state() called before begin_round()")
-        return {"fedavg": self._fedavg.round_state(), "scopes": self._tracker.state()}
-
-    def load_round_state(self, state: Mapping[str, Any]) -> None:
-        if self._tracker is None:
-            raise RuntimeError("WSA.load_round_state() called before begin_round()")
-        self._fedavg.load_round_state(state["fedavg"])
-        self._tracker.load_state(state["scopes"])
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         """A whole round at once: begin_round, accumulate each update, finalize (sets the target)."""
