@@ -136,19 +136,28 @@ def train(model: nn.Module, task: Task, data: ArrayData, cfg: TrainConfig, *, se
 
 
 def evaluate(model: nn.Module, task: Task, data: ArrayData, *, batch_size: int = 512,
-             device: torch.device | str = "cpu") -> dict[str, float]:
-    """Mean task loss and accuracy of ``model`` over ``data`` (eval mode, no gradients)."""
+             device: torch.device | str = "cpu", channels_last: bool = False) -> dict[str, float]:
+    """Mean task loss and accuracy of ``model`` over ``data`` (eval mode, no gradients).
+
+    ``channels_last`` stores the model and image batches (4-D inputs) as NHWC, where the CPU's
+    convolutions and max-pooling are vectorised over channels (about twice as fast for the
+    Fashion-MNIST CNN on one thread); it converts ``model``'s parameters in place.
+    """
     n = len(data)
     if n == 0:
         raise ValueError("evaluate() got an empty data set")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: must be >= 1")
     model.to(device).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             inputs, targets = _batch(task, data, np.arange(start, min(start + batch_size, n)), device)
+            if channels_last and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             outputs = model(inputs)
             loss_sum += task.loss(outputs, targets).double() * len(targets)
             correct += (outputs.argmax(dim=1) == targets).sum()

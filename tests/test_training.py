@@ -127,3 +127,24 @@ def test_empty_data_is_rejected(digits):
 
     with pytest.raises(ValueError, match="empty"):
         train(_fresh_model(task), task, train_data.subset(np.arange(0)), TrainConfig(), seed=0)
+
+
+def test_channels_last_evaluation_gives_the_same_scores():
+    """The NHWC path (the server's validation scoring) scores what the default layout scores."""
+    import numpy as np
+
+    from clients.tasks.base import ArrayData
+
+    task = get_task("fashion_mnist")
+    rng = np.random.default_rng(0)
+    data = ArrayData(rng.integers(0, 256, size=(300, 28, 28), dtype=np.uint8), rng.integers(0, 10, size=300))
+    torch.manual_seed(0)
+    state = get_state(task.build_model())
+    scores = []
+    for channels_last in (False, True):
+        model = task.build_model()
+        set_state(model, state)
+        scores.append(evaluate(model, task, data, batch_size=128, channels_last=channels_last))
+    assert scores[0]["accuracy"] == scores[1]["accuracy"]
+    assert scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
