@@ -490,9 +490,13 @@ class FedDRL(Aggregator):
     2. Stage 1 (A2C, ``a2c_*``): ``a2c_iterations`` times (plus ``a2c_warmup_iterations`` the
        first round the agent sees), ``a2c_candidates`` keep/drop masks are sampled from the
        policy, the FedAvg of each kept set is scored in parallel (reward = its validation
-       accuracy; keeping nobody scores 0) and the agent takes one A2C step. The kept set T is the
-       best-scoring mask of the round including the greedy one (p ≥ 0.5) (``stage1_select =
-       "best"``) or the greedy mask (``"greedy"``).
+       accuracy; keeping nobody scores 0) and the agent takes one A2C step. The greedy mask
+       (p ≥ 0.5) and the mask keeping every client (the round's FedAvg) are scored too. The kept
+       set T is, with ``stage1_select = "best"``, the mask with most clients among those scoring
+       within ``stage1_tolerance`` of the round's best (0: the best itself); with ``"greedy"``,
+       the greedy mask. A tolerance of about the validation set's sampling error (0.01 for 1,000
+       examples) stops the selection from dropping honest clients for differences the validation
+       set cannot resolve; a harmful client costs far more than that.
     3. Stage 2 (TD3, ``td3_*``): ``td3_steps`` exploration actions a ∈ [−1, 1]^|T| (actor + N(0,
        ``td3_exploration_noise``²)) become weights w = softmax(a / ``temperature``); each fused
        model Σ wi θi is scored, reward = its validation accuracy minus that of FedAvg over T. The
@@ -509,7 +513,8 @@ class FedDRL(Aggregator):
     ``detection_recall`` (against the simulated attack's ground truth), ``weight_entropy`` of the
     final weights over all of the round's clients, ``validation_reward`` (stage-2 reward of the
     chosen weights), ``val_accuracy`` of the merged model, ``stage1_reward``, the agents' losses,
-    ``keep_prob_mean`` and ``evaluations`` (models scored this round).
+    ``fedavg_val_accuracy`` (the round's FedAvg of all clients), ``keep_prob_mean`` and
+    ``evaluations`` (models scored this round).
     """
 
     name = "feddrl"
@@ -517,7 +522,8 @@ class FedDRL(Aggregator):
 
     def __init__(self, *, a2c_hidden: int = 64, a2c_lr: float = 3e-3, a2c_entropy_coef: float = 0.01,
                  a2c_candidates: int = 8, a2c_iterations: int = 2, a2c_warmup_iterations: int = 4,
-                 stage1_select: str = "best", stage2: bool = True, td3_hidden: int = 256,
+                 stage1_select: str = "best", stage1_tolerance: float = 0.0, stage2: bool = True,
+                 td3_hidden: int = 256,
                  td3_actor_lr: float = 3e-4, td3_critic_lr: float = 3e-4, td3_gamma: float = 0.99,
                  td3_tau: float = 0.005, td3_policy_noise: float = 0.2, td3_noise_clip: float = 0.5,
                  td3_policy_delay: int = 2, td3_exploration_noise: float = 0.1, td3_steps: int = 8,
@@ -554,6 +560,7 @@ class FedDRL(Aggregator):
             buffer_size=_positive_int("td3_buffer_size", td3_buffer_size), horizon=td3_horizon)
         self.temperature = _number("temperature", temperature, 0, low_open=True)
         self.stage1_select = stage1_select
+        self.stage1_tolerance = _number("stage1_tolerance", stage1_tolerance, 0, 1)
         self.stage2_select = stage2_select
         self.stage2 = stage2
         self.seed: int | None = None
@@ -612,12 +619,19 @@ class FedDRL(Aggregator):
         greedy = tuple(int(p >= 0.5) for p in probs)
         if not any(greedy):
             greedy = tuple(int(i == int(probs.argmax())) for i in range(len(ids)))
-        if greedy not in scored:
-            scored[greedy] = float(score([merge([c * m for c, m in zip(counts, greedy)])])[0]["accuracy"])
-        kept_mask = greedy if self.stage1_select == "greedy" else max(scored, key=lambda k: (scored[k], k == greedy))
+        everyone = (1,) * len(ids)
+        todo = [k for k in dict.fromkeys((greedy, everyone)) if k not in scored]
+        for key, result in zip(todo, score([merge([c * m for c, m in zip(counts, key)]) for key in todo])):
+            scored[key] = float(result["accuracy"])
+        if self.stage1_select == "greedy":
+            kept_mask = greedy
+        else:
+            floor = max(scored.values()) - self.stage1_tolerance - 1e-9  # accuracies are k / n: no float slack
+            kept_mask = max((k for k in scored if scored[k] >= floor), key=lambda k: (sum(k), scored[k], k == greedy))
         kept = [i for i, m in enumerate(kept_mask) if m]
         stage1_reward = scored[kept_mask]
-        metrics.update(stage1_reward=stage1_reward, keep_prob_mean=float(probs.mean()),
+        metrics.update(stage1_reward=stage1_reward, fedavg_val_accuracy=scored[everyone],
+                       keep_prob_mean=float(probs.mean()),
                        a2c_actor_loss=losses[-1]["actor_loss"], a2c_critic_loss=losses[-1]["critic_loss"],
                        a2c_entropy=losses[-1]["entropy"])
 
@@ -673,7 +687,8 @@ class FedDRL(Aggregator):
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters (checked on load), the agents, the replay buffer and pending transitions."""
         config = {"a2c": asdict(self.a2c_config), "td3": asdict(self.td3_config), "temperature": self.temperature,
-                  "stage1_select": self.stage1_select, "stage2_select": self.stage2_select, "stage2": self.stage2}
+                  "stage1_select": self.stage1_select, "stage1_tolerance": self.stage1_tolerance,
+                  "stage2_select": self.stage2_select, "stage2": self.stage2}
         if self.a2c is None or self.td3 is None:
             return {"config": config, "agents": None}
         return {

@@ -144,6 +144,42 @@ def test_feddrl_drops_the_noise_clients(digits_rounds) -> None:
     assert m["val_accuracy"] > 0.6
 
 
+def _support_scored_round(n: int, malicious: frozenset[int]):
+    """A round of ``n`` one-hot client "models" whose FedAvg reveals the kept set, scored by a
+    fake validation set: any malicious client kept -> 0.30; else 0.80 + 0.002 per client dropped,
+    so smaller honest sets score slightly better (what validation noise does to a real round)."""
+    updates = [ClientUpdate(i, {"w": torch.nn.functional.one_hot(torch.tensor(i), n).double()}, 10)
+               for i in range(n)]
+
+    def score(states):
+        out = []
+        for state in states:
+            kept = {int(i) for i in torch.nonzero(state["w"] > 0)}
+            accuracy = 0.30 if kept & malicious else 0.80 + 0.002 * (n - len(kept))
+            out.append({"accuracy": accuracy, "loss": 1.0 - accuracy})
+        return out
+
+    global_state = {"w": torch.zeros(n, dtype=torch.float64)}
+    ctx = RoundContext(round=1, global_state=global_state, base_state=global_state, seed=3,
+                       evaluate=lambda s: score([s])[0], evaluate_many=score, malicious=malicious)
+    return ctx, updates
+
+
+def test_stage1_tolerance_keeps_the_largest_set_within_it_of_the_best() -> None:
+    params = {**SMALL, "stage2": False}
+    ctx, updates = _support_scored_round(6, frozenset())
+    best = create_aggregator("feddrl", {**params, "stage1_tolerance": 0.0}).aggregate(ctx, updates).metrics
+    assert best["clients_kept"] < 6 and best["stage1_reward"] > best["fedavg_val_accuracy"] == pytest.approx(0.80)
+    # Every client is honest and FedAvg of all of them is within 0.012 of the best subset: keep all.
+    tolerant = create_aggregator("feddrl", {**params, "stage1_tolerance": 0.012}).aggregate(ctx, updates).metrics
+    assert tolerant["clients_kept"] == 6 and tolerant["stage1_reward"] == pytest.approx(0.80)
+    # A malicious client costs 0.5: no tolerance below that lets it in.
+    ctx, updates = _support_scored_round(6, frozenset({1, 4}))
+    attacked = create_aggregator("feddrl", {**params, "stage1_tolerance": 0.012}).aggregate(ctx, updates).metrics
+    assert attacked["detection_recall"] == 1.0 and attacked["stage1_reward"] >= 0.80
+    assert attacked["fedavg_val_accuracy"] == pytest.approx(0.30)
+
+
 def test_resumed_agents_continue_exactly(digits_rounds, tmp_path) -> None:
     rounds, scorer = digits_rounds
     first = create_aggregator("feddrl", SMALL)
@@ -175,6 +211,7 @@ def test_feddrl_needs_a_validation_set_and_checks_its_parameters(digits_rounds) 
     with pytest.raises(ValueError, match="server_val_size"):
         create_aggregator("feddrl", {}).aggregate(ctx, updates)
     for params, name in [({"td3_tau": 0}, "td3_tau"), ({"a2c_candidates": 0}, "a2c_candidates"),
-                         ({"stage1_select": "x"}, "stage1_select"), ({"td3_horizon": "x"}, "td3_horizon")]:
+                         ({"stage1_select": "x"}, "stage1_select"), ({"td3_horizon": "x"}, "td3_horizon"),
+                         ({"stage1_tolerance": -0.1}, "stage1_tolerance")]:
         with pytest.raises(ValueError, match=name):
             create_aggregator("feddrl", params)
