@@ -9,7 +9,12 @@ averaged over rounds, for the methods that drop clients) go to ``<out>/tables.md
 
     .venv/bin/python experiments/feddrl_grid.py experiments/feddrl_attacks.toml --out runs/feddrl_grid \
         --attacks noise,sign_flip,label_flip --fractions 0,0.2,0.4 --seeds 0,1,2 \
-        --methods fedavg,krum,median,trimmed_mean,feddrl --set federation.num_rounds=20
+        --methods fedavg,krum,median,trimmed_mean:beta=0.2,feddrl --set federation.num_rounds=20
+
+A method is a registered aggregator name, optionally with keyword arguments after a colon
+(``trimmed_mean:beta=0.2``; values are TOML); ``feddrl`` takes the experiment file's
+``[aggregator]`` table. ``--address`` attaches every run to one running Ray cluster instead of
+starting a local Ray per run (``ray start --head`` once, then ``--address 127.0.0.1:6379``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,16 +50,23 @@ def _key(attack: str, fraction: float, seed: int, method: str) -> str:
     return f"{attack}/{fraction:g}/{seed}/{method}"
 
 
+def method_config(method: str) -> AggregatorConfig:
+    """``name`` or ``name:key=value,key=value`` (values in TOML syntax) as an aggregator config."""
+    name, _, args = method.partition(":")
+    params = tomllib.loads("\n".join(args.split(","))) if args else {}
+    return AggregatorConfig(name=name, params=params)
+
+
 def run_cell(experiment: Path, sets: list[str], out: Path, attack: str, fraction: float, seed: int,
-             method: str) -> dict:
+             method: str, address: str | None = None) -> dict:
     overrides = [*sets, f"seed={seed}", f"attack.seed={seed}", f"attack.fraction={fraction}",
                  f"attack.kind=\"{attack}\"", f"output.root=\"{out / 'runs'}\"",
-                 f"name=\"{attack}-{fraction:g}-s{seed}-{method}\""]
+                 f"name=\"{attack}-{fraction:g}-s{seed}-{method.replace(':', '-').replace(',', '-')}\""]
     config = load_config(experiment, overrides)
     if method != config.aggregator.name:  # the file's [aggregator] keys belong to the method it names
-        config = dataclasses.replace(config, aggregator=AggregatorConfig(name=method, params={}))
+        config = dataclasses.replace(config, aggregator=method_config(method))
     started = time.perf_counter()
-    run = run_experiment(config, progress=lambda _: None).run_dir
+    run = run_experiment(config, address=address, progress=lambda _: None).run_dir
     rows = run.metrics().to_pylist()
     per_metric: dict[str, list[float]] = {}
     for row in rows:
@@ -90,6 +103,7 @@ def tables(results: list[dict], methods: list[str]) -> str:
             n = len(values)
             cells.append(_fmt(values) + (f" (n={n})" if n > 1 else ""))
         lines.append(f"| {attack} | {fraction:g} | " + " | ".join(cells) + " |")
+    lines += goal_table(results, settings)
     detect = [m for m in methods if any(f"mean_{DETECTION[2]}" in r for r in results if r["method"] == m)]
     if detect:
         lines += ["", "| attack | fraction | method | precision | recall | clients dropped / round |",
@@ -107,6 +121,36 @@ def tables(results: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def goal_table(results: list[dict], settings: list[tuple[str, float]]) -> list[str]:
+    """The issue's goal, per attacked setting: where FedAvg loses more than 10 points against the
+    clean run, does FedDRL stay within 3 points of it? Seed-paired differences, mean ± std."""
+    def final(attack: str, fraction: float, method: str) -> dict[int, float]:
+        return {r["seed"]: r["final_accuracy"] for r in results
+                if (r["attack"], r["fraction"], r["method"]) == (attack, fraction, method)}
+
+    clean_fedavg, clean_feddrl = final("none", 0.0, "fedavg"), final("none", 0.0, "feddrl")
+    lines = ["", "| attack | fraction | FedAvg − clean FedAvg | FedDRL − clean FedAvg | FedDRL − clean FedDRL "
+             "| goal (FedAvg < −10 → FedDRL ≥ −3 vs clean FedAvg) |", "|---|---|---|---|---|---|"]
+    for attack, fraction in settings:
+        if fraction == 0:
+            continue
+        fedavg, feddrl = final(attack, fraction, "fedavg"), final(attack, fraction, "feddrl")
+
+        def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
+            return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+
+        loss, gap = paired(fedavg, clean_fedavg), paired(feddrl, clean_fedavg)
+        if not loss or not gap:
+            verdict = "not run"
+        elif statistics.fmean(loss) > -0.10:
+            verdict = "FedAvg loses ≤ 10 points: goal does not apply"
+        else:
+            verdict = "met" if statistics.fmean(gap) >= -0.03 else "not met"
+        lines.append(f"| {attack} | {fraction:g} | {_fmt(loss)} | {_fmt(gap)} | "
+                     f"{_fmt(paired(feddrl, clean_feddrl))} | {verdict} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", type=Path)
@@ -117,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="fedavg,krum,median,trimmed_mean,feddrl")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field for every run (repeatable)")
+    parser.add_argument("--address", default=None, help="Ray cluster every run attaches to")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="write tables.md from <out>/results.jsonl without running anything")
     args = parser.parse_args(argv)
     attacks = [a for a in args.attacks.split(",") if a]
     fractions = [float(f) for f in args.fractions.split(",") if f]
@@ -126,17 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     results_path = args.out / "results.jsonl"
     results = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
     done = {r["key"] for r in results}
-    for attack, fraction, seed, method in _cells(attacks, fractions, seeds, methods):
+    cells = [] if args.tables_only else list(_cells(attacks, fractions, seeds, methods))
+    for attack, fraction, seed, method in cells:
         key = _key(attack, fraction, seed, method)
         if key in done:
             continue
         print(f"=== {key}", flush=True)
-        result = run_cell(args.experiment, args.set, args.out, attack, fraction, seed, method)
+        result = run_cell(args.experiment, args.set, args.out, attack, fraction, seed, method, args.address)
         print(f"    final accuracy {result['final_accuracy']:.4f}  ({result['wall_s']:.0f} s)", flush=True)
         with results_path.open("a") as f:
             f.write(json.dumps(result) + "\n")
         results.append(result)
         (args.out / "tables.md").write_text(tables(results, methods) + "\n")
+    (args.out / "tables.md").write_text(tables(results, methods) + "\n")
     print(tables(results, methods))
     return 0
 
