@@ -491,12 +491,16 @@ class FedDRL(Aggregator):
        first round the agent sees), ``a2c_candidates`` keep/drop masks are sampled from the
        policy, the FedAvg of each kept set is scored in parallel (reward = its validation
        accuracy; keeping nobody scores 0) and the agent takes one A2C step. The greedy mask
-       (p ≥ 0.5) and the mask keeping every client (the round's FedAvg) are scored too. The kept
+       (p ≥ 0.5) and the mask keeping every client (the round's FedAvg) are scored too, and with
+       ``stage1_prefixes`` every prefix of the clients ranked by keep probability (the k most
+       trusted, k = 1 … N − 1): a policy that ranks the clients right before its probabilities are
+       calibrated then still yields the whole trusted set as a candidate. The kept
        set T is, with ``stage1_select = "best"``, the mask with most clients among those scoring
        within ``stage1_tolerance`` of the round's best (0: the best itself); with ``"greedy"``,
-       the greedy mask. A tolerance of about the validation set's sampling error (0.01 for 1,000
-       examples) stops the selection from dropping honest clients for differences the validation
-       set cannot resolve; a harmful client costs far more than that.
+       the greedy mask. A tolerance of about the validation set's sampling error (the default
+       0.01, for 1,000 examples) stops the selection from dropping honest clients for differences
+       the validation set cannot resolve; a harmful client costs far more than that. Tolerance 0
+       without prefixes is the plain reconstruction; docs/results/feddrl.md measures both.
     3. Stage 2 (TD3, ``td3_*``): ``td3_steps`` exploration actions a ∈ [−1, 1]^|T| (actor + N(0,
        ``td3_exploration_noise``²)) become weights w = softmax(a / ``temperature``); each fused
        model Σ wi θi is scored, reward = its validation accuracy minus that of FedAvg over T. The
@@ -522,7 +526,8 @@ class FedDRL(Aggregator):
 
     def __init__(self, *, a2c_hidden: int = 64, a2c_lr: float = 3e-3, a2c_entropy_coef: float = 0.01,
                  a2c_candidates: int = 8, a2c_iterations: int = 2, a2c_warmup_iterations: int = 4,
-                 stage1_select: str = "best", stage1_tolerance: float = 0.0, stage2: bool = True,
+                 stage1_select: str = "best", stage1_tolerance: float = 0.01, stage1_prefixes: bool = True,
+                 stage2: bool = True,
                  td3_hidden: int = 256,
                  td3_actor_lr: float = 3e-4, td3_critic_lr: float = 3e-4, td3_gamma: float = 0.99,
                  td3_tau: float = 0.005, td3_policy_noise: float = 0.2, td3_noise_clip: float = 0.5,
@@ -536,6 +541,8 @@ class FedDRL(Aggregator):
             raise ValueError(f"stage2_select={stage2_select!r} is invalid: must be one of {', '.join(SELECT_STAGE2)}")
         if td3_horizon not in HORIZONS:
             raise ValueError(f"td3_horizon={td3_horizon!r} is invalid: must be one of {', '.join(HORIZONS)}")
+        if not isinstance(stage1_prefixes, bool):
+            raise ValueError(f"stage1_prefixes={stage1_prefixes!r} is invalid: must be true or false")
         if not isinstance(stage2, bool):
             raise ValueError(f"stage2={stage2!r} is invalid: must be true or false")
         if isinstance(a2c_warmup_iterations, bool) or not isinstance(a2c_warmup_iterations, int) \
@@ -561,6 +568,7 @@ class FedDRL(Aggregator):
         self.temperature = _number("temperature", temperature, 0, low_open=True)
         self.stage1_select = stage1_select
         self.stage1_tolerance = _number("stage1_tolerance", stage1_tolerance, 0, 1)
+        self.stage1_prefixes = stage1_prefixes
         self.stage2_select = stage2_select
         self.stage2 = stage2
         self.seed: int | None = None
@@ -620,7 +628,11 @@ class FedDRL(Aggregator):
         if not any(greedy):
             greedy = tuple(int(i == int(probs.argmax())) for i in range(len(ids)))
         everyone = (1,) * len(ids)
-        todo = [k for k in dict.fromkeys((greedy, everyone)) if k not in scored]
+        extra = [greedy, everyone]
+        if self.stage1_prefixes:
+            ranked = sorted(range(len(ids)), key=lambda i: (-float(probs[i]), i))
+            extra += [tuple(int(i in ranked[:k]) for i in range(len(ids))) for k in range(1, len(ids))]
+        todo = [k for k in dict.fromkeys(extra) if k not in scored]
         for key, result in zip(todo, score([merge([c * m for c, m in zip(counts, key)]) for key in todo])):
             scored[key] = float(result["accuracy"])
         if self.stage1_select == "greedy":
@@ -688,6 +700,7 @@ class FedDRL(Aggregator):
         """Hyperparameters (checked on load), the agents, the replay buffer and pending transitions."""
         config = {"a2c": asdict(self.a2c_config), "td3": asdict(self.td3_config), "temperature": self.temperature,
                   "stage1_select": self.stage1_select, "stage1_tolerance": self.stage1_tolerance,
+                  "stage1_prefixes": self.stage1_prefixes,
                   "stage2_select": self.stage2_select, "stage2": self.stage2}
         if self.a2c is None or self.td3 is None:
             return {"config": config, "agents": None}

@@ -180,6 +180,30 @@ def test_stage1_tolerance_keeps_the_largest_set_within_it_of_the_best() -> None:
     assert attacked["fedavg_val_accuracy"] == pytest.approx(0.30)
 
 
+def test_stage1_prefixes_recover_the_trusted_set_from_a_right_but_timid_ranking() -> None:
+    """Keep probabilities all below 0.5 (honest 0.3, malicious 0.1): sampled masks are small and
+    the greedy mask keeps one client, but the ranked prefix of size 4 is the whole honest set."""
+    malicious = frozenset({1, 4})
+    ctx, updates = _support_scored_round(6, malicious)
+
+    def larger_is_better(states):
+        kept = [{int(i) for i in torch.nonzero(s["w"] > 0)} for s in states]
+        return [{"accuracy": 0.30 if k & malicious else 0.80 + 0.01 * len(k), "loss": 0.5} for k in kept]
+
+    ctx = RoundContext(round=1, global_state=ctx.global_state, base_state=ctx.base_state, seed=3,
+                       evaluate=lambda s: larger_is_better([s])[0], evaluate_many=larger_is_better,
+                       malicious=malicious)
+    kept = {}
+    for prefixes in (False, True):
+        agg = create_aggregator("feddrl", {**SMALL, "stage2": False, "stage1_prefixes": prefixes})
+        a2c, _ = agg._agents(3)
+        a2c.keep_probs = lambda features: torch.tensor([0.1 if i in malicious else 0.3 for i in range(6)])
+        kept[prefixes] = agg.aggregate(ctx, updates).metrics
+    assert kept[True]["clients_kept"] == 4 and kept[True]["detection_precision"] == 1.0
+    assert kept[True]["detection_recall"] == 1.0 and kept[True]["stage1_reward"] == pytest.approx(0.84)
+    assert kept[False]["clients_kept"] < 4
+
+
 def test_resumed_agents_continue_exactly(digits_rounds, tmp_path) -> None:
     rounds, scorer = digits_rounds
     first = create_aggregator("feddrl", SMALL)
@@ -212,6 +236,6 @@ def test_feddrl_needs_a_validation_set_and_checks_its_parameters(digits_rounds) 
         create_aggregator("feddrl", {}).aggregate(ctx, updates)
     for params, name in [({"td3_tau": 0}, "td3_tau"), ({"a2c_candidates": 0}, "a2c_candidates"),
                          ({"stage1_select": "x"}, "stage1_select"), ({"td3_horizon": "x"}, "td3_horizon"),
-                         ({"stage1_tolerance": -0.1}, "stage1_tolerance")]:
+                         ({"stage1_tolerance": -0.1}, "stage1_tolerance"), ({"stage1_prefixes": 1}, "stage1_prefixes")]:
         with pytest.raises(ValueError, match=name):
             create_aggregator("feddrl", params)
