@@ -36,7 +36,8 @@ bytes, so about three quarters of the ceiling.
 
 Every measurement runs in a fresh process and reports its peak resident memory (``ru_maxrss``);
 for the Ray paths the actor's ``VmHWM`` is added (an upper bound: object-store pages touched by
-both processes count twice). "growth" is the peak minus the resident memory just before the first
+both processes count twice); beside it, the driver's and actor's summed private memory
+(``RssAnon``, sampled every 10 ms), which leaves the object store's shared pages out. "growth" is the peak minus the resident memory just before the first
 reply was made, also shown in model sizes (P * 4 bytes): Flower's grows with N, fedmerge's should
 not. A cell whose projected peak exceeds ``--max-gb`` or 85 % of the available memory is skipped.
 """
@@ -44,6 +45,7 @@ not. A cell whose projected peak exceeds ``--max-gb`` or 85 % of the available m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -51,7 +53,7 @@ from typing import Any
 
 from benchmarks.common import (
     WorkerError, add_worker_flag, emit_result, format_machine, machine_info, markdown_table, mem_available_gb,
-    peak_rss_mb, proc_peak_mb, quiet_env, ran_as_worker, rss_mb, run_worker,
+    PrivatePeak, peak_rss_mb, proc_peak_mb, quiet_env, ran_as_worker, rss_mb, run_worker,
 )
 
 FULL_CELLS = "10x10M,50x10M,100x25M"
@@ -268,6 +270,7 @@ def measure_fedmerge_ray(clients: int, num_params: int, restarts: int = 3) -> di
         aggregation.begin_round(2)
         validator.set_global(aggregation.state.global_state)
         start_rss, actor_start = rss_mb(), rss_mb(actor_pid)
+        private = PrivatePeak([os.getpid(), actor_pid]).start()
         validate_s = handover_s = 0.0
         start = time.perf_counter()
         for i in range(clients):
@@ -286,10 +289,12 @@ def measure_fedmerge_ray(clients: int, num_params: int, restarts: int = 3) -> di
         merged = state_to_record(state)
         seconds = time.perf_counter() - start
         finalize_wait_s = time.perf_counter() - mark
+        private.stop()
         actor_peak, driver_peak = proc_peak_mb(actor_pid) or 0.0, peak_rss_mb()
         return {"seconds": seconds, "start_mb": start_rss + actor_start,
                 "peak_mb": driver_peak + actor_peak, "driver_peak_mb": driver_peak,
-                "actor_peak_mb": actor_peak, "object_store_mb": plasma_mib * 2**20 / 1e6,
+                "actor_peak_mb": actor_peak, "private_start_mb": private.start_mb,
+                "private_peak_mb": private.peak_mb, "object_store_mb": plasma_mib * 2**20 / 1e6,
                 "driver_validate_s": validate_s, "driver_handover_s": handover_s,
                 "finalize_wait_s": finalize_wait_s, "actor_merge_s": round_metrics.get("aggregate_s"),
                 "max_restarts": restarts, "snapshots": aggregation.snapshots, "kept_before_finalize": kept,
@@ -416,11 +421,17 @@ def memory_table(cells: Sequence[tuple[int, int]], results: Sequence[Mapping[str
         for path in ("fedmerge-ray", "fedmerge-ray-norestart"):
             store = res.get(path, {}).get("object_store_mb")
             rows[-1].append("-" if store is None else f"{store:,.0f}")
+        for path in ("fedmerge-ray", "fedmerge-ray-norestart"):
+            r = res.get(path, {})
+            rows[-1].append(_memory({"peak_mb": r["private_peak_mb"], "start_mb": r["private_start_mb"]}, model_mb)
+                            if "private_peak_mb" in r else "-")
     return markdown_table(["clients x params", "one model MB", "Flower FedAvg peak MB (growth)",
                            "fedmerge peak MB (growth)", "fedmerge, float32 sums peak MB (growth)",
                            "fedmerge + Ray, restarts 3: driver+actor peak MB (growth)",
                            "fedmerge + Ray, restarts 0: driver+actor peak MB (growth)",
-                           "object store before finalize MB, restarts 3", "object store, restarts 0"], rows)
+                           "object store before finalize MB, restarts 3", "object store, restarts 0",
+                           "restarts 3: driver+actor private (RssAnon) peak MB (growth)",
+                           "restarts 0: driver+actor private (RssAnon) peak MB (growth)"], rows)
 
 
 def ray_breakdown_table(cells: Sequence[tuple[int, int]], results: Sequence[Mapping[str, Any]]) -> str:

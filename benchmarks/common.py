@@ -4,7 +4,9 @@ Memory is read from Linux's own accounting: ``ru_maxrss`` (``getrusage``) for th
 process and ``VmHWM`` ("high water mark", the peak resident set) from ``/proc/<pid>/status`` for
 another live process, e.g. a Ray actor. Both count every resident page, shared memory included,
 so summing the driver and an actor counts the Ray object-store pages they both touched twice:
-a sum is an upper bound.
+a sum is an upper bound. ``PrivatePeak`` separates the two: it samples ``RssAnon``, the pages
+a process holds privately (heap, NumPy and torch buffers), which leaves out shared memory such as
+the object store (``RssShmem``) and mapped files such as shared libraries.
 
 A measurement whose peak memory matters runs in a fresh Python process (``run_worker``): the
 parent stays light (it imports neither torch, flwr nor ray) and reads one JSON result line.
@@ -19,13 +21,14 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ROOT", "ProcessPeaks", "WorkerError", "emit_result", "find_pids", "format_machine",
+    "ROOT", "PrivatePeak", "ProcessPeaks", "WorkerError", "emit_result", "find_pids", "format_machine",
     "machine_info", "markdown_table", "mem_available_gb", "peak_rss_mb", "proc_peak_mb",
     "quiet_env", "run_worker",
 ]
@@ -167,6 +170,40 @@ class ProcessPeaks:
             self.counts[role] = max(self.counts[role], len(pids))
             for pid in pids:
                 self.peaks[role] = max(self.peaks[role], proc_peak_mb(pid) or 0.0)
+
+
+class PrivatePeak:
+    """Peak of the summed private resident memory (``RssAnon``) of some processes, sampled on a
+    background thread every ``interval`` seconds between ``start()`` and ``stop()``, in MB.
+
+    Linux keeps no high-water mark for ``RssAnon``, so this is a sampled peak: a spike shorter
+    than ``interval`` can be missed. Use it as a lower bound beside ``VmHWM``'s upper bound.
+    """
+
+    def __init__(self, pids: Sequence[int], interval: float = 0.01) -> None:
+        self.pids = list(pids)
+        self.interval = interval
+        self.start_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="private-peak", daemon=True)
+
+    def now_mb(self) -> float:
+        return sum(_status_kb(pid, "RssAnon") or 0 for pid in self.pids) * 1024 / 1e6
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, self.now_mb())
+
+    def start(self) -> PrivatePeak:
+        self.start_mb = self.peak_mb = self.now_mb()
+        self._thread.start()
+        return self
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.now_mb())
+        return self.peak_mb
 
 
 # ---- worker subprocesses ------------------------------------------------------------------

@@ -66,6 +66,25 @@ def test_table_parsing_and_cells():
     assert sum(math.prod(shape) for shape in shapes.values()) == 1_000_003
 
 
+def test_private_peak_sees_a_private_buffer_and_not_shared_memory():
+    import mmap
+
+    import numpy as np
+
+    from benchmarks.common import PrivatePeak
+
+    size = 200 * 2**20
+    probe = PrivatePeak([os.getpid()], interval=0.005).start()
+    shared = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)  # shared anonymous memory is RssShmem
+    np.frombuffer(shared, dtype=np.uint8)[:] = 1
+    private = np.ones(size, dtype=np.uint8)
+    peak = probe.stop()
+    growth = peak - probe.start_mb
+    del private
+    shared.close()
+    assert 0.9 * size / 1e6 < growth < 1.5 * size / 1e6, growth
+
+
 @pytest.mark.slow
 def test_aggregation_quick_reports_every_path():
     out = run_benchmark("aggregation", "--quick")
