@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default="noise,sign_flip,label_flip")
     parser.add_argument("--fractions", default="0,0.2,0.4")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default="fedavg,krum,median,trimmed_mean,feddrl")
+    parser.add_argument("--methods", default="fedavg,krum,median,trimmed_mean:beta=0.2,feddrl")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field for every run (repeatable)")
     parser.add_argument("--address", default=None, help="Ray cluster every run attaches to")
