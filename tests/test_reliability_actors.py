@@ -143,8 +143,8 @@ def test_evaluator_killed_is_restarted_and_the_evaluation_retried():
     test = task.load("test")
     torch.manual_seed(0)
     state = {k: v.numpy() for k, v in task.build_model().state_dict().items()}
-    evaluator = EvaluatorActor.options(num_cpus=0, max_restarts=1).remote("digits", test.x, test.y, 512, 1)
-    guard = ActorGuard("evaluator", max_restarts=1, timeout=120)
+    evaluator = EvaluatorActor.options(num_cpus=0, max_restarts=4).remote("digits", test.x, test.y, 512, 1)
+    guard = ActorGuard("evaluator", max_restarts=4, timeout=120)
     state_ref = ray.put(state)
 
     def evaluate():
@@ -152,8 +152,14 @@ def test_evaluator_killed_is_restarted_and_the_evaluation_retried():
                           lambda: guard.get(evaluator.placement.remote(), "its restart"))
 
     before = evaluate()
-    kill(evaluator)
-    after = evaluate()
-    for metrics in (before, after):
-        metrics.pop("evaluate_s")
-    assert after == before and guard.restarts == 1
+    before.pop("evaluate_s")
+    # On a quiet machine Ray can restart the actor before any call sees it dead; then the retry
+    # path was not taken, so kill it again (at most 3 times) until a call has failed and been retried.
+    for _ in range(3):
+        kill(evaluator)
+        after = evaluate()
+        after.pop("evaluate_s")
+        assert after == before
+        if guard.restarts:
+            break
+    assert guard.restarts == 1
