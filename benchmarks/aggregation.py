@@ -37,9 +37,9 @@ bytes, so about three quarters of the ceiling.
 Every measurement runs in a fresh process and reports its peak resident memory (``ru_maxrss``);
 for the Ray paths the actor's ``VmHWM`` is added (an upper bound: object-store pages touched by
 both processes count twice); beside it, the driver's and actor's summed private memory
-(``RssAnon``, sampled every 10 ms), which leaves the object store's shared pages out. "growth" is the peak minus the resident memory just before the first
-reply was made, also shown in model sizes (P * 4 bytes): Flower's grows with N, fedmerge's should
-not. A cell whose projected peak exceeds ``--max-gb`` or 85 % of the available memory is skipped.
+(``RssAnon``, sampled every 10 ms), which leaves the object store's shared pages out. "growth" is
+the peak minus the resident memory just before the first reply was made, also shown in model
+sizes (P * 4 bytes): Flower's grows with N, fedmerge's should not. A cell whose projected peak exceeds ``--max-gb`` or 85 % of the available memory is skipped.
 """
 
 from __future__ import annotations
