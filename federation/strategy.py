@@ -442,6 +442,8 @@ class FedMergeStrategy(Strategy):
         placement = self._placement(content)
         # The bytes are in memory already (Flower received them), but nothing is decoded or copied
         # before the reply's size is known to fit the global model.
+        if len(record) > self.validator.num_arrays:  # before iterating a record of a million keys
+            raise UpdateRejected(f"{len(record)} arrays where the global model has {self.validator.num_arrays}")
         sizes = {}
         for key, array in record.items():
             if not isinstance(array, Array) or not isinstance(array.data, bytes):
