@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-__all__ = ["ArrayFormatError", "MAX_HEADER_BYTES", "array_view", "parse_npy_header", "record_to_numpy", "state_to_record", "to_numpy_state", "to_torch_state"]
+__all__ = ["ArrayFormatError", "MAX_HEADER_BYTES", "array_view", "parse_npy_header", "record_to_numpy",
+           "state_to_record", "to_numpy_state", "to_torch_state"]
 
 
 MAGIC = b"\x93NUMPY"

@@ -118,9 +118,10 @@ class FederationConfig:
     num_supernodes: int = _f(0, "simulation SuperNodes (execution slots); 0 = as many as clients sampled a round")
     max_update_norm: float = _f(0.0, "reject a client update whose L2 distance from the global model exceeds this; "
                                      "0 = no bound (the scale is model-specific: see each client's update_norm metric)")
-    max_update_norm_ratio: float = _f(DEFAULT_MAX_UPDATE_NORM_RATIO, "reject a client update whose L2 distance from the global model exceeds "
-                                             "this many times the global model's own L2 norm (at least 1); "
-                                             "stops absurd updates whatever the model; 0 = no bound")
+    max_update_norm_ratio: float = _f(DEFAULT_MAX_UPDATE_NORM_RATIO,
+                                      "reject a client update whose L2 distance from the global model exceeds this "
+                                      "many times the global model's own L2 norm (at least 1); stops absurd updates "
+                                      "whatever the model; 0 = no bound")
 
     def validate(self) -> None:
         _check(1 <= self.num_rounds <= INT32_MAX, "federation.num_rounds", f"must be in 1..{INT32_MAX}")

@@ -464,7 +464,8 @@ class FedMergeStrategy(Strategy):
             return {}
         record = content[PLACEMENT_KEY]
         if not isinstance(record, ConfigRecord):
-            raise UpdateRejected(f"the reply's {PLACEMENT_KEY!r} record is a {type(record).__name__}, not a ConfigRecord")
+            raise UpdateRejected(f"the reply's {PLACEMENT_KEY!r} record is a {type(record).__name__}, "
+                                 "not a ConfigRecord")
         items = dict(record)
         if len(items) > MAX_METRICS or not all(
                 isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_NAME_CHARS and len(v) <= MAX_NAME_CHARS

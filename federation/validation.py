@@ -229,7 +229,8 @@ class UpdateValidator:
         if not math.isfinite(norm):
             raise UpdateRejected("update norm overflows float64: the weights are absurdly far from the global model")
         if self.max_update_norm and norm > self.max_update_norm:
-            raise UpdateRejected(f"update norm {norm:.4g} exceeds federation.max_update_norm = {self.max_update_norm:g}")
+            raise UpdateRejected(
+                f"update norm {norm:.4g} exceeds federation.max_update_norm = {self.max_update_norm:g}")
         if self.max_update_norm_ratio and norm > self.norm_bound:
             raise UpdateRejected(
                 f"update norm {norm:.4g} exceeds federation.max_update_norm_ratio = {self.max_update_norm_ratio:g}"
