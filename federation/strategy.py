@@ -439,6 +439,9 @@ class FedMergeStrategy(Strategy):
             if not math.isfinite(number):
                 raise UpdateRejected(f"metric {key!r} is not finite: {_clip(repr(value))}")
             values[key] = number
+        task = values.get("task_id")  # the merging aggregators group heads by it: a whole number
+        if task is not None and not (task == int(task) and abs(task) < 2**31):
+            raise UpdateRejected(f"task_id must be an integer, got {task!r}")
         placement = self._placement(content)
         # The bytes are in memory already (Flower received them), but nothing is decoded or copied
         # before the reply's size is known to fit the global model.

@@ -227,6 +227,8 @@ def test_array_data_of_another_type_is_rejected():
     (good_metrics(**{"num-examples": 10**30}), "num-examples"),
     (good_metrics(**{f"m{i}": 1.0 for i in range(40)}), "more than the 32"),
     (good_metrics(**{"x" * 300: 1.0}), "metric names longer than 200"),
+    (good_metrics(task_id=2.5), "task_id must be an integer, got 2.5"),  # on main it reached merging.task_id: ValueError
+    (good_metrics(task_id=1e300), "task_id must be an integer"),
 ])
 def test_hostile_metrics_are_rejected(metrics, reason):
     assert reason in rejected_reason(make_strategy(), reply_of(record_of(honest()), metrics))
