@@ -22,6 +22,7 @@ import tomli_w
 
 from clients.attacks import AttackConfig
 from clients.training import TrainConfig
+from federation.validation import DEFAULT_MAX_UPDATE_NORM_RATIO
 
 __all__ = [
     "ActorConfig",
@@ -117,6 +118,10 @@ class FederationConfig:
     num_supernodes: int = _f(0, "simulation SuperNodes (execution slots); 0 = as many as clients sampled a round")
     max_update_norm: float = _f(0.0, "reject a client update whose L2 distance from the global model exceeds this; "
                                      "0 = no bound (the scale is model-specific: see each client's update_norm metric)")
+    max_update_norm_ratio: float = _f(DEFAULT_MAX_UPDATE_NORM_RATIO,
+                                      "reject a client update whose L2 distance from the global model exceeds this "
+                                      "many times the global model's own L2 norm (at least 1); stops absurd updates "
+                                      "whatever the model; 0 = no bound")
 
     def validate(self) -> None:
         _check(1 <= self.num_rounds <= INT32_MAX, "federation.num_rounds", f"must be in 1..{INT32_MAX}")
@@ -127,6 +132,8 @@ class FederationConfig:
         _check(self.round_timeout_s > 0, "federation.round_timeout_s", "must be > 0")
         _check(self.num_supernodes >= 0, "federation.num_supernodes", "must be >= 0")
         _check(self.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0 (0 = no bound)")
+        _check(self.max_update_norm_ratio >= 0 and math.isfinite(self.max_update_norm_ratio),
+               "federation.max_update_norm_ratio", "must be a finite number >= 0 (0 = no bound)")
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,7 @@ class Experiment:
             min_evaluate_nodes=cfg.federation.min_evaluate_nodes, evaluate_every=cfg.evaluation.every,
             seed=cfg.seed, run_config=self.run_config(), expected_nodes=self.num_supernodes,
             on_round=self._record, max_update_norm=cfg.federation.max_update_norm,
+            max_update_norm_ratio=cfg.federation.max_update_norm_ratio,
             shard_sizes=self.shard_sizes, aggregator_restarts=cfg.ray.aggregator.max_restarts,
             evaluator_restarts=cfg.ray.evaluator.max_restarts,
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,14 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from clients.app import AGGREGATOR_CONFIG_KEY, PLACEMENT_KEY, RUN_CONFIG_KEY
-from federation.arrays import record_to_numpy, state_to_record
+from federation.arrays import ArrayFormatError, record_to_numpy, state_to_record
 from federation.recovery import ActorGuard, RoundAggregation, RoundState
-from federation.validation import UpdateRejected, UpdateValidator, validate_update
+from federation.validation import DEFAULT_MAX_UPDATE_NORM_RATIO, UpdateRejected, UpdateValidator, validate_update
 
 __all__ = ["ClientFailure", "FedMergeStrategy", "RoundReport", "UpdateRejected", "client_error_text",
            "validate_update"]
@@ -51,6 +52,54 @@ def client_error_text(reason: str) -> str:
         text = text.removesuffix("'>").strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+MAX_METRICS = 32
+"""Entries a reply's metrics (or placement) record may hold: the ClientApp sends five."""
+
+MAX_NAME_CHARS = 200
+"""Longest metric name or placement string accepted; longer ones would flood metrics.parquet."""
+
+MAX_REASON_CHARS = 500
+"""A rejection or failure reason is clipped to this many characters for the log and events.jsonl."""
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + f"... ({len(text)} characters)"
+
+
+def _error_reason(reply: Message) -> str:
+    """A failed client's reason, whatever Flower (or a hostile node) put into the error."""
+    error = reply.error
+    reason = error.reason if isinstance(error.reason, str) else ""
+    code = error.code if isinstance(error.code, int) else repr(error.code)
+    return _clip(client_error_text(reason[: 64 * MAX_REASON_CHARS]) or f"error code {code}")
+
+
+def _reply_to(reply: Message) -> Any:
+    """The message id a reply answers, or None when it cannot be read."""
+    try:
+        return reply.metadata.reply_to_message_id
+    except Exception:
+        return None
+
+
+def _evaluate_metrics(reply: Message) -> tuple[int, dict[str, float]]:
+    """(num-examples, {loss, accuracy}) of an evaluate reply; ``UpdateRejected`` when they are not
+    a positive integer and finite numbers in a MetricRecord."""
+    metrics = reply.content["metrics"] if isinstance(reply.content, RecordDict) and "metrics" in reply.content else None
+    if not isinstance(metrics, MetricRecord):
+        raise UpdateRejected("no 'metrics' MetricRecord in the evaluate reply")
+    n = metrics.get("num-examples")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise UpdateRejected(f"num-examples must be a positive integer, got {_clip(repr(n))}")
+    values = {}
+    for key in ("loss", "accuracy"):
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise UpdateRejected(f"{key} must be a finite number, got {_clip(repr(value))}")
+        values[key] = float(value)
+    return n, values
 
 
 @dataclass(frozen=True)
@@ -88,9 +137,12 @@ class FedMergeStrategy(Strategy):
     ``evaluator`` an ``EvaluatorActor`` handle (or None). ``run_config`` is the static part of every
     client's config (task, shard location, local training settings).
 
-    Reliability: every reply is checked (``federation.validation``; ``max_update_norm`` and
-    ``shard_sizes`` bound its distance from the global model and its example count) and a bad one
-    is rejected with its reason; a dead actor is restarted up to ``aggregator_restarts`` /
+    Reliability: every reply is checked (``federation.validation``; ``max_update_norm``,
+    ``max_update_norm_ratio`` and ``shard_sizes`` bound its distance from the global model and its
+    example count) and a bad one is rejected with its reason: a reply is hostile until checked, so
+    *any* exception raised while it is unpacked or validated rejects that reply and never ends the
+    round; a reply to a message this round never sent, or a second reply to one, is ignored; a
+    dead actor is restarted up to ``aggregator_restarts`` /
     ``evaluator_restarts`` times and the round replayed into it (``federation.recovery``).
     """
 
@@ -99,7 +151,8 @@ class FedMergeStrategy(Strategy):
                  fraction_evaluate: float = 0.0, min_evaluate_nodes: int = 0,
                  evaluate_every: int = 1, seed: int = 0, run_config: Mapping[str, Any] | None = None,
                  expected_nodes: int = 1, on_round: Callable[[RoundReport], None] | None = None,
-                 max_update_norm: float = 0.0, shard_sizes: Sequence[int] | None = None,
+                 max_update_norm: float = 0.0, max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO,
+                 shard_sizes: Sequence[int] | None = None,
                  aggregator_restarts: int = 0, evaluator_restarts: int = 0) -> None:
         self.aggregator = aggregator
         self.evaluator = evaluator
@@ -113,7 +166,8 @@ class FedMergeStrategy(Strategy):
         self.run_config = json.dumps(dict(run_config or {}), sort_keys=True)
         self.expected_nodes = expected_nodes
         self.on_round = on_round
-        self.validator = UpdateValidator(max_update_norm=max_update_norm, shard_sizes=shard_sizes)
+        self.validator = UpdateValidator(max_update_norm=max_update_norm, max_update_norm_ratio=max_update_norm_ratio,
+                                         shard_sizes=shard_sizes)
         self.aggregator_restarts = aggregator_restarts
         self.evaluator_restarts = evaluator_restarts
         self._aggregation: RoundAggregation | None = None
@@ -176,16 +230,22 @@ class FedMergeStrategy(Strategy):
         return self._messages(server_round, clients, arrays, {}, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted loss and accuracy of the evaluate replies; a failed or malformed reply
+        is left out (and logged), never the end of the round."""
         totals: dict[str, float] = {}
         count = 0
         for reply in replies:
-            if reply.has_error():
+            try:
+                if reply.has_error():
+                    continue
+                n, values = _evaluate_metrics(reply)
+            except Exception as err:
+                log.warning("round %d: evaluate reply left out: %s", server_round,
+                            _clip(str(err) if isinstance(err, UpdateRejected) else f"{type(err).__name__}: {err}"))
                 continue
-            metrics = reply.content["metrics"]
-            n = int(metrics["num-examples"])
             count += n
-            for key in ("loss", "accuracy"):
-                totals[key] = totals.get(key, 0.0) + float(metrics[key]) * n
+            for key, value in values.items():
+                totals[key] = totals.get(key, 0.0) + value * n
         if count == 0:
             return None
         return MetricRecord({key: value / count for key, value in totals.items()} | {"num-examples": count})
@@ -289,7 +349,11 @@ class FedMergeStrategy(Strategy):
         while outstanding and time.monotonic() < deadline:
             replies = list(grid.pull_messages(outstanding))
             for reply in replies:
-                mid = reply.metadata.reply_to_message_id
+                mid = _reply_to(reply)
+                if mid not in outstanding:  # unknown, or answered already: never merged twice
+                    log.warning("round %d: ignored a reply to %s, which is no outstanding message of the round",
+                                server_round, _clip(repr(mid)))
+                    continue
                 outstanding.discard(mid)
                 arrived[slot_of[mid]] = reply
             while next_slot in arrived:  # hand over in sampling order, as soon as possible
@@ -304,50 +368,114 @@ class FedMergeStrategy(Strategy):
         return report, self._finish_train(report)
 
     def _submit(self, reply: Message, report: RoundReport, client_id: int | None = None) -> None:
-        """Validate one reply and hand it to the aggregator (non-blocking), or record why not."""
-        if reply.has_error():
-            self._fail(report, client_id if client_id is not None else -1,
-                       client_error_text(reply.error.reason) or f"error code {reply.error.code}")
-            return
+        """Validate one reply and hand it to the aggregator (non-blocking), or record why not.
+
+        Whatever is wrong with the reply (a record of another type, a mangled array, a metric that
+        is no number, an error reply with an odd reason) costs this reply only: it is recorded as a
+        failure or rejection with its reason, and the round goes on."""
         cid = client_id if client_id is not None else -1
         try:
-            cid, arrays, num_examples, metrics = self._unpack(reply, client_id)
+            failed = reply.has_error()
+            reason = _error_reason(reply) if failed else ""
+        except Exception as err:  # not even a readable Message
+            report.rejected.append(ClientFailure(cid, _clip(f"malformed reply ({type(err).__name__}: {err})")))
+            log.warning("round %d: reply of client %d rejected: %s", report.round, cid, report.rejected[-1].reason)
+            return
+        if failed:
+            self._fail(report, cid, reason)
+            return
+        try:
+            cid, arrays, num_examples, metrics, placement = self._unpack(reply, client_id)
             metrics["update_norm"] = self.validator(cid, arrays, num_examples)
         except UpdateRejected as err:
-            report.rejected.append(ClientFailure(cid, str(err)))
-            log.warning("round %d: update of client %d rejected: %s", report.round, cid, err)
+            reason = _clip(str(err))
+        except Exception as err:  # a failure nobody foresaw is still this reply's fault, not the round's
+            reason = _clip(f"malformed reply ({type(err).__name__}: {err})")
+        else:
+            reason = ""
+        if reason:
+            report.rejected.append(ClientFailure(cid, reason))
+            log.warning("round %d: update of client %d rejected: %s", report.round, cid, reason)
             return
         report.client_metrics[cid] = metrics
-        if PLACEMENT_KEY in reply.content:  # where the client ran; informational, never validated
-            report.client_placement[cid] = {str(k): str(v) for k, v in reply.content[PLACEMENT_KEY].items()}
+        if placement:
+            report.client_placement[cid] = placement
         if client_id is None:
             report.sampled.append(cid)
         self._require_aggregation().accumulate(cid, arrays, num_examples, metrics)
 
-    @staticmethod
-    def _unpack(reply: Message, client_id: int | None
-                ) -> tuple[int, dict[str, np.ndarray], Any, dict[str, float]]:
-        """(client id, arrays, example count, other metrics) of a train reply; ``UpdateRejected``
-        when a record is missing, a metric is not a number, or the reply speaks for another client."""
+    def _unpack(self, reply: Message, client_id: int | None
+                ) -> tuple[int, dict[str, np.ndarray], Any, dict[str, float], dict[str, str]]:
+        """(client id, arrays, example count, other metrics, placement) of a train reply;
+        ``UpdateRejected`` when a record is missing or of another type, a metric is not a finite
+        number, the reply speaks for another client, its arrays take more bytes than the global
+        model's (checked before any is decoded) or one of them is not well-formed ``np.save`` bytes."""
         content = reply.content
-        for name, kind in (("arrays", "an ArrayRecord"), ("metrics", "a MetricRecord")):
+        if not isinstance(content, RecordDict):
+            raise UpdateRejected(f"the reply's content is a {type(content).__name__}, not a RecordDict")
+        for name, kind, cls in (("arrays", "an ArrayRecord", ArrayRecord), ("metrics", "a MetricRecord", MetricRecord)):
             if name not in content:
                 raise UpdateRejected(f"the reply has no {name!r} record ({kind})")
-        metrics = dict(content["metrics"])
+            if not isinstance(content[name], cls):
+                raise UpdateRejected(f"the reply's {name!r} record is a {type(content[name]).__name__}, not {kind}")
+        record, metrics = content["arrays"], dict(content["metrics"])
+        if len(metrics) > MAX_METRICS:
+            raise UpdateRejected(f"{len(metrics)} metrics, more than the {MAX_METRICS} a reply may carry")
+        long = [key for key in metrics if not isinstance(key, str) or len(key) > MAX_NAME_CHARS]
+        if long:
+            raise UpdateRejected(f"metric names longer than {MAX_NAME_CHARS} characters: {_clip(repr(long))}")
         claimed = metrics.pop("partition-id", client_id)
+        if not isinstance(claimed, (int, np.integer)) or isinstance(claimed, bool):
+            raise UpdateRejected(f"partition-id must be an integer, got {_clip(repr(claimed))}")
         if client_id is not None and claimed != client_id:
             raise UpdateRejected(f"the reply claims to come from client {claimed!r}")
-        if not isinstance(claimed, (int, np.integer)) or isinstance(claimed, bool):
-            raise UpdateRejected(f"partition-id must be an integer, got {claimed!r}")
         num_examples = metrics.pop("num-examples", None)
         bad = sorted(k for k, v in metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool))
         if bad:
-            raise UpdateRejected(f"metrics {bad} are not numbers")
+            raise UpdateRejected(f"metrics {_clip(repr(bad))} are not numbers")
+        values = {}
+        for key, value in metrics.items():
+            number = float(value) if isinstance(value, float) or abs(value) < 2**63 else math.inf
+            if not math.isfinite(number):
+                raise UpdateRejected(f"metric {key!r} is not finite: {_clip(repr(value))}")
+            values[key] = number
+        task = values.get("task_id")  # the merging aggregators group heads by it: a whole number
+        if task is not None and not (task == int(task) and abs(task) < 2**31):
+            raise UpdateRejected(f"task_id must be an integer, got {task!r}")
+        placement = self._placement(content)
+        # The bytes are in memory already (Flower received them), but nothing is decoded or copied
+        # before the reply's size is known to fit the global model.
+        if len(record) > self.validator.num_arrays:  # before iterating a record of a million keys
+            raise UpdateRejected(f"{len(record)} arrays where the global model has {self.validator.num_arrays}")
+        sizes = {}
+        for key, array in record.items():
+            if not isinstance(array, Array) or not isinstance(array.data, bytes):
+                raise UpdateRejected(f"{_clip(str(key))}: not a flwr Array of bytes ({type(array).__name__})")
+            sizes[key] = len(array.data)
+        self.validator.check_size(sizes)
         try:
-            arrays = record_to_numpy(content["arrays"])
-        except (ValueError, TypeError, KeyError) as err:
+            arrays = record_to_numpy(record)
+        except ArrayFormatError as err:
             raise UpdateRejected(f"unreadable arrays: {err}") from None
-        return int(claimed), arrays, num_examples, {k: float(v) for k, v in metrics.items()}
+        return int(claimed), arrays, num_examples, values, placement
+
+    @staticmethod
+    def _placement(content: RecordDict) -> dict[str, str]:
+        """Where the client says it ran (informational, but from the network too): a ConfigRecord of
+        at most ``MAX_METRICS`` short strings, or nothing."""
+        if PLACEMENT_KEY not in content:
+            return {}
+        record = content[PLACEMENT_KEY]
+        if not isinstance(record, ConfigRecord):
+            raise UpdateRejected(f"the reply's {PLACEMENT_KEY!r} record is a {type(record).__name__}, "
+                                 "not a ConfigRecord")
+        items = dict(record)
+        if len(items) > MAX_METRICS or not all(
+                isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_NAME_CHARS and len(v) <= MAX_NAME_CHARS
+                for k, v in items.items()):
+            raise UpdateRejected(f"the reply's {PLACEMENT_KEY!r} record must hold at most {MAX_METRICS} strings "
+                                 f"of at most {MAX_NAME_CHARS} characters")
+        return items
 
     @staticmethod
     def _fail(report: RoundReport, client_id: int, reason: str) -> None:

@@ -94,12 +94,20 @@ def test_validator_rejects_updates_beyond_max_update_norm():
     validator.set_global(GLOBAL)
     with pytest.raises(UpdateRejected, match=r"update norm 2\.121 exceeds federation.max_update_norm = 1"):
         validator(0, update(), 10)
-    unbounded = UpdateValidator()
+    unbounded = UpdateValidator(max_update_norm_ratio=0)
     unbounded.set_global(GLOBAL)
     assert unbounded(0, update(b=np.full(3, 1e30, np.float32)), 10) > 1e30  # 0 = no bound
+    with pytest.raises(UpdateRejected, match="max_update_norm_ratio = 100"):  # the relative bound's default
+        _default_bounded()(0, update(b=np.full(3, 1e30, np.float32)), 10)
     with pytest.raises(ValueError):
         UpdateValidator(max_update_norm=-1)
     check_num_examples(5, None)
+
+
+def _default_bounded() -> UpdateValidator:
+    validator = UpdateValidator()
+    validator.set_global(GLOBAL)
+    return validator
 
 
 # ---- the strategy's reply handling ---------------------------------------------------------------
