@@ -122,19 +122,20 @@ def resume_experiment(run_dir: str | os.PathLike[str], *, address: str | None = 
                       progress: Callable[[str], None] = print, verbose: bool = False) -> RunOutcome:
     """Continue a stopped run in its own folder, from its newest checkpoint.
 
-    Takes the folder's lock (a run or resume still writing it is an error naming its pid), reads
-    the run's resolved ``config.toml``, verifies and loads the newest checkpoint and checks that it
-    belongs to this run (``_check_resumable``: the config it recorded, its round, the metrics, the
-    model's layout), all before anything is changed or Ray starts; a corrupt, forged or foreign
-    checkpoint is an error naming the file and what differs. It then drops the metrics and events
-    of rounds after it and runs the remaining rounds, appending to the same ``metrics.parquet``.
-    With the same seed the result equals that of a run never stopped. Without a checkpoint the run
+    Reads the run's resolved ``config.toml``, takes the folder's lock (a run or resume still
+    writing it is an error naming its pid), verifies and loads the newest checkpoint and checks
+    that it belongs to this run (``_check_resumable``: the config it recorded, its round, the
+    metrics, the model's layout), all before anything is changed or Ray starts; a corrupt, forged
+    or foreign checkpoint is an error naming the file and what differs. It then drops the metrics
+    and events of rounds after it and runs the remaining rounds, appending to the same
+    ``metrics.parquet``. With the same seed the result equals that of a run never stopped. Without
+    a checkpoint the run
     starts again from round 1.
     """
     run = RunDir(run_dir)
+    config = load_config(run.config_path)  # first: a folder that is no run gets no lock file
+    build_aggregator(config)
     with run.lock():
-        config = load_config(run.config_path)
-        build_aggregator(config)
         checkpoint = latest_checkpoint(run.checkpoint_dir)
         if checkpoint is not None:
             _check_resumable(config, run, checkpoint)
