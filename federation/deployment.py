@@ -55,19 +55,20 @@ def run_deployment(grid: Grid, config: ExperimentConfig, address: str = "") -> R
     build_aggregator(config)
     started = time.perf_counter()
     run_dir = RunDir.create(config.output.root_path, config.name)
-    run_dir.write_config(config.to_toml())
-    log.info("fedmerge deployment run: %s", run_dir.path)
-    experiment = Experiment(config, run_dir, progress=print)
-    init_ray(config, address or None)
-    try:
-        experiment.setup()
-        experiment._run(grid)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    if experiment.final_state is None:
-        raise ExperimentError("the deployment run ended before the server finished its rounds")
-    finish_run(experiment, time.perf_counter() - started, progress=print)
+    with run_dir.lock():  # held until the run ends, as in a simulation
+        run_dir.write_config(config.to_toml())
+        log.info("fedmerge deployment run: %s", run_dir.path)
+        experiment = Experiment(config, run_dir, progress=print)
+        init_ray(config, address or None)
+        try:
+            experiment.setup()
+            experiment._run(grid)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+        if experiment.final_state is None:
+            raise ExperimentError("the deployment run ended before the server finished its rounds")
+        finish_run(experiment, time.perf_counter() - started, progress=print)
     return run_dir
 
 

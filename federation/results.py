@@ -14,11 +14,13 @@ actor and each client ran every round (Ray node id, host, device, GPU name) goes
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ __all__ = [
     "SCOPES",
     "RunDir",
     "RunFileError",
+    "RunLockedError",
     "compare_table",
     "format_run_report",
     "format_table",
@@ -72,6 +75,14 @@ _INT32_MAX = 2**31 - 1
 
 class RunFileError(ValueError):
     """A file of a run directory cannot be read or has the wrong shape; the message names it."""
+
+
+class RunLockedError(RunFileError):
+    """Another process is writing the run directory (it holds the folder's lock)."""
+
+
+LOCK_FILE = ".fedmerge.lock"
+"""The lock file in a run folder; dot-named, so ``RunUploader`` does not copy it."""
 
 
 class RunDir:
@@ -148,6 +159,35 @@ class RunDir:
     @property
     def checkpoint_dir(self) -> Path:
         return self._path / "checkpoints"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's exclusive lock while writing it (a run, a resume, a deployment run).
+
+        ``flock`` on ``.fedmerge.lock``, taken without waiting: a second writer (a ``resume``
+        started while the run is alive) fails at once with a RunLockedError naming the folder and
+        the holder's pid. The kernel drops the lock when its holder dies, even by SIGKILL, so a
+        killed run can be resumed; the stale pid left in the file means nothing then.
+        """
+        path = self._path / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise RunFileError(f"cannot open the lock file {path} of run directory {self._path}: "
+                               f"{exc.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                who = f"process {holder}" if holder.isdigit() else "another process"
+                raise RunLockedError(f"run directory {self._path} is being written by {who} (it holds {path}); "
+                                     "wait for it to end, or stop it, before resuming") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def write_config(self, text: str) -> None:
         """Write the resolved config (TOML text), so the run can be reproduced from its folder."""

@@ -24,7 +24,7 @@ import torch
 
 from clients.partition import format_label_counts, label_counts, partition, plot_label_heatmap
 from clients.tasks import get_task
-from federation.checkpoint import Checkpoint, latest_checkpoint
+from federation.checkpoint import Checkpoint, CheckpointError, config_changes, latest_checkpoint
 from federation.config import AggregatorConfig, ConfigError, ExperimentConfig, load_config
 from federation.moe import build_served, save_served
 from federation.results import RunDir, compare_table, format_run_report, plot_curves, summarize
@@ -104,32 +104,82 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None,
     build_aggregator(config)  # fail fast, before any folder or cluster exists
     _check_data(config)
     run_dir = RunDir.create(config.output.root_path, config.name)
-    run_dir.write_config(config.to_toml())
-    progress(f"run directory: {run_dir.path}")
-    return _execute(config, run_dir, None, address=address, progress=progress, verbose=verbose)
+    with run_dir.lock():  # held until the run ends: a `resume` of a live run is refused
+        run_dir.write_config(config.to_toml())
+        progress(f"run directory: {run_dir.path}")
+        return _execute(config, run_dir, None, address=address, progress=progress, verbose=verbose)
+
+
+RESUMABLE_CHANGES = frozenset({"ray.address"})
+"""Config keys that may differ between a run's checkpoint and its ``config.toml`` on resume: only
+where to find Ray (``--address`` overrides it anyway), which changes no result. Everything else,
+output paths and ``federation.num_rounds`` included, is refused: a path is part of what the run
+wrote, and more rounds would change the checkpoint schedule and a learning-rate schedule's horizon;
+extend a run by starting a new one."""
 
 
 def resume_experiment(run_dir: str | os.PathLike[str], *, address: str | None = None,
                       progress: Callable[[str], None] = print, verbose: bool = False) -> RunOutcome:
     """Continue a stopped run in its own folder, from its newest checkpoint.
 
-    Reads the run's resolved ``config.toml``, verifies and loads the newest checkpoint (a corrupt
-    one is an error naming the file, raised before Ray starts), drops the metrics and events of
-    rounds after it and runs the remaining rounds, appending to the same ``metrics.parquet``. With
-    the same seed the result equals that of a run never stopped. Without a checkpoint the run
+    Reads the run's resolved ``config.toml``, takes the folder's lock (a run or resume still
+    writing it is an error naming its pid), verifies and loads the newest checkpoint and checks
+    that it belongs to this run (``_check_resumable``: the config it recorded, its round, the
+    metrics, the model's layout), all before anything is changed or Ray starts; a corrupt, forged
+    or foreign checkpoint is an error naming the file and what differs. It then drops the metrics
+    and events of rounds after it and runs the remaining rounds, appending to the same
+    ``metrics.parquet``. With the same seed the result equals that of a run never stopped. Without
+    a checkpoint the run
     starts again from round 1.
     """
     run = RunDir(run_dir)
-    config = load_config(run.config_path)
+    config = load_config(run.config_path)  # first: a folder that is no run gets no lock file
     build_aggregator(config)
-    _check_data(config)
-    checkpoint = latest_checkpoint(run.checkpoint_dir)
-    done = checkpoint.round if checkpoint is not None else 0
-    run.truncate_after(done)
-    where = f"checkpoint {checkpoint.path.name}" if checkpoint is not None else "round 1 (no checkpoint)"
-    run.log_events(done, [(None, "resumed", f"resumed from {where}")])
-    progress(f"resuming {run.path} from {where}; rounds {done + 1}..{config.federation.num_rounds} to go")
-    return _execute(config, run, checkpoint, address=address, progress=progress, verbose=verbose)
+    with run.lock():
+        checkpoint = latest_checkpoint(run.checkpoint_dir)
+        if checkpoint is not None:
+            _check_resumable(config, run, checkpoint)
+        _check_data(config)
+        done = checkpoint.round if checkpoint is not None else 0
+        run.truncate_after(done)
+        where = f"checkpoint {checkpoint.path.name}" if checkpoint is not None else "round 1 (no checkpoint)"
+        run.log_events(done, [(None, "resumed", f"resumed from {where}")])
+        progress(f"resuming {run.path} from {where}; rounds {done + 1}..{config.federation.num_rounds} to go")
+        return _execute(config, run, checkpoint, address=address, progress=progress, verbose=verbose)
+
+
+def _check_resumable(config: ExperimentConfig, run: RunDir, checkpoint: Checkpoint) -> None:
+    """Refuse a checkpoint that is not this run's: a config that differs from the one it recorded
+    (outside ``RESUMABLE_CHANGES``; the seed included), a round beyond ``num_rounds`` or beyond the
+    rounds in ``metrics.parquet``, weights that do not fit the task's model. Reads only."""
+    meta = checkpoint.path / "checkpoint.json"
+    changes = [c for c in config_changes(checkpoint.config, config.to_dict()) if c[0] not in RESUMABLE_CHANGES]
+    if changes:
+        shown = ", ".join(f"{key} ({_short(old)} -> {_short(new)})" for key, old, new in changes[:10])
+        more = f" and {len(changes) - 10} more" if len(changes) > 10 else ""
+        raise CheckpointError(f"{run.config_path} differs from the run's checkpoint ({meta}) in {shown}{more}; "
+                              "a resume must use the config the run started with: undo the change, or start a "
+                              "new run with the new config")
+    last = config.federation.num_rounds
+    if checkpoint.round > last:
+        raise CheckpointError(f"checkpoint file {meta}: field 'round' is {checkpoint.round}, beyond the run's "
+                              f"federation.num_rounds = {last}")
+    logged = run.metrics()["round"]
+    reached = max(logged.to_pylist(), default=0)
+    if checkpoint.round > reached:
+        raise CheckpointError(f"checkpoint file {meta}: field 'round' is {checkpoint.round}, but {run.metrics_path} "
+                              f"holds rounds up to {reached} only: the checkpoint is not this run's")
+    expected = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                for k, v in get_task(config.data.task).build_model().state_dict().items()}
+    found = {k: (tuple(v.shape), str(v.dtype)) for k, v in checkpoint.global_state.items()}
+    if expected != found:
+        raise CheckpointError(f"checkpoint file {checkpoint.path / 'global.safetensors'} does not fit the "
+                              f"{config.data.task} model: keys, shapes or dtypes differ")
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_data(config: ExperimentConfig) -> None:
@@ -148,6 +198,7 @@ def _execute(config: ExperimentConfig, run_dir: RunDir, resume: Checkpoint | Non
     experiment = Experiment(config, run_dir, progress=progress, resume=resume)
     if resume is not None and resume.round >= config.federation.num_rounds:
         experiment.final_state = {k: torch.from_numpy(v) for k, v in resume.global_state.items()}
+        experiment.final_served = resume.served  # the final checkpoint holds the served model too
     else:
         _simulate(experiment, address, progress, verbose)
     return finish_run(experiment, time.perf_counter() - started, progress)

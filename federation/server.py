@@ -230,13 +230,14 @@ class Experiment:
         )
         self._started = time.perf_counter()
         if self.resume is None:
-            initial, first_round, aggregator_state = state_to_record(self.initial_state), 1, {}
+            initial, first_round, aggregator_state, served = state_to_record(self.initial_state), 1, {}, None
         else:
             initial = state_to_record(self.resume.global_state)
             first_round, aggregator_state = self.resume.round + 1, self.resume.aggregator_state
+            served = self.resume.served
         result = strategy.start(grid, initial, num_rounds=cfg.federation.num_rounds,
                                 timeout=cfg.federation.round_timeout_s, first_round=first_round,
-                                aggregator_state=aggregator_state)
+                                aggregator_state=aggregator_state, served=served)
         self.final_state = result.arrays.to_torch_state_dict()
         served_ref = strategy.served_model_ref()
         self.final_served = None if served_ref is None else ray.get(served_ref, timeout=PLACEMENT_TIMEOUT_S)
@@ -271,7 +272,9 @@ class Experiment:
         """Log the round (metrics, then events), checkpoint it when due, print its line.
 
         The checkpoint comes last: a run killed in between resumes from the previous checkpoint
-        and redoes this round, dropping its rows first, so no round is ever missing or doubled.
+        and redoes this round, dropping its rows first, so no round is ever missing or doubled. It
+        holds the resolved config (a resume refuses an edited one) and the served model when the
+        aggregator serves its own (a run killed after its last checkpoint still saves it on resume).
         """
         placements = self._placements(report)
         self.run_dir.log_round(report.round, report_rows(report) + [
@@ -284,8 +287,10 @@ class Experiment:
         ])
         ckpt = self.config.checkpoint
         if report.state is not None and checkpoint_due(report.round, ckpt.every, self.config.federation.num_rounds):
+            served = None if report.served is None else ray.get(report.served, timeout=PLACEMENT_TIMEOUT_S)
             save_checkpoint(self.run_dir.checkpoint_dir, report.round, self.config.seed,
-                            report.state.global_state, report.state.aggregator_state, keep=ckpt.keep)
+                            report.state.global_state, report.state.aggregator_state, keep=ckpt.keep,
+                            config=self.config.to_dict(), served=served)
         self.upload()
         n = self.config.federation.num_rounds
         ok = len(report.client_metrics)

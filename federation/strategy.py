@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -125,6 +126,7 @@ class RoundReport:
     restarts: list[str] = field(default_factory=list)
     round_time_s: float = 0.0
     state: RoundState | None = field(default=None, repr=False)
+    served: Any = field(default=None, repr=False)  # Ray ref of the last merged round's served model, or None
     client_placement: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
@@ -258,11 +260,13 @@ class FedMergeStrategy(Strategy):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              first_round: int = 1, aggregator_state: Mapping[str, Any] | None = None) -> Result:
+              first_round: int = 1, aggregator_state: Mapping[str, Any] | None = None,
+              served: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None) -> Result:
         """Run rounds ``first_round..num_rounds`` from ``initial_arrays``.
 
-        A resumed run passes the checkpoint's weights, ``first_round`` = its round + 1 and the
-        aggregator state it restored into the actor (kept to restore the actor again if it dies).
+        A resumed run passes the checkpoint's weights, ``first_round`` = its round + 1, the
+        aggregator state it restored into the actor (kept to restore the actor again if it dies)
+        and the checkpoint's served model, which stays served until a round merges a new one.
         """
         self.summary()
         self._last_round = num_rounds
@@ -271,6 +275,8 @@ class FedMergeStrategy(Strategy):
         arrays = initial_arrays
         self._start_aggregation(RoundState(first_round - 1, record_to_numpy(arrays), dict(aggregator_state or {})),
                                 timeout)
+        if served is not None:
+            self._require_aggregation().served = ray.put(served)
         for server_round in range(first_round, num_rounds + 1):
             started = time.perf_counter()
             report, new_arrays = self._train_round(grid, server_round, arrays, timeout)
@@ -287,6 +293,7 @@ class FedMergeStrategy(Strategy):
                 result.evaluate_metrics_serverapp[server_round] = MetricRecord(report.server_metrics)
             report.round_time_s = time.perf_counter() - started
             report.state = self._require_aggregation().state
+            report.served = self._require_aggregation().served
             report.restarts = self._take_restart_notes()
             if self.on_round is not None:
                 self.on_round(report)
