@@ -1,6 +1,8 @@
-"""Flower's deployment mode on loopback: a SuperLink and two SuperNodes as separate processes, TLS
-with certificates made here (deploy/flower/credentials.py), SuperNode authentication, and a short
-run through `flwr run deploy/flower`, whose ServerApp aggregates in a Ray actor."""
+"""Flower's deployment mode on loopback, set up as deploy/README.md says: a SuperLink on 127.0.0.1,
+the Fleet-only gateway (deploy/flower/fleet_gateway.py) on 127.0.0.2 standing in for the public
+interface, two SuperNodes as separate processes, TLS with certificates made here
+(deploy/flower/credentials.py), SuperNode authentication, a short run through `flwr run
+deploy/flower` whose ServerApp aggregates in a Ray actor, and an outsider who is refused."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ _spec = importlib.util.spec_from_file_location("fedmerge_flower_credentials",
 credentials = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(credentials)
 make_credentials = credentials.make_credentials
+PUBLIC = "127.0.0.2"  # stands in for the SuperLink host's public interface (all of 127/8 is loopback)
 
 
 class Processes:
@@ -72,6 +75,13 @@ class Processes:
                 proc.wait(timeout=10)
 
 
+def _gateway_command(creds: dict[str, Path], listen: str, upstream: str) -> list[str]:
+    """deploy/flower/fleet_gateway.py relaying the Fleet API from ``listen`` to the SuperLink."""
+    return [sys.executable, str(ROOT / "deploy" / "flower" / "fleet_gateway.py"), "--listen", listen,
+            "--upstream", upstream, "--certfile", str(creds["server_cert"]), "--keyfile", str(creds["server_key"]),
+            "--cafile", str(creds["ca"])]
+
+
 def _tls_handshake(port: int, cafile: str | None) -> dict:
     context = ssl.create_default_context(cafile=cafile)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -80,10 +90,10 @@ def _tls_handshake(port: int, cafile: str | None) -> dict:
 
 
 def test_superlink_and_two_authenticated_supernodes_over_tls(tmp_path):
-    creds = make_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], supernodes=3)
+    creds = make_credentials(tmp_path / "creds", ["127.0.0.1", PUBLIC, "localhost"], supernodes=3)
     home = tmp_path / "flwr"
     home.mkdir()
-    port = free_port()
+    port, gateway_port = free_port(), free_port()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedmerge-local"\n\n[superlink.fedmerge-local]\n'
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{creds["ca"]}"\n')
@@ -104,7 +114,9 @@ def test_superlink_and_two_authenticated_supernodes_over_tls(tmp_path):
             "--ssl-ca-certfile", str(creds["ca"]), "--ssl-certfile", str(creds["server_cert"]),
             "--ssl-keyfile", str(creds["server_key"]), "--enable-supernode-auth",
             "--disable-runtime-dependency-installation"])
+        procs.start("gateway", _gateway_command(creds, f"{PUBLIC}:{gateway_port}", f"127.0.0.1:{port}"))
         procs.wait_for("superlink", "Uvicorn running on https://", timeout=120)
+        procs.wait_for("gateway", "Fleet gateway listening", timeout=60)
 
         # TLS: the SuperLink presents the certificate made for it, which only our CA vouches for.
         peer = _tls_handshake(port, str(creds["ca"]))
@@ -117,9 +129,9 @@ def test_superlink_and_two_authenticated_supernodes_over_tls(tmp_path):
             out = flwr("supernode", "register", str(creds[f"supernode_{i}_pub"]), "fedmerge-local", "--format", "json")
             assert out.returncode == 0, out.stdout + out.stderr
             node_ids.append(int(json.loads(out.stdout[out.stdout.index("{"):])["node-id"]))
-        for i in (0, 1, 2):
+        for i in (0, 1, 2):  # as deploy/README.md: SuperNodes reach the Fleet gateway, never the SuperLink port
             procs.start(f"supernode-{i}", [
-                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                str(BIN / "flower-supernode"), "--superlink", f"{PUBLIC}:{gateway_port}",
                 "--root-certificates", str(creds["ca"]), "--auth-supernode-private-key", str(creds[f"supernode_{i}"]),
                 "--port", str(free_port()), "--max-retries", "2", "--max-wait-time", "60"])
 
@@ -157,7 +169,6 @@ def test_superlink_and_two_authenticated_supernodes_over_tls(tmp_path):
 
 # ---- item 8 of issue 19: an outsider who reaches the public address gets nothing ------------------
 
-PUBLIC = "127.0.0.2"  # stands in for the SuperLink host's public interface (all of 127/8 is loopback)
 OUTSIDER_SERVERAPP = '''\
 from pathlib import Path
 from flwr.serverapp import ServerApp
@@ -238,10 +249,7 @@ def test_an_outsider_at_the_public_address_cannot_register_a_key_or_run_code(tmp
             "--ssl-ca-certfile", str(creds["ca"]), "--ssl-certfile", str(creds["server_cert"]),
             "--ssl-keyfile", str(creds["server_key"]), "--enable-supernode-auth",
             "--disable-runtime-dependency-installation"])
-        procs.start("gateway", [
-            sys.executable, str(ROOT / "deploy" / "flower" / "fleet_gateway.py"),
-            "--listen", f"{PUBLIC}:{gateway_port}", "--upstream", f"127.0.0.1:{port}",
-            "--certfile", str(creds["server_cert"]), "--keyfile", str(creds["server_key"]), "--cafile", str(creds["ca"])])
+        procs.start("gateway", _gateway_command(creds, f"{PUBLIC}:{gateway_port}", f"127.0.0.1:{port}"))
         procs.wait_for("superlink", "Uvicorn running on https://", timeout=120)
         procs.wait_for("gateway", "Fleet gateway listening", timeout=60)
 
