@@ -26,6 +26,7 @@ import sys
 
 FLEET_PATH = re.compile(rb"/v1/fleet/[a-z][a-z-]*")  # the whole target: no query, no dot segments, no %
 MAX_HEAD = 64 * 1024
+READ_TIMEOUT_S = 60.0  # a client silent this long while sending its request is dropped
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -68,13 +69,13 @@ class FleetGateway:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._handle(reader, writer)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError):
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError, TimeoutError):
             pass
         finally:
             writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
         parsed = _parse_head(head)
         if parsed is None:
             return await _refuse(writer, 400, "Bad Request")
@@ -96,7 +97,7 @@ class FleetGateway:
             up_writer.write(out_head)
             remaining = length
             while remaining:
-                chunk = await reader.read(min(remaining, 1 << 20))
+                chunk = await asyncio.wait_for(reader.read(min(remaining, 1 << 20)), READ_TIMEOUT_S)
                 if not chunk:
                     return
                 remaining -= len(chunk)
