@@ -220,3 +220,124 @@ def test_every_manifest_parses(path):
         assert tomllib.loads(text)
     else:
         assert all(doc is not None for doc in yaml.safe_load_all(text))
+
+
+# ---- who can reach the control ports (issue 19, item 8) ----------------------------------------
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+CONTROL_PORTS = {"6379", "8265", "10001", "9093"}  # GCS, dashboard/Jobs API, Ray client, SuperLink
+
+
+def _commands(text: str, program: str) -> list[str]:
+    """Every line of ``text`` that runs ``program`` (shell continuation lines joined)."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [m.group(1) for m in re.finditer(rf"^\s*({re.escape(program)}(?:\s[^\n]*)?)$", joined, re.M)]
+
+
+def _flag(command: str, name: str) -> str | None:
+    match = re.search(rf"{re.escape(name)}[= ]+['\"]?([^\s'\"]+)", command)
+    return match.group(1) if match else None
+
+
+def _host(value: str) -> str:
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 or value.startswith("[") else value
+
+
+def public_exposures(cluster: dict, kuberay: dict[str, dict], readme: str, dockerfile: list[tuple[str, str]]) -> list[str]:
+    """Every place where a setup shipped here makes a control port (Ray's dashboard / Jobs API,
+    client or GCS; the SuperLink's one port, which carries the Control API) reachable by more than
+    the operator: a non-loopback bind without the containment that keeps it private."""
+    found = []
+    ray_heads = [c for c in cluster["head_start_ray_commands"] if "ray start --head" in c]
+    ray_heads += [c for c in _commands(readme, "ray start") if "--head" in c]
+    for command in ray_heads:
+        if (_flag(command, "--dashboard-host") or "127.0.0.1") not in LOOPBACK:
+            found.append(f"Ray dashboard / Jobs API bound publicly: {command}")
+    for command in _commands(readme, "flower-superlink"):
+        for flag in ("--host", "--control-api-address", "--fleet-api-address"):
+            value = _flag(command, flag)
+            if value is not None and _host(value) not in LOOPBACK:
+                found.append(f"SuperLink {flag} {value} exposes the Control API: {command}")
+    for command in _commands(readme, "python deploy/flower/fleet_gateway.py"):
+        upstream = _flag(command, "--upstream")
+        if upstream is not None and _host(upstream) not in LOOPBACK:
+            found.append(f"the Fleet gateway relays to a non-loopback SuperLink: {command}")
+    policy = kuberay.get("networkpolicy.yaml")
+    contained = bool(policy) and policy.get("kind") == "NetworkPolicy" and any(
+        e.get("key") == "ray.io/node-type" for e in policy["spec"]["podSelector"].get("matchExpressions", []))
+    for name, doc in kuberay.items():
+        if doc.get("kind") in {"Service", "Ingress"} and (doc["kind"] == "Ingress"
+                                                           or doc["spec"].get("type") in {"NodePort", "LoadBalancer"}):
+            found.append(f"{name}: a {doc['kind']} publishes Ray ports")
+        spec = doc.get("spec", {})
+        spec = spec.get("rayClusterSpec", spec)
+        if "headGroupSpec" not in spec:
+            continue
+        head = spec["headGroupSpec"]
+        if head.get("serviceType", "ClusterIP") != "ClusterIP":
+            found.append(f"{name}: head service type {head['serviceType']} publishes the dashboard")
+        if head["rayStartParams"].get("dashboard-host", "127.0.0.1") not in LOOPBACK and not contained:
+            found.append(f"{name}: dashboard on the pod network and no NetworkPolicy limits who reaches it")
+        for group in [head, *spec.get("workerGroupSpecs", [])]:
+            pod = group["template"]["spec"]
+            if pod.get("hostNetwork"):
+                found.append(f"{name}: {group.get('groupName', 'head')} runs on the host network")
+            for container in pod["containers"]:
+                found += [f"{name}: hostPort {p['hostPort']}" for p in container.get("ports", []) if "hostPort" in p]
+    found += [f"Dockerfile EXPOSE {a}" for i, a in dockerfile if i == "EXPOSE"
+              and CONTROL_PORTS & {p.split("/")[0] for p in a.split()}]
+    return found
+
+
+def _shipped() -> tuple[dict, dict[str, dict], str, list[tuple[str, str]]]:
+    kuberay = {p.name: _yaml(p) for p in sorted((DEPLOY / "kuberay").glob("*.yaml"))}
+    return _yaml(DEPLOY / "cluster.yaml"), kuberay, (DEPLOY / "README.md").read_text(), _dockerfile()
+
+
+def test_no_shipped_setup_exposes_a_control_port():
+    assert public_exposures(*_shipped()) == []
+
+
+def test_readme_starts_the_superlink_on_loopback_behind_the_fleet_gateway():
+    readme = (DEPLOY / "README.md").read_text()
+    (superlink,) = _commands(readme, "flower-superlink")
+    assert _flag(superlink, "--host") == "127.0.0.1" and "--enable-supernode-auth" in superlink
+    (gateway,) = _commands(readme, "python deploy/flower/fleet_gateway.py")
+    assert _host(_flag(gateway, "--upstream")) == "127.0.0.1"
+    assert "ssh -L" in readme, "the operator reaches the Control API over an SSH tunnel"
+    assert "kubectl apply -f deploy/kuberay/networkpolicy.yaml" in readme
+
+
+@pytest.mark.parametrize("mutation", ["ray-up-dashboard", "readme-ray-head", "superlink-host", "control-address",
+                                      "gateway-upstream", "head-service", "no-policy", "load-balancer",
+                                      "host-port", "host-network", "expose"])
+def test_a_setup_exposing_a_control_port_is_caught(mutation):
+    """Each way of publishing a control port, applied to the shipped files, is reported."""
+    cluster, kuberay, readme, dockerfile = _shipped()
+    cluster, kuberay = json.loads(json.dumps(cluster)), json.loads(json.dumps(kuberay))
+    head = kuberay["raycluster.yaml"]["spec"]["headGroupSpec"]
+    if mutation == "ray-up-dashboard":
+        cluster["head_start_ray_commands"] = [c.replace("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")
+                                              for c in cluster["head_start_ray_commands"]]
+    elif mutation == "readme-ray-head":
+        readme += "\nray start --head --port 6379 --dashboard-host 0.0.0.0\n"
+    elif mutation == "superlink-host":
+        readme = readme.replace("flower-superlink --host 127.0.0.1", "flower-superlink --host 0.0.0.0")
+    elif mutation == "control-address":
+        readme = readme.replace("flower-superlink --host 127.0.0.1",
+                                "flower-superlink --control-api-address 0.0.0.0:9093 --host 127.0.0.1")
+    elif mutation == "gateway-upstream":
+        readme = re.sub(r"--upstream \S+", "--upstream 10.0.0.5:9093", readme)
+    elif mutation == "head-service":
+        head["serviceType"] = "LoadBalancer"
+    elif mutation == "no-policy":
+        del kuberay["networkpolicy.yaml"]
+    elif mutation == "load-balancer":
+        kuberay["svc.yaml"] = {"kind": "Service", "spec": {"type": "NodePort", "ports": [{"port": 8265}]}}
+    elif mutation == "host-port":
+        head["template"]["spec"]["containers"][0]["ports"].append({"containerPort": 8265, "hostPort": 8265})
+    elif mutation == "host-network":
+        head["template"]["spec"]["hostNetwork"] = True
+    elif mutation == "expose":
+        dockerfile = [*dockerfile, ("EXPOSE", "8265 9093/tcp")]
+    assert public_exposures(cluster, kuberay, readme, dockerfile), mutation

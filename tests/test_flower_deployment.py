@@ -1,6 +1,8 @@
-"""Flower's deployment mode on loopback: a SuperLink and two SuperNodes as separate processes, TLS
-with certificates made here (deploy/flower/credentials.py), SuperNode authentication, and a short
-run through `flwr run deploy/flower`, whose ServerApp aggregates in a Ray actor."""
+"""Flower's deployment mode on loopback, set up as deploy/README.md says: a SuperLink on 127.0.0.1,
+the Fleet-only gateway (deploy/flower/fleet_gateway.py) on 127.0.0.2 standing in for the public
+interface, two SuperNodes as separate processes, TLS with certificates made here
+(deploy/flower/credentials.py), SuperNode authentication, a short run through `flwr run
+deploy/flower` whose ServerApp aggregates in a Ray actor, and an outsider who is refused."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ _spec = importlib.util.spec_from_file_location("fedmerge_flower_credentials",
 credentials = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(credentials)
 make_credentials = credentials.make_credentials
+PUBLIC = "127.0.0.2"  # stands in for the SuperLink host's public interface (all of 127/8 is loopback)
 
 
 class Processes:
@@ -72,6 +75,13 @@ class Processes:
                 proc.wait(timeout=10)
 
 
+def _gateway_command(creds: dict[str, Path], listen: str, upstream: str) -> list[str]:
+    """deploy/flower/fleet_gateway.py relaying the Fleet API from ``listen`` to the SuperLink."""
+    return [sys.executable, str(ROOT / "deploy" / "flower" / "fleet_gateway.py"), "--listen", listen,
+            "--upstream", upstream, "--certfile", str(creds["server_cert"]), "--keyfile", str(creds["server_key"]),
+            "--cafile", str(creds["ca"])]
+
+
 def _tls_handshake(port: int, cafile: str | None) -> dict:
     context = ssl.create_default_context(cafile=cafile)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -80,10 +90,10 @@ def _tls_handshake(port: int, cafile: str | None) -> dict:
 
 
 def test_superlink_and_two_authenticated_supernodes_over_tls(tmp_path):
-    creds = make_credentials(tmp_path / "creds", ["127.0.0.1", "localhost"], supernodes=3)
+    creds = make_credentials(tmp_path / "creds", ["127.0.0.1", PUBLIC, "localhost"], supernodes=3)
     home = tmp_path / "flwr"
     home.mkdir()
-    port = free_port()
+    port, gateway_port = free_port(), free_port()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedmerge-local"\n\n[superlink.fedmerge-local]\n'
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{creds["ca"]}"\n')
@@ -104,7 +114,9 @@ def test_superlink_and_two_authenticated_supernodes_over_tls(tmp_path):
             "--ssl-ca-certfile", str(creds["ca"]), "--ssl-certfile", str(creds["server_cert"]),
             "--ssl-keyfile", str(creds["server_key"]), "--enable-supernode-auth",
             "--disable-runtime-dependency-installation"])
+        procs.start("gateway", _gateway_command(creds, f"{PUBLIC}:{gateway_port}", f"127.0.0.1:{port}"))
         procs.wait_for("superlink", "Uvicorn running on https://", timeout=120)
+        procs.wait_for("gateway", "Fleet gateway listening", timeout=60)
 
         # TLS: the SuperLink presents the certificate made for it, which only our CA vouches for.
         peer = _tls_handshake(port, str(creds["ca"]))
@@ -117,9 +129,9 @@ def test_superlink_and_two_authenticated_supernodes_over_tls(tmp_path):
             out = flwr("supernode", "register", str(creds[f"supernode_{i}_pub"]), "fedmerge-local", "--format", "json")
             assert out.returncode == 0, out.stdout + out.stderr
             node_ids.append(int(json.loads(out.stdout[out.stdout.index("{"):])["node-id"]))
-        for i in (0, 1, 2):
+        for i in (0, 1, 2):  # as deploy/README.md: SuperNodes reach the Fleet gateway, never the SuperLink port
             procs.start(f"supernode-{i}", [
-                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                str(BIN / "flower-supernode"), "--superlink", f"{PUBLIC}:{gateway_port}",
                 "--root-certificates", str(creds["ca"]), "--auth-supernode-private-key", str(creds[f"supernode_{i}"]),
                 "--port", str(free_port()), "--max-retries", "2", "--max-wait-time", "60"])
 
@@ -153,3 +165,134 @@ def test_superlink_and_two_authenticated_supernodes_over_tls(tmp_path):
     aggregators = [p for p in run.placements() if p["role"] == "aggregator"]
     assert len(aggregators) == 2 and all(p["node_id"] for p in aggregators)
     assert "aggregate_s" in {r["metric"] for r in run.metrics().to_pylist() if r["scope"] == "aggregator"}
+
+
+# ---- item 8 of issue 19: an outsider who reaches the public address gets nothing ------------------
+
+OUTSIDER_SERVERAPP = '''\
+from pathlib import Path
+from flwr.serverapp import ServerApp
+app = ServerApp()
+@app.main()
+def main(grid, context):
+    Path({marker!r}).write_text("outsider code ran on the SuperLink host")
+'''
+
+
+def _outsider_app(root: Path, marker: Path) -> Path:
+    """A Flower app whose ServerApp, if it ever ran, would leave ``marker`` behind."""
+    root.mkdir()
+    (root / "outsider_app.py").write_text(OUTSIDER_SERVERAPP.format(marker=str(marker)))
+    (root / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "outsider"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "outsider"\n\n[tool.flwr.app.components]\n'
+        'serverapp = "outsider_app:app"\nclientapp = "outsider_app:app"\n\n[tool.flwr.app.config]\n')
+    return root
+
+
+def _write_connections(home: Path, ca: Path, connections: dict[str, str]) -> None:
+    home.mkdir()
+    text = f'[superlink]\ndefault = "{next(iter(connections))}"\n'
+    for name, address in connections.items():
+        text += f'\n[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{ca}"\n'
+    (home / "config.toml").write_text(text)
+
+
+def _https_status(host: str, port: int, cafile: Path, request: bytes) -> int:
+    """The status code an HTTPS server at host:port answers a raw request with."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_connection((host, port), timeout=10) as sock:
+        with context.wrap_socket(sock, server_hostname=host) as tls:
+            tls.sendall(request)
+            head = b""
+            while b"\r\n" not in head:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+def test_an_outsider_at_the_public_address_cannot_register_a_key_or_run_code(tmp_path):
+    """The SuperLink as deploy/README.md starts it: its one HTTP port (Fleet, Control and Runtime
+    APIs) on 127.0.0.1, and deploy/flower/fleet_gateway.py on the public address relaying the Fleet
+    API only. The outsider holds the CA certificate and its own SuperNode key pair, and reaches
+    only the public address: it cannot open the control port there, the gateway forwards none of
+    its Control API calls, so it registers no key and starts no run, and its SuperNode is turned
+    away; the operator on 127.0.0.1 registers a key and that SuperNode comes online through the
+    gateway."""
+    creds = make_credentials(tmp_path / "creds", ["127.0.0.1", PUBLIC, "localhost"], supernodes=2)
+    port, gateway_port = free_port(), free_port()
+    operator_home, outsider_home = tmp_path / "operator", tmp_path / "outsider"
+    _write_connections(operator_home, creds["ca"], {"operator": f"127.0.0.1:{port}"})
+    _write_connections(outsider_home, creds["ca"], {"public-control": f"{PUBLIC}:{port}",
+                                                    "public-fleet": f"{PUBLIC}:{gateway_port}"})
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(operator_home),
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1"}
+    procs = Processes(tmp_path, env)
+    marker = tmp_path / "outsider-was-here"
+    app = _outsider_app(tmp_path / "outsider-app", marker)
+
+    def flwr(home: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env={**env, "FLWR_HOME": str(home)}, capture_output=True,
+                              text=True, timeout=timeout, cwd=tmp_path)
+
+    def nodes() -> list[dict]:
+        out = flwr(operator_home, "supernode", "ls", "operator", "--format", "json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        return json.loads(out.stdout[out.stdout.index("{"):])["nodes"]
+
+    try:
+        procs.start("superlink", [
+            str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--ssl-ca-certfile", str(creds["ca"]), "--ssl-certfile", str(creds["server_cert"]),
+            "--ssl-keyfile", str(creds["server_key"]), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation"])
+        procs.start("gateway", _gateway_command(creds, f"{PUBLIC}:{gateway_port}", f"127.0.0.1:{port}"))
+        procs.wait_for("superlink", "Uvicorn running on https://", timeout=120)
+        procs.wait_for("gateway", "Fleet gateway listening", timeout=60)
+
+        # The port flwr would use is closed on the public address.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((PUBLIC, port), timeout=10).close()
+        # The gateway answers the Control and Runtime APIs with 403, however the path is dressed up.
+        for target in ["/v1/control/register-node", "/v1/control/start-run", "/v1/runtime/acquire-task",
+                       "/v1/fleet/../control/register-node", "/v1/fleet/%2e%2e/control/start-run",
+                       "/v1/fleet/register-node?x=/v1/control/start-run", "/docs"]:
+            request = (f"POST {target} HTTP/1.1\r\nhost: {PUBLIC}\r\ncontent-type: application/protobuf\r\n"
+                       "content-length: 0\r\n\r\n").encode()
+            assert _https_status(PUBLIC, gateway_port, creds["ca"], request) == 403, target
+
+        # The outsider's app is a valid FAB: what stops it below is the network, not its packaging.
+        built = flwr(outsider_home, "build", "--app", str(app))
+        assert built.returncode == 0 and list(tmp_path.glob("*.fab")), built.stdout + built.stderr
+        for connection in ("public-control", "public-fleet"):
+            out = flwr(outsider_home, "supernode", "register", str(creds["supernode_1_pub"]), connection)
+            assert out.returncode != 0, out.stdout + out.stderr
+            out = flwr(outsider_home, "run", str(app), connection)
+            assert out.returncode != 0, out.stdout + out.stderr
+        assert nodes() == [], "the outsider registered a SuperNode key"
+        runs = flwr(operator_home, "ls", "operator", "--format", "json")
+        assert runs.returncode == 0 and json.loads(runs.stdout[runs.stdout.index("{"):])["runs"] == []
+
+        # The operator, on 127.0.0.1, admits site 0; both SuperNodes dial the public Fleet gateway.
+        out = flwr(operator_home, "supernode", "register", str(creds["supernode_0_pub"]), "operator", "--format", "json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        node_id = json.loads(out.stdout[out.stdout.index("{"):])["node-id"]
+        for i in (0, 1):
+            procs.start(f"supernode-{i}", [
+                str(BIN / "flower-supernode"), "--superlink", f"{PUBLIC}:{gateway_port}",
+                "--root-certificates", str(creds["ca"]), "--auth-supernode-private-key", str(creds[f"supernode_{i}"]),
+                "--port", str(free_port()), "--max-retries", "2", "--max-wait-time", "60"])
+        rogue = procs.procs["supernode-1"]
+        rogue.wait(timeout=120)
+        assert rogue.returncode != 0 and "Failed to activate SuperNode" in procs.log("supernode-1")
+        deadline = time.monotonic() + 120
+        while [(n["node-id"], n["status"]) for n in nodes()] != [(str(node_id), "online")]:
+            assert time.monotonic() < deadline and procs.procs["supernode-0"].poll() is None, (
+                f"{nodes()}\n{procs.log('supernode-0')[-3000:]}")
+            time.sleep(0.5)
+    finally:
+        procs.stop()
+    assert not marker.exists(), "the outsider's ServerApp ran on the SuperLink host"
