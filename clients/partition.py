@@ -310,8 +310,14 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException:
+        # Cleanup must never mask the error that brought us here: in a read-only or vanished
+        # folder the unlink fails too (EACCES, ENOENT), and that second error would be the one shown.
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
 
 
 def write_shards(data: ArrayData, parts: Sequence[np.ndarray], out_dir: Path, *,
