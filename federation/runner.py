@@ -149,8 +149,8 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None,
                    progress: Callable[[str], None] = print, verbose: bool = False) -> RunOutcome:
     """Run one federated experiment end to end; returns its run directory."""
     build_aggregator(config)  # fail fast, before any folder or cluster exists
-    _check_data(config)
     check_address(resolve_address(config, address))
+    _check_data(config)
     run_dir = RunDir.create(config.output.root_path, config.name)
     run_dir.write_config(config.to_toml())
     progress(f"run directory: {run_dir.path}")
@@ -170,9 +170,9 @@ def resume_experiment(run_dir: str | os.PathLike[str], *, address: str | None = 
     run = RunDir(run_dir)
     config = load_config(run.config_path)
     build_aggregator(config)
+    check_address(resolve_address(config, address))  # before the folder is touched
     _check_data(config)
     checkpoint = latest_checkpoint(run.checkpoint_dir)
-    check_address(resolve_address(config, address))  # before the folder is touched
     done = checkpoint.round if checkpoint is not None else 0
     run.truncate_after(done)
     where = f"checkpoint {checkpoint.path.name}" if checkpoint is not None else "round 1 (no checkpoint)"
