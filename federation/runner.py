@@ -107,8 +107,7 @@ def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
     if not 0 < int(port) < 65536:
         raise AddressError(f"{where}: port {port} is not in 1..65535")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        _connect(host, int(port), timeout)
     except socket.gaierror as err:
         raise AddressError(f"cannot reach {where}: host {host!r} is not known ({err.strerror}); "
                            "fix the address") from None
@@ -118,6 +117,29 @@ def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
     except OSError as err:
         raise AddressError(f"cannot reach {where}: {err.strerror or err}; start the cluster there "
                            "(`ray start --head`) or fix the address") from None
+
+
+def _connect(host: str, port: int, timeout: float) -> None:
+    """Open (and close) a TCP connection to ``host:port``, or raise the ``OSError`` of the attempt.
+    Ray connects to a loopback address through this node's IP instead, so for a loopback host
+    either answering is enough."""
+    hosts = [host]
+    if host in ("127.0.0.1", "::1", "localhost"):
+        try:
+            from ray._private.services import get_node_ip_address
+
+            hosts.append(get_node_ip_address())
+        except Exception:  # noqa: BLE001 - a private helper of Ray's: without it, loopback alone decides
+            pass
+    error: OSError | None = None
+    for candidate in dict.fromkeys(hosts):
+        try:
+            with socket.create_connection((candidate, port), timeout=timeout):
+                return
+        except OSError as err:
+            error = error or err
+    assert error is not None
+    raise error
 
 
 def _job_env_vars() -> dict[str, str]:
