@@ -141,11 +141,17 @@ def test_scale_quick_reports_both_systems(ray_address):
 
 
 @pytest.mark.slow
-def test_smile_quick_reports_both_svds():
-    out = run_benchmark("smile", "--quick")
+def test_smile_quick_reports_both_svds(tmp_path):
+    figures = tmp_path / "smile.json"
+    out = run_benchmark("smile", "--quick", "--json", str(figures))
     (table,) = tables(out)
     rows = by_first_cell(table)
     assert sorted(rows) == ["1", "2"]
-    for row in rows.values():
-        assert numeric(row[1]) > 0 and numeric(row[2]) > 0, row  # construction times
-        assert 0.0 <= numeric(row[6]) <= 1.0 and 0.0 <= numeric(row[7]) <= 1.0, row
+    assert all(len(row) == len(table[0]) for row in rows.values())
+    experts = json.loads(figures.read_text(encoding="utf-8"))["experts"]  # unrounded: 0.004 s prints 0.00
+    assert sorted(experts) == ["1", "2"]
+    for by_svd in experts.values():
+        assert sorted(by_svd) == ["full", "randomized"]
+        for figure in by_svd.values():
+            assert positive_times([figure["construct_s"], figure["merge_s"]]), figure
+            assert 0.0 <= figure["accuracy"] <= 1.0 and figure["params_ratio"] > 0, figure
