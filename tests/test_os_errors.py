@@ -293,3 +293,21 @@ def test_resume_with_an_unreachable_address_touches_nothing(tmp_path, capsys):
     assert main(["resume", str(run.path), "--address", "127.0.0.1:1"]) == 2
     assert "127.0.0.1:1" in one_error_line(capsys.readouterr().err)
     assert sorted(p.name for p in run.path.iterdir()) == before  # no "resumed" event was logged
+
+
+# ---- an OS error inside the run itself ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up_during_a_run_is_one_line(tmp_path, monkeypatch, capfd, ray_address):
+    """The metrics are written by the ServerApp, inside Flower's simulation: its OSError used to
+    come out wrapped in an ExperimentError traceback."""
+    def full_disk(self, round, rows):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.metrics_path))
+
+    monkeypatch.setattr(RunDir, "log_round", full_disk)
+    assert main([*cli(*digits_overrides(tmp_path)), "--address", ray_address]) == 2
+    err = capfd.readouterr().err  # the file descriptor: Flower's and Ray's logs too
+    # Flower's actors may log their shutdown ("Manually terminating ClientAppActor"): no traceback.
+    assert "Traceback" not in err and "ExperimentError" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("fedmerge: error: ")]
+    assert "metrics.parquet: No space left on device; " in line and "disk is full" in line, line
