@@ -31,7 +31,8 @@ from federation.moe import build_served, save_served
 from federation.results import RunDir, compare_table, format_run_report, plot_curves, summarize
 from federation.server import Experiment, build_aggregator, partition_params
 
-__all__ = ["AddressError", "ExperimentError", "check_address", "compare", "finish_run", "init_ray", "partition_report", "resume_experiment", "run_experiment"]
+__all__ = ["AddressError", "ExperimentError", "check_address", "compare", "finish_run", "init_ray", "partition_report",
+           "resolve_address", "resume_experiment", "run_experiment"]
 
 log = logging.getLogger("fedmerge")
 

@@ -41,7 +41,8 @@ class StorageError(ConfigError):
 _FIXES = {
     errno.EACCES: "make that folder writable for this user, or set output.root to a folder you can write",
     errno.EPERM: "make that folder writable for this user, or set output.root to a folder you can write",
-    errno.EROFS: "that file system is mounted read-only: remount it writable, or set output.root to a folder on a writable one",
+    errno.EROFS: "that file system is mounted read-only: remount it writable, or set output.root to a folder on "
+                 "a writable one",
     errno.ENOSPC: "the disk is full: free space on it, or set output.root to a folder on another disk",
     errno.EDQUOT: "the disk quota is used up: free space, or set output.root to a folder elsewhere",
     errno.ENAMETOOLONG: "a file name is too long: choose a shorter run name (name = ...)",
