@@ -70,6 +70,20 @@ def test_write_atomic_cleanup_never_masks_the_write_error(tmp_path, monkeypatch)
     assert "read-only" in message.split("; ", 1)[1]
 
 
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),  # matplotlib's file object
+                                   OSError("Failed to write: [errno 28] No space left on device")])  # pyarrow's
+def test_an_atomic_write_names_the_file_when_the_writer_does_not(tmp_path, error):
+    """A writer that goes through a file object (the plot) reports a full disk without a file name;
+    seen on a real 128 KiB tmpfs as 'fedmerge: error: No space left on device'."""
+    def write(tmp: Path) -> None:
+        raise error
+
+    with pytest.raises(OSError) as caught:
+        write_atomic(tmp_path / "accuracy.png", write)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "accuracy.png")
+    assert describe_os_error(caught.value).startswith(f"{tmp_path / 'accuracy.png'}: No space left on device; ")
+
+
 def read_only_folder(monkeypatch, folder: Path) -> None:
     """Make every write and unlink under ``folder`` fail as on a read-only mount (the tests run as
     root in places, where chmod stops nothing)."""
