@@ -38,7 +38,7 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file as load_torch, save_file as save_torch
 
 from federation.results import RunFileError
-from federation.storage import os_errors_of
+from federation.storage import named_os_error, os_errors_of
 
 __all__ = [
     "Checkpoint",
@@ -103,6 +103,8 @@ def save_checkpoint(directory: Path, round: int, seed: int, global_state: Mappin
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync(directory)
+    except OSError as err:  # a disk that fills under write_text names no file: name the checkpoint
+        raise named_os_error(err, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(directory, keep)

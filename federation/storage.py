@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlparse
 from federation.config import ConfigError
 
 __all__ = ["LOCAL_SCHEMES", "REMOTE_SCHEMES", "RunUploader", "StorageError", "describe_os_error", "local_path",
-           "os_errors_of", "uri_scheme"]
+           "named_os_error", "os_errors_of", "uri_scheme"]
 
 log = logging.getLogger("fedmerge")
 
@@ -81,6 +81,17 @@ def _errno_in(text: str) -> int | None:
     """The errno an error message quotes ("[Errno 28]", "os error 28", "code: 28"), or None."""
     match = re.search(r"(?:\[errno |os error |code: )(\d+)", text, flags=re.IGNORECASE)
     return int(match.group(1)) if match else None
+
+
+def named_os_error(err: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``err`` itself when it names a file; else the same error naming ``path`` (a write through a
+    file object that fills the disk reports ENOSPC without a file name)."""
+    code = err.errno if err.errno is not None else _errno_in(str(err))
+    if err.filename is not None or code is None:
+        return err
+    named = OSError(code, os.strerror(code), os.fspath(path))
+    named.__cause__ = err
+    return named
 
 
 @contextlib.contextmanager

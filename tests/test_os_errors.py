@@ -325,3 +325,24 @@ def test_a_disk_that_fills_up_during_a_run_is_one_line(tmp_path, monkeypatch, ca
     assert "Traceback" not in err and "ExperimentError" not in err, err
     (line,) = [line for line in err.splitlines() if line.startswith("fedmerge: error: ")]
     assert "metrics.parquet: No space left on device; " in line and "disk is full" in line, line
+
+
+def test_a_full_disk_under_a_checkpoints_json_names_the_checkpoint(tmp_path, monkeypatch):
+    """Seen on a real 40 KiB tmpfs: the checkpoint's JSON files hit ENOSPC in write(), which names
+    no file, and the run ended in 'fedmerge: error: No space left on device'."""
+    import numpy as np
+
+    import federation.checkpoint as checkpoint
+
+    real_write_text = pathlib.Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.suffix == ".json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(OSError) as caught:
+        checkpoint.save_checkpoint(tmp_path, 3, 0, {"w": np.zeros(3, np.float32)}, {})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "round_00003")
+    assert list(tmp_path.iterdir()) == []  # the temporary checkpoint folder is gone
