@@ -200,10 +200,12 @@ def get_aggregator_class(spec: str) -> type[Aggregator]:
     if spec in eps:
         return _from_entry_point(eps[spec])
     names = sorted(set(_REGISTRY) | set(eps))
-    close = difflib.get_close_matches(spec, names, n=1)
+    # difflib's cost is the product of the lengths: a huge name is no typo and is not searched.
+    close = difflib.get_close_matches(spec, names, n=1) if len(spec) <= 100 else []
     hint = f" Did you mean {close[0]!r}?" if close else ""
+    shown = repr(spec) if len(spec) <= 80 else f"{spec[:80]!r}... ({len(spec):,} characters)"
     raise ValueError(
-        f"unknown aggregator {spec!r}.{hint} Available: {', '.join(names) or '(none)'}. "
+        f"unknown aggregator {shown}.{hint} Available: {', '.join(names) or '(none)'}. "
         + _HOW_TO_PLUG_IN
     )
 
@@ -226,10 +228,11 @@ def create_aggregator(spec: str, params: Mapping[str, Any]) -> Aggregator:
     if not accepts_any:
         for key in params:
             if key not in accepted:
-                close = difflib.get_close_matches(str(key), accepted, n=1)
+                close = difflib.get_close_matches(str(key), accepted, n=1) if len(str(key)) <= 100 else []
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
+                shown = repr(key) if len(str(key)) <= 80 else f"{str(key)[:80]!r}... ({len(str(key)):,} characters)"
                 raise ValueError(
-                    f"{label} has no parameter {key!r}{hint}; it accepts: "
+                    f"{label} has no parameter {shown}{hint}; it accepts: "
                     f"{', '.join(accepted) or '(no parameters)'}"
                 )
     try:

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ROOT", "PrivatePeak", "ProcessPeaks", "WorkerError", "emit_result", "find_pids", "format_machine",
+    "ROOT", "PrivatePeak", "ProcessPeaks", "WorkerError", "add_json_flag", "emit_result", "find_pids", "format_machine",
     "machine_info", "markdown_table", "mem_available_gb", "peak_rss_mb", "proc_peak_mb",
-    "quiet_env", "run_worker",
+    "quiet_env", "run_worker", "write_json",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,6 +211,19 @@ class PrivatePeak:
 def add_worker_flag(parser: argparse.ArgumentParser) -> None:
     """The hidden ``--worker SPEC`` flag with which ``run_worker`` starts a benchmark's measurement."""
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """``--json PATH``: every figure of the run, unrounded, for a program (or a test) to read: the
+    printed tables round, and a rounded time of a fast machine reads 0.00."""
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also write every measured figure, unrounded, as JSON to PATH")
+
+
+def write_json(path: Path | None, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` to ``path`` as JSON (nothing when ``path`` is None)."""
+    if path is not None:
+        path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
 
 
 def add_address_flag(parser: argparse.ArgumentParser) -> None:

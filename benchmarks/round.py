@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    ROOT, ProcessPeaks, WorkerError, add_address_flag, add_worker_flag, address_override, emit_result, format_machine, machine_info, markdown_table,
-    peak_rss_mb, quiet_env, ran_as_worker, run_worker,
+    ROOT, ProcessPeaks, WorkerError, add_address_flag, add_json_flag, add_worker_flag, address_override, emit_result,
+    format_machine, machine_info, markdown_table, peak_rss_mb, quiet_env, ran_as_worker, run_worker, write_json,
 )
 
 DEFAULT_EXPERIMENT = ROOT / "experiments" / "fashion_mnist_fedavg.toml"
@@ -237,9 +237,15 @@ def worker(spec: Mapping[str, Any]) -> None:
 
 # ---- the driver ---------------------------------------------------------------------------
 
+def steady_round_s(result: Mapping[str, Any]) -> float:
+    """The median round time after round 1 (which carries the start-up)."""
+    rounds = result["round_s"]
+    return statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]
+
+
 def summarise(name: str, result: Mapping[str, Any], ideal_s: float) -> list[Any]:
     rounds = result["round_s"]
-    steady = statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]
+    steady = steady_round_s(result)
     server_mb = result["driver_peak_mb"] + sum(result["actor_peak_mb"].values())
     return [name, f"{steady:.2f}", f"{ideal_s:.2f}", f"{steady - ideal_s:.2f}",
             f"{100 * (steady - ideal_s) / steady:.0f} %", f"{rounds[0]:.2f}", f"{result['start_s']:.1f}",
@@ -253,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds per run (default 4; --quick: 2); the first is start-up")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per run")
     add_address_flag(parser)
+    add_json_flag(parser)
     add_worker_flag(parser)
     args = parser.parse_args(argv)
     if ran_as_worker(args, worker):
@@ -289,6 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           " round: Flower and Ray stopping, and for fedmerge the final model, summary and report written.")
     flower_s = statistics.median(results["flower"]["round_s"][1:])
     fedmerge_s = statistics.median(results["fedmerge"]["round_s"][1:])
+    write_json(args.json, {"machine": info, "overrides": spec["overrides"], "results": results,
+                           "ideal_round_s": ideal, "steady_round_s": {name: steady_round_s(results[name])
+                                                                      for name in SYSTEMS},
+                           "fedmerge_vs_flower": flower_s / fedmerge_s})
     print(f"\nper-round times (s): " + "; ".join(
         f"{name} " + ", ".join(f"{t:.2f}" for t in results[name]["round_s"]) for name in SYSTEMS))
     print(f"fedmerge steady round vs Flower: {flower_s / fedmerge_s:.2f}x "

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, format_machine, machine_info, markdown_table, quiet_env
+from benchmarks.common import ROOT, add_json_flag, format_machine, machine_info, markdown_table, quiet_env, write_json
 
 CONFIG = ROOT / "experiments" / "smile_text.toml"
 FULL = {"experts": (4, 8, 16), "overrides": ["data.max_train_examples=600", "data.max_test_examples=300"]}
@@ -66,7 +66,9 @@ def fine_tune(task: Any, shards: Sequence[Any], theta0: Any, cfg: Any, seed: int
     return updates
 
 
-def run(experts: Sequence[int], overrides: Sequence[str], cache: Path | None, threads: int) -> list[list[Any]]:
+def run(experts: Sequence[int], overrides: Sequence[str], cache: Path | None, threads: int,
+        figures_out: dict[str, Any] | None = None) -> list[list[Any]]:
+    """The table's rows; with ``figures_out``, every figure unrounded too (``{experts: {svd: ...}}``)."""
     import numpy as np
     import torch
 
@@ -111,6 +113,8 @@ def run(experts: Sequence[int], overrides: Sequence[str], cache: Path | None, th
             print(f"  {count} experts, {svd} SVD: construct {figures[svd]['construct_s']:.2f} s, "
                   f"accuracy {metrics['accuracy']:.4f}", file=sys.stderr, flush=True)
         full, rand = figures["full"], figures["randomized"]
+        if figures_out is not None:
+            figures_out[str(count)] = {svd: {k: float(v) for k, v in f.items()} for svd, f in figures.items()}
         rows.append([count, f"{full['construct_s']:.2f}", f"{rand['construct_s']:.2f}",
                      f"{full['construct_s'] / rand['construct_s']:.1f}x", f"{full['merge_s']:.2f}",
                      f"{rand['merge_s']:.2f}", f"{full['accuracy']:.4f}", f"{rand['accuracy']:.4f}",
@@ -124,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", default=str(ROOT / "runs" / "_bench_smile"),
                         help="where fine-tuned experts are kept for reruns (--quick: a temporary folder)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    add_json_flag(parser)
     args = parser.parse_args(argv)
     quiet_env()
     plan = QUICK if args.quick else FULL
@@ -132,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"experiments/smile_text.toml with {' '.join(plan['overrides'])}, {args.threads} torch threads")
     with tempfile.TemporaryDirectory(prefix="fedmerge-bench-smile-") as tmp:
         cache = Path(tmp) if args.quick else Path(args.cache)
-        rows = run(plan["experts"], plan["overrides"], cache, args.threads)
+        figures: dict[str, Any] = {}
+        rows = run(plan["experts"], plan["overrides"], cache, args.threads, figures)
+    write_json(args.json, {"machine": machine_info(), "overrides": plan["overrides"], "experts": figures})
     print()
     print(markdown_table(["experts", "construct s, full SVD", "construct s, randomized", "speed-up",
                           "merge s, full", "merge s, randomized", "accuracy, full", "accuracy, randomized",

@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -310,8 +311,25 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        # Cleanup must never mask the error that brought us here: on a read-only mount the
+        # unlink fails too (EROFS), and that second error would be the one shown.
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        code = _errno_of(err) if isinstance(err, OSError) and err.filename is None else None
+        if code is not None:  # a writer through a file object (matplotlib, pyarrow) names no file
+            raise OSError(code, os.strerror(code), str(path)) from err
+        raise
+
+
+def _errno_of(err: OSError) -> int | None:
+    """``err.errno``, or the errno its message quotes ("[errno 28]", "os error 28"), or None."""
+    if err.errno is not None:
+        return err.errno
+    match = re.search(r"(?:\[errno |os error )(\d+)", str(err), flags=re.IGNORECASE)
+    return int(match.group(1)) if match else None
 
 
 def write_shards(data: ArrayData, parts: Sequence[np.ndarray], out_dir: Path, *,

@@ -46,6 +46,7 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file as load_torch, save_file as save_torch
 
 from federation.results import RunFileError
+from federation.storage import named_os_error, os_errors_of
 
 __all__ = [
     "Checkpoint",
@@ -145,8 +146,10 @@ def save_checkpoint(directory: Path, round: int, seed: int, global_state: Mappin
     tmp = directory / f".{final.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        save_numpy({k: np.asarray(v, order="C") for k, v in global_state.items()}, str(tmp / GLOBAL))
-        save_torch(tensors, str(tmp / AGGREGATOR_TENSORS))
+        with os_errors_of(final / GLOBAL):  # a full disk is an OSError naming the file, not a SafetensorError
+            save_numpy({k: np.asarray(v, order="C") for k, v in global_state.items()}, str(tmp / GLOBAL))
+        with os_errors_of(final / AGGREGATOR_TENSORS):
+            save_torch(tensors, str(tmp / AGGREGATOR_TENSORS))
         (tmp / AGGREGATOR_DATA).write_text(json.dumps(skeleton), encoding="utf-8")
         names = list(_REQUIRED)
         if served is not None:
@@ -164,6 +167,8 @@ def save_checkpoint(directory: Path, round: int, seed: int, global_state: Mappin
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync(directory)
+    except OSError as err:  # a disk that fills under write_text names no file: name the checkpoint
+        raise named_os_error(err, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(directory, keep)

@@ -64,9 +64,32 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, RunFileError, FileNotFoundError, NotADirectoryError) as err:
-        print(f"fedmerge: error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, RunFileError) as err:
+        return _fail(str(err), args)
+    except OSError as err:
+        # A file the run cannot read or write (read-only folder, full disk, a name too long): one
+        # line naming the file and the fix. Our own FileNotFoundError / NotADirectoryError carry a
+        # sentence and no errno.
+        from federation.storage import describe_os_error
+
+        return _fail(str(err) if err.errno is None else describe_os_error(err), args)
+
+
+MAX_ERROR_CHARS = 2000
+"""An error message is cut to this many characters: it may quote a user's value, and a 100 MB
+``--set`` value must not be echoed whole."""
+
+
+def _fail(message: str, args: argparse.Namespace) -> int:
+    """Print one ``fedmerge: error:`` line (the traceback too with ``--verbose``); exit status 2."""
+    if getattr(args, "verbose", False):
+        import traceback
+
+        traceback.print_exc()
+    if len(message) > MAX_ERROR_CHARS:
+        message = f"{message[:MAX_ERROR_CHARS]}... ({len(message):,} characters)"
+    print(f"fedmerge: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -98,7 +121,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 try:
                     only[key.strip()] = tomllib.loads(f"v = {value}")["v"]
                 except tomllib.TOMLDecodeError:
-                    raise ConfigError(f"--only {item!r}: the value must be a TOML literal") from None
+                    raise ConfigError(f"--only {item[:80]!r}: the value must be a TOML literal") from None
             path = run_sweep(sweep, args.out, methods=args.methods.split(",") if args.methods else None,
                              seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, only=only,
                              address=args.address)

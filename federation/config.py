@@ -51,6 +51,18 @@ class ConfigError(ValueError):
 INT32_MAX = 2**31 - 1
 """Rounds and client ids are stored as int32 in metrics.parquet."""
 
+MAX_NAME_BYTES = 200
+"""Longest run name, in UTF-8 bytes: the run folder is ``<name>-YYYYmmdd-HHMMSS[-n]`` (and
+``compare`` appends ``-<aggregator>``), and a file system refuses names over 255 bytes
+(ENAMETOOLONG) only once the run starts to write."""
+
+MAX_AGGREGATOR_NAME_CHARS = 1000
+"""Longest ``aggregator.name`` (a registered name or a ``module:Class`` path)."""
+
+MAX_SUGGEST_CHARS = 100
+"""A "did you mean" search is skipped for longer input: no key or choice is that long, and
+difflib's cost grows with the product of the lengths (a 100 MB value took gigabytes)."""
+
 PROXY_INPUTS = ("test", "held_out")
 """Where the server's unlabelled proxy inputs come from (``data.proxy_inputs``)."""
 
@@ -143,6 +155,9 @@ class AggregatorConfig:
 
     def validate(self) -> None:
         _check(bool(self.name.strip()), "aggregator.name", "must not be empty")
+        _check(len(self.name) <= MAX_AGGREGATOR_NAME_CHARS, "aggregator.name",
+               f"= {_short(self.name)} is longer than {MAX_AGGREGATOR_NAME_CHARS} characters: no registered "
+               "name or module:Class path is")
 
 
 @dataclass(frozen=True)
@@ -260,7 +275,11 @@ class ExperimentConfig:
     def validate(self) -> None:
         _check(bool(self.name.strip()), "name", "must not be empty")
         _check(self.name not in {".", ".."} and not any(c in self.name for c in "/\\\0"), "name",
-               f"{self.name!r} must be usable as a folder name (no '/', '\\' or NUL, not '.' or '..')")
+               f"{_short(self.name)} must be usable as a folder name (no '/', '\\' or NUL, not '.' or '..')")
+        size = len(self.name.encode("utf-8", "surrogatepass"))
+        _check(size <= MAX_NAME_BYTES, "name",
+               f"= {_short(self.name)} is {size} bytes long; the limit is {MAX_NAME_BYTES} (the run folder "
+               f"adds a timestamp, and file names stop at 255 bytes): choose a shorter name")
         _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
         for section in (self.data, self.federation, self.aggregator, self.ray, self.evaluation,
                         self.checkpoint, self.output):  # [train] checks itself on construction
@@ -290,8 +309,14 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    data = path.read_bytes()
     try:
-        raw = tomllib.loads(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text: byte {err.start} (0x{data[err.start]:02x}) cannot be "
+                          f"decoded; save the file as UTF-8") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
     return parse_config(apply_overrides(raw, overrides), source=str(path))
@@ -304,7 +329,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {_short(item)} must look like section.key=value")
         try:
             value = tomllib.loads(f"v = {text.strip()}")["v"]
         except tomllib.TOMLDecodeError:
@@ -314,7 +339,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
         for i, part in enumerate(parents):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+                raise ConfigError(f"override {_short(item)}: {_cut('.'.join(parents[: i + 1]))} is not a section")
             node = child
         node[leaf] = value
     return out
@@ -357,7 +382,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         params = {k: v for k, v in raw.items() if k != "name"}
         for key in params:
             if not isinstance(key, str) or not key.isidentifier():
-                raise ConfigError(f"aggregator.{key} is not a valid parameter name")
+                raise ConfigError(f"aggregator.{_cut(str(key))} is not a valid parameter name")
         name = raw.get("name", AggregatorConfig.name)
         if not isinstance(name, str):
             raise ConfigError(f"aggregator.name must be a string, got {_type_name(name)}")
@@ -365,9 +390,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in names:
-            hint = difflib.get_close_matches(str(key), names, n=1)
-            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"unknown key '{prefix}{key}'{suggestion}; allowed: {', '.join(names)}")
+            hint = _close_match(str(key), names)
+            suggestion = f" (did you mean '{prefix}{hint}'?)" if hint else ""
+            raise ConfigError(f"unknown key '{prefix}{_cut(str(key))}'{suggestion}; allowed: {', '.join(names)}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     try:
         return cls(**kwargs)
@@ -423,15 +448,32 @@ def _check(ok: bool, key: str, message: str) -> None:
 def _check_choice(value: str, choices: Iterable[str], key: str) -> None:
     choices = sorted(choices)
     if value not in choices:
-        hint = difflib.get_close_matches(value, choices, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}{suggestion}")
+        hint = _close_match(value, choices)
+        suggestion = f" (did you mean {hint!r}?)" if hint else ""
+        raise ConfigError(f"{key} = {_short(value)} is not one of {', '.join(choices)}{suggestion}")
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters: an error message names a value, not a page of it."""
+def _close_match(word: str, choices: Iterable[str]) -> str | None:
+    """The choice ``word`` is most likely a typo of, or None; long input is not searched
+    (``MAX_SUGGEST_CHARS``)."""
+    if len(word) > MAX_SUGGEST_CHARS:
+        return None
+    hint = difflib.get_close_matches(word, list(choices), n=1)
+    return hint[0] if hint else None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to about ``limit`` characters with the full length said: an error
+    message names a value, not a page of it (a string is cut before ``repr`` copies it)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """``text`` itself (a key, not a value: no quotes), cut like ``_short``."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _type_name(value: Any) -> str:

@@ -73,7 +73,10 @@ def save_served(path: str | Path, model: nn.Module, task_name: str,
     path = Path(path).with_suffix(".safetensors")
     spec, _ = served_spec(model, task_name)
     spec["metadata"] = dict(metadata or {})
-    save_model(model, str(path))
+    from federation.storage import os_errors_of
+
+    with os_errors_of(path):  # a full disk is an OSError naming the file, not a SafetensorError
+        save_model(model, str(path))
     spec_path = path.with_suffix(".json")
     spec_path.write_text(json.dumps(spec, indent=1))
     return path, spec_path

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from clients.partition import write_atomic
+from federation.storage import os_errors_of
 
 __all__ = [
     "EVENT_KINDS",
@@ -110,6 +111,9 @@ class RunDir:
         if not name or name in {".", ".."} or "/" in name or os.sep in name:
             raise ValueError(f"run name {name!r} must be a non-empty folder name without separators")
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"output.root {root} is a file, not a folder: set output.root to a folder "
+                                     "(or move the file away)")
         root.mkdir(parents=True, exist_ok=True)
         base = f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
         path, n = root / base, 0
@@ -293,7 +297,8 @@ class RunDir:
             if bad:
                 raise TypeError(f"model metadata must map str to str; bad entries: {bad}")
         tensors = {key: t.detach().cpu().contiguous() for key, t in state.items()}
-        write_atomic(self.model_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        with os_errors_of(self.model_path):  # a full disk is an OSError naming the file, not a SafetensorError
+            write_atomic(self.model_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def load_model(self) -> dict[str, torch.Tensor]:
         """The saved state dict, on CPU (safetensors: no pickle, nothing executed)."""

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,13 +31,22 @@ from federation.moe import build_served, save_served
 from federation.results import RunDir, compare_table, format_run_report, plot_curves, summarize
 from federation.server import Experiment, build_aggregator, partition_params
 
-__all__ = ["ExperimentError", "compare", "finish_run", "init_ray", "partition_report", "resume_experiment", "run_experiment"]
+__all__ = ["AddressError", "ExperimentError", "check_address", "compare", "finish_run", "init_ray", "partition_report",
+           "resolve_address", "resume_experiment", "run_experiment"]
 
 log = logging.getLogger("fedmerge")
 
 
 class ExperimentError(RuntimeError):
     """The federated run itself failed (the message carries the cause)."""
+
+
+class AddressError(ConfigError):
+    """The Ray cluster the run should attach to cannot be reached; the message names the address."""
+
+
+ADDRESS_TIMEOUT_S = 5.0
+"""How long ``check_address`` waits for a TCP connection to a cluster's GCS before giving up."""
 
 
 def _quiet_env() -> None:
@@ -54,7 +64,7 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> str:
     the project's packages import there, as Flower does for its own simulation workers.
     """
     _quiet_env()
-    address = address or config.ray.address or os.environ.get("RAY_ADDRESS", "")
+    address = resolve_address(config, address)
     if ray.is_initialized():
         ray.shutdown()
     env_vars = {
@@ -71,6 +81,66 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> str:
     else:
         ray.init(address="local", num_cpus=config.ray.num_cpus or None, include_dashboard=False, **kwargs)
     return address
+
+
+def resolve_address(config: ExperimentConfig, address: str | None = None) -> str:
+    """The Ray address a run attaches to: ``--address``, else ``ray.address``, else ``$RAY_ADDRESS``
+    ('' = a new local Ray)."""
+    return address or config.ray.address or os.environ.get("RAY_ADDRESS", "")
+
+
+def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Refuse a ``host:port`` Ray address that no server answers on, before anything is made.
+
+    ``ray.init`` retries an unreachable GCS for minutes, printing a warning each time; a TCP
+    connection to the GCS port says within ``timeout`` seconds whether anyone is there. '',
+    ``local``, ``auto`` (Ray looks for a cluster on this node and says so at once when there is
+    none) and ``ray://`` client addresses are left to Ray, as is anything not ``host:port``.
+    """
+    text = address.strip()
+    if not text or text in ("local", "auto") or "://" in text:
+        return
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not sep or not host or not port.isdigit():
+        return
+    where = f"the Ray cluster at {text!r} (--address, ray.address or $RAY_ADDRESS)"
+    if not 0 < int(port) < 65536:
+        raise AddressError(f"{where}: port {port} is not in 1..65535")
+    try:
+        _connect(host, int(port), timeout)
+    except socket.gaierror as err:
+        raise AddressError(f"cannot reach {where}: host {host!r} is not known ({err.strerror}); "
+                           "fix the address") from None
+    except TimeoutError:
+        raise AddressError(f"cannot reach {where}: no answer within {timeout:g} s; check the address and "
+                           "that nothing (a firewall) blocks the port") from None
+    except OSError as err:
+        raise AddressError(f"cannot reach {where}: {err.strerror or err}; start the cluster there "
+                           "(`ray start --head`) or fix the address") from None
+
+
+def _connect(host: str, port: int, timeout: float) -> None:
+    """Open (and close) a TCP connection to ``host:port``, or raise the ``OSError`` of the attempt.
+    Ray connects to a loopback address through this node's IP instead, so for a loopback host
+    either answering is enough."""
+    hosts = [host]
+    if host in ("127.0.0.1", "::1", "localhost"):
+        try:
+            from ray._private.services import get_node_ip_address
+
+            hosts.append(get_node_ip_address())
+        except Exception:  # noqa: BLE001 - a private helper of Ray's: without it, loopback alone decides
+            pass
+    error: OSError | None = None
+    for candidate in dict.fromkeys(hosts):
+        try:
+            with socket.create_connection((candidate, port), timeout=timeout):
+                return
+        except OSError as err:
+            error = error or err
+    assert error is not None
+    raise error
 
 
 def _job_env_vars() -> dict[str, str]:
@@ -102,6 +172,7 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None,
                    progress: Callable[[str], None] = print, verbose: bool = False) -> RunOutcome:
     """Run one federated experiment end to end; returns its run directory."""
     build_aggregator(config)  # fail fast, before any folder or cluster exists
+    check_address(resolve_address(config, address))
     _check_data(config)
     run_dir = RunDir.create(config.output.root_path, config.name)
     with run_dir.lock():  # held until the run ends: a `resume` of a live run is refused
@@ -135,6 +206,7 @@ def resume_experiment(run_dir: str | os.PathLike[str], *, address: str | None = 
     run = RunDir(run_dir)
     config = load_config(run.config_path)  # first: a folder that is no run gets no lock file
     build_aggregator(config)
+    check_address(resolve_address(config, address))  # before the folder is touched
     with run.lock():
         checkpoint = latest_checkpoint(run.checkpoint_dir)
         if checkpoint is not None:
@@ -258,6 +330,8 @@ def _simulate(experiment: Experiment, address: str | None, progress: Callable[[s
     finally:
         if ray.is_initialized():
             ray.shutdown()
+    if isinstance(experiment.error, OSError):  # a run file that cannot be written: the CLI names it and the fix
+        raise experiment.error
     if experiment.error is not None:
         raise ExperimentError(f"the run failed: {experiment.error!r}") from experiment.error
     if experiment.final_state is None:

@@ -11,15 +11,19 @@ than one round behind.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from federation.config import ConfigError
 
-__all__ = ["LOCAL_SCHEMES", "REMOTE_SCHEMES", "RunUploader", "StorageError", "local_path", "uri_scheme"]
+__all__ = ["LOCAL_SCHEMES", "REMOTE_SCHEMES", "RunUploader", "StorageError", "describe_os_error", "local_path",
+           "named_os_error", "os_errors_of", "uri_scheme"]
 
 log = logging.getLogger("fedmerge")
 
@@ -32,6 +36,78 @@ REMOTE_SCHEMES = frozenset({"file", "s3", "gs", "gcs", "abfs", "abfss", "hdfs", 
 
 class StorageError(ConfigError):
     """A storage location of the config cannot be used; the message names it."""
+
+
+_FIXES = {
+    errno.EACCES: "make that folder writable for this user, or set output.root to a folder you can write",
+    errno.EPERM: "make that folder writable for this user, or set output.root to a folder you can write",
+    errno.EROFS: "that file system is mounted read-only: remount it writable, or set output.root to a folder on "
+                 "a writable one",
+    errno.ENOSPC: "the disk is full: free space on it, or set output.root to a folder on another disk",
+    errno.EDQUOT: "the disk quota is used up: free space, or set output.root to a folder elsewhere",
+    errno.ENAMETOOLONG: "a file name is too long: choose a shorter run name (name = ...)",
+    errno.ENOTDIR: "part of that path is a file, not a folder: set output.root to a folder",
+    errno.EEXIST: "a file is in the way of a folder: move it, or set output.root elsewhere",
+    errno.EISDIR: "a folder is where a file should be: move it, or set output.root elsewhere",
+    errno.ENOENT: "a folder on that path does not exist (was it removed during the run?)",
+}
+"""What to do about the OS errors a run's files can meet, by errno."""
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9a-f]{32}$")
+"""The temporary sibling that ``write_atomic`` writes first (``.<name>.tmp-<uuid hex>``)."""
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OS error met while reading or writing a run: the file, what the OS said,
+    and what to do about it (the temporary file of an atomic write is named as the file it was for)."""
+    code = err.errno if err.errno is not None else _errno_in(str(err))
+    filename = err.filename
+    if filename is not None:
+        path = Path(os.fsdecode(filename))
+        match = _TEMPORARY.match(path.name)
+        where = str(path.with_name(match["name"])) if match else str(path)
+        if err.filename2 is not None:
+            where += f" -> {os.fsdecode(err.filename2)}"
+    else:
+        where = None
+    if where is not None and len(where) > 300:  # a path built from a huge value: its ends say enough
+        where = f"{where[:160]}...{where[-100:]} ({len(where):,} characters)"
+    said = err.strerror or (os.strerror(code) if code is not None else str(err) or type(err).__name__)
+    fix = _FIXES.get(code, "check that path, its folder and the disk it is on") if code is not None else None
+    return "; ".join(part for part in (f"{where}: {said}" if where else said, fix) if part)
+
+
+def _errno_in(text: str) -> int | None:
+    """The errno an error message quotes ("[Errno 28]", "os error 28", "code: 28"), or None."""
+    match = re.search(r"(?:\[errno |os error |code: )(\d+)", text, flags=re.IGNORECASE)
+    return int(match.group(1)) if match else None
+
+
+def named_os_error(err: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``err`` itself when it names a file; else the same error naming ``path`` (a write through a
+    file object that fills the disk reports ENOSPC without a file name)."""
+    code = err.errno if err.errno is not None else _errno_in(str(err))
+    if err.filename is not None or code is None:
+        return err
+    named = OSError(code, os.strerror(code), os.fspath(path))
+    named.__cause__ = err
+    return named
+
+
+@contextlib.contextmanager
+def os_errors_of(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn safetensors' ``SafetensorError`` for an I/O failure (a full disk, a read-only folder)
+    into the ``OSError`` it wraps, naming ``path``: the CLI reports OS errors as one line with a
+    fix, and a ``SafetensorError`` names neither the file nor the errno."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        code = _errno_in(str(err))
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), os.fspath(path)) from err
 
 
 def uri_scheme(location: str) -> str:

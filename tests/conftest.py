@@ -46,23 +46,50 @@ def digits_config(tmp_path: Path, *overrides: str):
     return load_config(DEFAULT_EXPERIMENT, digits_overrides(tmp_path, *overrides))
 
 
+SAFETY_NET_S = 600.0
+"""How long a test waits for an event (a process gone, an actor back) before it reports that the
+event never came: a bound against a hang, far above any wait under load, never a race to win."""
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` of this machine has exited (a zombie counts: it runs no code)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # the state field follows "(comm)"
+
+
+def wait_until(condition, what: str, interval: float = 0.05) -> None:
+    """Poll ``condition()`` until it holds; fail naming ``what`` after ``SAFETY_NET_S``."""
+    deadline = time.monotonic() + SAFETY_NET_S
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {SAFETY_NET_S:g} s"
+        time.sleep(interval)
+
+
 def kill_actor(actor, until_restarted: bool = False) -> None:
-    """``ray.kill`` the actor (Ray may restart it) and wait until its process is really gone
-    (``ray.kill`` only asks; a call made meanwhile could still reach the old process), or, with
-    ``until_restarted``, until Ray has restarted it: a restart that no driver call saw fail.
-    The actor must have a ``placement()`` method reporting its ``pid`` (the server actors do)."""
+    """``ray.kill`` the actor (Ray may restart it) and wait until its process has exited (``ray.kill``
+    only asks; a call made meanwhile could still reach the old process), or, with
+    ``until_restarted``, until Ray has restarted it and the new process answers: a restart that no
+    driver call saw fail. Both wait for the event itself, however long Ray takes under load.
+    The actor must have a ``placement()`` method reporting its ``pid`` (the server actors do) and
+    run on this machine (the tests' local Ray)."""
     import ray
 
-    pid = ray.get(actor.placement.remote())["pid"]
+    pid = int(ray.get(actor.placement.remote(), timeout=SAFETY_NET_S)["pid"])
     ray.kill(actor, no_restart=False)
-    while True:
-        try:
-            if ray.get(actor.placement.remote(), timeout=60)["pid"] != pid:
-                return
+    wait_until(lambda: process_gone(pid), f"actor process {pid} still running after ray.kill")
+    if not until_restarted:
+        return
+
+    def answers_from_a_new_process() -> bool:
+        try:  # a call to a restarting actor waits for it (or fails, and is asked again)
+            return int(ray.get(actor.placement.remote(), timeout=SAFETY_NET_S)["pid"]) != pid
         except ray.exceptions.RayActorError:
-            if not until_restarted:
-                return  # dead or restarting
-        time.sleep(0.05)
+            return False
+
+    wait_until(answers_from_a_new_process, "the killed actor was not restarted")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ that the merged weights of the aggregation paths agree; they do not check any ti
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -101,15 +102,31 @@ def test_aggregation_quick_reports_every_path():
     assert "merged weights agree across paths: yes" in out
 
 
+def positive_times(values) -> bool:
+    """Measured durations: a non-empty list of finite numbers > 0 (wall clock never stands still)."""
+    return bool(values) and all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in values)
+
+
 @pytest.mark.slow
-def test_round_quick_reports_flower_and_fedmerge(ray_address):
-    out = run_benchmark("round", "--quick", "--address", ray_address)
+def test_round_quick_reports_flower_and_fedmerge(ray_address, tmp_path):
+    # The table rounds to 0.01 s and the ideal round of --quick is ~0.005 s: the figures are
+    # checked unrounded, from --json, and the table only for its shape.
+    figures = tmp_path / "round.json"
+    out = run_benchmark("round", "--quick", "--address", ray_address, "--json", str(figures))
     (table,) = tables(out)
-    for system in ("flower", "fedmerge"):
-        row = by_first_cell(table)[system]
-        assert numeric(row[1]) > 0 and numeric(row[2]) > 0, row  # steady round, client compute
-        assert 0.0 <= numeric(row[-1]) <= 1.0, row  # final test accuracy
+    assert [row[0] for row in table[1:]] == ["flower", "fedmerge"]
+    assert all(len(row) == len(table[0]) == 11 for row in table)
     assert re.search(r"fedmerge steady round vs Flower: [\d.]+x", out)
+    data = json.loads(figures.read_text(encoding="utf-8"))
+    compute = data["results"]["compute"]
+    assert compute["clients_per_round"] == 2 and len(compute["client_s"]) == 2
+    assert positive_times(compute["client_s"]) and positive_times([data["ideal_round_s"]])
+    for system in ("flower", "fedmerge"):
+        result = data["results"][system]
+        assert len(result["round_s"]) == 2 and positive_times(result["round_s"]), result  # --quick: 2 rounds
+        assert positive_times([data["steady_round_s"][system], result["wall_s"]]), result
+        assert 0.0 <= result["final_accuracy"] <= 1.0, result
+    assert math.isfinite(data["fedmerge_vs_flower"]) and data["fedmerge_vs_flower"] > 0
 
 
 @pytest.mark.slow
@@ -124,11 +141,17 @@ def test_scale_quick_reports_both_systems(ray_address):
 
 
 @pytest.mark.slow
-def test_smile_quick_reports_both_svds():
-    out = run_benchmark("smile", "--quick")
+def test_smile_quick_reports_both_svds(tmp_path):
+    figures = tmp_path / "smile.json"
+    out = run_benchmark("smile", "--quick", "--json", str(figures))
     (table,) = tables(out)
     rows = by_first_cell(table)
     assert sorted(rows) == ["1", "2"]
-    for row in rows.values():
-        assert numeric(row[1]) > 0 and numeric(row[2]) > 0, row  # construction times
-        assert 0.0 <= numeric(row[6]) <= 1.0 and 0.0 <= numeric(row[7]) <= 1.0, row
+    assert all(len(row) == len(table[0]) for row in rows.values())
+    experts = json.loads(figures.read_text(encoding="utf-8"))["experts"]  # unrounded: 0.004 s prints 0.00
+    assert sorted(experts) == ["1", "2"]
+    for by_svd in experts.values():
+        assert sorted(by_svd) == ["full", "randomized"]
+        for figure in by_svd.values():
+            assert positive_times([figure["construct_s"], figure["merge_s"]]), figure
+            assert 0.0 <= figure["accuracy"] <= 1.0 and figure["params_ratio"] > 0, figure

@@ -21,6 +21,8 @@ from aggregators import ClientUpdate, RoundContext
 from aggregators.fedavg import FedAvg, _all_finite
 from federation.validation import UpdateRejected, UpdateValidator, squared_distance, update_norm
 
+from .conftest import SAFETY_NET_S
+
 
 @pytest.fixture
 def small_chunks(monkeypatch):
@@ -162,7 +164,7 @@ def test_a_round_without_restarts_keeps_no_reply_and_merges_the_same(attached_ra
     for restarts in (0, 2):
         actor = AggregatorActor.options(num_cpus=0, max_restarts=restarts).remote(SlowMean(), base, 0)
         aggregation = RoundAggregation(actor, RoundState(0, base, {}),
-                                       ActorGuard("aggregator", max_restarts=restarts, timeout=60))
+                                       ActorGuard("aggregator", max_restarts=restarts, timeout=SAFETY_NET_S))
         assert aggregation.holds_replies == (restarts > 0)
         aggregation.begin_round(1)
         for i, arrays in enumerate(replies):

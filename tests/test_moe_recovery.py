@@ -21,7 +21,7 @@ from clients.tasks import get_task
 from federation.actors import AggregatorActor
 from federation.recovery import ActorGuard, RoundAggregation, RoundState
 
-from .conftest import kill_actor as kill
+from .conftest import SAFETY_NET_S, kill_actor as kill
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def run_rounds(base: dict[str, np.ndarray], kill_at: frozenset[tuple[int, int]] 
     after any kill; ``kill_at`` holds (round, reply): kill after that reply, reply -1 after the merge."""
     actor = AggregatorActor.options(num_cpus=0, max_restarts=2).remote(
         create_aggregator("smile", SMILE), base, 0, task_name="digits")
-    guard = ActorGuard("aggregator", max_restarts=2, timeout=120)
+    guard = ActorGuard("aggregator", max_restarts=2, timeout=SAFETY_NET_S)
     aggregation = RoundAggregation(actor, RoundState(0, base, {}), guard)
     served = []
     for r in range(1, rounds + 1):
@@ -61,7 +61,7 @@ def run_rounds(base: dict[str, np.ndarray], kill_at: frozenset[tuple[int, int]] 
         aggregation.finalize()
         if (r, -1) in kill_at:
             kill(actor, until_restarted=True)
-        served.append(ray.get(aggregation.served, timeout=60))
+        served.append(ray.get(aggregation.served, timeout=SAFETY_NET_S))
     ray.kill(actor, no_restart=True)
     return served, guard.restarts
 

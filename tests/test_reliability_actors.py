@@ -21,7 +21,7 @@ from clients.tasks import get_task
 from federation.actors import ActorStateLost, AggregatorActor, EvaluatorActor
 from federation.recovery import ActorGuard, RoundAggregation, RoundState, ServerActorError
 
-from .conftest import kill_actor as kill
+from .conftest import SAFETY_NET_S, kill_actor as kill
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def run_rounds(aggregator: Aggregator, rounds: int = 2, kill_at: tuple[int, int]
     """Drive ``rounds`` rounds through a fresh actor; ``kill_at = (round, reply)`` kills it right
     after that reply was accumulated (reply -1: right after the round was merged)."""
     actor = AggregatorActor.options(num_cpus=0, max_restarts=max_restarts).remote(aggregator, BASE, 0)
-    guard = ActorGuard("aggregator", max_restarts=max_restarts, timeout=120)
+    guard = ActorGuard("aggregator", max_restarts=max_restarts, timeout=SAFETY_NET_S)
     aggregation = RoundAggregation(actor, RoundState(0, BASE, {}), guard)
     states, metrics = [], []
     for r in range(1, rounds + 1):
@@ -138,28 +138,57 @@ def test_an_actor_without_restarts_fails_the_run_clearly():
         run_rounds(create_aggregator("fedavg", {}), rounds=1, kill_at=(1, 0), max_restarts=0)
 
 
-def test_evaluator_killed_is_restarted_and_the_evaluation_retried():
+def plain_class(actor_class):
+    """The class a ``@ray.remote`` decorated, so that a test can subclass it (Ray keeps it as the
+    ``__ray_actor_class__`` of the class it derived from it)."""
+    return actor_class.__ray_metadata__.modified_class.__ray_actor_class__
+
+
+class DiesInItsFirstEvaluation(plain_class(EvaluatorActor)):
+    """An EvaluatorActor whose process exits in the middle of the first ``evaluate`` call it is
+    ever given (across restarts: ``marker`` is created once, by that call, with its pid in it).
+    The call under test is then always the one that sees the death, whatever Ray's timing, where
+    a ``ray.kill`` between calls may be over, and the actor restarted, before any call notices."""
+
+    def __init__(self, marker: str, *args) -> None:
+        super().__init__(*args)
+        self.marker = marker
+
+    def evaluate(self, *args, **kwargs):
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:  # a later call, or the restarted process: evaluate for real
+            return super().evaluate(*args, **kwargs)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)  # the process dies during the call, as on a crash or an OOM kill
+
+
+def test_evaluator_killed_is_restarted_and_the_evaluation_retried(tmp_path):
     task = get_task("digits")
     test = task.load("test")
     torch.manual_seed(0)
     state = {k: v.numpy() for k, v in task.build_model().state_dict().items()}
-    evaluator = EvaluatorActor.options(num_cpus=0, max_restarts=4).remote("digits", test.x, test.y, 512, 1)
-    guard = ActorGuard("evaluator", max_restarts=4, timeout=120)
+    threads = torch.get_num_threads()
+    try:  # the same evaluation in this process: what the retried call must return
+        expected = plain_class(EvaluatorActor)("digits", test.x, test.y, 512, 1).evaluate(state)
+    finally:
+        torch.set_num_threads(threads)
+    expected.pop("evaluate_s")
+    marker = tmp_path / "died"
+    evaluator = ray.remote(DiesInItsFirstEvaluation).options(num_cpus=0, max_restarts=4).remote(
+        str(marker), "digits", test.x, test.y, 512, 1)
+    guard = ActorGuard("evaluator", max_restarts=4, timeout=SAFETY_NET_S)
+    first_pid = ray.get(evaluator.placement.remote(), timeout=SAFETY_NET_S)["pid"]
     state_ref = ray.put(state)
 
-    def evaluate():
-        return guard.call("an evaluation", lambda: guard.get(evaluator.evaluate.remote(state_ref), "it"),
-                          lambda: guard.get(evaluator.placement.remote(), "its restart"))
-
-    before = evaluate()
-    before.pop("evaluate_s")
-    # On a quiet machine Ray can restart the actor before any call sees it dead; then the retry
-    # path was not taken, so kill it again (at most 3 times) until a call has failed and been retried.
-    for _ in range(3):
-        kill(evaluator)
-        after = evaluate()
-        after.pop("evaluate_s")
-        assert after == before
-        if guard.restarts:
-            break
+    got = guard.call("an evaluation", lambda: guard.get(evaluator.evaluate.remote(state_ref), "it"),
+                     lambda: guard.get(evaluator.placement.remote(), "its restart"))
+    got.pop("evaluate_s")
+    assert marker.read_text() == first_pid  # the first process died inside the call
+    assert got == expected
     assert guard.restarts == 1
+    (note,) = guard.take_notes()
+    assert re.fullmatch(r"evaluator actor died during an evaluation; restored in \d+\.\d s", note), note
+    assert ray.get(evaluator.placement.remote(), timeout=SAFETY_NET_S)["pid"] != first_pid
+    ray.kill(evaluator, no_restart=True)

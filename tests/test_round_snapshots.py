@@ -201,11 +201,12 @@ def actor_rounds(ray, aggregator: Aggregator, rounds: Sequence[Sequence[dict[str
     i`` kills the actor in the first round once reply ``i`` was merged, after a snapshot was taken."""
     from federation.actors import AggregatorActor
     from federation.recovery import ActorGuard, RoundAggregation, RoundState
+    from tests.conftest import SAFETY_NET_S
     from tests.test_reliability_actors import kill
 
     actor = AggregatorActor.options(num_cpus=0, max_restarts=2).remote(aggregator, BASE, 0)
     aggregation = RoundAggregation(actor, RoundState(0, BASE, {}),
-                                   ActorGuard("aggregator", max_restarts=2, timeout=120),
+                                   ActorGuard("aggregator", max_restarts=2, timeout=SAFETY_NET_S),
                                    snapshot_every=snapshot_every)
     states, kept = [], []
     for server_round, updates in enumerate(rounds, start=1):
@@ -214,7 +215,7 @@ def actor_rounds(ray, aggregator: Aggregator, rounds: Sequence[Sequence[dict[str
         for i, arrays in enumerate(updates):
             killing = server_round == 1 and i == kill_after
             if killing and aggregation._asked is not None:
-                ray.wait([aggregation._asked[0]], timeout=60)  # so that this hand-over takes the snapshot
+                ray.wait([aggregation._asked[0]], timeout=SAFETY_NET_S)  # so that this hand-over takes the snapshot
             aggregation.accumulate(i, arrays, 10 + 7 * i, {"train_loss": 0.5})
             kept[-1].append(aggregation.num_kept)
             if killing:
