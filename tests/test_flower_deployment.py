@@ -81,6 +81,19 @@ def _gateway_command(creds: dict[str, Path], listen: str, upstream: str) -> list
             "--upstream", upstream, "--certfile", str(creds["server_cert"]), "--keyfile", str(creds["server_key"]),
             "--cafile", str(creds["ca"])]
 
+def _start_superlink_behind_gateway(procs, creds: dict, port: int, gateway_port: int) -> None:
+    """The documented setup: the SuperLink (TLS, SuperNode auth) on loopback only, and the Fleet
+    gateway on the stand-in public address; returns once both listen."""
+    procs.start("superlink", [
+        str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+        "--ssl-ca-certfile", str(creds["ca"]), "--ssl-certfile", str(creds["server_cert"]),
+        "--ssl-keyfile", str(creds["server_key"]), "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation"])
+    procs.start("gateway", _gateway_command(creds, f"{PUBLIC}:{gateway_port}", f"127.0.0.1:{port}"))
+    procs.wait_for("superlink", "Uvicorn running on https://", timeout=120)
+    procs.wait_for("gateway", "Fleet gateway listening", timeout=60)
+
+
 
 def _tls_handshake(port: int, cafile: str | None) -> dict:
     context = ssl.create_default_context(cafile=cafile)
@@ -109,14 +122,7 @@ def test_superlink_and_two_authenticated_supernodes_over_tls(tmp_path):
                               timeout=timeout, cwd=ROOT)
 
     try:
-        procs.start("superlink", [
-            str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
-            "--ssl-ca-certfile", str(creds["ca"]), "--ssl-certfile", str(creds["server_cert"]),
-            "--ssl-keyfile", str(creds["server_key"]), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation"])
-        procs.start("gateway", _gateway_command(creds, f"{PUBLIC}:{gateway_port}", f"127.0.0.1:{port}"))
-        procs.wait_for("superlink", "Uvicorn running on https://", timeout=120)
-        procs.wait_for("gateway", "Fleet gateway listening", timeout=60)
+        _start_superlink_behind_gateway(procs, creds, port, gateway_port)
 
         # TLS: the SuperLink presents the certificate made for it, which only our CA vouches for.
         peer = _tls_handshake(port, str(creds["ca"]))
@@ -244,14 +250,7 @@ def test_an_outsider_at_the_public_address_cannot_register_a_key_or_run_code(tmp
         return json.loads(out.stdout[out.stdout.index("{"):])["nodes"]
 
     try:
-        procs.start("superlink", [
-            str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
-            "--ssl-ca-certfile", str(creds["ca"]), "--ssl-certfile", str(creds["server_cert"]),
-            "--ssl-keyfile", str(creds["server_key"]), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation"])
-        procs.start("gateway", _gateway_command(creds, f"{PUBLIC}:{gateway_port}", f"127.0.0.1:{port}"))
-        procs.wait_for("superlink", "Uvicorn running on https://", timeout=120)
-        procs.wait_for("gateway", "Fleet gateway listening", timeout=60)
+        _start_superlink_behind_gateway(procs, creds, port, gateway_port)
 
         # The port flwr would use is closed on the public address.
         with pytest.raises(ConnectionRefusedError):
