@@ -3,8 +3,11 @@
 Importing this package registers the built-in algorithms; it never imports flwr or ray.
 """
 
-from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext
-from aggregators.registry import (
+if __name__ != "fedmerge.aggregators":  # the repository root is on sys.path in a checkout
+    raise ImportError(f"import this package as fedmerge.aggregators, not {__name__}")
+
+from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext
+from fedmerge.aggregators.registry import (
     available,
     create_aggregator,
     get_aggregator_class,
@@ -13,9 +16,9 @@ from aggregators.registry import (
 )
 
 # The built-in algorithms register themselves on import.
-from aggregators import fedavg, fedprox, wsa  # noqa: E402, F401  isort: skip
-from aggregators import simple_average, smile, task_arithmetic, ties, wemoe  # noqa: E402, F401  isort: skip
-from aggregators import feddrl, krum, median, trimmed_mean  # noqa: E402, F401  isort: skip
+from fedmerge.aggregators import fedavg, fedprox, wsa  # noqa: E402, F401  isort: skip
+from fedmerge.aggregators import simple_average, smile, task_arithmetic, ties, wemoe  # noqa: E402, F401  isort: skip
+from fedmerge.aggregators import feddrl, krum, median, trimmed_mean  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "AggregateResult",

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aggregators.base import (
+from fedmerge.aggregators.base import (
     AggregateResult,
     Aggregator,
     ClientUpdate,
@@ -19,7 +19,7 @@ from aggregators.base import (
     StateDict,
     checked_num_examples,
 )
-from aggregators.registry import register
+from fedmerge.aggregators.registry import register
 
 __all__ = ["FedAvg", "fedavg"]
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aggregators.base import (
+from fedmerge.aggregators.base import (
     AggregateResult,
     Aggregator,
     ClientUpdate,
@@ -31,10 +31,10 @@ from aggregators.base import (
     StateDict,
     checked_num_examples,
 )
-from aggregators.detection import detection_metrics, weight_entropy
-from aggregators.fedavg import fedavg
-from aggregators.median import coordinate_median
-from aggregators.registry import register
+from fedmerge.aggregators.detection import detection_metrics, weight_entropy
+from fedmerge.aggregators.fedavg import fedavg
+from fedmerge.aggregators.median import coordinate_median
+from fedmerge.aggregators.registry import register
 
 __all__ = [
     "A2CAgent",

@@ -10,17 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from aggregators.base import (
+from fedmerge.aggregators.base import (
     AggregateResult,
     Aggregator,
     ClientUpdate,
     RoundContext,
     checked_num_examples,
 )
-from aggregators.fedavg import FedAvg
-from aggregators.registry import register
-from aggregators.terms import LossTerm, register_term
-from aggregators.wsa import ScopeTrackedRounds, ScopeTracker
+from fedmerge.aggregators.fedavg import FedAvg
+from fedmerge.aggregators.registry import register
+from fedmerge.aggregators.terms import LossTerm, register_term
+from fedmerge.aggregators.wsa import ScopeTrackedRounds, ScopeTracker
 
 __all__ = ["FedProx", "proximal_term"]
 
@@ -64,7 +64,7 @@ class FedProx(ScopeTrackedRounds, Aggregator):
     work (γ-inexact solutions) is not modelled: every client runs its configured local epochs.
 
     The server side is a FedAvg instance (incremental). Metrics: FedAvg's plus the scope-drift
-    metrics ``scope_mu_spread`` / ``scope_sigma_spread`` of ``aggregators.wsa.ScopeTracker``, so
+    metrics ``scope_mu_spread`` / ``scope_sigma_spread`` of ``fedmerge.aggregators.wsa.ScopeTracker``, so
     that runs compare with WSA's. No state across rounds.
     """
 

@@ -6,10 +6,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
-from aggregators.detection import detection_metrics
-from aggregators.fedavg import fedavg
-from aggregators.registry import register
+from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from fedmerge.aggregators.detection import detection_metrics
+from fedmerge.aggregators.fedavg import fedavg
+from fedmerge.aggregators.registry import register
 
 __all__ = ["Krum", "krum", "krum_scores"]
 

@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
-from aggregators.registry import register
+from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from fedmerge.aggregators.registry import register
 
 __all__ = ["CoordinateMedian", "coordinate_median", "stacked"]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aggregators.base import ClientUpdate, StateDict, checked_num_examples
+from fedmerge.aggregators.base import ClientUpdate, StateDict, checked_num_examples
 
 __all__ = [
     "GROUP_BY",

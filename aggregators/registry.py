@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from aggregators.base import (
+from fedmerge.aggregators.base import (
     AggregateResult,
     Aggregator,
     ClientUpdate,

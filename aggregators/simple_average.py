@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext
-from aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
-from aggregators.registry import register
-from aggregators.task_arithmetic import task_arithmetic
+from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext
+from fedmerge.aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
+from fedmerge.aggregators.registry import register
+from fedmerge.aggregators.task_arithmetic import task_arithmetic
 
 __all__ = ["SimpleAverage"]
 

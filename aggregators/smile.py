@@ -9,7 +9,7 @@ The construction, usable outside federated runs (the benchmarks time it)::
 
     upscale_model(model, base_state, expert_states, *, k_gate=16, k=32, top_k=1,
                   svd="full", svd_niter=2, device=None, seed=0,
-                  exclude=aggregators.merging.HEAD_PATTERN) -> UpscaleReport
+                  exclude=fedmerge.aggregators.merging.HEAD_PATTERN) -> UpscaleReport
 
 ``model`` holds the base weights and is modified in place (its linears are swapped);
 ``base_state`` is θ0 and ``expert_states`` the fine-tuned state dicts (one expert each);
@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
-from aggregators.fedavg import fedavg
-from aggregators.merging import (
+from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from fedmerge.aggregators.fedavg import fedavg
+from fedmerge.aggregators.merging import (
     GROUP_BY,
     HEAD_PATTERN,
     count_parameters,
@@ -43,8 +43,8 @@ from aggregators.merging import (
     head_task,
     merged_heads,
 )
-from aggregators.registry import register
-from aggregators.upscaled import module_type, set_submodule
+from fedmerge.aggregators.registry import register
+from fedmerge.aggregators.upscaled import module_type, set_submodule
 
 __all__ = ["SVD_METHODS", "Smile", "SmileLinear", "UpscaleReport", "smile_extra_parameters",
            "upscale_linear", "upscale_model"]

@@ -3,7 +3,7 @@
 An aggregator's ``client_config(round)`` may return ``{"terms": [spec, ...]}`` where each spec is
 a JSON-serialisable ``{"term": name, **params}``. The client builds the terms with
 ``build_terms(specs, model, global_state)`` right after loading the round's global model and
-passes them to ``clients.training.train(..., loss_terms=...)``, which adds each term's value to
+passes them to ``fedmerge.clients.training.train(..., loss_terms=...)``, which adds each term's value to
 the task loss at every step. A term is made by a factory registered with ``@register_term``:
 ``factory(model, global_state, **params) -> LossTerm``, where ``global_state`` is the received
 global model (detached copies) and ``params`` are the spec's other keys, checked against the
@@ -25,7 +25,7 @@ from torch import nn
 
 __all__ = ["LossTerm", "TermFactory", "available_terms", "build_terms", "register_term"]
 
-# The same contract as clients.training.LossTerm: a differentiable scalar computed from the model.
+# The same contract as fedmerge.clients.training.LossTerm: a differentiable scalar computed from the model.
 LossTerm = Callable[[nn.Module], torch.Tensor]
 TermFactory = Callable[..., LossTerm]
 

@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
-from aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
-from aggregators.registry import register
+from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from fedmerge.aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
+from fedmerge.aggregators.registry import register
 
 __all__ = ["Ties", "ties_merge"]
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
-from aggregators.median import _cast, stacked
-from aggregators.registry import register
+from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from fedmerge.aggregators.median import _cast, stacked
+from fedmerge.aggregators.registry import register
 
 __all__ = ["TrimmedMean", "trimmed_count", "trimmed_mean"]
 

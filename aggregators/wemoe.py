@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
-from aggregators.fedavg import fedavg
-from aggregators.merging import GROUP_BY, count_parameters, group_states, merged_heads, mergeable, stored_bytes
-from aggregators.registry import register
-from aggregators.task_arithmetic import task_arithmetic
-from aggregators.upscaled import Removed, active_token_mask, module_type, set_submodule
+from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from fedmerge.aggregators.fedavg import fedavg
+from fedmerge.aggregators.merging import GROUP_BY, count_parameters, group_states, merged_heads, mergeable, stored_bytes
+from fedmerge.aggregators.registry import register
+from fedmerge.aggregators.task_arithmetic import task_arithmetic
+from fedmerge.aggregators.upscaled import Removed, active_token_mask, module_type, set_submodule
 
 __all__ = ["ACTIVATIONS", "MLPSite", "Router", "WEMoE", "WEMoEMLP", "find_mlps", "prune_magnitude",
            "train_routers", "upscale_mlps"]
@@ -185,7 +185,7 @@ class WEMoEMLP(nn.Module):
 
     def expert_weights(self, x: torch.Tensor) -> torch.Tensor:
         """λ(x), one row of N weights per sample: for token inputs the router's mean over the
-        sample's real tokens (``aggregators.upscaled.token_mask``; all tokens when none is set)."""
+        sample's real tokens (``fedmerge.aggregators.upscaled.token_mask``; all tokens when none is set)."""
         lam = self.router(x)
         if x.dim() != 3:
             return lam

@@ -20,16 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from aggregators.base import (
+from fedmerge.aggregators.base import (
     AggregateResult,
     Aggregator,
     ClientUpdate,
     RoundContext,
     checked_num_examples,
 )
-from aggregators.fedavg import FedAvg
-from aggregators.registry import register
-from aggregators.terms import LossTerm, register_term
+from fedmerge.aggregators.fedavg import FedAvg
+from fedmerge.aggregators.registry import register
+from fedmerge.aggregators.terms import LossTerm, register_term
 
 __all__ = [
     "FUSIONS",

@@ -12,8 +12,8 @@ the same client weights go through:
   ``Strategy.start`` makes. Replies are real Messages: the process takes a task identity, as
   ``flwr.simulation.run_simulation`` does for its ServerApp.
 - **fedmerge**: one reply at a time, made just in time and dropped once handed over, through
-  ``federation.arrays.record_to_numpy`` (zero-copy views of the Array bytes) and
-  ``aggregators.fedavg.FedAvg`` begin_round / accumulate / finalize, in-process: the merge alone.
+  ``fedmerge.federation.arrays.record_to_numpy`` (zero-copy views of the Array bytes) and
+  ``fedmerge.aggregators.fedavg.FedAvg`` begin_round / accumulate / finalize, in-process: the merge alone.
 - **fedmerge, float32 sums**: the same with ``FedAvg(accumulator="float32")``, which sums in
   float32 as Flower does (12 bytes of traffic per parameter instead of 20; error bound in FedAvg).
 - **fedmerge + Ray**: the whole server path of ``FedMergeStrategy``: ``record_to_numpy``, the
@@ -112,7 +112,7 @@ def base_state(num_params: int, seed: int = 0):
 
 def client_record(base: Mapping[str, Any], client: int):
     """Client ``client``'s reply arrays, in fresh memory, serialised into an ArrayRecord the way
-    ``clients.app`` builds its reply: the global weights moved by one of ``POOL`` steps (so that
+    ``fedmerge.clients.app`` builds its reply: the global weights moved by one of ``POOL`` steps (so that
     the Ray path can reuse ``POOL`` prebuilt replies and every path merges the same values)."""
     from flwr.app import ArrayRecord
 
@@ -184,9 +184,9 @@ def measure_flower(clients: int, num_params: int) -> dict[str, Any]:
 
 def measure_fedmerge(clients: int, num_params: int, accumulator: str = "float64") -> dict[str, Any]:
     """fedmerge's FedAvg, in-process, fed one reply at a time (each dropped once accumulated)."""
-    from aggregators.base import ClientUpdate, RoundContext
-    from aggregators.fedavg import FedAvg
-    from federation.arrays import record_to_numpy, to_torch_state
+    from fedmerge.aggregators.base import ClientUpdate, RoundContext
+    from fedmerge.aggregators.fedavg import FedAvg
+    from fedmerge.federation.arrays import record_to_numpy, to_torch_state
 
     base = base_state(num_params)
     aggregator = FedAvg(accumulator=accumulator)
@@ -223,7 +223,7 @@ def _plasma_mib() -> float:
 
 def _ray_round(aggregation: Any, validator: Any, server_round: int, pool: Sequence[Any], clients: int) -> None:
     """One untimed round through the same calls, to warm the actor up."""
-    from federation.arrays import record_to_numpy
+    from fedmerge.federation.arrays import record_to_numpy
 
     aggregation.begin_round(server_round)
     validator.set_global(aggregation.state.global_state)
@@ -248,13 +248,13 @@ def measure_fedmerge_ray(clients: int, num_params: int, restarts: int = 3) -> di
     """
     import ray
 
-    from aggregators.fedavg import FedAvg
-    from federation.actors import AggregatorActor
-    from federation.arrays import record_to_numpy, state_to_record, to_numpy_state
-    from federation.config import ExperimentConfig, RayConfig
-    from federation.recovery import ActorGuard, RoundAggregation, RoundState
-    from federation.runner import init_ray
-    from federation.validation import UpdateValidator
+    from fedmerge.aggregators.fedavg import FedAvg
+    from fedmerge.federation.actors import AggregatorActor
+    from fedmerge.federation.arrays import record_to_numpy, state_to_record, to_numpy_state
+    from fedmerge.federation.config import ExperimentConfig, RayConfig
+    from fedmerge.federation.recovery import ActorGuard, RoundAggregation, RoundState
+    from fedmerge.federation.runner import init_ray
+    from fedmerge.federation.validation import UpdateValidator
 
     init_ray(ExperimentConfig(ray=RayConfig(num_cpus=2)))
     try:

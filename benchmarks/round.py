@@ -3,15 +3,15 @@
     python -m benchmarks.round            # Fashion-MNIST CNN, 10 iid clients, 5 a round, 4 rounds
     python -m benchmarks.round --quick    # digits MLP, 4 clients, 2 a round, 2 rounds: a smoke test
 
-Both runs use fedmerge's ClientApp (``clients.app``: the same local training, the same shards,
-the same seeded initial model), the same local Ray (``federation.runner.init_ray``) and the same
+Both runs use fedmerge's ClientApp (``fedmerge.clients.app``: the same local training, the same shards,
+the same seeded initial model), the same local Ray (``fedmerge.federation.runner.init_ray``) and the same
 client resources, and both score the global model on the server's test set after every round:
 
 - **Flower**: ``flwr.simulation.run_simulation`` with a ServerApp running Flower's own
   ``flwr.serverapp.strategy.FedAvg`` (``Strategy.start``: ``send_and_receive`` then
   ``aggregate_train``), one SuperNode per client (the node's ``partition-id`` picks the shard),
   and the centralized evaluation as ``evaluate_fn`` in the ServerApp's process;
-- **fedmerge**: ``federation.runner.run_experiment`` with the same settings: virtual clients,
+- **fedmerge**: ``fedmerge.federation.runner.run_experiment`` with the same settings: virtual clients,
   replies streamed into the AggregatorActor, evaluation in the EvaluatorActor, metrics, events and
   a checkpoint written every round (the defaults).
 
@@ -66,16 +66,16 @@ def overrides(quick: bool, rounds: int | None, root: Path) -> list[str]:
 
 
 def _config(spec: Mapping[str, Any]):
-    from federation.config import load_config
+    from fedmerge.federation.config import load_config
 
     return load_config(DEFAULT_EXPERIMENT, list(spec["overrides"]))
 
 
 def _shards(config):
     """(task, test split, shard directory) exactly as ``Experiment.setup`` makes them."""
-    from clients.partition import materialize_shards
-    from clients.tasks import get_task
-    from federation.server import partition_params
+    from fedmerge.clients.partition import materialize_shards
+    from fedmerge.clients.tasks import get_task
+    from fedmerge.federation.server import partition_params
 
     task = get_task(config.data.task)
     train, test = task.load("train"), task.load("test")
@@ -99,10 +99,10 @@ def measure_compute(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Local training of the clients a round samples, alone in this process: the framework-free cost."""
     import torch
 
-    from clients.app import local_split
-    from clients.partition import open_shard, shard_path
-    from clients.training import TrainConfig, set_state, train
-    from federation.server import Experiment
+    from fedmerge.clients.app import local_split
+    from fedmerge.clients.partition import open_shard, shard_path
+    from fedmerge.clients.training import TrainConfig, set_state, train
+    from fedmerge.federation.server import Experiment
 
     config = _config(spec)
     task, _, shard_dir = _shards(config)
@@ -133,7 +133,7 @@ def _train_fields(config) -> dict[str, Any]:
 
 def measure_fedmerge(spec: Mapping[str, Any]) -> dict[str, Any]:
     """``run_experiment`` as a user runs it; round boundaries from its per-round progress lines."""
-    from federation.runner import run_experiment
+    from fedmerge.federation.runner import run_experiment
 
     config = _config(spec)
     peaks = ProcessPeaks(ACTOR_PREFIXES)
@@ -168,11 +168,11 @@ def measure_flower(spec: Mapping[str, Any]) -> dict[str, Any]:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from clients.app import RUN_CONFIG_KEY, app as client_app
-    from clients.tasks.base import ArrayData
-    from clients.training import evaluate, get_state, set_state
-    from federation.runner import init_ray
-    from federation.server import Experiment
+    from fedmerge.clients.app import RUN_CONFIG_KEY, app as client_app
+    from fedmerge.clients.tasks.base import ArrayData
+    from fedmerge.clients.training import evaluate, get_state, set_state
+    from fedmerge.federation.runner import init_ray
+    from fedmerge.federation.server import Experiment
 
     config = _config(spec)
     started = time.perf_counter()

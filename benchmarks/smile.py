@@ -11,8 +11,8 @@ are cached under ``--cache`` (a rerun only merges).
 
 For each E and each SVD the ``Smile`` aggregator merges the experts exactly as the
 AggregatorActor runs it (``aggregate`` with the actor's RoundContext): ``construct_s`` is its
-upscaling (SVDs and layer swaps; ``aggregators.smile.upscale_model``), "merge s" the whole call.
-The served MoE is scored on each task's test set (``federation.moe.evaluate_per_task``).
+upscaling (SVDs and layer swaps; ``fedmerge.aggregators.smile.upscale_model``), "merge s" the whole call.
+The served MoE is scored on each task's test set (``fedmerge.federation.moe.evaluate_per_task``).
 "Randomized" is ``torch.svd_lowrank`` with ``svd_niter`` power iterations: it computes the
 top k + 10 singular triplets only, where the full SVD computes all of them.
 """
@@ -41,9 +41,9 @@ def fine_tune(task: Any, shards: Sequence[Any], theta0: Any, cfg: Any, seed: int
     """One ClientUpdate per shard: θ0 trained one local round with the strategy's client seed."""
     import torch
 
-    from aggregators import ClientUpdate
-    from clients.training import get_state, train
-    from federation.strategy import FedMergeStrategy
+    from fedmerge.aggregators import ClientUpdate
+    from fedmerge.clients.training import get_state, train
+    from fedmerge.federation.strategy import FedMergeStrategy
 
     path = cache / "experts.pt" if cache is not None else None
     if path is not None and path.is_file():
@@ -72,13 +72,13 @@ def run(experts: Sequence[int], overrides: Sequence[str], cache: Path | None, th
     import numpy as np
     import torch
 
-    from aggregators import RoundContext, create_aggregator
-    from clients.partition import limit_examples, partition
-    from clients.tasks import get_task
-    from clients.training import get_state
-    from federation.config import load_config
-    from federation.moe import evaluate_per_task
-    from federation.server import partition_params
+    from fedmerge.aggregators import RoundContext, create_aggregator
+    from fedmerge.clients.partition import limit_examples, partition
+    from fedmerge.clients.tasks import get_task
+    from fedmerge.clients.training import get_state
+    from fedmerge.federation.config import load_config
+    from fedmerge.federation.moe import evaluate_per_task
+    from fedmerge.federation.server import partition_params
 
     torch.set_num_threads(threads)
     # by_task gives client c task c mod 3, so at least one client per task is fine-tuned.

@@ -24,12 +24,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from aggregators.terms import build_terms
-from clients.attacks import attack_data, attack_state, client_attack, reported_count
-from clients.partition import open_shard
-from clients.tasks import get_task
-from clients.tasks.base import ArrayData
-from clients.training import TrainConfig, evaluate, get_state, set_state, train
+from fedmerge.aggregators.terms import build_terms
+from fedmerge.clients.attacks import attack_data, attack_state, client_attack, reported_count
+from fedmerge.clients.partition import open_shard
+from fedmerge.clients.tasks import get_task
+from fedmerge.clients.tasks.base import ArrayData
+from fedmerge.clients.training import TrainConfig, evaluate, get_state, set_state, train
 
 __all__ = ["app", "local_split", "where_am_i"]
 

@@ -6,7 +6,7 @@ function of (seed, num_clients, fraction) (``malicious_clients``), so the client
 themselves from the run config and the server records the same set as ground truth for the
 detection metrics.
 
-Two families, applied by ``clients.app`` to the chosen clients only:
+Two families, applied by ``fedmerge.clients.app`` to the chosen clients only:
 
 - data attacks change the client's training data before it trains (``attack_data``):
   ``label_flip`` (label y becomes C − 1 − y), ``noisy_labels`` (a share ``label_noise`` of the
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.tasks.base import ArrayData
+from fedmerge.clients.tasks.base import ArrayData
 
 __all__ = [
     "ATTACK_KINDS",

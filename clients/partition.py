@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from clients.tasks.base import ArrayData, DataError, Task
+from fedmerge.clients.tasks.base import ArrayData, DataError, Task
 
 __all__ = [
     "available_partitioners", "format_label_counts", "get_partitioner", "label_counts",

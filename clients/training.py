@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.tasks.base import ArrayData, Task
+from fedmerge.clients.tasks.base import ArrayData, Task
 
 __all__ = ["LossTerm", "TrainConfig", "evaluate", "get_state", "set_state", "train"]
 

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from federation.config import AggregatorConfig, load_config  # noqa: E402
-from federation.runner import run_experiment  # noqa: E402
+from fedmerge.federation.config import AggregatorConfig, load_config  # noqa: E402
+from fedmerge.federation.runner import run_experiment  # noqa: E402
 
 DETECTION = ("detection_precision", "detection_recall", "clients_dropped")
 

@@ -3,9 +3,9 @@
 A federated run of experiments/smile_text.toml fine-tunes the three clients and merges once; a
 table of ten methods would repeat the same fine-tuning ten times. This script does the round in
 one process with the code a run uses — the same data caps, the by-task partition, the same
-initial model, ``clients.training.train`` with each client's seed from the strategy, the
+initial model, ``fedmerge.clients.training.train`` with each client's seed from the strategy, the
 aggregators' own ``aggregate`` with the RoundContext the aggregator actor builds, and
-``federation.moe.evaluate_per_task`` as the evaluator — then applies every method to the one set
+``fedmerge.federation.moe.evaluate_per_task`` as the evaluator — then applies every method to the one set
 of client models. Client models are cached under ``--cache`` so a rerun only merges.
 
     .venv/bin/python experiments/smile_text_table.py --out docs/results/moe_table.json
@@ -28,15 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from aggregators import ClientUpdate, RoundContext, create_aggregator  # noqa: E402
-from aggregators.merging import count_parameters, stored_bytes  # noqa: E402
-from clients.partition import limit_examples, partition  # noqa: E402
-from clients.tasks import get_task  # noqa: E402
-from clients.training import TrainConfig, get_state, train  # noqa: E402
-from federation.config import load_config  # noqa: E402
-from federation.moe import evaluate_per_task, proxy_inputs, proxy_split  # noqa: E402
-from federation.server import partition_params  # noqa: E402
-from federation.strategy import FedMergeStrategy  # noqa: E402
+from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator  # noqa: E402
+from fedmerge.aggregators.merging import count_parameters, stored_bytes  # noqa: E402
+from fedmerge.clients.partition import limit_examples, partition  # noqa: E402
+from fedmerge.clients.tasks import get_task  # noqa: E402
+from fedmerge.clients.training import TrainConfig, get_state, train  # noqa: E402
+from fedmerge.federation.config import load_config  # noqa: E402
+from fedmerge.federation.moe import evaluate_per_task, proxy_inputs, proxy_split  # noqa: E402
+from fedmerge.federation.server import partition_params  # noqa: E402
+from fedmerge.federation.strategy import FedMergeStrategy  # noqa: E402
 
 METHODS = [
     ("simple average", "simple_average", {}),

@@ -20,14 +20,14 @@ import numpy as np
 import ray
 import torch
 
-from aggregators import Aggregator, ClientUpdate, RoundContext
-from clients.tasks import get_task
-from clients.tasks.base import ArrayData
-from clients.training import evaluate, set_state
-from federation.arrays import to_numpy_state, to_torch_state
-from federation.config import ActorConfig
-from federation.moe import build_served, evaluate_per_task, served_spec
-from federation.scoring import ValidationScorer
+from fedmerge.aggregators import Aggregator, ClientUpdate, RoundContext
+from fedmerge.clients.tasks import get_task
+from fedmerge.clients.tasks.base import ArrayData
+from fedmerge.clients.training import evaluate, set_state
+from fedmerge.federation.arrays import to_numpy_state, to_torch_state
+from fedmerge.federation.config import ActorConfig
+from fedmerge.federation.moe import build_served, evaluate_per_task, served_spec
+from fedmerge.federation.scoring import ValidationScorer
 
 __all__ = ["ActorStateLost", "AggregatorActor", "EvaluatorActor", "actor_options", "placement"]
 
@@ -153,7 +153,7 @@ class AggregatorActor:
                                             tuple[dict[str, Any], dict[str, np.ndarray]] | None]:
         """The next global weights, the round's metrics, the aggregator's state after the round
         (which the driver keeps, to restore a restarted actor and to checkpoint), and the served
-        model (``federation.moe`` spec, weights) or None when the broadcast weights are served. The
+        model (``fedmerge.federation.moe`` spec, weights) or None when the broadcast weights are served. The
         driver holds the served model's ref, so it outlives this actor: a restart loses nothing."""
         self._check_token(token)
         self._token = None
@@ -264,7 +264,7 @@ class EvaluatorActor:
     def evaluate(self, state: Mapping[str, np.ndarray],
                  served: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | None = None) -> dict[str, float]:
         """Score the global weights or, when the aggregator served its own model (``served``: a
-        ``federation.moe`` spec and weights), that model; multi-task data are scored per task."""
+        ``fedmerge.federation.moe`` spec and weights), that model; multi-task data are scored per task."""
         start = time.perf_counter()
         if served is not None:
             model = build_served(served[0], served[1], device=self.device)

@@ -58,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from clients.tasks.base import DataError
-    from federation.config import ConfigError
-    from federation.results import RunFileError
+    from fedmerge.clients.tasks.base import DataError
+    from fedmerge.federation.config import ConfigError
+    from fedmerge.federation.results import RunFileError
 
     try:
         return _dispatch(args)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         # A file the run cannot read or write (read-only folder, full disk, a name too long): one
         # line naming the file and the fix. Our own FileNotFoundError / NotADirectoryError carry a
         # sentence and no errno.
-        from federation.storage import describe_os_error
+        from fedmerge.federation.storage import describe_os_error
 
         return _fail(str(err) if err.errno is None else describe_os_error(err), args)
 
@@ -93,12 +93,12 @@ def _fail(message: str, args: argparse.Namespace) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from federation.config import load_config
+    from fedmerge.federation.config import load_config
 
     if args.command == "list":
         return _list(args.fields)
     if args.command == "report":
-        from federation.results import RunDir, format_run_report, plot_curves
+        from fedmerge.federation.results import RunDir, format_run_report, plot_curves
 
         run = RunDir(args.run_dir)
         print(format_run_report(run))
@@ -108,8 +108,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         import tomllib
 
-        from federation.config import ConfigError
-        from federation.sweep import load_sweep, run_sweep, summarize_sweep
+        from fedmerge.federation.config import ConfigError
+        from fedmerge.federation.sweep import load_sweep, run_sweep, summarize_sweep
 
         sweep = load_sweep(args.sweep)
         if args.summary_only:
@@ -129,21 +129,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"summary: {path}")
         return 0
     if args.command == "resume":
-        from federation.runner import resume_experiment
+        from fedmerge.federation.runner import resume_experiment
 
         resume_experiment(args.run_dir, address=args.address, verbose=args.verbose)
         return 0
     config = load_config(args.config, args.overrides)
     if args.command == "run":
-        from federation.runner import run_experiment
+        from fedmerge.federation.runner import run_experiment
 
         run_experiment(config, address=args.address, verbose=args.verbose)
     elif args.command == "compare":
-        from federation.runner import compare
+        from fedmerge.federation.runner import compare
 
         compare(config, [a.strip() for a in args.aggregators.split(",") if a.strip()], address=args.address)
     elif args.command == "partition":
-        from federation.runner import partition_report
+        from fedmerge.federation.runner import partition_report
 
         table, png = partition_report(config, args.out)
         print(table)
@@ -152,16 +152,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _list(fields: bool) -> int:
-    from aggregators import available
-    from clients.partition import available_partitioners
-    from clients.tasks import available_tasks
+    from fedmerge.aggregators import available
+    from fedmerge.clients.partition import available_partitioners
+    from fedmerge.clients.tasks import available_tasks
 
     print("aggregators: ", ", ".join(available()))
     print("tasks:       ", ", ".join(available_tasks()))
     print("partitioners:", ", ".join(available_partitioners()))
     if fields:
-        from federation.config import describe_fields
-        from federation.results import format_table
+        from fedmerge.federation.config import describe_fields
+        from fedmerge.federation.results import format_table
 
         print()
         print(format_table(["key", "default", "meaning"], describe_fields()))

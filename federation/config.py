@@ -20,9 +20,9 @@ from typing import Any
 
 import tomli_w
 
-from clients.attacks import AttackConfig
-from clients.training import TrainConfig
-from federation.validation import DEFAULT_MAX_UPDATE_NORM_RATIO
+from fedmerge.clients.attacks import AttackConfig
+from fedmerge.clients.training import TrainConfig
+from fedmerge.federation.validation import DEFAULT_MAX_UPDATE_NORM_RATIO
 
 __all__ = [
     "ActorConfig",
@@ -112,8 +112,8 @@ class DataConfig:
                "a proxy_size > 0, test takes none (0)")
         _check(self.max_train_examples >= 0, "data.max_train_examples", "must be >= 0 (0 = all)")
         _check(self.max_test_examples >= 0, "data.max_test_examples", "must be >= 0 (0 = all)")
-        from clients.partition import available_partitioners
-        from clients.tasks import available_tasks
+        from fedmerge.clients.partition import available_partitioners
+        from fedmerge.clients.tasks import available_tasks
 
         _check_choice(self.task, available_tasks(), "data.task")
         _check_choice(self.partitioner, available_partitioners(), "data.partitioner")
@@ -234,7 +234,7 @@ class OutputConfig:
                              "URI: s3://, gs://, abfs://, hdfs://, file://); empty = no copy")
 
     def validate(self) -> None:
-        from federation.storage import LOCAL_SCHEMES, REMOTE_SCHEMES, StorageError, local_path, uri_scheme
+        from fedmerge.federation.storage import LOCAL_SCHEMES, REMOTE_SCHEMES, StorageError, local_path, uri_scheme
 
         _check(bool(self.root.strip()), "output.root", "must not be empty")
         scheme = uri_scheme(self.root)
@@ -253,7 +253,7 @@ class OutputConfig:
     @property
     def root_path(self) -> Path:
         """``root`` as a local path (a ``file://`` URI unwrapped)."""
-        from federation.storage import local_path
+        from fedmerge.federation.storage import local_path
 
         return local_path(self.root)
 

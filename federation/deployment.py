@@ -1,8 +1,8 @@
 """The ServerApp of Flower's deployment mode: real SuperNodes, server-side work on Ray.
 
-In a simulation (``federation.runner``) fedmerge starts Flower's simulation engine itself. In a
+In a simulation (``fedmerge.federation.runner``) fedmerge starts Flower's simulation engine itself. In a
 deployment, a SuperLink runs this ServerApp and SuperNodes (one per site, possibly behind TLS and
-SuperNode authentication) run ``clients.app:app``; the ServerApp then drives the same rounds as a
+SuperNode authentication) run ``fedmerge.clients.app:app``; the ServerApp then drives the same rounds as a
 simulation: it attaches to Ray (a cluster given by ``ray-address`` or ``$RAY_ADDRESS``, else a
 local Ray), starts the ``AggregatorActor`` and ``EvaluatorActor`` where the experiment places
 them, streams the SuperNodes' replies into the aggregator and writes the usual run folder.
@@ -29,10 +29,10 @@ import ray
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from federation.config import ConfigError, ExperimentConfig, load_config
-from federation.results import RunDir
-from federation.runner import ExperimentError, finish_run, init_ray
-from federation.server import Experiment, build_aggregator
+from fedmerge.federation.config import ConfigError, ExperimentConfig, load_config
+from fedmerge.federation.results import RunDir
+from fedmerge.federation.runner import ExperimentError, finish_run, init_ray
+from fedmerge.federation.server import Experiment, build_aggregator
 
 __all__ = ["app", "config_from_run_config", "run_deployment"]
 

@@ -2,12 +2,12 @@
 
 An aggregator that returns ``AggregateResult.served_model`` hands the server a model other than
 the broadcast weights. It travels from the aggregator actor to the evaluator and the driver as a
-*spec* (the task name, the swapped modules from ``aggregators.upscaled.describe``, the parameter
+*spec* (the task name, the swapped modules from ``fedmerge.aggregators.upscaled.describe``, the parameter
 count) plus its weights as NumPy arrays, and is rebuilt on the other side from the task's own
 model. The final one is saved as ``<name>.safetensors`` with ``<name>.json`` (the spec);
 ``load_served`` rebuilds it for inference:
 
-    from federation.moe import load_served
+    from fedmerge.federation.moe import load_served
     model = load_served("runs/smile_text-.../served_model.safetensors")
     logits = model(task.preprocess(x))
 
@@ -28,11 +28,11 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from aggregators.merging import count_parameters
-from aggregators.upscaled import describe, rebuild
-from clients.tasks import get_task
-from clients.tasks.base import ArrayData, Task
-from clients.training import evaluate
+from fedmerge.aggregators.merging import count_parameters
+from fedmerge.aggregators.upscaled import describe, rebuild
+from fedmerge.clients.tasks import get_task
+from fedmerge.clients.tasks.base import ArrayData, Task
+from fedmerge.clients.training import evaluate
 
 __all__ = ["FORMAT", "ServedModelError", "build_served", "evaluate_per_task", "load_served", "proxy_inputs",
            "proxy_split", "save_served", "served_spec"]
@@ -73,7 +73,7 @@ def save_served(path: str | Path, model: nn.Module, task_name: str,
     path = Path(path).with_suffix(".safetensors")
     spec, _ = served_spec(model, task_name)
     spec["metadata"] = dict(metadata or {})
-    from federation.storage import os_errors_of
+    from fedmerge.federation.storage import os_errors_of
 
     with os_errors_of(path):  # a full disk is an OSError naming the file, not a SafetensorError
         save_model(model, str(path))
@@ -116,7 +116,7 @@ def proxy_split(task: Task, train: ArrayData, test: ArrayData, *, source: str, s
         raise ValueError(f"data.proxy_inputs={source!r} is invalid: must be 'test' or 'held_out'")
     if size < 1:
         raise ValueError(f"data.proxy_size={size!r} is invalid: held_out proxy inputs need a size >= 1")
-    from federation.scoring import hold_out  # imports Ray, which loading a served model does not need
+    from fedmerge.federation.scoring import hold_out  # imports Ray, which loading a served model does not need
 
     task_index = getattr(task, "task_index", None)
     groups = None if task_index is None else task_index(train.x)

@@ -34,7 +34,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
-from federation.actors import ActorStateLost
+from fedmerge.federation.actors import ActorStateLost
 
 __all__ = ["ActorGuard", "RoundAggregation", "RoundState", "ServerActorError"]
 
@@ -154,7 +154,7 @@ class RoundAggregation:
 
     ``begin_round`` / ``accumulate`` (non-blocking) / ``finalize`` mirror the actor's methods;
     ``skip_round`` closes a round without merging. ``state`` is the ``RoundState`` after the last
-    round closed; ``served`` the ref of the last merged round's served model (``federation.moe``
+    round closed; ``served`` the ref of the last merged round's served model (``fedmerge.federation.moe``
     spec and weights, or None), held by the driver so that it outlives the actor that made it.
     When the actor may be restarted, replies are kept (as ObjectRefs) so that a
     restarted actor can be given the round again, but only until a snapshot of the actor's round

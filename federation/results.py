@@ -7,7 +7,7 @@ keeps every round it finished. The model is stored as safetensors, never as a pi
 What went wrong, and why, goes to ``events.jsonl``: one JSON object per line with ``round``,
 ``client_id`` (null when the event is not about one client), ``kind`` (``EVENT_KINDS``) and a
 human-readable ``reason`` — failed and rejected clients, skipped rounds, restarted actors, resumes.
-Per-round checkpoints live under ``checkpoints/`` (``federation.checkpoint``). Where each server
+Per-round checkpoints live under ``checkpoints/`` (``fedmerge.federation.checkpoint``). Where each server
 actor and each client ran every round (Ray node id, host, device, GPU name) goes to
 ``placement.jsonl``, one JSON object per line (``RunDir.log_placement``).
 """
@@ -34,8 +34,8 @@ from matplotlib.ticker import MaxNLocator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from clients.partition import write_atomic
-from federation.storage import os_errors_of
+from fedmerge.clients.partition import write_atomic
+from fedmerge.federation.storage import os_errors_of
 
 __all__ = [
     "EVENT_KINDS",

@@ -23,13 +23,13 @@ from pathlib import Path
 import ray
 import torch
 
-from clients.partition import format_label_counts, label_counts, partition, plot_label_heatmap
-from clients.tasks import get_task
-from federation.checkpoint import Checkpoint, CheckpointError, config_changes, latest_checkpoint
-from federation.config import AggregatorConfig, ConfigError, ExperimentConfig, load_config
-from federation.moe import build_served, save_served
-from federation.results import RunDir, compare_table, format_run_report, plot_curves, summarize
-from federation.server import Experiment, build_aggregator, partition_params
+from fedmerge.clients.partition import format_label_counts, label_counts, partition, plot_label_heatmap
+from fedmerge.clients.tasks import get_task
+from fedmerge.federation.checkpoint import Checkpoint, CheckpointError, config_changes, latest_checkpoint
+from fedmerge.federation.config import AggregatorConfig, ConfigError, ExperimentConfig, load_config
+from fedmerge.federation.moe import build_served, save_served
+from fedmerge.federation.results import RunDir, compare_table, format_run_report, plot_curves, summarize
+from fedmerge.federation.server import Experiment, build_aggregator, partition_params
 
 __all__ = ["AddressError", "ExperimentError", "check_address", "compare", "finish_run", "init_ray", "partition_report",
            "resolve_address", "resume_experiment", "run_experiment"]
@@ -278,12 +278,12 @@ def _execute(config: ExperimentConfig, run_dir: RunDir, resume: Checkpoint | Non
 
 def finish_run(experiment: Experiment, wall: float, progress: Callable[[str], None] = print) -> RunOutcome:
     """Save the final model, summary and plot of a run whose rounds are done, and print its report
-    (for simulations here, and for Flower deployment runs in ``federation.deployment``)."""
+    (for simulations here, and for Flower deployment runs in ``fedmerge.federation.deployment``)."""
     config, run_dir, resume = experiment.config, experiment.run_dir, experiment.resume
     if config.output.save_model:
         run_dir.save_model(experiment.final_state, metadata={"task": config.data.task,
                                                              "aggregator": config.aggregator.name})
-        if experiment.final_served is not None:  # an upscaled model (SMILE, WEMoE): federation.moe.load_served
+        if experiment.final_served is not None:  # an upscaled model (SMILE, WEMoE): fedmerge.federation.moe.load_served
             spec, weights = experiment.final_served
             save_served(run_dir.path / "served_model.safetensors", build_served(spec, weights), spec["task"],
                         metadata={"aggregator": config.aggregator.name, "params": dict(config.aggregator.params)})
@@ -306,7 +306,7 @@ def _simulate(experiment: Experiment, address: str | None, progress: Callable[[s
     """Start Ray, the actors and Flower's simulation; leaves the final weights in the experiment."""
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
+    from fedmerge.clients.app import app as client_app
 
     config = experiment.config
     init_ray(config, address)

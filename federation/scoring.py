@@ -28,10 +28,10 @@ import numpy as np
 import ray
 import torch
 
-from clients.tasks import get_task
-from clients.tasks.base import ArrayData
-from clients.training import evaluate, set_state
-from federation.arrays import to_numpy_state, to_torch_state
+from fedmerge.clients.tasks import get_task
+from fedmerge.clients.tasks.base import ArrayData
+from fedmerge.clients.training import evaluate, set_state
+from fedmerge.federation.arrays import to_numpy_state, to_torch_state
 
 __all__ = ["ValidationScorer", "hold_out"]
 

@@ -23,20 +23,20 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from aggregators import Aggregator, create_aggregator
-from clients.attacks import summary as attack_summary
-from clients.partition import limit_examples, load_manifest, materialize_shards
-from clients.tasks import get_task
-from clients.training import get_state
-from federation.actors import AggregatorActor, EvaluatorActor, actor_options
-from federation.arrays import state_to_record, to_numpy_state
-from federation.moe import proxy_inputs, proxy_split
-from federation.checkpoint import Checkpoint, CheckpointError, save_checkpoint
-from federation.config import ConfigError, DataConfig, ExperimentConfig
-from federation.results import RunDir
-from federation.storage import RunUploader, StorageError
-from federation.scoring import hold_out
-from federation.strategy import FedMergeStrategy, RoundReport
+from fedmerge.aggregators import Aggregator, create_aggregator
+from fedmerge.clients.attacks import summary as attack_summary
+from fedmerge.clients.partition import limit_examples, load_manifest, materialize_shards
+from fedmerge.clients.tasks import get_task
+from fedmerge.clients.training import get_state
+from fedmerge.federation.actors import AggregatorActor, EvaluatorActor, actor_options
+from fedmerge.federation.arrays import state_to_record, to_numpy_state
+from fedmerge.federation.moe import proxy_inputs, proxy_split
+from fedmerge.federation.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from fedmerge.federation.config import ConfigError, DataConfig, ExperimentConfig
+from fedmerge.federation.results import RunDir
+from fedmerge.federation.storage import RunUploader, StorageError
+from fedmerge.federation.scoring import hold_out
+from fedmerge.federation.strategy import FedMergeStrategy, RoundReport
 
 __all__ = ["Experiment", "build_aggregator", "checkpoint_due", "partition_params", "report_events",
            "report_rows"]
@@ -118,7 +118,7 @@ class Experiment:
         self.resume = resume
         self.error: BaseException | None = None
         self.final_state: dict[str, Any] | None = None
-        self.final_served: tuple[dict[str, Any], dict[str, Any]] | None = None  # federation.moe spec, weights
+        self.final_served: tuple[dict[str, Any], dict[str, Any]] | None = None  # fedmerge.federation.moe spec, weights
         self.placement: dict[str, dict[str, str]] = {}
         self.uploader = RunUploader(run_dir.path, config.output.upload_uri) if config.output.upload_uri else None
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from federation.config import ConfigError
+from fedmerge.federation.config import ConfigError
 
 __all__ = ["LOCAL_SCHEMES", "REMOTE_SCHEMES", "RunUploader", "StorageError", "describe_os_error", "local_path",
            "named_os_error", "os_errors_of", "uri_scheme"]

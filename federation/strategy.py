@@ -28,10 +28,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from clients.app import AGGREGATOR_CONFIG_KEY, PLACEMENT_KEY, RUN_CONFIG_KEY
-from federation.arrays import ArrayFormatError, record_to_numpy, state_to_record
-from federation.recovery import ActorGuard, RoundAggregation, RoundState
-from federation.validation import DEFAULT_MAX_UPDATE_NORM_RATIO, UpdateRejected, UpdateValidator, validate_update
+from fedmerge.clients.app import AGGREGATOR_CONFIG_KEY, PLACEMENT_KEY, RUN_CONFIG_KEY
+from fedmerge.federation.arrays import ArrayFormatError, record_to_numpy, state_to_record
+from fedmerge.federation.recovery import ActorGuard, RoundAggregation, RoundState
+from fedmerge.federation.validation import DEFAULT_MAX_UPDATE_NORM_RATIO, UpdateRejected, UpdateValidator, validate_update
 
 __all__ = ["ClientFailure", "FedMergeStrategy", "RoundReport", "UpdateRejected", "client_error_text",
            "validate_update"]
@@ -305,7 +305,7 @@ class FedMergeStrategy(Strategy):
         self._evaluator_guard = ActorGuard("evaluator", max_restarts=self.evaluator_restarts, timeout=timeout)
 
     def served_model_ref(self) -> Any | None:
-        """The Ray ref of the last merged round's served model (``federation.moe`` spec, weights;
+        """The Ray ref of the last merged round's served model (``fedmerge.federation.moe`` spec, weights;
         None inside when the broadcast weights are served), or None before any round merged."""
         return None if self._aggregation is None else self._aggregation.served
 

@@ -37,8 +37,8 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from federation.config import ConfigError, apply_overrides, parse_config
-from federation.results import RunDir, format_table, plot_curves
+from fedmerge.federation.config import ConfigError, apply_overrides, parse_config
+from fedmerge.federation.results import RunDir, format_table, plot_curves
 
 __all__ = ["Sweep", "load_sweep", "run_sweep", "summarize_sweep"]
 
@@ -140,7 +140,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, seeds: Sequence[int] | None = No
     """Run every (setting, method, seed) not yet in ``out/results.jsonl``; returns the summary path.
 
     ``address``: a Ray cluster every run attaches to (as ``fedmerge run --address``)."""
-    from federation.runner import run_experiment
+    from fedmerge.federation.runner import run_experiment
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

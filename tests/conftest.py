@@ -41,7 +41,7 @@ DEFAULT_EXPERIMENT = ROOT / "experiments" / "fashion_mnist_fedavg.toml"
 
 def digits_config(tmp_path: Path, *overrides: str):
     """The tiny digits experiment of ``digits_overrides`` as a loaded config."""
-    from federation.config import load_config
+    from fedmerge.federation.config import load_config
 
     return load_config(DEFAULT_EXPERIMENT, digits_overrides(tmp_path, *overrides))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aggregators import (
+from fedmerge.aggregators import (
     AggregateResult,
     Aggregator,
     ClientUpdate,
@@ -25,7 +25,7 @@ from aggregators import (
     register,
     registry,
 )
-from aggregators.fedavg import FedAvg, fedavg
+from fedmerge.aggregators.fedavg import FedAvg, fedavg
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM = "tests.plugins.custom_aggregators"
@@ -227,7 +227,7 @@ def test_fedavg_pure_function_checks_weights() -> None:
 
 
 def test_aggregators_package_imports_neither_flwr_nor_ray() -> None:
-    code = ("import sys, aggregators; "
+    code = ("import sys, fedmerge, fedmerge.aggregators; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -301,7 +301,7 @@ def test_register_duplicate_name_names_both_classes(isolated_registry) -> None:
     with pytest.raises(ValueError, match=r"'scaled' is already registered by .*\.Scaled; "
                                          r"cannot register .*\.Other"):
         register("scaled")(Other)
-    with pytest.raises(ValueError, match="already registered by aggregators.fedavg.FedAvg"):
+    with pytest.raises(ValueError, match="already registered by fedmerge.aggregators.fedavg.FedAvg"):
         register("fedavg")(Other)
 
 
@@ -336,7 +336,7 @@ def test_module_path_resolution(custom_path) -> None:
     ("no_such_module_xyz:Thing", "cannot import 'no_such_module_xyz'"),
     (f"{CUSTOM}:NoSuchClass", "'NoSuchClass' not found"),
     (f"{CUSTOM}:torch", "not an aggregators.Aggregator subclass"),
-    ("aggregators.base:Aggregator", "is abstract: it does not implement aggregate"),
+    ("fedmerge.aggregators.base:Aggregator", "is abstract: it does not implement aggregate"),
     (":FedAvg", "must look like"),
 ])
 def test_module_path_errors(custom_path, spec, pattern) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients.attacks import (
+from fedmerge.clients.attacks import (
     AttackConfig,
     attack_data,
     attack_state,
@@ -15,9 +15,9 @@ from clients.attacks import (
     reported_count,
     summary,
 )
-from clients.tasks.base import ArrayData
-from federation.config import ConfigError
-from federation.scoring import hold_out
+from fedmerge.clients.tasks.base import ArrayData
+from fedmerge.federation.config import ConfigError
+from fedmerge.federation.scoring import hold_out
 
 from .conftest import digits_config
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from federation.cli import main
-from federation.results import RunDir
+from fedmerge.federation.cli import main
+from fedmerge.federation.results import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "experiments" / "fashion_mnist_fedavg.toml")

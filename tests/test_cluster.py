@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from federation.results import RunDir
+from fedmerge.federation.results import RunDir
 
 from .conftest import DEFAULT_EXPERIMENT, digits_overrides
 

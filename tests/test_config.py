@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.config import ConfigError, apply_overrides, describe_fields, load_config, parse_config
+from fedmerge.federation.config import ConfigError, apply_overrides, describe_fields, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "experiments" / "fashion_mnist_fedavg.toml"
@@ -36,8 +36,8 @@ def test_default_experiment_lists_every_field():
 def test_every_experiment_file_is_valid():
     """Experiments load as configs; sweep files (``*_sweep.toml``) load as sweeps, and every run
     they describe is a valid config."""
-    from federation.server import build_aggregator
-    from federation.sweep import load_sweep, run_config
+    from fedmerge.federation.server import build_aggregator
+    from fedmerge.federation.sweep import load_sweep, run_config
 
     files = sorted((ROOT / "experiments").glob("*.toml"))
     assert files

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from federation.config import ConfigError, ExperimentConfig, apply_overrides, describe_fields, parse_config
+from fedmerge.federation.config import ConfigError, ExperimentConfig, apply_overrides, describe_fields, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "experiments" / "fashion_mnist_fedavg.toml"

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.tasks import DataError, Task, available_tasks, get_task, register_task
-from clients.tasks.fashion_mnist import FILES
+from fedmerge.clients.tasks import DataError, Task, available_tasks, get_task, register_task
+from fedmerge.clients.tasks.fashion_mnist import FILES
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -35,7 +35,7 @@ needs_fashion = pytest.mark.skipif(_fashion_dir() is None,
 def isolated_env(monkeypatch):
     """No $FEDMERGE_DATA_DIR, so only the explicit data_dir (and the system dir) are searched."""
     monkeypatch.delenv("FEDMERGE_DATA_DIR", raising=False)
-    monkeypatch.setattr("clients.tasks.fashion_mnist.SYSTEM_DIR", Path("/nonexistent/fashion-mnist"))
+    monkeypatch.setattr("fedmerge.clients.tasks.fashion_mnist.SYSTEM_DIR", Path("/nonexistent/fashion-mnist"))
 
 
 def _copy_test_split(tmp_path: Path) -> Path:
@@ -149,7 +149,7 @@ def test_unknown_split():
 def test_digits_split_is_deterministic_disjoint_and_stratified():
     from sklearn.datasets import load_digits
 
-    from clients.tasks.digits import _splits
+    from fedmerge.clients.tasks.digits import _splits
 
     task = get_task("digits")
     train, test = task.load("train"), task.load("test")

@@ -15,7 +15,7 @@ import pytest
 import ray
 import yaml
 
-from federation.config import load_config
+from fedmerge.federation.config import load_config
 
 from .conftest import DEFAULT_EXPERIMENT, ROOT
 
@@ -92,17 +92,17 @@ def test_dockerfile_builds_the_package_with_the_pinned_python_and_torch():
     assert base == "python:${PYTHON_VERSION}-slim-bookworm"
     makefile_python = re.search(r"^PY\s*\?=\s*python([\d.]+)", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert args["PYTHON_VERSION"] == makefile_python
-    assert PYPROJECT["project"]["requires-python"] == ">=3.10" and tuple(map(int, makefile_python.split("."))) >= (3, 10)
+    assert PYPROJECT["project"]["requires-python"] == ">=3.11" and tuple(map(int, makefile_python.split("."))) >= (3, 11)
     assert args["TORCH_VERSION"] == _makefile_torch_pin() == version("torch").split("+")[0]
     runs = [a for i, a in steps if i == "RUN"]
     torch_step = next(i for i, a in enumerate(runs) if "torch==${TORCH_VERSION}" in a)
-    package_step = next(i for i, a in enumerate(runs) if re.search(r"pip install \.$", a))
+    package_step = next(i for i, a in enumerate(runs) if re.search(r'pip install "\.\[text\]"$', a))
     assert torch_step < package_step, "torch must be installed from its index before the package pulls one"
     assert "download.pytorch.org/whl/${TORCH_VARIANT}" in runs[torch_step]
     assert any("dataset-fashion-mnist" in a for a in runs), "the default experiment's data must be in the image"
     copied = {a.split()[0] for i, a in steps if i == "COPY"}
-    packages = set(PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"])
-    assert {p.rstrip("*") for p in packages} | {"pyproject.toml", "experiments", "deploy"} <= copied
+    source_dirs = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
+    assert source_dirs | {"pyproject.toml", "experiments", "deploy"} <= copied
     assert ("WORKDIR", "/opt/fedmerge") in steps
     assert not [a for i, a in steps if i == "ENTRYPOINT"], "Ray and Flower give the command; no ENTRYPOINT"
     (cmd,) = [json.loads(a) for i, a in steps if i == "CMD"]

@@ -6,10 +6,10 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from clients.tasks import get_task
-from clients.training import evaluate, set_state
-from federation.results import RunDir
-from federation.runner import run_experiment
+from fedmerge.clients.tasks import get_task
+from fedmerge.clients.training import evaluate, set_state
+from fedmerge.federation.results import RunDir
+from fedmerge.federation.runner import run_experiment
 
 from .conftest import digits_config
 

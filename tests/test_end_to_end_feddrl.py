@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from federation.results import RunDir
-from federation.runner import run_experiment
+from fedmerge.federation.results import RunDir
+from fedmerge.federation.runner import run_experiment
 
 from .conftest import digits_config
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from aggregators import ClientUpdate, RoundContext, create_aggregator
-from aggregators.smile import SmileLinear
-from clients.tasks import get_task
-from federation.moe import ServedModelError, build_served, load_served, save_served, served_spec
+from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators.smile import SmileLinear
+from fedmerge.clients.tasks import get_task
+from fedmerge.federation.moe import ServedModelError, build_served, load_served, save_served, served_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,9 +58,9 @@ def test_a_served_model_that_does_not_fit_is_named(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_smile_on_minilm_text_tasks_end_to_end(tmp_path, ray_address) -> None:
-    from federation.config import load_config
-    from federation.results import RunDir
-    from federation.runner import run_experiment
+    from fedmerge.federation.config import load_config
+    from fedmerge.federation.results import RunDir
+    from fedmerge.federation.runner import run_experiment
 
     config = load_config(ROOT / "experiments" / "smile_text.toml", [
         "data.max_train_examples=16", "data.max_test_examples=12", "train.batch_size=8", "train.lr=1e-4",
@@ -86,12 +86,12 @@ def test_smile_on_minilm_text_tasks_end_to_end(tmp_path, ray_address) -> None:
     # The saved served model reloads and scores exactly what the evaluator logged.
     model = load_served(run.path / "served_model.safetensors")
     assert sum(isinstance(m, SmileLinear) for m in model.modules()) == 36
-    from federation.moe import evaluate_per_task
-    from federation.server import Experiment
+    from fedmerge.federation.moe import evaluate_per_task
+    from fedmerge.federation.server import Experiment
 
     task = get_task("text_multitask")
     test = task.load("test")
-    from clients.partition import limit_examples
+    from fedmerge.clients.partition import limit_examples
 
     test = limit_examples(test, 12, config.seed, task.task_index(test.x))
     again = evaluate_per_task(model, task, test, batch_size=64)

@@ -20,14 +20,14 @@ import pyarrow.compute as pc
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from clients.partition import materialize_shards, shard_path
-from clients.tasks import get_task
-from federation.cli import main
-from federation.recovery import RoundState
-from federation.results import RunDir
-from federation.runner import run_experiment
-from federation.server import partition_params
-from federation.strategy import FedMergeStrategy
+from fedmerge.clients.partition import materialize_shards, shard_path
+from fedmerge.clients.tasks import get_task
+from fedmerge.federation.cli import main
+from fedmerge.federation.recovery import RoundState
+from fedmerge.federation.results import RunDir
+from fedmerge.federation.runner import run_experiment
+from fedmerge.federation.server import partition_params
+from fedmerge.federation.strategy import FedMergeStrategy
 
 from .conftest import DEFAULT_EXPERIMENT, ROOT, digits_config, digits_overrides
 
@@ -139,7 +139,7 @@ def test_a_client_that_never_answers_times_out_and_the_round_completes():
 def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path, ray_address):
     overrides = digits_overrides(tmp_path / "killed", "federation.num_rounds=4", "checkpoint.keep=0")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "federation.cli", "run", str(DEFAULT_EXPERIMENT)]
+    args = [sys.executable, "-m", "fedmerge", "run", str(DEFAULT_EXPERIMENT)]
     for item in overrides:
         args += ["--set", item]
     log = tmp_path / "killed.log"

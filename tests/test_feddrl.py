@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from aggregators import ClientUpdate, RoundContext, create_aggregator
-from aggregators.feddrl import FEATURES, A2CAgent, A2CConfig, TD3Agent, TD3Config, client_features
-from clients.attacks import AttackConfig, attack_state
-from clients.tasks import get_task
-from clients.training import TrainConfig, get_state, set_state, train
-from federation.checkpoint import load_checkpoint, save_checkpoint
-from federation.scoring import ValidationScorer, hold_out
+from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators.feddrl import FEATURES, A2CAgent, A2CConfig, TD3Agent, TD3Config, client_features
+from fedmerge.clients.attacks import AttackConfig, attack_state
+from fedmerge.clients.tasks import get_task
+from fedmerge.clients.training import TrainConfig, get_state, set_state, train
+from fedmerge.federation.checkpoint import load_checkpoint, save_checkpoint
+from fedmerge.federation.scoring import ValidationScorer, hold_out
 
 SMALL = {"a2c_hidden": 16, "a2c_candidates": 4, "a2c_iterations": 2, "a2c_warmup_iterations": 2,
          "td3_hidden": 32, "td3_steps": 4, "td3_updates": 8, "td3_batch_size": 8}

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from aggregators import ClientUpdate, RoundContext, create_aggregator
-from aggregators.fedavg import fedavg
-from aggregators.fedprox import FedProx, proximal_term
-from aggregators.terms import available_terms, build_terms, register_term
+from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators.fedavg import fedavg
+from fedmerge.aggregators.fedprox import FedProx, proximal_term
+from fedmerge.aggregators.terms import available_terms, build_terms, register_term
 
 
 def model_and_anchor() -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -130,7 +130,7 @@ def test_build_terms_names_what_is_wrong() -> None:
 
 
 def test_register_term_rejects_a_taken_name_and_a_bad_signature() -> None:
-    with pytest.raises(ValueError, match="'fedprox_proximal' is already registered by aggregators.fedprox"):
+    with pytest.raises(ValueError, match="'fedprox_proximal' is already registered by fedmerge.aggregators.fedprox"):
         @register_term("fedprox_proximal")
         def other(model, global_state, *, mu):  # pragma: no cover - never called
             raise AssertionError

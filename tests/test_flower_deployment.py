@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.results import RunDir
+from fedmerge.federation.results import RunDir
 
 from .conftest import DEFAULT_EXPERIMENT, ROOT
 from .ray_cluster import free_port

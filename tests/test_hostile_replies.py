@@ -20,10 +20,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common import Metadata
 
-from federation.arrays import ArrayFormatError, array_view, record_to_numpy
-from federation.recovery import RoundState
-from federation.strategy import FedMergeStrategy, RoundReport
-from federation.validation import DEFAULT_MAX_UPDATE_NORM_RATIO, HEADER_ALLOWANCE, UpdateRejected, UpdateValidator
+from fedmerge.federation.arrays import ArrayFormatError, array_view, record_to_numpy
+from fedmerge.federation.recovery import RoundState
+from fedmerge.federation.strategy import FedMergeStrategy, RoundReport
+from fedmerge.federation.validation import DEFAULT_MAX_UPDATE_NORM_RATIO, HEADER_ALLOWANCE, UpdateRejected, UpdateValidator
 
 GLOBAL = {"w": np.full((4, 3), 0.5, np.float32), "b": np.full(3, -0.25, np.float32),
           "steps": np.array(4, np.int64), "h": np.linspace(-1, 1, 5)}
@@ -341,7 +341,7 @@ def test_a_reply_bigger_than_the_model_is_rejected_before_decoding(monkeypatch):
     def no_decoding(record):
         raise AssertionError("an oversized reply was decoded")
 
-    monkeypatch.setattr("federation.strategy.record_to_numpy", no_decoding)
+    monkeypatch.setattr("fedmerge.federation.strategy.record_to_numpy", no_decoding)
     junk = {**honest(), "w": npy(np.zeros(bound, np.uint8))}  # a well-formed array, far too big
     reason = rejected_reason(strategy, reply_of(record_of(junk), good_metrics()))
     assert f"exceed the {bound} bytes the global model's arrays take" in reason
@@ -386,7 +386,7 @@ def test_the_ratio_bound_uses_a_floor_for_a_model_at_zero():
 
 
 def test_the_config_default_turns_the_ratio_bound_on():
-    from federation.config import ConfigError, FederationConfig
+    from fedmerge.federation.config import ConfigError, FederationConfig
 
     assert FederationConfig().max_update_norm_ratio == DEFAULT_MAX_UPDATE_NORM_RATIO
     with pytest.raises(ConfigError, match="federation.max_update_norm_ratio"):

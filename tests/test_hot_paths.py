@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-import aggregators.fedavg as fedavg_module
-import federation.validation as validation
-from aggregators import ClientUpdate, RoundContext
-from aggregators.fedavg import FedAvg, _all_finite
-from federation.validation import UpdateRejected, UpdateValidator, squared_distance, update_norm
+import fedmerge.aggregators.fedavg as fedavg_module
+import fedmerge.federation.validation as validation
+from fedmerge.aggregators import ClientUpdate, RoundContext
+from fedmerge.aggregators.fedavg import FedAvg, _all_finite
+from fedmerge.federation.validation import UpdateRejected, UpdateValidator, squared_distance, update_norm
 
 from .conftest import SAFETY_NET_S
 
@@ -154,8 +154,8 @@ def test_a_round_without_restarts_keeps_no_reply_and_merges_the_same(attached_ra
     the merged model is the one of a round that keeps them for a replay."""
     import ray
 
-    from federation.actors import AggregatorActor
-    from federation.recovery import MAX_IN_FLIGHT, ActorGuard, RoundAggregation, RoundState
+    from fedmerge.federation.actors import AggregatorActor
+    from fedmerge.federation.recovery import MAX_IN_FLIGHT, ActorGuard, RoundAggregation, RoundState
 
     base = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
     rng = np.random.default_rng(3)
@@ -198,7 +198,7 @@ def flwr_partitioner(scheme: str, num_clients: int, seed: int):
 @pytest.mark.parametrize("num_clients", [1, 7, 13])
 def test_partitions_read_in_one_pass_equal_load_partition(scheme, num_clients):
     """The one-pass reading of a flwr-datasets partitioner gives exactly its load_partition(i)."""
-    from clients.partition import _label_dataset, _run_flwr_partitioner
+    from fedmerge.clients.partition import _label_dataset, _run_flwr_partitioner
 
     labels = np.random.default_rng(5).integers(0, 10, 503)
     fast = _run_flwr_partitioner(flwr_partitioner(scheme, num_clients, 3), _label_dataset(labels, 3), num_clients)

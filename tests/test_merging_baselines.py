@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aggregators import ClientUpdate, RoundContext, create_aggregator
-from aggregators.merging import group_states, merged_heads
-from aggregators.task_arithmetic import task_arithmetic
-from aggregators.ties import ties_merge
+from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators.merging import group_states, merged_heads
+from fedmerge.aggregators.task_arithmetic import task_arithmetic
+from fedmerge.aggregators.ties import ties_merge
 
 BASE = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0]), "steps": torch.tensor(7)}
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clients.partition import load_manifest, materialize_shards, open_shard, shard_path
-from clients.tasks import get_task
-from clients.tasks.base import ArrayData
-from federation.config import ConfigError, parse_config
-from federation.moe import proxy_inputs, proxy_split
-from federation.scoring import hold_out
+from fedmerge.clients.partition import load_manifest, materialize_shards, open_shard, shard_path
+from fedmerge.clients.tasks import get_task
+from fedmerge.clients.tasks.base import ArrayData
+from fedmerge.federation.config import ConfigError, parse_config
+from fedmerge.federation.moe import proxy_inputs, proxy_split
+from fedmerge.federation.scoring import hold_out
 
 TASK = get_task("text_multitask")
 

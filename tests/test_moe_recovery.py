@@ -16,10 +16,10 @@ import pytest
 import ray
 import torch
 
-from aggregators import create_aggregator
-from clients.tasks import get_task
-from federation.actors import AggregatorActor
-from federation.recovery import ActorGuard, RoundAggregation, RoundState
+from fedmerge.aggregators import create_aggregator
+from fedmerge.clients.tasks import get_task
+from fedmerge.federation.actors import AggregatorActor
+from fedmerge.federation.recovery import ActorGuard, RoundAggregation, RoundState
 
 from .conftest import SAFETY_NET_S, kill_actor as kill
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from clients.partition import write_atomic
-from federation.cli import main
-from federation.config import MAX_NAME_BYTES, ConfigError, load_config
-from federation.results import RunDir
-from federation.storage import describe_os_error, os_errors_of
+from fedmerge.clients.partition import write_atomic
+from fedmerge.federation.cli import main
+from fedmerge.federation.config import MAX_NAME_BYTES, ConfigError, load_config
+from fedmerge.federation.results import RunDir
+from fedmerge.federation.storage import describe_os_error, os_errors_of
 
 from .conftest import DEFAULT_EXPERIMENT, SAFETY_NET_S, digits_config, digits_overrides
 
@@ -148,7 +148,7 @@ def test_a_real_safetensors_io_failure_becomes_the_os_error_it_wraps(tmp_path):
 
 
 def test_a_full_disk_while_saving_the_model_names_the_file(tmp_path, monkeypatch):
-    import federation.results as results
+    import fedmerge.federation.results as results
 
     def full_disk(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half")
@@ -167,7 +167,7 @@ def test_a_full_disk_while_saving_the_model_names_the_file(tmp_path, monkeypatch
 def test_a_full_disk_while_checkpointing_names_the_file(tmp_path, monkeypatch):
     import numpy as np
 
-    import federation.checkpoint as checkpoint
+    import fedmerge.federation.checkpoint as checkpoint
 
     def full_disk(tensors, filename, metadata=None):
         raise SafetensorError(ENOSPC_TEXT)
@@ -268,7 +268,7 @@ def test_a_huge_value_is_cut_in_the_message_and_never_searched(override, tmp_pat
 
 def test_an_unreachable_address_fails_at_once_naming_it_and_makes_no_folder(tmp_path):
     root = tmp_path / "runs"
-    args = [sys.executable, "-m", "federation.cli", *cli(*digits_overrides(tmp_path)), "--address", "127.0.0.1:1"]
+    args = [sys.executable, "-m", "fedmerge", *cli(*digits_overrides(tmp_path)), "--address", "127.0.0.1:1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # The timeout only keeps a regression (Ray retrying for minutes) from hanging the suite.
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SAFETY_NET_S)
@@ -279,7 +279,7 @@ def test_an_unreachable_address_fails_at_once_naming_it_and_makes_no_folder(tmp_
 
 
 def test_address_checks(monkeypatch):
-    from federation.runner import AddressError, check_address
+    from fedmerge.federation.runner import AddressError, check_address
 
     for address in ("", "local", "auto", "ray://10.0.0.1:10001", "not an address"):
         check_address(address)  # left to Ray
@@ -294,7 +294,7 @@ def test_address_checks(monkeypatch):
 def test_a_reachable_address_passes_the_check():
     import socket
 
-    from federation.runner import check_address
+    from fedmerge.federation.runner import check_address
 
     with socket.create_server(("127.0.0.1", 0)) as server:
         check_address(f"127.0.0.1:{server.getsockname()[1]}")
@@ -332,7 +332,7 @@ def test_a_full_disk_under_a_checkpoints_json_names_the_checkpoint(tmp_path, mon
     no file, and the run ended in 'fedmerge: error: No space left on device'."""
     import numpy as np
 
-    import federation.checkpoint as checkpoint
+    import fedmerge.federation.checkpoint as checkpoint
 
     real_write_text = pathlib.Path.write_text
 

@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clients.partition import (
+from fedmerge.clients.partition import (
     available_partitioners, format_label_counts, label_counts, load_manifest, materialize_shards,
     open_shard, partition, partitioner_params, plot_label_heatmap, register_partitioner, shard_path,
     write_shards,
 )
-from clients.tasks import ArrayData, DataError, get_task
+from fedmerge.clients.tasks import ArrayData, DataError, get_task
 
 SCHEMES = {"iid": {}, "dirichlet": {"alpha": 0.5}, "pathological": {"classes_per_client": 2}}
 
@@ -99,9 +99,9 @@ def test_bad_params_are_named(digits, kwargs, name):
 
 
 def test_custom_partitioner_output_is_checked(digits, monkeypatch):
-    import clients.partition
+    import fedmerge.clients.partition as partition_module
 
-    monkeypatch.setattr(clients.partition, "_PARTITIONERS", dict(clients.partition._PARTITIONERS))
+    monkeypatch.setattr(partition_module, "_PARTITIONERS", dict(partition_module._PARTITIONERS))
 
     @register_partitioner("test_overlapping")
     def overlapping(labels, num_clients, seed):

@@ -6,7 +6,7 @@ import pyarrow.compute as pc
 import pytest
 
 import tests.plugins.registered_aggregator  # noqa: F401  (registers "mean_of_two_best")
-from federation.runner import compare, run_experiment
+from fedmerge.federation.runner import compare, run_experiment
 
 from .conftest import digits_config
 

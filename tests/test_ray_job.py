@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.results import RunDir
+from fedmerge.federation.results import RunDir
 
 from .conftest import ROOT, digits_overrides
 

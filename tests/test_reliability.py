@@ -18,19 +18,19 @@ import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common import Metadata
 
-from federation.checkpoint import (
+from fedmerge.federation.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
-from federation.cli import main
-from federation.recovery import RoundState
-from federation.results import RunDir, RunFileError
-from federation.server import checkpoint_due, report_events, report_rows
-from federation.strategy import FedMergeStrategy, RoundReport
-from federation.validation import (
+from fedmerge.federation.cli import main
+from fedmerge.federation.recovery import RoundState
+from fedmerge.federation.results import RunDir, RunFileError
+from fedmerge.federation.server import checkpoint_due, report_events, report_rows
+from fedmerge.federation.strategy import FedMergeStrategy, RoundReport
+from fedmerge.federation.validation import (
     UpdateRejected,
     UpdateValidator,
     check_num_examples,
@@ -344,7 +344,7 @@ def test_no_pickle_loading_anywhere():
 def test_zero_dim_buffers_keep_their_shape_on_the_wire_and_on_disk(tmp_path):
     """BatchNorm's num_batches_tracked is a 0-d tensor: np.ascontiguousarray would make it 1-d, and
     every client reply (0-d again after training) would then be rejected as a shape mismatch."""
-    from federation.arrays import record_to_numpy, state_to_record
+    from fedmerge.federation.arrays import record_to_numpy, state_to_record
 
     state = {"bn.num_batches_tracked": torch.tensor(5), "w": torch.ones(2, 3).t()}
     arrays = record_to_numpy(state_to_record(state))
@@ -354,7 +354,7 @@ def test_zero_dim_buffers_keep_their_shape_on_the_wire_and_on_disk(tmp_path):
 
 
 def test_a_failed_client_is_reported_by_its_own_error_message():
-    from federation.strategy import client_error_text
+    from fedmerge.federation.strategy import client_error_text
 
     wrapped = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()"
                "\x1b[39m (pid=1)\n  File \"clients/app.py\", line 73, in _setup\nDataError: shard s.arrow is "

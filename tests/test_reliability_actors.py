@@ -16,10 +16,10 @@ import pytest
 import ray
 import torch
 
-from aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext, create_aggregator
-from clients.tasks import get_task
-from federation.actors import ActorStateLost, AggregatorActor, EvaluatorActor
-from federation.recovery import ActorGuard, RoundAggregation, RoundState, ServerActorError
+from fedmerge.aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext, create_aggregator
+from fedmerge.clients.tasks import get_task
+from fedmerge.federation.actors import ActorStateLost, AggregatorActor, EvaluatorActor
+from fedmerge.federation.recovery import ActorGuard, RoundAggregation, RoundState, ServerActorError
 
 from .conftest import SAFETY_NET_S, kill_actor as kill
 

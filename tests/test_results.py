@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from federation.results import (
+from fedmerge.federation.results import (
     METRICS_SCHEMA,
     RunDir,
     RunFileError,
@@ -63,7 +63,7 @@ def test_same_second_gets_suffix(tmp_path, monkeypatch):
         def now():
             return datetime(2024, 5, 1, 12, 0, 0)
 
-    monkeypatch.setattr("federation.results.datetime", FixedClock)
+    monkeypatch.setattr("fedmerge.federation.results.datetime", FixedClock)
     names = [RunDir.create(tmp_path, "exp").path.name for _ in range(3)]
     assert names == ["exp-20240501-120000", "exp-20240501-120000-1", "exp-20240501-120000-2"]
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from clients.tasks import get_task
-from federation import runner
-from federation.checkpoint import CheckpointError, config_changes, load_checkpoint, save_checkpoint
-from federation.cli import main
-from federation.results import RunDir, RunLockedError
+from fedmerge.clients.tasks import get_task
+from fedmerge.federation import runner
+from fedmerge.federation.checkpoint import CheckpointError, config_changes, load_checkpoint, save_checkpoint
+from fedmerge.federation.cli import main
+from fedmerge.federation.results import RunDir, RunLockedError
 
 from .conftest import digits_config
 
@@ -204,7 +204,7 @@ def test_resume_of_a_folder_another_writer_holds_is_refused(tmp_path, capsys, no
 
 HOLDER = """
 import sys
-from federation.results import RunDir
+from fedmerge.federation.results import RunDir
 with RunDir(sys.argv[1]).lock():
     print("locked", flush=True)
     sys.stdin.read()  # hold until killed

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aggregators import ClientUpdate, RoundContext, create_aggregator
-from aggregators.krum import krum, krum_scores
-from aggregators.median import coordinate_median
-from aggregators.trimmed_mean import trimmed_mean
+from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators.krum import krum, krum_scores
+from fedmerge.aggregators.median import coordinate_median
+from fedmerge.aggregators.trimmed_mean import trimmed_mean
 
 
 def _states(*rows: list[float]) -> list[dict[str, torch.Tensor]]:

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext, create_aggregator
-from aggregators.fedavg import FedAvg
-from federation.actors import _numpy_to_tensors, _tensors_to_numpy
+from fedmerge.aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators.fedavg import FedAvg
+from fedmerge.federation.actors import _numpy_to_tensors, _tensors_to_numpy
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
@@ -199,8 +199,8 @@ def actor_rounds(ray, aggregator: Aggregator, rounds: Sequence[Sequence[dict[str
     """Rounds through one fresh ``AggregatorActor`` (restarts allowed): (merged states,
     RoundAggregation, per round the number of replies kept after each hand-over). ``kill_after =
     i`` kills the actor in the first round once reply ``i`` was merged, after a snapshot was taken."""
-    from federation.actors import AggregatorActor
-    from federation.recovery import ActorGuard, RoundAggregation, RoundState
+    from fedmerge.federation.actors import AggregatorActor
+    from fedmerge.federation.recovery import ActorGuard, RoundAggregation, RoundState
     from tests.conftest import SAFETY_NET_S
     from tests.test_reliability_actors import kill
 
@@ -247,7 +247,7 @@ def test_an_actor_killed_after_a_snapshot_resumes_from_it_exactly(local_ray, nam
 
 @pytest.mark.slow
 def test_the_replies_kept_stay_bounded_as_the_round_grows(local_ray):
-    from federation.recovery import MAX_IN_FLIGHT
+    from fedmerge.federation.recovery import MAX_IN_FLIGHT
 
     bound = 2 + MAX_IN_FLIGHT + 1
     rounds = [replies(count, seed=count) for count in (6, 30)]

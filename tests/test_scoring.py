@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clients.tasks import get_task
-from clients.training import get_state
-from federation.scoring import ValidationScorer, hold_out
+from fedmerge.clients.tasks import get_task
+from fedmerge.clients.training import get_state
+from fedmerge.federation.scoring import ValidationScorer, hold_out
 
 
 def _states(task, n: int) -> list[dict[str, torch.Tensor]]:

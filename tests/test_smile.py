@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from aggregators import ClientUpdate, RoundContext, create_aggregator
-from aggregators.smile import SmileLinear, smile_extra_parameters, upscale_linear, upscale_model
-from aggregators.upscaled import describe, rebuild
+from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators.smile import SmileLinear, smile_extra_parameters, upscale_linear, upscale_model
+from fedmerge.aggregators.upscaled import describe, rebuild
 
 
 def _linear(in_features: int, out_features: int, seed: int) -> nn.Linear:
@@ -190,7 +190,7 @@ def test_smile_aggregator_needs_the_architecture() -> None:
 
 def test_smile_on_the_fashion_mnist_cnn_experts_per_client() -> None:
     """One task, label-skewed clients: one expert per client in both linears, convolutions averaged."""
-    from clients.tasks import get_task
+    from fedmerge.clients.tasks import get_task
 
     task = get_task("fashion_mnist")
     torch.manual_seed(0)

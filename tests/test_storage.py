@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from federation.actors import actor_options
-from federation.config import ActorConfig, ConfigError, parse_config
-from federation.results import RunDir, RunFileError
-from federation.storage import RunUploader, StorageError, local_path, uri_scheme
+from fedmerge.federation.actors import actor_options
+from fedmerge.federation.config import ActorConfig, ConfigError, parse_config
+from fedmerge.federation.results import RunDir, RunFileError
+from fedmerge.federation.storage import RunUploader, StorageError, local_path, uri_scheme
 
 
 @pytest.mark.parametrize("location, expected", [

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from federation.config import ConfigError
-from federation.sweep import load_sweep, run_config, run_sweep
+from fedmerge.federation.config import ConfigError
+from fedmerge.federation.sweep import load_sweep, run_config, run_sweep
 
 from .conftest import DEFAULT_EXPERIMENT, digits_overrides
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from clients.partition import limit_examples, partition
-from clients.tasks import DataError, get_task
-from clients.tasks.text import NEG, MultiTaskTextClassifier, load_encoder, parse_wordnet
-from clients.training import TrainConfig, train
+from fedmerge.clients.partition import limit_examples, partition
+from fedmerge.clients.tasks import DataError, get_task
+from fedmerge.clients.tasks.text import NEG, MultiTaskTextClassifier, load_encoder, parse_wordnet
+from fedmerge.clients.training import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

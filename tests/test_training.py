@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients.tasks import get_task
-from clients.training import TrainConfig, evaluate, get_state, set_state, train
+from fedmerge.clients.tasks import get_task
+from fedmerge.clients.training import TrainConfig, evaluate, get_state, set_state, train
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_channels_last_evaluation_gives_the_same_scores():
     """The NHWC path (the server's validation scoring) scores what the default layout scores."""
     import numpy as np
 
-    from clients.tasks.base import ArrayData
+    from fedmerge.clients.tasks.base import ArrayData
 
     task = get_task("fashion_mnist")
     rng = np.random.default_rng(0)

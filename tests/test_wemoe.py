@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from aggregators import ClientUpdate, RoundContext, create_aggregator
-from aggregators.merging import count_parameters
-from aggregators.task_arithmetic import task_arithmetic
-from aggregators.upscaled import Removed, describe, rebuild
-from aggregators.wemoe import WEMoEMLP, _entropy, find_mlps, prune_magnitude, upscale_mlps
-from clients.tasks.text import MultiTaskTextClassifier
+from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators.merging import count_parameters
+from fedmerge.aggregators.task_arithmetic import task_arithmetic
+from fedmerge.aggregators.upscaled import Removed, describe, rebuild
+from fedmerge.aggregators.wemoe import WEMoEMLP, _entropy, find_mlps, prune_magnitude, upscale_mlps
+from fedmerge.clients.tasks.text import MultiTaskTextClassifier
 
 VOCAB = 40
 

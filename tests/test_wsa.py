@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from aggregators import ClientUpdate, RoundContext, create_aggregator
-from aggregators.fedavg import fedavg
-from aggregators.terms import build_terms
-from aggregators.wsa import (
+from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators.fedavg import fedavg
+from fedmerge.aggregators.terms import build_terms
+from fedmerge.aggregators.wsa import (
     WSA,
     ScopeTracker,
     fuse_scopes,

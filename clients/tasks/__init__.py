@@ -6,10 +6,10 @@ importing this package registers the built-in ones.
 
 from __future__ import annotations
 
-from clients.tasks.base import ArrayData, DataError, Task
-from clients.tasks.digits import Digits
-from clients.tasks.fashion_mnist import FashionMNIST
-from clients.tasks.text import RottenTomatoes, TextMultiTask, WordNetNouns, WordNetVerbs
+from fedmerge.clients.tasks.base import ArrayData, DataError, Task
+from fedmerge.clients.tasks.digits import Digits
+from fedmerge.clients.tasks.fashion_mnist import FashionMNIST
+from fedmerge.clients.tasks.text import RottenTomatoes, TextMultiTask, WordNetNouns, WordNetVerbs
 
 __all__ = [
     "ArrayData", "DataError", "Task", "available_tasks", "get_task", "register_task",

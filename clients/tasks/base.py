@@ -42,7 +42,7 @@ class ArrayData:
 
 
 class Task(ABC):
-    """One learning problem. Subclasses are registered by name in ``clients.tasks``."""
+    """One learning problem. Subclasses are registered by name in ``fedmerge.clients.tasks``."""
 
     name: ClassVar[str] = ""
     num_classes: ClassVar[int] = 0

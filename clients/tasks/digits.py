@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.tasks.base import ArrayData, Task
+from fedmerge.clients.tasks.base import ArrayData, Task
 
 __all__ = ["Digits"]
 

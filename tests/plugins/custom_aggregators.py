@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext
+from fedmerge.aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext
 
 __all__ = ["KeepBestByMetric", "MedianOfClients"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aggregators import AggregateResult, ClientUpdate, RoundContext, register
-from aggregators.fedavg import fedavg
-from aggregators.base import Aggregator
+from fedmerge.aggregators import AggregateResult, ClientUpdate, RoundContext, register
+from fedmerge.aggregators.fedavg import fedavg
+from fedmerge.aggregators.base import Aggregator
 
 
 @register("mean_of_two_best")

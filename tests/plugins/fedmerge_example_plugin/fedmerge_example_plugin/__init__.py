@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext
+from fedmerge.aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext
 
 __all__ = ["TrimmedMean"]
 
