@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,6 @@ from torch import nn
 from fedmerge.clients.tasks import get_task
 from fedmerge.clients.tasks.base import ArrayData, Task
 from fedmerge.clients.training import evaluate, set_state
-from fedmerge.federation.arrays import to_torch_state
 from fedmerge.federation.served import empty_served, load_served_state
 
 __all__ = ["ModelScorer", "evaluate_per_task"]
@@ -69,8 +69,10 @@ def evaluate_per_task(model: nn.Module, task: Task, data: ArrayData, *, batch_si
 
 def _tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """``state`` with NumPy arrays (read-only object-store views included) as tensors over them."""
-    arrays = to_torch_state({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)})
-    return {k: v if isinstance(v, torch.Tensor) else arrays[k] for k, v in state.items()}
+    with warnings.catch_warnings():  # never written: set_state copies them into the model
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+                for k, v in state.items()}
 
 
 class ModelScorer:
