@@ -12,7 +12,7 @@ are cached under ``--cache`` (a rerun only merges).
 For each E and each SVD the ``Smile`` aggregator merges the experts exactly as the
 AggregatorActor runs it (``aggregate`` with the actor's RoundContext): ``construct_s`` is its
 upscaling (SVDs and layer swaps; ``fedmerge.aggregators.smile.upscale_model``), "merge s" the whole call.
-The served MoE is scored on each task's test set (``fedmerge.federation.moe.evaluate_per_task``).
+The served MoE is scored on each task's test set (``fedmerge.federation.evaluation.evaluate_per_task``).
 "Randomized" is ``torch.svd_lowrank`` with ``svd_niter`` power iterations: it computes the
 top k + 10 singular triplets only, where the full SVD computes all of them.
 """
@@ -77,7 +77,7 @@ def run(experts: Sequence[int], overrides: Sequence[str], cache: Path | None, th
     from fedmerge.clients.tasks import get_task
     from fedmerge.clients.training import get_state
     from fedmerge.federation.config import load_config
-    from fedmerge.federation.moe import evaluate_per_task
+    from fedmerge.federation.evaluation import evaluate_per_task
     from fedmerge.federation.server import partition_params
 
     torch.set_num_threads(threads)

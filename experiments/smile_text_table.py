@@ -5,8 +5,8 @@ table of ten methods would repeat the same fine-tuning ten times. This script do
 one process with the code a run uses — the same data caps, the by-task partition, the same
 initial model, ``fedmerge.clients.training.train`` with each client's seed from the strategy, the
 aggregators' own ``aggregate`` with the RoundContext the aggregator actor builds, and
-``fedmerge.federation.moe.evaluate_per_task`` as the evaluator — then applies every method to the one set
-of client models. Client models are cached under ``--cache`` so a rerun only merges.
+``fedmerge.federation.evaluation.evaluate_per_task`` as the evaluator — then applies every method
+to the one set of client models. Client models are cached under ``--cache`` so a rerun only merges.
 
     .venv/bin/python experiments/smile_text_table.py --out docs/results/moe_table.json
 """
@@ -34,7 +34,8 @@ from fedmerge.clients.partition import limit_examples, partition  # noqa: E402
 from fedmerge.clients.tasks import get_task  # noqa: E402
 from fedmerge.clients.training import TrainConfig, get_state, train  # noqa: E402
 from fedmerge.federation.config import load_config  # noqa: E402
-from fedmerge.federation.moe import evaluate_per_task, proxy_inputs, proxy_split  # noqa: E402
+from fedmerge.federation.evaluation import evaluate_per_task  # noqa: E402
+from fedmerge.federation.proxy import proxy_inputs, proxy_split  # noqa: E402
 from fedmerge.federation.server import partition_params  # noqa: E402
 from fedmerge.federation.strategy import FedMergeStrategy  # noqa: E402
 

@@ -23,11 +23,11 @@ import torch
 from fedmerge.aggregators import Aggregator, ClientUpdate, RoundContext
 from fedmerge.clients.tasks import get_task
 from fedmerge.clients.tasks.base import ArrayData
-from fedmerge.clients.training import evaluate, set_state
 from fedmerge.federation.arrays import to_numpy_state, to_torch_state
 from fedmerge.federation.config import ActorConfig
-from fedmerge.federation.moe import build_served, evaluate_per_task, served_spec
+from fedmerge.federation.evaluation import ModelScorer
 from fedmerge.federation.scoring import ValidationScorer
+from fedmerge.federation.served import served_spec
 
 __all__ = ["ActorStateLost", "AggregatorActor", "EvaluatorActor", "actor_options", "placement"]
 
@@ -246,17 +246,16 @@ def _on_cpu(value: Any) -> Any:
 
 @ray.remote
 class EvaluatorActor:
-    """Scores a state dict on the server's held-out split of the task."""
+    """Scores the global model on the server's held-out split of the task (``ModelScorer``): the
+    task's model and the last served model stay built between rounds, each round loads weights."""
 
     def __init__(self, task_name: str, x: np.ndarray, y: np.ndarray, batch_size: int,
                  num_threads: int = 0) -> None:
         # Evaluation runs between rounds, when the clients are idle: 0 means every core of the node.
         torch.set_num_threads(num_threads if num_threads > 0 else (os.cpu_count() or 1))
         self.device = _device()
-        self.task = get_task(task_name)
-        self.data = ArrayData(x, y)
-        self.batch_size = batch_size
-        self.model = self.task.build_model().to(self.device)
+        self.scorer = ModelScorer(task_name, ArrayData(x, y), batch_size=batch_size,
+                                  device=self.device, per_task=True)
 
     def placement(self) -> dict[str, str]:
         return placement()
@@ -264,17 +263,9 @@ class EvaluatorActor:
     def evaluate(self, state: Mapping[str, np.ndarray],
                  served: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | None = None) -> dict[str, float]:
         """Score the global weights or, when the aggregator served its own model (``served``: a
-        ``fedmerge.federation.moe`` spec and weights), that model; multi-task data are scored per task."""
+        ``fedmerge.federation.served`` spec and weights), that model; multi-task data are scored
+        per task."""
         start = time.perf_counter()
-        if served is not None:
-            model = build_served(served[0], served[1], device=self.device)
-        else:
-            set_state(self.model, to_torch_state(state))
-            model = self.model
-        if hasattr(self.task, "task_index"):
-            metrics = evaluate_per_task(model, self.task, self.data, batch_size=self.batch_size, device=self.device)
-        else:
-            metrics = evaluate(model, self.task, self.data, batch_size=self.batch_size, device=self.device)
-        metrics.pop("num_examples", None)  # the test-set size, not a per-round figure
+        metrics = self.scorer.score(state=None if served is not None else state, served=served)
         metrics["evaluate_s"] = time.perf_counter() - start
         return metrics

@@ -27,7 +27,7 @@ from fedmerge.clients.partition import format_label_counts, label_counts, partit
 from fedmerge.clients.tasks import get_task
 from fedmerge.federation.checkpoint import Checkpoint, CheckpointError, config_changes, latest_checkpoint
 from fedmerge.federation.config import AggregatorConfig, ConfigError, ExperimentConfig, load_config
-from fedmerge.federation.moe import build_served, save_served
+from fedmerge.federation.served import build_served, save_served
 from fedmerge.federation.results import RunDir, compare_table, format_run_report, plot_curves, summarize
 from fedmerge.federation.server import Experiment, build_aggregator, partition_params
 

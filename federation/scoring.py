@@ -28,10 +28,9 @@ import numpy as np
 import ray
 import torch
 
-from fedmerge.clients.tasks import get_task
 from fedmerge.clients.tasks.base import ArrayData
-from fedmerge.clients.training import evaluate, set_state
-from fedmerge.federation.arrays import to_numpy_state, to_torch_state
+from fedmerge.federation.arrays import to_numpy_state
+from fedmerge.federation.evaluation import ModelScorer
 
 __all__ = ["ValidationScorer", "hold_out"]
 
@@ -79,16 +78,9 @@ def hold_out(data: ArrayData, size: int, seed: int, *, groups: np.ndarray | None
 CPU_BATCH = 128
 
 
-def _score(task_name: str, data: ArrayData, state: Mapping[str, torch.Tensor], batch_size: int,
-           device: torch.device | str = "cpu") -> dict[str, float]:
-    task = get_task(task_name)
-    model = task.build_model()
-    set_state(model, state)
-    on_cpu = torch.device(device).type == "cpu"
-    metrics = evaluate(model, task, data, batch_size=min(batch_size, CPU_BATCH) if on_cpu else batch_size,
-                       device=device, channels_last=on_cpu)
-    metrics.pop("num_examples", None)
-    return metrics
+def _cpu_scorer(task_name: str, data: ArrayData, batch_size: int) -> ModelScorer:
+    """The scorer of a CPU process: batches of at most ``CPU_BATCH``, channels-last layout."""
+    return ModelScorer(task_name, data, batch_size=min(batch_size, CPU_BATCH), channels_last=True)
 
 
 @ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)
@@ -97,16 +89,10 @@ class _ScoringWorker:
 
     def __init__(self, task_name: str, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
         torch.set_num_threads(1)
-        self.task = get_task(task_name)
-        self.data = ArrayData(x, y)
-        self.batch_size = min(batch_size, CPU_BATCH)
-        self.model = self.task.build_model()
+        self.scorer = _cpu_scorer(task_name, ArrayData(x, y), batch_size)
 
     def score(self, state: Mapping[str, np.ndarray]) -> dict[str, float]:
-        set_state(self.model, to_torch_state(state))
-        metrics = evaluate(self.model, self.task, self.data, batch_size=self.batch_size, channels_last=True)
-        metrics.pop("num_examples", None)
-        return metrics
+        return self.scorer.score(state=state)
 
 
 class ValidationScorer:
@@ -123,11 +109,17 @@ class ValidationScorer:
         self.parallel = parallel
         self._pool: list[Any] = []
         self._data_refs: tuple[Any, Any] | None = None
+        self._local: ModelScorer | None = None
 
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Loss and accuracy of one state, in this process."""
+        """Loss and accuracy of one state, in this process (one model, built on the first call)."""
+        if self._local is None and self.device.type == "cpu":
+            self._local = _cpu_scorer(self.task_name, self.data, self.batch_size)
+        elif self._local is None:
+            self._local = ModelScorer(self.task_name, self.data, batch_size=self.batch_size,
+                                      device=self.device)
         with _threads(1):
-            return _score(self.task_name, self.data, state, self.batch_size, self.device)
+            return self._local.score(state=state)
 
     def _workers(self) -> int:
         if self.parallel is not None:

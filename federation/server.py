@@ -30,7 +30,7 @@ from fedmerge.clients.tasks import get_task
 from fedmerge.clients.training import get_state
 from fedmerge.federation.actors import AggregatorActor, EvaluatorActor, actor_options
 from fedmerge.federation.arrays import state_to_record, to_numpy_state
-from fedmerge.federation.moe import proxy_inputs, proxy_split
+from fedmerge.federation.proxy import proxy_inputs, proxy_split
 from fedmerge.federation.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from fedmerge.federation.config import ConfigError, DataConfig, ExperimentConfig
 from fedmerge.federation.results import RunDir

@@ -51,7 +51,7 @@ _LAZY = {
     "resume": ("fedmerge.federation.runner", "resume_experiment"),
     "compare": ("fedmerge.federation.runner", "compare"),
     "RunDir": ("fedmerge.federation.results", "RunDir"),
-    "load_served": ("fedmerge.federation.moe", "load_served"),
+    "load_served": ("fedmerge.federation.served", "load_served"),
 }
 
 

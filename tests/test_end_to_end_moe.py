@@ -17,7 +17,7 @@ import torch
 from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator
 from fedmerge.aggregators.smile import SmileLinear
 from fedmerge.clients.tasks import get_task
-from fedmerge.federation.moe import ServedModelError, build_served, load_served, save_served, served_spec
+from fedmerge.federation.served import ServedModelError, build_served, load_served, save_served, served_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_smile_on_minilm_text_tasks_end_to_end(tmp_path, ray_address) -> None:
     # The saved served model reloads and scores exactly what the evaluator logged.
     model = load_served(run.path / "served_model.safetensors")
     assert sum(isinstance(m, SmileLinear) for m in model.modules()) == 36
-    from fedmerge.federation.moe import evaluate_per_task
+    from fedmerge.federation.evaluation import evaluate_per_task
     from fedmerge.federation.server import Experiment
 
     task = get_task("text_multitask")

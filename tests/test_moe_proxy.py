@@ -10,7 +10,7 @@ from fedmerge.clients.partition import load_manifest, materialize_shards, open_s
 from fedmerge.clients.tasks import get_task
 from fedmerge.clients.tasks.base import ArrayData
 from fedmerge.federation.config import ConfigError, parse_config
-from fedmerge.federation.moe import proxy_inputs, proxy_split
+from fedmerge.federation.proxy import proxy_inputs, proxy_split
 from fedmerge.federation.scoring import hold_out
 
 TASK = get_task("text_multitask")
