@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from torch.nn import functional as F
 from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
 from fedmerge.aggregators.fedavg import fedavg
 from fedmerge.aggregators.merging import GROUP_BY, count_parameters, group_states, merged_heads, mergeable, stored_bytes
+from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 from fedmerge.aggregators.task_arithmetic import task_arithmetic
 from fedmerge.aggregators.upscaled import Removed, active_token_mask, module_type, set_submodule
@@ -362,25 +364,23 @@ class WEMoE(Aggregator):
 
     name = "wemoe"
 
-    def __init__(self, *, init_lambda: float = 0.3, steps: int = 1000, lr: float = 1e-4, batch_size: int = 16,
-                 router_std: float = 0.01, group_by: str = "task", efficient: bool = False,
-                 keep: float = 0.1) -> None:
+    @dataclass(frozen=True)
+    class Params:
+        init_lambda: float = hyperparameter(0.3, "task-arithmetic scale λ0 outside the MLPs; the routers "
+                                            "start at b2 = λ0")
+        steps: int = hyperparameter(1000, "Adam steps of router training on the proxy inputs (0 = untrained)",
+                                    ge=0)
+        lr: float = hyperparameter(1e-4, "Adam learning rate of the routers", gt=0)
+        batch_size: int = hyperparameter(16, "proxy inputs per task per router step", ge=1)
+        router_std: float = hyperparameter(0.01, "std of the routers' initial weights", ge=0)
+        group_by: str = hyperparameter("task", "one expert per task or per client", choices=GROUP_BY)
+        efficient: bool = hyperparameter(False, "E-WEMoE: prune the MLP task vectors to keep, one shared router")
+        keep: float = hyperparameter(0.1, "share of each MLP task vector kept (efficient = true only)",
+                                     gt=0, le=1)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        checks = {
-            "init_lambda": isinstance(init_lambda, (int, float)) and math.isfinite(init_lambda),
-            "steps": isinstance(steps, int) and steps >= 0,
-            "lr": isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr),
-            "batch_size": isinstance(batch_size, int) and batch_size >= 1,
-            "router_std": isinstance(router_std, (int, float)) and router_std >= 0,
-            "group_by": group_by in GROUP_BY,
-            "efficient": isinstance(efficient, bool),
-            "keep": isinstance(keep, (int, float)) and 0 < keep <= 1,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{key}={locals()[key]!r} is invalid")
-        self.init_lambda, self.steps, self.lr, self.batch_size = float(init_lambda), steps, float(lr), batch_size
-        self.router_std, self.group_by, self.efficient, self.keep = float(router_std), group_by, efficient, float(keep)
+        self.set_hyperparameters(params)
 
     def build(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> tuple[nn.Module, int]:
         """The WEMoE model before router training, and its number of experts."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from fedmerge.aggregators.base import (
     checked_num_examples,
 )
 from fedmerge.aggregators.fedavg import FedAvg
+from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
 from fedmerge.aggregators.terms import LossTerm, register_term
 
@@ -158,20 +160,6 @@ def _checked_target(name: str, value: Any) -> Scope:
     return float(value[0]), float(value[1])
 
 
-def _checked_sigma(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}={value!r} is invalid: must be a positive number")
-    return float(value)
-
-
-def _checked_lam(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name}={value!r} is invalid: must be a non-negative number")
-    return float(value)
-
-
 @register_term("wsa_scope")
 def scope_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *, lam: float,
                include_bias: bool = False, targets: Mapping[str, Sequence[float]] | None = None,
@@ -182,7 +170,7 @@ def scope_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *, la
     them as [μ*, σ*]; without it the target is the received model's own scopes (WSA's round 1,
     when the server has not fused any yet), or N(0, prior_sigma) per layer when that is given.
     """
-    lam = _checked_lam("lam", lam)
+    lam = check_value("", WSA.Params, "lam", lam)
     layers = scope_layers(global_state, include_bias)
     if not layers:
         raise ValueError("the model has no layer to align (no floating tensor with dim >= 2)")
@@ -198,7 +186,7 @@ def scope_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *, la
                              f"unexpected {unexpected}")
         target = {name: _checked_target(name, targets[name]) for name in layers}
     elif prior_sigma is not None:
-        sigma = _checked_sigma("prior_sigma", prior_sigma)
+        sigma = check_value("", WSA.Params, "prior_sigma", prior_sigma)
         target = {name: (0.0, sigma) for name in layers}
     else:
         target = layer_scopes(global_state, layers)
@@ -325,21 +313,22 @@ class WSA(ScopeTrackedRounds, Aggregator):
 
     name = "wsa"
 
-    def __init__(self, *, lam: float = 0.1, fusion: str = "moment", include_bias: bool = False,
-                 initial_target: str = "model", prior_sigma: float = 0.05) -> None:
+    @dataclass(frozen=True)
+    class Params:
+        lam: float = hyperparameter(0.1, "weight λ of the clients' scope regulariser; 0 = FedAvg plus "
+                                    "the scope metrics", ge=0)
+        fusion: str = hyperparameter("moment", "how client scopes become the next target: moment (the "
+                                     "mixture's mean and std) | mean (average of mu and sigma)",
+                                     choices=FUSIONS)
+        include_bias: bool = hyperparameter(False, "also align linear/conv biases")
+        initial_target: str = hyperparameter("model", "round-1 target: model (the initial model's own "
+                                             "scopes) | prior (N(0, prior_sigma) a layer)",
+                                             choices=INITIAL_TARGETS)
+        prior_sigma: float = hyperparameter(0.05, "sigma of the prior target (initial_target = prior)", gt=0)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion={fusion!r} is invalid: must be one of {', '.join(FUSIONS)}")
-        if initial_target not in INITIAL_TARGETS:
-            raise ValueError(f"initial_target={initial_target!r} is invalid: must be one of "
-                             f"{', '.join(INITIAL_TARGETS)}")
-        if not isinstance(include_bias, bool):
-            raise ValueError(f"include_bias={include_bias!r} is invalid: must be true or false")
-        self.lam = _checked_lam("lam", lam)
-        self.fusion = fusion
-        self.include_bias = include_bias
-        self.initial_target = initial_target
-        self.prior_sigma = _checked_sigma("prior_sigma", prior_sigma)
+        self.set_hyperparameters(params)
         self.target: dict[str, Scope] | None = None  # fused by the last round; None before round 1
         self._fedavg = FedAvg()
         self._tracker: ScopeTracker | None = None
