@@ -19,8 +19,8 @@ from fedmerge.aggregators.base import (
 from fedmerge.aggregators.fedavg import FedAvg
 from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
+from fedmerge.aggregators.scope import ScopeTrackedRounds, ScopeTracker
 from fedmerge.aggregators.terms import LossTerm, register_term
-from fedmerge.aggregators.wsa import ScopeTrackedRounds, ScopeTracker
 
 __all__ = ["FedProx", "proximal_term"]
 
@@ -58,7 +58,7 @@ class FedProx(ScopeTrackedRounds, Aggregator):
     work (γ-inexact solutions) is not modelled: every client runs its configured local epochs.
 
     The server side is a FedAvg instance (incremental). Metrics: FedAvg's plus the scope-drift
-    metrics ``scope_mu_spread`` / ``scope_sigma_spread`` of ``fedmerge.aggregators.wsa.ScopeTracker``, so
+    metrics ``scope_mu_spread`` / ``scope_sigma_spread`` of ``fedmerge.aggregators.scope.ScopeTracker``, so
     that runs compare with WSA's. No state across rounds.
     """
 
