@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from fedmerge.aggregators.merging import GROUP_BY, count_parameters, group_state
 from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 from fedmerge.aggregators.task_arithmetic import task_arithmetic
-from fedmerge.aggregators.upscaled import Removed, active_token_mask, module_type, set_submodule
+from fedmerge.aggregators.upscaled import Removed, module_type, set_submodule
 
 __all__ = ["ACTIVATIONS", "MLPSite", "Router", "WEMoE", "WEMoEMLP", "find_mlps", "prune_magnitude",
            "train_routers", "upscale_mlps"]
@@ -99,9 +99,16 @@ class WEMoEMLP(nn.Module):
     """act(x W1ᵀ + b1) W2ᵀ + b2 with (W, b) = θ0 + Σi λi(x) τi per sample; λ from the router.
 
     Inputs are (batch, tokens, features) — λ is the router averaged over the real tokens, those
-    the model marks with ``token_mask`` (padding would otherwise pull λ towards the router's
-    output at padding positions) — or (batch, features). Only the router is trainable.
+    marked in ``token_mask`` (padding would otherwise pull λ towards the router's output at
+    padding positions) — or (batch, features). Only the router is trainable.
+
+    The module sees only hidden states, so the model that knows which positions are tokens sets
+    ``token_mask`` (batch, tokens; 1 = real token) for the duration of a forward on every module
+    with ``pools_tokens`` (the text tasks do: ``fedmerge.clients.tasks.text.token_mask``); None =
+    every position is a token.
     """
+
+    pools_tokens: ClassVar[bool] = True
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, num_experts: int, *,
                  activation: str, init_lambda: float = 0.3, router_std: float = 0.01,
@@ -112,6 +119,7 @@ class WEMoEMLP(nn.Module):
         (flat positions in the (N, ...) stack, int32 where they fit) and ``tau_<name>_values``
         instead of the dense ``tau_<name>``, and forward scatters them into a dense stack."""
         super().__init__()
+        self.token_mask: torch.Tensor | None = None
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is invalid: must be one of {', '.join(ACTIVATIONS)}")
         self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
@@ -187,11 +195,14 @@ class WEMoEMLP(nn.Module):
 
     def expert_weights(self, x: torch.Tensor) -> torch.Tensor:
         """λ(x), one row of N weights per sample: for token inputs the router's mean over the
-        sample's real tokens (``fedmerge.aggregators.upscaled.token_mask``; all tokens when none is set)."""
+        sample's real tokens (``token_mask``; all tokens when none is set)."""
         lam = self.router(x)
         if x.dim() != 3:
             return lam
-        mask = active_token_mask(x.shape[0], x.shape[1])
+        mask = self.token_mask
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"the token mask is {tuple(mask.shape)} but the module sees (batch, tokens) = "
+                             f"{tuple(x.shape[:2])}: it runs on other positions than the model masked")
         if mask is None:
             return lam.mean(dim=1)
         m = mask.to(device=lam.device, dtype=lam.dtype).unsqueeze(-1)
