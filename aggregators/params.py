@@ -35,6 +35,7 @@ __all__ = [
     "HyperparameterError",
     "ParamSpec",
     "check",
+    "check_fields",
     "check_value",
     "describe",
     "format_specs",
@@ -213,6 +214,17 @@ def check_value(owner: str, params: type, name: str, value: Any) -> Any:
     field = {f.name: f for f in _fields(params)}[name]
     tp, optional = _base_type(_hints(params)[name])
     return _checked(owner, name, tp, optional, _bounds(field), value)
+
+
+def check_fields(owner: str, obj: Any) -> dict[str, Any]:
+    """Every field of the declaration instance ``obj`` checked, as {name: value of the field's
+    type}: for a declaration that checks itself in ``__post_init__`` (``AttackConfig``)."""
+    hints = _hints(type(obj))
+    out = {}
+    for f in _fields(type(obj)):
+        tp, optional = _base_type(hints[f.name])
+        out[f.name] = _checked(owner, f.name, tp, optional, _bounds(f), getattr(obj, f.name))
+    return out
 
 
 def check(owner: str, params: type, values: Mapping[str, Any]) -> Any:
