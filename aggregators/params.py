@@ -32,12 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "Bounds",
     "HyperparameterError",
     "ParamSpec",
     "check",
     "check_fields",
     "check_value",
     "describe",
+    "field_bounds",
     "format_specs",
     "hyperparameter",
     "is_declaration",
@@ -64,8 +66,8 @@ class HyperparameterError(ValueError):
 
 
 @dataclass(frozen=True)
-class _Bounds:
-    """What ``hyperparameter`` was given besides the default and the doc."""
+class Bounds:
+    """What ``hyperparameter`` was given besides the default and the doc (``field_bounds``)."""
 
     ge: float | None = None
     gt: float | None = None
@@ -86,7 +88,7 @@ def hyperparameter(default: Any, doc: str, *, ge: float | None = None, gt: float
     """
     if ge is not None and gt is not None or le is not None and lt is not None:
         raise TypeError("hyperparameter: give at most one of ge/gt and one of le/lt")
-    bounds = _Bounds(ge=ge, gt=gt, le=le, lt=lt, also=tuple(also),
+    bounds = Bounds(ge=ge, gt=gt, le=le, lt=lt, also=tuple(also),
                      choices=None if choices is None else tuple(choices))
     metadata = {"doc": doc, "bounds": bounds}
     if default is _MISSING:
@@ -130,7 +132,7 @@ def _type_name(tp: Any, optional: bool) -> str:
     return f"{name} | None" if optional else name
 
 
-def _interval(b: _Bounds) -> str:
+def _interval(b: Bounds) -> str:
     low = b.ge if b.ge is not None else b.gt
     high = b.le if b.le is not None else b.lt
     if low is not None and high is not None:
@@ -147,7 +149,7 @@ def _num(x: float) -> str:
     return str(int(x)) if isinstance(x, float) and x.is_integer() and abs(x) < 1e15 else str(x)
 
 
-def _rule(tp: Any, optional: bool, b: _Bounds) -> str:
+def _rule(tp: Any, optional: bool, b: Bounds) -> str:
     """What a field allows, as the end of "must be ..."."""
     if b.choices is not None:
         text = "one of " + ", ".join(str(c) for c in b.choices)
@@ -176,12 +178,19 @@ def _fields(params: type) -> list[dataclasses.Field]:
     return list(dataclasses.fields(params))
 
 
-def _bounds(f: dataclasses.Field) -> _Bounds:
+def _bounds(f: dataclasses.Field) -> Bounds:
     b = f.metadata.get("bounds")
-    return b if isinstance(b, _Bounds) else _Bounds()
+    return b if isinstance(b, Bounds) else Bounds()
 
 
-def _checked(owner: str, name: str, tp: Any, optional: bool, b: _Bounds, value: Any) -> Any:
+def field_bounds(params: type, name: str) -> tuple[Any, bool, Bounds]:
+    """(type, whether None is allowed, bounds) of the declared field ``name``."""
+    field = {f.name: f for f in _fields(params)}[name]
+    tp, optional = _base_type(_hints(params)[name])
+    return tp, optional, _bounds(field)
+
+
+def _checked(owner: str, name: str, tp: Any, optional: bool, b: Bounds, value: Any) -> Any:
     """``value`` as the field's type (an int given for a float becomes a float), or the error."""
     if value is None and optional:
         return None
@@ -278,5 +287,5 @@ def format_specs(specs: Sequence[ParamSpec]) -> str:
     rows = [("name", "type", "default", "allowed", "doc")]
     rows += [(s.name, s.type, s.default, s.allowed, s.doc) for s in specs]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4]
+    return "\n".join(("  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4]).rstrip()
                      for r in rows)

@@ -53,9 +53,12 @@ class SetCritic(nn.Module):
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """An optimiser's state_dict with string keys (checkpoints take JSON keys only)."""
+    """An optimiser's state_dict with string keys (checkpoints take JSON keys only), its tensors
+    copied: torch's own shares the live moments, and an optimiser loaded from it (which keeps
+    tensors of the right dtype and device as they are) would then step the same tensors."""
     raw = optimizer.state_dict()
-    return {"state": {str(k): dict(v) for k, v in raw["state"].items()},
+    return {"state": {str(k): {name: value.detach().clone() if isinstance(value, torch.Tensor) else value
+                               for name, value in v.items()} for k, v in raw["state"].items()},
             "param_groups": [dict(g) for g in raw["param_groups"]]}
 
 
