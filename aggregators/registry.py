@@ -6,8 +6,10 @@ An experiment's ``[aggregator] name`` is resolved, in this order, as
 2. an import path ``package.module:ClassName`` to an Aggregator subclass, no registration needed;
 3. an entry point in the ``fedmerge.aggregators`` group of an installed distribution, so another
    package can add aggregators without touching this one.
-``create_aggregator`` then checks the configured keyword arguments against the class's
-``__init__`` so that a misspelt hyperparameter fails with its name instead of being ignored.
+``create_aggregator`` then checks the configured keyword arguments against the class's declared
+``Params`` (``fedmerge.aggregators.params``; the built-ins all declare theirs) or, for a class
+without one, its ``__init__``, so that a misspelt hyperparameter fails with its name instead of
+being ignored and a bad value names the parameter and what it allows.
 """
 
 from __future__ import annotations
@@ -245,9 +247,11 @@ def get_aggregator_class(spec: str) -> type[Aggregator]:
 def create_aggregator(spec: str, params: Mapping[str, Any]) -> Aggregator:
     """Instantiate the aggregator ``spec`` names with ``params`` as keyword arguments.
 
-    Parameter names are checked against its ``__init__`` first, so an unknown one is reported by
-    name with the accepted ones; a missing one or a constructor's own ValueError/TypeError comes
-    back as a ValueError naming the aggregator.
+    Parameter names are checked against its signature first (its ``Params`` when it declares
+    one, else its ``__init__``), so an unknown one is reported by name with the accepted ones; a
+    declared parameter's bad value comes back as ``aggregator 'name': key=value is invalid: must
+    be ...``; a missing one or a constructor's own ValueError/TypeError as a ValueError naming
+    the aggregator.
     """
     cls = get_aggregator_class(spec)
     label = f"aggregator {spec!r}"
