@@ -129,12 +129,15 @@ def declared_params(cls: type) -> type | None:
 def _signature(params: type) -> inspect.Signature:
     """``__init__``'s keywords as the declaration gives them (for ``inspect.signature``)."""
     hints = typing.get_type_hints(params)
-    keywords = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
-                          **({} if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                             else {"default": f.default if f.default is not dataclasses.MISSING
-                                   else f.default_factory()}))
-        for f in dataclasses.fields(params)]
+    keywords = []
+    for f in dataclasses.fields(params):
+        default: dict[str, Any] = {}
+        if f.default is not dataclasses.MISSING:
+            default["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default["default"] = f.default_factory()
+        keywords.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                          annotation=hints[f.name], **default))
     return inspect.Signature(keywords)
 
 
@@ -155,7 +158,8 @@ class Aggregator(ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         params = declared_params(cls)
-        clash = [f.name for f in dataclasses.fields(params) if hasattr(Aggregator, f.name)] if params else []
+        fields = dataclasses.fields(params) if params is not None else ()
+        clash = [f.name for f in fields if hasattr(Aggregator, f.name)]
         if clash:
             raise TypeError(f"{cls.__qualname__}.Params: {clash[0]!r} is an Aggregator attribute; "
                             "rename the hyperparameter")

@@ -6,7 +6,7 @@ dataclass whose fields are made with ``hyperparameter``::
     @dataclass(frozen=True)
     class Params:
         mu: float = hyperparameter(0.01, "proximal weight μ; 0 = plain FedAvg", ge=0)
-        fusion: str = hyperparameter("moment", "how client scopes are fused", choices=("moment", "mean"))
+        fusion: str = hyperparameter("moment", "how scopes are fused", choices=("moment", "mean"))
 
 The checks are generated from the declaration (``check``): the field's annotation gives the type
 (``int``, ``float``, ``bool``, ``str``, optionally ``| None``), ``ge``/``gt``/``le``/``lt`` a range,
@@ -77,9 +77,17 @@ class Bounds:
     also: tuple[Any, ...] = ()
 
 
-def hyperparameter(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None,
-                   le: float | None = None, lt: float | None = None,
-                   choices: Sequence[Any] | None = None, also: Sequence[Any] = ()) -> Any:
+def hyperparameter(
+    default: Any,
+    doc: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: Sequence[Any] | None = None,
+    also: Sequence[Any] = (),
+) -> Any:
     """A dataclass field for one hyperparameter: its default, a one-line doc and what it allows.
 
     ``default`` may be ``dataclasses.MISSING`` for a required parameter. ``ge``/``gt`` and
@@ -88,8 +96,14 @@ def hyperparameter(default: Any, doc: str, *, ge: float | None = None, gt: float
     """
     if ge is not None and gt is not None or le is not None and lt is not None:
         raise TypeError("hyperparameter: give at most one of ge/gt and one of le/lt")
-    bounds = Bounds(ge=ge, gt=gt, le=le, lt=lt, also=tuple(also),
-                     choices=None if choices is None else tuple(choices))
+    bounds = Bounds(
+        ge=ge,
+        gt=gt,
+        le=le,
+        lt=lt,
+        also=tuple(also),
+        choices=None if choices is None else tuple(choices),
+    )
     metadata = {"doc": doc, "bounds": bounds}
     if default is _MISSING:
         return dataclasses.field(metadata=metadata)
@@ -136,7 +150,8 @@ def _interval(b: Bounds) -> str:
     low = b.ge if b.ge is not None else b.gt
     high = b.le if b.le is not None else b.lt
     if low is not None and high is not None:
-        return f"in {'[' if b.ge is not None else '('}{_num(low)}, {_num(high)}{']' if b.le is not None else ')'}"
+        opening, closing = "[" if b.ge is not None else "(", "]" if b.le is not None else ")"
+        return f"in {opening}{_num(low)}, {_num(high)}{closing}"
     parts = []
     if low is not None:
         parts.append(f"{'>=' if b.ge is not None else '>'} {_num(low)}")
@@ -158,7 +173,9 @@ def _rule(tp: Any, optional: bool, b: Bounds) -> str:
     elif tp is int or tp is float:
         noun = "an integer" if tp is int else "a number"
         interval = _interval(b)
-        text = f"{noun} {interval}" if interval else ("an integer" if tp is int else "a finite number")
+        text = (
+            f"{noun} {interval}" if interval else ("an integer" if tp is int else "a finite number")
+        )
     elif tp is str:
         text = "a string"
     elif tp is Any:
@@ -202,13 +219,19 @@ def _checked(owner: str, name: str, tp: Any, optional: bool, b: Bounds, value: A
         if not isinstance(value, bool):
             raise fail
     elif tp is int or tp is float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral if tp is int else numbers.Real):
+        if isinstance(value, bool) or not isinstance(
+            value, numbers.Integral if tp is int else numbers.Real
+        ):
             raise fail
         value = int(value) if tp is int else float(value)
         if not math.isfinite(value):
             raise fail
-        if ((b.ge is not None and not value >= b.ge) or (b.gt is not None and not value > b.gt)
-                or (b.le is not None and not value <= b.le) or (b.lt is not None and not value < b.lt)):
+        if (
+            (b.ge is not None and not value >= b.ge)
+            or (b.gt is not None and not value > b.gt)
+            or (b.le is not None and not value <= b.le)
+            or (b.lt is not None and not value < b.lt)
+        ):
             raise fail
     elif tp is str:
         if not isinstance(value, str):
@@ -250,12 +273,19 @@ def check(owner: str, params: type, values: Mapping[str, Any]) -> Any:
             text = str(key)
             close = difflib.get_close_matches(text, names, n=1) if len(text) <= 100 else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TypeError(f"{owner + ' ' if owner else ''}has no parameter {_shown(key)}{hint}; "
-                            f"it accepts: {', '.join(names) or '(no parameters)'}")
-    missing = [f.name for f in fields if f.name not in values and f.default is _MISSING
-               and f.default_factory is _MISSING]
+            raise TypeError(
+                f"{owner + ' ' if owner else ''}has no parameter {_shown(key)}{hint}; "
+                f"it accepts: {', '.join(names) or '(no parameters)'}"
+            )
+    missing = [
+        f.name
+        for f in fields
+        if f.name not in values and f.default is _MISSING and f.default_factory is _MISSING
+    ]
     if missing:
-        raise TypeError(f"{owner + ': ' if owner else ''}missing a required argument: {missing[0]!r}")
+        raise TypeError(
+            f"{owner + ': ' if owner else ''}missing a required argument: {missing[0]!r}"
+        )
     hints = _hints(params)
     kwargs = {}
     for f in fields:
@@ -272,11 +302,21 @@ def describe(params: type) -> list[ParamSpec]:
     for f in _fields(params):
         tp, optional = _base_type(hints[f.name])
         required = f.default is _MISSING and f.default_factory is _MISSING
-        default = "(required)" if required else repr(
-            f.default if f.default is not _MISSING else f.default_factory())
-        out.append(ParamSpec(name=f.name, type=_type_name(tp, optional), default=default,
-                             allowed=_rule(tp, optional, _bounds(f)), doc=f.metadata.get("doc", ""),
-                             required=required))
+        default = (
+            "(required)"
+            if required
+            else repr(f.default if f.default is not _MISSING else f.default_factory())
+        )
+        out.append(
+            ParamSpec(
+                name=f.name,
+                type=_type_name(tp, optional),
+                default=default,
+                allowed=_rule(tp, optional, _bounds(f)),
+                doc=f.metadata.get("doc", ""),
+                required=required,
+            )
+        )
     return out
 
 
@@ -287,5 +327,7 @@ def format_specs(specs: Sequence[ParamSpec]) -> str:
     rows = [("name", "type", "default", "allowed", "doc")]
     rows += [(s.name, s.type, s.default, s.allowed, s.doc) for s in specs]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join(("  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4]).rstrip()
-                     for r in rows)
+    return "\n".join(
+        ("  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4]).rstrip()
+        for r in rows
+    )

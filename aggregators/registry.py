@@ -129,7 +129,8 @@ def merge_function(name: str, *, params: type | None = None) -> Callable[[F], F]
             declaration = _declaration_from(fn, rest)
         else:
             if not is_declaration(params):
-                raise TypeError(f"@merge_function({name!r}): params must be a dataclass, got {params!r}")
+                raise TypeError(f"@merge_function({name!r}): params must be a dataclass, "
+                                f"got {params!r}")
             declared = [f.name for f in dataclasses.fields(params)]
             if declared != [p.name for p in rest]:
                 raise TypeError(f"@merge_function({name!r}): params declares {declared} but "

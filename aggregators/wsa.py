@@ -84,8 +84,7 @@ def fuse_scopes(scopes_per_client: Sequence[Mapping[str, Scope]], weights: Seque
     and never negative in floating point). ``"mean"``: μ* = Σ pi μi, σ* = Σ pi σi. ``weights``
     (example counts work as they are) are normalised here.
     """
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion={fusion!r} is invalid: must be one of {', '.join(FUSIONS)}")
+    fusion = check_value("fuse_scopes", WSA.Params, "fusion", fusion)
     if not scopes_per_client:
         raise ValueError("fuse_scopes: no client scopes to fuse")
     p = _normalised(weights, len(scopes_per_client), "fuse_scopes")

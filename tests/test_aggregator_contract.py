@@ -21,8 +21,6 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
-from torch import nn
-
 from fedmerge.aggregators import (
     AggregateResult,
     Aggregator,
@@ -36,19 +34,28 @@ from fedmerge.aggregators.base import declared_params
 from fedmerge.aggregators.params import HyperparameterError, check_value, field_bounds
 from fedmerge.aggregators.registry import ENTRY_POINT_GROUP, _entry_points
 from fedmerge.clients.tasks.text import MultiTaskTextClassifier
+from torch import nn
 
 VOCAB, CLIENTS = 40, 4
 
-BUILTINS = sorted(name for name in available()
-                  if get_aggregator_class(name).__module__.startswith("fedmerge.aggregators."))
+BUILTINS = sorted(
+    name
+    for name in available()
+    if get_aggregator_class(name).__module__.startswith("fedmerge.aggregators.")
+)
 
 
 def test_every_registered_name_is_covered() -> None:
     """Nothing is left out silently. A fresh ``import fedmerge.aggregators`` registers exactly the
     names run here plus the installed plugins (entry points of other distributions, tested in
     test_aggregators.py); the other names registered in this process come from test modules."""
-    fresh = subprocess.run([sys.executable, "-c", "import fedmerge.aggregators as a; print(*a.available())"],
-                           capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    fresh = subprocess.run(
+        [sys.executable, "-c", "import fedmerge.aggregators as a; print(*a.available())"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
     plugins = set(_entry_points())
     assert set(fresh) == set(BUILTINS) | plugins, ENTRY_POINT_GROUP
     assert not plugins & set(BUILTINS)
@@ -67,12 +74,19 @@ def test_every_builtin_declares_documented_params(name: str) -> None:
 
 # ---- a tiny model and the round context ---------------------------------------------------------
 
+
 def tiny_model(seed: int = 0) -> MultiTaskTextClassifier:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     return MultiTaskTextClassifier(BertModel(config), [3, 2]).eval()
 
 
@@ -98,30 +112,51 @@ def evaluate_many(states: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str
         model.load_state_dict(dict(state))
         with torch.no_grad():
             logits = model(VAL_X)
-        out.append({"accuracy": float((logits.argmax(1) == VAL_Y).float().mean()),
-                    "loss": float(nn.functional.cross_entropy(logits, VAL_Y))})
+        out.append(
+            {
+                "accuracy": float((logits.argmax(1) == VAL_Y).float().mean()),
+                "loss": float(nn.functional.cross_entropy(logits, VAL_Y)),
+            }
+        )
     return out
 
 
 def context(round_: int, global_state: Mapping[str, torch.Tensor]) -> RoundContext:
-    return RoundContext(round=round_, global_state=global_state, base_state=BASE, seed=3,
-                        evaluate=lambda s: evaluate_many([s])[0], evaluate_many=evaluate_many,
-                        build_model=lambda: tiny_model(7),
-                        proxy_inputs={0: tiny_inputs(16, 0, 1), 1: tiny_inputs(16, 1, 2)})
+    return RoundContext(
+        round=round_,
+        global_state=global_state,
+        base_state=BASE,
+        seed=3,
+        evaluate=lambda s: evaluate_many([s])[0],
+        evaluate_many=evaluate_many,
+        build_model=lambda: tiny_model(7),
+        proxy_inputs={0: tiny_inputs(16, 0, 1), 1: tiny_inputs(16, 1, 2)},
+    )
 
 
 def perturbed(seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-            for k, v in BASE.items()}
+    return {
+        k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in BASE.items()
+    }
 
 
 def distinct_updates(round_: int) -> list[ClientUpdate]:
-    return [ClientUpdate(client_id=i, state=perturbed(100 * round_ + i), num_examples=10 + 5 * i,
-                         metrics={"task_id": float(i % 2)}) for i in range(CLIENTS)]
+    return [
+        ClientUpdate(
+            client_id=i,
+            state=perturbed(100 * round_ + i),
+            num_examples=10 + 5 * i,
+            metrics={"task_id": float(i % 2)},
+        )
+        for i in range(CLIENTS)
+    ]
 
 
-def run_round(agg: Aggregator, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
+def run_round(
+    agg: Aggregator, ctx: RoundContext, updates: Sequence[ClientUpdate]
+) -> AggregateResult:
     agg.begin_round(ctx)
     for update in updates:
         agg.accumulate(update)
@@ -133,6 +168,7 @@ FAST = {"wemoe": {"steps": 4}}
 
 
 # ---- (a) and (b): declared values ---------------------------------------------------------------
+
 
 def _params(name: str) -> type:
     return declared_params(get_aggregator_class(name))
@@ -151,8 +187,11 @@ def _other_valid(name: str, field: dataclasses.Field) -> object:
     low = b.ge if b.ge is not None else b.gt
     high = b.le if b.le is not None else b.lt
     candidates = [start * 2, start + 1, start / 2, start - 1]
-    candidates += [v for v in (low, high, None if low is None or high is None else (low + high) / 2)
-                   if v is not None]
+    candidates += [
+        v
+        for v in (low, high, None if low is None or high is None else (low + high) / 2)
+        if v is not None
+    ]
     for value in candidates:
         value = int(value) if tp is int else float(value)
         if value == default:
@@ -209,19 +248,26 @@ def test_b_rejects_wrong_values_naming_the_parameter(name: str) -> None:
             with pytest.raises(ValueError) as info:
                 create_aggregator(name, {f.name: value})
             message = str(info.value)
-            assert message.startswith(f"aggregator {name!r}: {f.name}={value!r} is invalid: must be "), message
+            assert message.startswith(
+                f"aggregator {name!r}: {f.name}={value!r} is invalid: must be "
+            ), message
             with pytest.raises(HyperparameterError, match=f"^{name}: {f.name}="):
                 cls(**{f.name: value})
     fields = [f.name for f in dataclasses.fields(_params(name))]
     if not fields:  # median: nothing is accepted
-        with pytest.raises(ValueError, match=r"has no parameter 'beta'; it accepts: \(no parameters\)"):
+        with pytest.raises(
+            ValueError, match=r"has no parameter 'beta'; it accepts: \(no parameters\)"
+        ):
             create_aggregator(name, {"beta": 0.1})
         return
-    with pytest.raises(ValueError, match=f"has no parameter '{fields[0]}x' \\(did you mean '{fields[0]}'\\?\\)"):
+    with pytest.raises(
+        ValueError, match=f"has no parameter '{fields[0]}x' \\(did you mean '{fields[0]}'\\?\\)"
+    ):
         create_aggregator(name, {fields[0] + "x": 1})
 
 
 # ---- (c) state round trip -----------------------------------------------------------------------
+
 
 def _same(a: object, b: object, where: str = "") -> None:
     """Deep equality of state dicts, metrics and nested plain data (tensors bit for bit)."""
@@ -280,13 +326,15 @@ SAME_MODEL = {
     "wemoe": {"init_lambda": 1 / CLIENTS, "router_std": 0.0, "steps": 0},
 }
 """Per method, the settings under which merging N copies of θ means θ; the others (averages,
-robust statistics, FedDRL's kept-and-weighted averages) give θ back at any setting, defaults here."""
+robust statistics, FedDRL's kept-and-weighted averages) give θ back at any setting (defaults)."""
 
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_d_identical_updates_merge_back_to_the_same_model(name: str) -> None:
     theta = perturbed(7, scale=0.1)
-    updates = [ClientUpdate(client_id=i, state=theta, num_examples=10 + 5 * i) for i in range(CLIENTS)]
+    updates = [
+        ClientUpdate(client_id=i, state=theta, num_examples=10 + 5 * i) for i in range(CLIENTS)
+    ]
     agg = create_aggregator(name, SAME_MODEL.get(name, {}))
     result = run_round(agg, context(1, BASE), updates)
     assert set(result.state) == set(theta)
