@@ -59,6 +59,9 @@ class HyperparameterError(ValueError):
         self.owner, self.name, self.value, self.rule = owner, name, value, rule
         super().__init__(f"{owner + ': ' if owner else ''}{self.detail}")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses processes (Ray) with its parts
+        return (type(self), (self.owner, self.name, self.value, self.rule))
+
     @property
     def detail(self) -> str:
         """The message without the owner: ``"<name>=<value> is invalid: must be <rule>"``."""

@@ -69,6 +69,14 @@ def test_a_bad_value_names_owner_parameter_value_and_rule(values, message) -> No
     assert info.value.detail == message.removeprefix("own: ")
 
 
+def test_the_error_survives_pickling_with_its_parts() -> None:
+    import pickle
+
+    error = pickle.loads(pickle.dumps(HyperparameterError("own", "rate", 2.0, "a number in (0, 1]")))
+    assert (error.owner, error.name, error.value, error.rule) == ("own", "rate", 2.0, "a number in (0, 1]")
+    assert str(error) == "own: rate=2.0 is invalid: must be a number in (0, 1]"
+
+
 def test_good_values_are_converted_to_the_declared_type() -> None:
     knobs = check("own", Knobs, {"rate": 1, "rank": -1, "cap": None, "scale": -2})
     assert knobs == Knobs(rate=1.0, rank=-1, scale=-2.0)
