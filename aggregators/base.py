@@ -10,14 +10,19 @@ This module imports neither flwr nor ray, so every algorithm is a plain computat
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import numbers
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+
+from fedmerge.aggregators.params import check, is_declaration
 
 StateDict = dict[str, torch.Tensor]
 Scalar = int | float | str | bool
@@ -30,6 +35,7 @@ __all__ = [
     "Scalar",
     "StateDict",
     "checked_num_examples",
+    "declared_params",
     "example_weights",
 ]
 
@@ -105,20 +111,80 @@ class AggregateResult:
     served_model: torch.nn.Module | None = None
 
 
+def declared_params(cls: type) -> type | None:
+    """The hyperparameter declaration ``cls`` uses: the nearest ``Params`` dataclass in its MRO,
+    unless a class in between defines its own ``__init__`` (then its keywords are the parameters,
+    as for any class without a declaration)."""
+    for klass in cls.__mro__:
+        if klass is Aggregator or klass is object:
+            return None
+        own = vars(klass)
+        if "Params" in own and is_declaration(own["Params"]):
+            return own["Params"]
+        if "__init__" in own:
+            return None
+    return None
+
+
+def _signature(params: type) -> inspect.Signature:
+    """``__init__``'s keywords as the declaration gives them (for ``inspect.signature``)."""
+    hints = typing.get_type_hints(params)
+    keywords = []
+    for f in dataclasses.fields(params):
+        default: dict[str, Any] = {}
+        if f.default is not dataclasses.MISSING:
+            default["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default["default"] = f.default_factory()
+        keywords.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                          annotation=hints[f.name], **default))
+    return inspect.Signature(keywords)
+
+
 class Aggregator(ABC):
     """Base class of server-side merges.
 
     Subclasses set ``name`` and implement either ``aggregate`` (sees all of a round's updates)
     or, for incremental methods, override ``begin_round`` / ``accumulate`` / ``finalize``.
-    Hyperparameters are explicit keyword arguments of ``__init__``; state that must survive a
-    restart (learned agents, fused scopes) goes through ``state_dict`` / ``load_state_dict``.
+    Hyperparameters are keyword arguments of ``__init__``. The built-ins declare them once, as
+    a frozen dataclass ``Params`` of ``fedmerge.aggregators.params.hyperparameter`` fields, and
+    take ``**params`` checked by ``set_hyperparameters``; a class without ``Params`` has its
+    ``__init__`` keywords as its parameters. State that must survive a restart (learned agents,
+    fused scopes) goes through ``state_dict`` / ``load_state_dict``.
     """
 
     name: ClassVar[str] = ""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        params = declared_params(cls)
+        fields = dataclasses.fields(params) if params is not None else ()
+        clash = [f.name for f in fields if hasattr(Aggregator, f.name)]
+        if clash:
+            raise TypeError(f"{cls.__qualname__}.Params: {clash[0]!r} is an Aggregator attribute; "
+                            "rename the hyperparameter")
+        # inspect.signature(cls), and so create_aggregator's keyword check, follows the declaration.
+        cls.__signature__ = None if params is None else _signature(params)  # type: ignore[attr-defined]
+
     def __init__(self) -> None:
         self._ctx: RoundContext | None = None
         self._updates: list[ClientUpdate] = []
+
+    def set_hyperparameters(self, values: Mapping[str, Any]) -> Any:
+        """Check ``values`` against the class's ``Params``, set each parameter as an attribute of
+        the same name, keep the checked instance as ``self.hparams`` and return it.
+
+        A bad value is a ``HyperparameterError`` naming this aggregator, the parameter, the value
+        and what is allowed; an unknown name a TypeError with a "did you mean".
+        """
+        params = declared_params(type(self))
+        if params is None:
+            raise TypeError(f"{type(self).__qualname__} declares no Params")
+        hparams = check(type(self).name or type(self).__qualname__, params, values)
+        for f in dataclasses.fields(hparams):
+            setattr(self, f.name, getattr(hparams, f.name))
+        self.hparams = hparams
+        return hparams
 
     # ---- client side -------------------------------------------------------------------
     def client_config(self, server_round: int) -> dict[str, Scalar]:

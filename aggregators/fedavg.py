@@ -6,6 +6,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from fedmerge.aggregators.base import (
     StateDict,
     checked_num_examples,
 )
+from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 
 __all__ = ["FedAvg", "fedavg"]
@@ -292,11 +294,15 @@ class FedAvg(Aggregator):
     name = "fedavg"
     accumulator: str = "float64"
 
-    def __init__(self, *, accumulator: str = "float64") -> None:
+    @dataclass(frozen=True)
+    class Params:
+        accumulator: str = hyperparameter("float64", "dtype the weighted sums are kept in (float32: about "
+                                          "twice as fast on the CPU, order-dependent rounding)",
+                                          choices=ACCUMULATORS)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        if accumulator not in ACCUMULATORS:
-            raise ValueError(f"accumulator={accumulator!r} is invalid: must be one of {', '.join(ACCUMULATORS)}")
-        self.accumulator = accumulator
+        self.set_hyperparameters(params)
         self._sum: _WeightedSum | None = None
 
     def begin_round(self, ctx: RoundContext) -> None:

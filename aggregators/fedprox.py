@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,17 +17,12 @@ from fedmerge.aggregators.base import (
     checked_num_examples,
 )
 from fedmerge.aggregators.fedavg import FedAvg
+from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
+from fedmerge.aggregators.scope import ScopeTrackedRounds, ScopeTracker
 from fedmerge.aggregators.terms import LossTerm, register_term
-from fedmerge.aggregators.wsa import ScopeTrackedRounds, ScopeTracker
 
 __all__ = ["FedProx", "proximal_term"]
-
-
-def _checked_mu(mu: Any) -> float:
-    if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not (math.isfinite(mu) and mu >= 0):
-        raise ValueError(f"mu={mu!r} is invalid: must be a non-negative number")
-    return float(mu)
 
 
 @register_term("fedprox_proximal")
@@ -38,7 +32,7 @@ def proximal_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *,
 
     Its gradient is μ(θ − θt): it pulls the local model back toward the round's global model.
     """
-    mu = _checked_mu(mu)
+    mu = check_value("", FedProx.Params, "mu", mu)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     absent = [name for name in names if name not in global_state]
     if absent:
@@ -64,15 +58,20 @@ class FedProx(ScopeTrackedRounds, Aggregator):
     work (γ-inexact solutions) is not modelled: every client runs its configured local epochs.
 
     The server side is a FedAvg instance (incremental). Metrics: FedAvg's plus the scope-drift
-    metrics ``scope_mu_spread`` / ``scope_sigma_spread`` of ``fedmerge.aggregators.wsa.ScopeTracker``, so
+    metrics ``scope_mu_spread`` / ``scope_sigma_spread`` of ``fedmerge.aggregators.scope.ScopeTracker``, so
     that runs compare with WSA's. No state across rounds.
     """
 
     name = "fedprox"
 
-    def __init__(self, *, mu: float = 0.01) -> None:
+    @dataclass(frozen=True)
+    class Params:
+        mu: float = hyperparameter(0.01, "proximal weight μ of μ/2 ‖θ − θt‖² in the client loss; "
+                                   "0 = FedAvg", ge=0)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        self.mu = _checked_mu(mu)
+        self.set_hyperparameters(params)
         self._fedavg = FedAvg()
         self._tracker: ScopeTracker | None = None
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
 from fedmerge.aggregators.detection import detection_metrics
 from fedmerge.aggregators.fedavg import fedavg
+from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
 
 __all__ = ["Krum", "krum", "krum_scores"]
@@ -65,8 +68,7 @@ def krum(states: Sequence[Mapping[str, torch.Tensor]], *, num_byzantine: int | N
     Krum, which returns the selected state itself. ``num_byzantine`` None = ``default_byzantine``."""
     n = len(states)
     f = default_byzantine(n) if num_byzantine is None else num_byzantine
-    if not isinstance(multi, int) or isinstance(multi, bool) or multi < 1:
-        raise ValueError(f"multi={multi!r} is invalid: must be an integer >= 1")
+    multi = check_value("krum", Krum.Params, "multi", multi)
     scores = krum_scores(states, f)
     order = sorted(range(n), key=lambda i: (scores[i], i))
     selected = sorted(order[:min(multi, n)])
@@ -91,15 +93,16 @@ class Krum(Aggregator):
 
     name = "krum"
 
-    def __init__(self, *, num_byzantine: int | None = None, multi: int = 1) -> None:
+    @dataclass(frozen=True)
+    class Params:
+        num_byzantine: int | None = hyperparameter(
+            None, "malicious clients f assumed per round; unset = the most Krum tolerates, "
+            "floor((n - 3) / 2)", ge=0)
+        multi: int = hyperparameter(1, "models kept and averaged (1 = Krum, more = multi-Krum)", ge=1)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        if num_byzantine is not None and (isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int)
-                                          or num_byzantine < 0):
-            raise ValueError(f"num_byzantine={num_byzantine!r} is invalid: must be an integer >= 0")
-        if isinstance(multi, bool) or not isinstance(multi, int) or multi < 1:
-            raise ValueError(f"multi={multi!r} is invalid: must be an integer >= 1")
-        self.num_byzantine = num_byzantine
-        self.multi = multi
+        self.set_hyperparameters(params)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         n = len(updates)

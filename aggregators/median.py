@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,6 +64,14 @@ class CoordinateMedian(Aggregator):
     """
 
     name = "median"
+
+    @dataclass(frozen=True)
+    class Params:
+        """No hyperparameters: the median needs none."""
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__()
+        self.set_hyperparameters(params)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         state = coordinate_median([u.state for u in updates])

@@ -6,15 +6,19 @@ An experiment's ``[aggregator] name`` is resolved, in this order, as
 2. an import path ``package.module:ClassName`` to an Aggregator subclass, no registration needed;
 3. an entry point in the ``fedmerge.aggregators`` group of an installed distribution, so another
    package can add aggregators without touching this one.
-``create_aggregator`` then checks the configured keyword arguments against the class's
-``__init__`` so that a misspelt hyperparameter fails with its name instead of being ignored.
+``create_aggregator`` then checks the configured keyword arguments against the class's declared
+``Params`` (``fedmerge.aggregators.params``; the built-ins all declare theirs) or, for a class
+without one, its ``__init__``, so that a misspelt hyperparameter fails with its name instead of
+being ignored and a bad value names the parameter and what it allows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
@@ -26,11 +30,20 @@ from fedmerge.aggregators.base import (
     Aggregator,
     ClientUpdate,
     RoundContext,
+    declared_params,
     example_weights,
+)
+from fedmerge.aggregators.params import (
+    HyperparameterError,
+    ParamSpec,
+    describe,
+    hyperparameter,
+    is_declaration,
 )
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "aggregator_params",
     "available",
     "create_aggregator",
     "get_aggregator_class",
@@ -89,35 +102,45 @@ def register(name: str | None = None) -> Callable[[A], A]:
     return decorator
 
 
-def merge_function(name: str) -> Callable[[F], F]:
+def merge_function(name: str, *, params: type | None = None) -> Callable[[F], F]:
     """Function decorator: register ``fn(states, weights, **params) -> state`` as an aggregator.
 
     ``states`` are the round's client state dicts in arrival order and ``weights`` their example
-    counts normalised to sum to 1. The registered Aggregator's ``__init__`` takes the function's
-    remaining parameters as keywords (so configs are checked against them) and its ``aggregate``
-    calls the function. The function itself is returned unchanged.
+    counts normalised to sum to 1. The function's remaining parameters are its hyperparameters,
+    keyword-only: ``params`` declares them (a frozen dataclass of ``hyperparameter`` fields with
+    the same names, giving each a doc and its allowed values), else a declaration is made from
+    the signature (annotation as type, default as default, no range, no doc). The registered
+    Aggregator checks its keywords against it and its ``aggregate`` calls the function. The
+    function itself is returned unchanged.
     """
 
     def decorator(fn: F) -> F:
-        params = list(inspect.signature(fn).parameters.values())
-        leading = [p for p in params[:2] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        rest = params[2:]
-        if len(leading) < 2 or any(p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL) for p in rest):
+        signature = inspect.signature(fn)
+        items = list(signature.parameters.values())
+        leading = [p for p in items[:2] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        rest = items[2:]
+        if len(leading) < 2 or any(p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                                   for p in rest):
             raise TypeError(
                 f"@merge_function({name!r}): {fn.__qualname__} must take (states, weights) "
-                "positionally and its hyperparameters as keywords"
+                "positionally and its hyperparameters as keywords (no **kwargs)"
             )
-        hyper = [p if p.kind is p.VAR_KEYWORD else p.replace(kind=p.KEYWORD_ONLY) for p in rest]
-        init_signature = inspect.Signature(
-            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *hyper]
-        )
+        if params is None:
+            declaration = _declaration_from(fn, rest)
+        else:
+            if not is_declaration(params):
+                raise TypeError(f"@merge_function({name!r}): params must be a dataclass, "
+                                f"got {params!r}")
+            declared = [f.name for f in dataclasses.fields(params)]
+            if declared != [p.name for p in rest]:
+                raise TypeError(f"@merge_function({name!r}): params declares {declared} but "
+                                f"{fn.__qualname__} takes {[p.name for p in rest]}")
+            declaration = params
 
         def __init__(self: Aggregator, **kwargs: Any) -> None:
-            init_signature.bind(self, **kwargs)  # TypeError on unknown or missing hyperparameters
             Aggregator.__init__(self)
-            self.params = dict(kwargs)
-
-        __init__.__signature__ = init_signature  # type: ignore[attr-defined]
+            checked = self.set_hyperparameters(kwargs)
+            self.params = {f.name: getattr(checked, f.name) for f in dataclasses.fields(checked)}
 
         def aggregate(self: Aggregator, ctx: RoundContext,
                       updates: Sequence[ClientUpdate]) -> AggregateResult:
@@ -132,6 +155,7 @@ def merge_function(name: str) -> Callable[[F], F]:
         cls_name = f"MergeFunction[{fn.__qualname__}]"
         cls = type(cls_name, (Aggregator,), {
             "name": name,
+            "Params": declaration,
             "__init__": __init__,
             "aggregate": aggregate,
             "__doc__": fn.__doc__,
@@ -142,6 +166,17 @@ def merge_function(name: str) -> Callable[[F], F]:
         return fn
 
     return decorator
+
+
+def _declaration_from(fn: Callable[..., Any], keywords: Sequence[inspect.Parameter]) -> type:
+    """A frozen dataclass of ``fn``'s keyword parameters: annotation, default, no range or doc."""
+    hints = typing.get_type_hints(fn)
+    spec = []
+    for p in keywords:
+        tp = hints.get(p.name, Any)
+        default = dataclasses.MISSING if p.default is p.empty else p.default
+        spec.append((p.name, tp, hyperparameter(default, "")))
+    return dataclasses.make_dataclass(f"{fn.__name__}_params", spec, frozen=True, kw_only=True)
 
 
 def _entry_points() -> dict[str, EntryPoint]:
@@ -213,9 +248,11 @@ def get_aggregator_class(spec: str) -> type[Aggregator]:
 def create_aggregator(spec: str, params: Mapping[str, Any]) -> Aggregator:
     """Instantiate the aggregator ``spec`` names with ``params`` as keyword arguments.
 
-    Parameter names are checked against its ``__init__`` first, so an unknown one is reported by
-    name with the accepted ones; a missing one or a constructor's own ValueError/TypeError comes
-    back as a ValueError naming the aggregator.
+    Parameter names are checked against its signature first (its ``Params`` when it declares
+    one, else its ``__init__``), so an unknown one is reported by name with the accepted ones; a
+    declared parameter's bad value comes back as ``aggregator 'name': key=value is invalid: must
+    be ...``; a missing one or a constructor's own ValueError/TypeError as a ValueError naming
+    the aggregator.
     """
     cls = get_aggregator_class(spec)
     label = f"aggregator {spec!r}"
@@ -241,5 +278,27 @@ def create_aggregator(spec: str, params: Mapping[str, Any]) -> Aggregator:
         raise ValueError(f"{label}: {exc}; it accepts: {', '.join(accepted)}") from exc
     try:
         return cls(**params)
+    except HyperparameterError as exc:  # a declared parameter's value: name it under this label
+        raise ValueError(f"{label}: {exc.detail}") from exc
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{label}: invalid parameters: {exc}") from exc
+
+
+def aggregator_params(spec: str) -> list[ParamSpec]:
+    """The declared hyperparameters of the aggregator ``spec`` names (``fedmerge list
+    --aggregator``): from its ``Params``, or, for a class without one, from its ``__init__``
+    keywords (type from the annotation, no range, no doc)."""
+    cls = get_aggregator_class(spec)
+    params = declared_params(cls)
+    if params is not None:
+        return describe(params)
+    out = []
+    for name, p in inspect.signature(cls).parameters.items():
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        annotation = p.annotation if p.annotation is not p.empty else ""
+        required = p.default is p.empty
+        out.append(ParamSpec(name=name, type=getattr(annotation, "__name__", str(annotation)),
+                             default="(required)" if required else repr(p.default),
+                             allowed="(not declared)", doc="", required=required))
+    return out

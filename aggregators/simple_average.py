@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext
 from fedmerge.aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
+from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 from fedmerge.aggregators.task_arithmetic import task_arithmetic
 
@@ -25,11 +28,14 @@ class SimpleAverage(Aggregator):
 
     name = "simple_average"
 
-    def __init__(self, *, group_by: str = "task") -> None:
+    @dataclass(frozen=True)
+    class Params:
+        group_by: str = hyperparameter("task", "one model per task (its clients averaged) or one per client",
+                                       choices=GROUP_BY)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        if group_by not in GROUP_BY:
-            raise ValueError(f"group_by={group_by!r} is invalid: must be one of {', '.join(GROUP_BY)}")
-        self.group_by = group_by
+        self.set_hyperparameters(params)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         groups = group_states(updates, self.group_by, ctx.device)

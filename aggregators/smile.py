@@ -43,6 +43,7 @@ from fedmerge.aggregators.merging import (
     head_task,
     merged_heads,
 )
+from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
 from fedmerge.aggregators.upscaled import module_type, set_submodule
 
@@ -193,10 +194,8 @@ def upscale_model(model: nn.Module, base_state: Mapping[str, torch.Tensor],
     module docstring). Linears whose names match ``exclude`` (per-task heads) are left alone."""
     if not expert_states:
         raise ValueError("upscale_model needs at least one fine-tuned state (expert)")
-    if k_gate < 1 or k == 0 or k < -1:
-        raise ValueError(f"k_gate={k_gate}, k={k}: k_gate must be >= 1 and k >= 1 or -1 (dense)")
-    if svd not in SVD_METHODS:
-        raise ValueError(f"svd={svd!r} is invalid: must be one of {', '.join(SVD_METHODS)}")
+    for key, value in (("k_gate", k_gate), ("k", k), ("top_k", top_k), ("svd", svd), ("svd_niter", svd_niter)):
+        check_value("upscale_model", Smile.Params, key, value)
     if not 1 <= top_k <= len(expert_states):
         raise ValueError(f"top_k={top_k} must be in 1..{len(expert_states)} (the number of experts)")
     started = time.perf_counter()
@@ -252,25 +251,24 @@ class Smile(Aggregator):
 
     name = "smile"
 
-    def __init__(self, *, k_gate: int = 16, k: int = 32, top_k: int = 1, base: str = "pretrained",
-                 group_by: str = "client", nonlinear: str = "base", svd: str = "full",
-                 svd_niter: int = 2) -> None:
+    @dataclass(frozen=True)
+    class Params:
+        k_gate: int = hyperparameter(16, "router rank: right singular vectors per expert the router "
+                                     "projects on (capped at min(out, in))", ge=1)
+        k: int = hyperparameter(32, "expert rank (capped at min(out, in)); -1 = dense experts", ge=1, also=(-1,))
+        top_k: int = hyperparameter(1, "experts each token is routed to (at most the round's experts)", ge=1)
+        base: str = hyperparameter("pretrained", "what the experts are task vectors from: pretrained (θ0) | "
+                                   "round (the model broadcast this round)", choices=BASES)
+        group_by: str = hyperparameter("client", "one expert per client or per task", choices=GROUP_BY)
+        nonlinear: str = hyperparameter("base", "norms, embeddings, convolutions: base | average (the "
+                                        "clients' FedAvg)", choices=NONLINEAR)
+        svd: str = hyperparameter("full", "full (torch.linalg.svd) | randomized (torch.svd_lowrank)",
+                                  choices=SVD_METHODS)
+        svd_niter: int = hyperparameter(2, "power iterations of the randomized SVD", ge=0)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        for key, value, allowed in (("base", base, BASES), ("group_by", group_by, GROUP_BY),
-                                    ("nonlinear", nonlinear, NONLINEAR), ("svd", svd, SVD_METHODS)):
-            if value not in allowed:
-                raise ValueError(f"{key}={value!r} is invalid: must be one of {', '.join(allowed)}")
-        if not isinstance(k_gate, int) or k_gate < 1:
-            raise ValueError(f"k_gate={k_gate!r} is invalid: must be an integer >= 1")
-        if not isinstance(k, int) or not (k >= 1 or k == -1):
-            raise ValueError(f"k={k!r} is invalid: must be an integer >= 1, or -1 for dense experts")
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k={top_k!r} is invalid: must be an integer >= 1")
-        if not isinstance(svd_niter, int) or svd_niter < 0:
-            raise ValueError(f"svd_niter={svd_niter!r} is invalid: must be an integer >= 0")
-        self.k_gate, self.k, self.top_k = k_gate, k, top_k
-        self.base, self.group_by, self.nonlinear = base, group_by, nonlinear
-        self.svd, self.svd_niter = svd, svd_niter
+        self.set_hyperparameters(params)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         if ctx.build_model is None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
 from fedmerge.aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
+from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 
 __all__ = ["TaskArithmetic", "task_arithmetic"]
@@ -47,13 +49,15 @@ class TaskArithmetic(Aggregator):
 
     name = "task_arithmetic"
 
-    def __init__(self, *, lam: float = 0.3, group_by: str = "task") -> None:
+    @dataclass(frozen=True)
+    class Params:
+        lam: float = hyperparameter(0.3, "scale λ of the summed task vectors, θ0 + λ Σi τi")
+        group_by: str = hyperparameter("task", "one model per task (its clients averaged) or one per client",
+                                       choices=GROUP_BY)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-            raise ValueError(f"lam={lam!r} is invalid: must be a finite number")
-        if group_by not in GROUP_BY:
-            raise ValueError(f"group_by={group_by!r} is invalid: must be one of {', '.join(GROUP_BY)}")
-        self.lam, self.group_by = float(lam), group_by
+        self.set_hyperparameters(params)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         groups = group_states(updates, self.group_by, ctx.device)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
 from fedmerge.aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
+from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
 
 __all__ = ["Ties", "ties_merge"]
@@ -27,8 +30,7 @@ def ties_merge(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, t
     """
     if not states:
         raise ValueError("ties_merge: no fine-tuned states to merge")
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep={keep!r} is invalid: must be in (0, 1]")
+    keep = check_value("ties", Ties.Params, "keep", keep)
     keys = [k for k, v in base.items() if v.is_floating_point()]
     if not keys:
         return dict(base)
@@ -68,15 +70,17 @@ class Ties(Aggregator):
 
     name = "ties"
 
-    def __init__(self, *, lam: float = 0.3, keep: float = 0.2, group_by: str = "task") -> None:
+    @dataclass(frozen=True)
+    class Params:
+        lam: float = hyperparameter(0.3, "scale λ of the merged task vector, θ0 + λ · merged")
+        keep: float = hyperparameter(0.2, "share of each task vector's largest-magnitude entries kept",
+                                     gt=0, le=1)
+        group_by: str = hyperparameter("task", "one model per task (its clients averaged) or one per client",
+                                       choices=GROUP_BY)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-            raise ValueError(f"lam={lam!r} is invalid: must be a finite number")
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-            raise ValueError(f"keep={keep!r} is invalid: must be in (0, 1]")
-        if group_by not in GROUP_BY:
-            raise ValueError(f"group_by={group_by!r} is invalid: must be one of {', '.join(GROUP_BY)}")
-        self.lam, self.keep, self.group_by = float(lam), float(keep), group_by
+        self.set_hyperparameters(params)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         groups = group_states(updates, self.group_by, ctx.device)

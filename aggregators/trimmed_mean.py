@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
 from fedmerge.aggregators.median import _cast, stacked
+from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
 
 __all__ = ["TrimmedMean", "trimmed_count", "trimmed_mean"]
 
 
-def _checked_beta(beta: object) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not (
-            math.isfinite(beta) and 0 <= beta < 0.5):
-        raise ValueError(f"beta={beta!r} is invalid: must be a number in [0, 0.5)")
-    return float(beta)
-
-
 def trimmed_count(n: int, beta: float) -> int:
     """How many values are dropped at each end: floor(beta · n)."""
-    return int(math.floor(_checked_beta(beta) * n + 1e-9))
+    return int(math.floor(check_value("trimmed_mean", TrimmedMean.Params, "beta", beta) * n + 1e-9))
 
 
 def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], *, beta: float = 0.1) -> StateDict:
@@ -55,9 +50,14 @@ class TrimmedMean(Aggregator):
 
     name = "trimmed_mean"
 
-    def __init__(self, *, beta: float = 0.1) -> None:
+    @dataclass(frozen=True)
+    class Params:
+        beta: float = hyperparameter(0.1, "share of the values trimmed at each end, floor(beta * n)",
+                                     ge=0, lt=0.5)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        self.beta = _checked_beta(beta)
+        self.set_hyperparameters(params)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         state = trimmed_mean([u.state for u in updates], beta=self.beta)

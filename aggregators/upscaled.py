@@ -9,24 +9,16 @@ weights thus travel (Ray) and persist (safetensors + JSON) without pickling code
 A module type is a class registered with ``@module_type("name")`` that implements
 ``config() -> dict`` and ``classmethod empty(config, shared) -> module``; ``shared`` is one dict
 per rebuild through which modules that share a submodule (E-WEMoE's single router) find it.
-
-Token masks: a module that pools over the token axis (WEMoE's router averages over the tokens)
-must skip padding, but it sees only hidden states. A model that knows which positions are real
-tokens (the text tasks: ids != 0) runs its encoder inside ``with token_mask(mask):``, and the
-module reads the mask with ``active_token_mask``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import torch
 from torch import nn
 
-__all__ = ["Removed", "active_token_mask", "describe", "module_type", "rebuild", "set_submodule", "token_mask"]
+__all__ = ["Removed", "describe", "module_type", "rebuild", "set_submodule"]
 
 _TYPES: dict[str, type[nn.Module]] = {}
 M = TypeVar("M", bound=type[nn.Module])
@@ -42,32 +34,6 @@ def module_type(name: str) -> Callable[[M], M]:
         _TYPES[name] = cls
         return cls
     return decorate
-
-
-_TOKEN_MASK: ContextVar[torch.Tensor | None] = ContextVar("fedmerge_token_mask", default=None)
-
-
-@contextmanager
-def token_mask(mask: torch.Tensor) -> Iterator[None]:
-    """Within the block, ``active_token_mask`` is ``mask`` (batch, tokens): true/1 at real tokens,
-    false/0 at padding. Per thread and per asyncio task (a context variable); nests."""
-    if mask.dim() != 2:
-        raise ValueError(f"token_mask: the mask must be (batch, tokens), got shape {tuple(mask.shape)}")
-    reset = _TOKEN_MASK.set(mask)
-    try:
-        yield
-    finally:
-        _TOKEN_MASK.reset(reset)
-
-
-def active_token_mask(batch: int, tokens: int) -> torch.Tensor | None:
-    """The mask of the enclosing ``token_mask`` block (None outside one), checked to be
-    (``batch``, ``tokens``): a module fed other positions than the model masked is an error."""
-    mask = _TOKEN_MASK.get()
-    if mask is not None and tuple(mask.shape) != (batch, tokens):
-        raise ValueError(f"the token mask is {tuple(mask.shape)} but the module sees (batch, tokens) = "
-                         f"{(batch, tokens)}: it runs on other positions than the model masked")
-    return mask
 
 
 @module_type("removed")

@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,9 +29,10 @@ from torch.nn import functional as F
 from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
 from fedmerge.aggregators.fedavg import fedavg
 from fedmerge.aggregators.merging import GROUP_BY, count_parameters, group_states, merged_heads, mergeable, stored_bytes
+from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 from fedmerge.aggregators.task_arithmetic import task_arithmetic
-from fedmerge.aggregators.upscaled import Removed, active_token_mask, module_type, set_submodule
+from fedmerge.aggregators.upscaled import Removed, module_type, set_submodule
 
 __all__ = ["ACTIVATIONS", "MLPSite", "Router", "WEMoE", "WEMoEMLP", "find_mlps", "prune_magnitude",
            "train_routers", "upscale_mlps"]
@@ -97,9 +99,16 @@ class WEMoEMLP(nn.Module):
     """act(x W1ᵀ + b1) W2ᵀ + b2 with (W, b) = θ0 + Σi λi(x) τi per sample; λ from the router.
 
     Inputs are (batch, tokens, features) — λ is the router averaged over the real tokens, those
-    the model marks with ``token_mask`` (padding would otherwise pull λ towards the router's
-    output at padding positions) — or (batch, features). Only the router is trainable.
+    marked in ``token_mask`` (padding would otherwise pull λ towards the router's output at
+    padding positions) — or (batch, features). Only the router is trainable.
+
+    The module sees only hidden states, so the model that knows which positions are tokens sets
+    ``token_mask`` (batch, tokens; 1 = real token) for the duration of a forward on every module
+    with ``pools_tokens`` (the text tasks do: ``fedmerge.clients.tasks.text.token_mask``); None =
+    every position is a token.
     """
+
+    pools_tokens: ClassVar[bool] = True
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, num_experts: int, *,
                  activation: str, init_lambda: float = 0.3, router_std: float = 0.01,
@@ -110,6 +119,7 @@ class WEMoEMLP(nn.Module):
         (flat positions in the (N, ...) stack, int32 where they fit) and ``tau_<name>_values``
         instead of the dense ``tau_<name>``, and forward scatters them into a dense stack."""
         super().__init__()
+        self.token_mask: torch.Tensor | None = None
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is invalid: must be one of {', '.join(ACTIVATIONS)}")
         self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
@@ -185,11 +195,14 @@ class WEMoEMLP(nn.Module):
 
     def expert_weights(self, x: torch.Tensor) -> torch.Tensor:
         """λ(x), one row of N weights per sample: for token inputs the router's mean over the
-        sample's real tokens (``fedmerge.aggregators.upscaled.token_mask``; all tokens when none is set)."""
+        sample's real tokens (``token_mask``; all tokens when none is set)."""
         lam = self.router(x)
         if x.dim() != 3:
             return lam
-        mask = active_token_mask(x.shape[0], x.shape[1])
+        mask = self.token_mask
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"the token mask is {tuple(mask.shape)} but the module sees (batch, tokens) = "
+                             f"{tuple(x.shape[:2])}: it runs on other positions than the model masked")
         if mask is None:
             return lam.mean(dim=1)
         m = mask.to(device=lam.device, dtype=lam.dtype).unsqueeze(-1)
@@ -362,25 +375,23 @@ class WEMoE(Aggregator):
 
     name = "wemoe"
 
-    def __init__(self, *, init_lambda: float = 0.3, steps: int = 1000, lr: float = 1e-4, batch_size: int = 16,
-                 router_std: float = 0.01, group_by: str = "task", efficient: bool = False,
-                 keep: float = 0.1) -> None:
+    @dataclass(frozen=True)
+    class Params:
+        init_lambda: float = hyperparameter(0.3, "task-arithmetic scale λ0 outside the MLPs; the routers "
+                                            "start at b2 = λ0")
+        steps: int = hyperparameter(1000, "Adam steps of router training on the proxy inputs (0 = untrained)",
+                                    ge=0)
+        lr: float = hyperparameter(1e-4, "Adam learning rate of the routers", gt=0)
+        batch_size: int = hyperparameter(16, "proxy inputs per task per router step", ge=1)
+        router_std: float = hyperparameter(0.01, "std of the routers' initial weights", ge=0)
+        group_by: str = hyperparameter("task", "one expert per task or per client", choices=GROUP_BY)
+        efficient: bool = hyperparameter(False, "E-WEMoE: prune the MLP task vectors to keep, one shared router")
+        keep: float = hyperparameter(0.1, "share of each MLP task vector kept (efficient = true only)",
+                                     gt=0, le=1)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        checks = {
-            "init_lambda": isinstance(init_lambda, (int, float)) and math.isfinite(init_lambda),
-            "steps": isinstance(steps, int) and steps >= 0,
-            "lr": isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr),
-            "batch_size": isinstance(batch_size, int) and batch_size >= 1,
-            "router_std": isinstance(router_std, (int, float)) and router_std >= 0,
-            "group_by": group_by in GROUP_BY,
-            "efficient": isinstance(efficient, bool),
-            "keep": isinstance(keep, (int, float)) and 0 < keep <= 1,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{key}={locals()[key]!r} is invalid")
-        self.init_lambda, self.steps, self.lr, self.batch_size = float(init_lambda), steps, float(lr), batch_size
-        self.router_std, self.group_by, self.efficient, self.keep = float(router_std), group_by, efficient, float(keep)
+        self.set_hyperparameters(params)
 
     def build(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> tuple[nn.Module, int]:
         """The WEMoE model before router training, and its number of experts."""

@@ -5,9 +5,9 @@ different non-IID data drift to different scopes, which hurts averaging. WSA add
 client's loss λ times the mean over layers of KL(N(μl, σl²) ‖ N(μ*l, σ*l²)), pulling every layer
 toward a shared target scope, and the server fuses the clients' scopes into the next target.
 
-This module holds both halves: the scope computations (pure functions), the client term
-``"wsa_scope"``, the ``ScopeTracker`` that also gives FedProx its scope-drift metrics, and the
-``WSA`` aggregator.
+This module holds both halves: the client term ``"wsa_scope"``, the fusion of client scopes and
+the ``WSA`` aggregator. The scope computations and ``ScopeTracker`` (which also gives FedProx its
+scope-drift metrics) live in ``fedmerge.aggregators.scope`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,14 +29,27 @@ from fedmerge.aggregators.base import (
     checked_num_examples,
 )
 from fedmerge.aggregators.fedavg import FedAvg
+from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
+from fedmerge.aggregators.scope import (
+    SIGMA_EPS,
+    Scope,
+    ScopeTrackedRounds,
+    ScopeTracker,
+    gaussian_kl,
+    layer_scopes,
+    scope,
+    scope_layers,
+)
 from fedmerge.aggregators.terms import LossTerm, register_term
 
 __all__ = [
     "FUSIONS",
     "INITIAL_TARGETS",
+    "SIGMA_EPS",
     "WSA",
     "Scope",
+    "ScopeTrackedRounds",
     "ScopeTracker",
     "fuse_scopes",
     "gaussian_kl",
@@ -45,54 +59,8 @@ __all__ = [
     "scope_term",
 ]
 
-Scope = tuple[float, float]  # (mu, sigma) of one layer's weights
 FUSIONS = ("moment", "mean")
 INITIAL_TARGETS = ("model", "prior")
-SIGMA_EPS = 1e-8  # sigma = sqrt(var + SIGMA_EPS): finite log and gradient for a constant layer
-
-
-def scope(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ, σ) of a tensor's entries, differentiable: σ = sqrt(population variance + 1e-8).
-
-    Population variance (divide by n, not n - 1): the layer *is* the distribution whose moments
-    the regulariser and the moment fusion use, not a sample of it; both halves call this function,
-    so the client's regulariser and the server's scopes agree exactly.
-    """
-    var, mu = torch.var_mean(weights, correction=0)
-    return mu, torch.sqrt(var + SIGMA_EPS)
-
-
-def scope_layers(state: Mapping[str, torch.Tensor], include_bias: bool = False) -> list[str]:
-    """The layers WSA aligns, in ``state``'s order: floating tensors with two or more dimensions.
-
-    Normalisation parameters, biases and buffers are 1-D or integer and so left out. With
-    ``include_bias`` a 1-D ``<prefix>.bias`` is added when ``<prefix>.weight`` is selected, which
-    keeps a norm layer's bias out (its weight is 1-D) while a linear or conv bias comes in.
-    """
-    def selected(key: str) -> bool:
-        tensor = state.get(key)
-        return isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() >= 2
-
-    layers = []
-    for key, tensor in state.items():
-        if selected(key):
-            layers.append(key)
-        elif (include_bias and key.endswith("bias") and tensor.is_floating_point()
-              and tensor.dim() == 1 and selected(key[: -len("bias")] + "weight")):
-            layers.append(key)
-    return layers
-
-
-def layer_scopes(state: Mapping[str, torch.Tensor], layers: Sequence[str]) -> dict[str, Scope]:
-    """{layer: (μ, σ)} as Python floats, computed in float64 (see ``scope``)."""
-    out = {}
-    with torch.no_grad():
-        for name in layers:
-            if name not in state:
-                raise ValueError(f"layer {name!r} is not in the state dict")
-            mu, sigma = scope(state[name].detach().to(torch.float64))
-            out[name] = (mu.item(), sigma.item())
-    return out
 
 
 def _normalised(weights: Sequence[float], n: int, where: str) -> list[float]:
@@ -116,8 +84,7 @@ def fuse_scopes(scopes_per_client: Sequence[Mapping[str, Scope]], weights: Seque
     and never negative in floating point). ``"mean"``: μ* = Σ pi μi, σ* = Σ pi σi. ``weights``
     (example counts work as they are) are normalised here.
     """
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion={fusion!r} is invalid: must be one of {', '.join(FUSIONS)}")
+    fusion = check_value("fuse_scopes", WSA.Params, "fusion", fusion)
     if not scopes_per_client:
         raise ValueError("fuse_scopes: no client scopes to fuse")
     p = _normalised(weights, len(scopes_per_client), "fuse_scopes")
@@ -139,16 +106,6 @@ def fuse_scopes(scopes_per_client: Sequence[Mapping[str, Scope]], weights: Seque
     return fused
 
 
-def gaussian_kl(mu: Any, sigma: Any, mu_t: Any, sigma_t: Any) -> Any:
-    """KL(N(μ, σ²) ‖ N(μ*, σ*²)) = log(σ*/σ) + (σ² + (μ − μ*)²)/(2σ*²) − 1/2.
-
-    Takes tensors (differentiable, broadcasting) or Python floats (returns a float).
-    """
-    ratio = sigma_t / sigma
-    log_ratio = torch.log(ratio) if isinstance(ratio, torch.Tensor) else math.log(ratio)
-    return log_ratio + (sigma * sigma + (mu - mu_t) ** 2) / (2 * sigma_t * sigma_t) - 0.5
-
-
 def _checked_target(name: str, value: Any) -> Scope:
     if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2
             or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
@@ -156,20 +113,6 @@ def _checked_target(name: str, value: Any) -> Scope:
             or value[1] <= 0):
         raise ValueError(f"target of layer {name!r} must be [mu, sigma] with sigma > 0, got {value!r}")
     return float(value[0]), float(value[1])
-
-
-def _checked_sigma(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}={value!r} is invalid: must be a positive number")
-    return float(value)
-
-
-def _checked_lam(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name}={value!r} is invalid: must be a non-negative number")
-    return float(value)
 
 
 @register_term("wsa_scope")
@@ -182,7 +125,7 @@ def scope_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *, la
     them as [μ*, σ*]; without it the target is the received model's own scopes (WSA's round 1,
     when the server has not fused any yet), or N(0, prior_sigma) per layer when that is given.
     """
-    lam = _checked_lam("lam", lam)
+    lam = check_value("", WSA.Params, "lam", lam)
     layers = scope_layers(global_state, include_bias)
     if not layers:
         raise ValueError("the model has no layer to align (no floating tensor with dim >= 2)")
@@ -198,7 +141,7 @@ def scope_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *, la
                              f"unexpected {unexpected}")
         target = {name: _checked_target(name, targets[name]) for name in layers}
     elif prior_sigma is not None:
-        sigma = _checked_sigma("prior_sigma", prior_sigma)
+        sigma = check_value("", WSA.Params, "prior_sigma", prior_sigma)
         target = {name: (0.0, sigma) for name in layers}
     else:
         target = layer_scopes(global_state, layers)
@@ -213,90 +156,6 @@ def scope_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *, la
         return lam * torch.stack(kls).mean()
 
     return term
-
-
-class ScopeTracker:
-    """The layer scopes of a round's client models, two floats a layer, and their spread.
-
-    ``add`` computes a client's scopes from its weights and keeps only those, so a round holds
-    2 floats a layer per client. The layers are those of the first state added
-    (``scope_layers(state, include_bias)``).
-    """
-
-    def __init__(self, *, include_bias: bool = False) -> None:
-        self.include_bias = include_bias
-        self.layers: list[str] = []
-        self.scopes: list[dict[str, Scope]] = []
-        self.weights: list[float] = []
-
-    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> dict[str, Scope]:
-        if not self.scopes:
-            self.layers = scope_layers(state, self.include_bias)
-        scopes = layer_scopes(state, self.layers)
-        self.scopes.append(scopes)
-        self.weights.append(weight)
-        return scopes
-
-    def state(self) -> dict[str, Any]:
-        """What has been added so far, as plain data (a round-state snapshot)."""
-        return {"layers": list(self.layers), "scopes": [dict(s) for s in self.scopes],
-                "weights": list(self.weights)}
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state()``; only into an empty tracker."""
-        if self.scopes:
-            raise RuntimeError("a scope snapshot can only be loaded into an empty tracker")
-        if not isinstance(state, Mapping) or set(state) != {"layers", "scopes", "weights"}:
-            raise ValueError("a scope snapshot has the keys 'layers', 'scopes' and 'weights'")
-        if len(state["scopes"]) != len(state["weights"]):
-            raise ValueError(f"a scope snapshot has {len(state['scopes'])} clients' scopes but "
-                             f"{len(state['weights'])} weights")
-        self.layers = [str(name) for name in state["layers"]]
-        self.scopes = [{str(k): (float(v[0]), float(v[1])) for k, v in s.items()} for s in state["scopes"]]
-        self.weights = list(state["weights"])
-
-    def metrics(self, target: Mapping[str, Scope] | None = None) -> dict[str, float]:
-        """``scope_mu_spread`` / ``scope_sigma_spread``: mean over layers of the population std
-        of μ / σ across the clients (unweighted: drift between models, whatever their sizes);
-        with ``target``, ``scope_kl_to_target``: mean over clients and layers of
-        KL(client scope ‖ target)."""
-        if not self.scopes or not self.layers:
-            return {}
-
-        def spread(index: int) -> float:
-            stds = []
-            for name in self.layers:
-                values = [scopes[name][index] for scopes in self.scopes]
-                mean = sum(values) / len(values)
-                stds.append(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)))
-            return sum(stds) / len(stds)
-
-        out = {"scope_mu_spread": spread(0), "scope_sigma_spread": spread(1)}
-        if target is not None:
-            kls = [gaussian_kl(*scopes[name], *target[name])
-                   for scopes in self.scopes for name in self.layers]
-            out["scope_kl_to_target"] = sum(kls) / len(kls)
-        return out
-
-
-class ScopeTrackedRounds:
-    """The round state of an aggregator that merges with an inner ``FedAvg`` (``self._fedavg``)
-    and tracks the replies' scopes (``self._tracker``, set by ``begin_round``): both together, so
-    a restarted actor resumes the round exactly (``Aggregator.round_state``)."""
-
-    _fedavg: FedAvg
-    _tracker: ScopeTracker | None
-
-    def round_state(self) -> dict[str, Any]:
-        if self._tracker is None:
-            raise RuntimeError(f"{type(self).__name__}.round_state() called before begin_round()")
-        return {"fedavg": self._fedavg.round_state(), "scopes": self._tracker.state()}
-
-    def load_round_state(self, state: Mapping[str, Any]) -> None:
-        if self._tracker is None:
-            raise RuntimeError(f"{type(self).__name__}.load_round_state() called before begin_round()")
-        self._fedavg.load_round_state(state["fedavg"])
-        self._tracker.load_state(state["scopes"])
 
 
 @register()
@@ -325,21 +184,22 @@ class WSA(ScopeTrackedRounds, Aggregator):
 
     name = "wsa"
 
-    def __init__(self, *, lam: float = 0.1, fusion: str = "moment", include_bias: bool = False,
-                 initial_target: str = "model", prior_sigma: float = 0.05) -> None:
+    @dataclass(frozen=True)
+    class Params:
+        lam: float = hyperparameter(0.1, "weight λ of the clients' scope regulariser; 0 = FedAvg plus "
+                                    "the scope metrics", ge=0)
+        fusion: str = hyperparameter("moment", "how client scopes become the next target: moment (the "
+                                     "mixture's mean and std) | mean (average of mu and sigma)",
+                                     choices=FUSIONS)
+        include_bias: bool = hyperparameter(False, "also align linear/conv biases")
+        initial_target: str = hyperparameter("model", "round-1 target: model (the initial model's own "
+                                             "scopes) | prior (N(0, prior_sigma) a layer)",
+                                             choices=INITIAL_TARGETS)
+        prior_sigma: float = hyperparameter(0.05, "sigma of the prior target (initial_target = prior)", gt=0)
+
+    def __init__(self, **params: Any) -> None:
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion={fusion!r} is invalid: must be one of {', '.join(FUSIONS)}")
-        if initial_target not in INITIAL_TARGETS:
-            raise ValueError(f"initial_target={initial_target!r} is invalid: must be one of "
-                             f"{', '.join(INITIAL_TARGETS)}")
-        if not isinstance(include_bias, bool):
-            raise ValueError(f"include_bias={include_bias!r} is invalid: must be true or false")
-        self.lam = _checked_lam("lam", lam)
-        self.fusion = fusion
-        self.include_bias = include_bias
-        self.initial_target = initial_target
-        self.prior_sigma = _checked_sigma("prior_sigma", prior_sigma)
+        self.set_hyperparameters(params)
         self.target: dict[str, Scope] | None = None  # fused by the last round; None before round 1
         self._fedavg = FedAvg()
         self._tracker: ScopeTracker | None = None

@@ -27,14 +27,14 @@ round), so the same run config gives the same attack. Pure NumPy and torch: no f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from fedmerge.aggregators.params import ParamSpec, check_fields, describe, hyperparameter
 from fedmerge.clients.tasks.base import ArrayData
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "MODEL_ATTACKS",
     "AttackConfig",
     "attack_data",
+    "attack_params",
     "attack_state",
     "client_attack",
     "is_malicious",
@@ -63,41 +64,25 @@ _STREAM_CHOICE, _STREAM_DATA, _STREAM_MODEL = 0xA77AC, 0xDA7A, 0x30DE1
 class AttackConfig:
     """Which clients misbehave and how; ``kind = "none"`` (the default) simulates no attack."""
 
-    kind: str = field(default="none", metadata={
-        "doc": "none | noise | sign_flip | label_flip | noisy_labels | tiny | inflate"})
-    fraction: float = field(default=0.0, metadata={
-        "doc": "share of the clients that are malicious: round(fraction * num_clients) of them"})
-    seed: int = field(default=0, metadata={
-        "doc": "chooses the malicious clients and seeds the attacks' noise"})
-    noise_std: float = field(default=0.5, metadata={
-        "doc": "noise: std of the Gaussian noise sent instead of the update"})
-    flip_scale: float = field(default=4.0, metadata={
-        "doc": "sign_flip: the update sent is -flip_scale times the honest one"})
-    label_noise: float = field(default=0.8, metadata={
-        "doc": "noisy_labels: share of the client's labels redrawn uniformly at random"})
-    tiny_fraction: float = field(default=0.02, metadata={
-        "doc": "tiny: share of its shard a client keeps (at least one example)"})
-    count_factor: float = field(default=1.0, metadata={
-        "doc": "malicious clients report this many times their example count (any kind)"})
+    kind: str = hyperparameter("none", "none | noise | sign_flip | label_flip | noisy_labels | tiny | inflate",
+                               choices=ATTACK_KINDS)
+    fraction: float = hyperparameter(0.0, "share of the clients that are malicious: round(fraction * "
+                                     "num_clients) of them", ge=0, le=1)
+    seed: int = hyperparameter(0, "chooses the malicious clients and seeds the attacks' noise", ge=0)
+    noise_std: float = hyperparameter(0.5, "noise: std of the Gaussian noise sent instead of the update", gt=0)
+    flip_scale: float = hyperparameter(4.0, "sign_flip: the update sent is -flip_scale times the honest one",
+                                       gt=0)
+    label_noise: float = hyperparameter(0.8, "noisy_labels: share of the client's labels redrawn uniformly "
+                                        "at random", gt=0, le=1)
+    tiny_fraction: float = hyperparameter(0.02, "tiny: share of its shard a client keeps (at least one "
+                                          "example)", gt=0, le=1)
+    count_factor: float = hyperparameter(1.0, "malicious clients report this many times their example "
+                                         "count (any kind)", gt=0)
 
     def __post_init__(self) -> None:
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        checks = {
-            "kind": (self.kind in ATTACK_KINDS, f"one of {', '.join(ATTACK_KINDS)}"),
-            "fraction": (number(self.fraction) and 0.0 <= self.fraction <= 1.0, "in [0, 1]"),
-            "seed": (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-                     "an integer >= 0"),
-            "noise_std": (number(self.noise_std) and self.noise_std > 0, "a positive number"),
-            "flip_scale": (number(self.flip_scale) and self.flip_scale > 0, "a positive number"),
-            "label_noise": (number(self.label_noise) and 0.0 < self.label_noise <= 1.0, "in (0, 1]"),
-            "tiny_fraction": (number(self.tiny_fraction) and 0.0 < self.tiny_fraction <= 1.0, "in (0, 1]"),
-            "count_factor": (number(self.count_factor) and self.count_factor > 0, "a positive number"),
-        }
-        for name, (ok, rule) in checks.items():
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {rule}")
+        # The message starts with the field's name: the config parser puts "attack." before it.
+        for name, value in check_fields("", self).items():
+            object.__setattr__(self, name, value)
         if self.kind == "inflate" and self.count_factor == 1.0:
             raise ValueError("count_factor=1.0 is invalid for kind 'inflate': it must differ from 1 "
                              "(inflate only changes the reported example count)")
@@ -111,6 +96,28 @@ class AttackConfig:
     def from_mapping(cls, raw: Mapping[str, Any]) -> "AttackConfig":
         """Rebuild from ``dataclasses.asdict`` output (what the clients receive in the run config)."""
         return cls(**dict(raw))
+
+
+ATTACK_SPECIFIC = {"noise": ("noise_std",), "sign_flip": ("flip_scale",), "noisy_labels": ("label_noise",),
+                   "tiny": ("tiny_fraction",), "label_flip": (), "inflate": (), "none": ()}
+"""The parameters only one kind reads; the others (kind, fraction, seed, count_factor) every kind."""
+
+
+def attack_params(kind: str | None = None) -> list[ParamSpec]:
+    """The declared ``[attack]`` parameters (``fedmerge list --attack KIND``): all of them, or
+    those ``kind`` reads. An unknown kind is a ValueError with a "did you mean"."""
+    specs = describe(AttackConfig)
+    if kind is None:
+        return specs
+    if kind not in ATTACK_SPECIFIC:
+        import difflib
+
+        close = difflib.get_close_matches(kind, ATTACK_KINDS, n=1) if len(kind) <= 100 else []
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        shown = repr(kind) if len(kind) <= 80 else f"{kind[:80]!r}... ({len(kind):,} characters)"
+        raise ValueError(f"unknown attack kind {shown}.{hint} Available: {', '.join(ATTACK_KINDS)}")
+    specific = {name for names in ATTACK_SPECIFIC.values() for name in names}
+    return [s for s in specs if s.name not in specific or s.name in ATTACK_SPECIFIC[kind]]
 
 
 def malicious_clients(seed: int, num_clients: int, fraction: float) -> list[int]:

@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list aggregators, tasks and partitioners")
     p.add_argument("--fields", action="store_true", help="also list every config field with its default")
+    p.add_argument("--aggregator", default=None, metavar="NAME",
+                   help="list one aggregator's hyperparameters: type, default, allowed values, meaning")
+    p.add_argument("--attack", default=None, metavar="KIND",
+                   help="list the [attack] parameters a kind reads (see attack.kind)")
     return parser
 
 
@@ -96,6 +100,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from fedmerge.federation.config import load_config
 
     if args.command == "list":
+        if args.aggregator is not None or args.attack is not None:
+            return _list_params(args.aggregator, args.attack)
         return _list(args.fields)
     if args.command == "report":
         from fedmerge.federation.results import RunDir, format_run_report, plot_curves
@@ -165,6 +171,27 @@ def _list(fields: bool) -> int:
 
         print()
         print(format_table(["key", "default", "meaning"], describe_fields()))
+    return 0
+
+
+def _list_params(aggregator: str | None, attack: str | None) -> int:
+    """Print the declared hyperparameters of an aggregator and/or an attack kind, one a line."""
+    from fedmerge.aggregators.params import format_specs
+    from fedmerge.aggregators.registry import aggregator_params
+    from fedmerge.clients.attacks import attack_params
+    from fedmerge.federation.config import ConfigError
+
+    blocks = []
+    try:
+        if aggregator is not None:
+            blocks.append((f"aggregator {aggregator!r} ([aggregator] keys)", aggregator_params(aggregator)))
+        if attack is not None:
+            blocks.append((f"attack {attack!r} ([attack] keys)", attack_params(attack)))
+    except ValueError as err:  # an unknown name: one line with its "did you mean", exit status 2
+        raise ConfigError(str(err)) from None
+    for i, (title, specs) in enumerate(blocks):
+        print(("\n" if i else "") + f"{title}:")
+        print(format_specs(specs))
     return 0
 
 

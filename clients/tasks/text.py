@@ -34,6 +34,8 @@ import bz2
 import csv
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,13 +43,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmerge.aggregators.upscaled import token_mask
 from fedmerge.clients.tasks.base import ArrayData, DataError, Task
 
 __all__ = [
     "MAX_LEN", "NEG", "MultiTaskTextClassifier", "RottenTomatoes", "TextClassifier", "TextMultiTask",
     "TextTask", "WordNetNouns", "WordNetVerbs", "build_text_model", "load_encoder", "load_tokenizer",
-    "minilm_path",
+    "minilm_path", "token_mask",
 ]
 
 MAX_LEN = 32
@@ -128,6 +129,25 @@ def load_encoder(path: str | Path | None = None, *, pretrained: bool = True) -> 
     return transformers.AutoModel.from_config(config)
 
 
+@contextmanager
+def token_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
+    """Within the block, every submodule of ``model`` that pools over the token axis (it has a
+    true ``pools_tokens`` attribute, e.g. WEMoE's MLP, whose router averages over the tokens) has
+    ``mask`` (batch, tokens; 1 at real tokens, 0 at padding) as its ``token_mask``, so it skips
+    padding although it sees only hidden states; None again afterwards. The model supplies the
+    mask because only it knows which positions are tokens. One forward at a time per model."""
+    if mask.dim() != 2:
+        raise ValueError(f"token_mask: the mask must be (batch, tokens), got shape {tuple(mask.shape)}")
+    pooling = [m for m in model.modules() if getattr(m, "pools_tokens", False)]
+    for module in pooling:
+        module.token_mask = mask
+    try:
+        yield
+    finally:
+        for module in pooling:
+            module.token_mask = None
+
+
 class TextClassifier(nn.Module):
     """encoder (BERT) -> mean over non-padding tokens -> linear head. Input: token ids (B, L)."""
 
@@ -143,7 +163,7 @@ class TextClassifier(nn.Module):
         length = int((ids != 0).sum(dim=1).max().clamp_min(1))
         ids = ids[:, :length]
         mask = (ids != 0).long()
-        with token_mask(mask):  # modules that pool over tokens inside the encoder (WEMoE) skip padding too
+        with token_mask(self.encoder, mask):  # modules that pool over tokens inside (WEMoE) skip padding too
             hidden = self.encoder(input_ids=ids, attention_mask=mask,
                                   token_type_ids=torch.zeros_like(ids)).last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
