@@ -522,7 +522,7 @@ class FedDRL(Aggregator):
     """
 
     name = "feddrl"
-    needs_validation = True
+    needs = frozenset({"validation"})
 
     def __init__(self, *, a2c_hidden: int = 64, a2c_lr: float = 3e-3, a2c_entropy_coef: float = 0.01,
                  a2c_candidates: int = 8, a2c_iterations: int = 2, a2c_warmup_iterations: int = 4,

@@ -24,6 +24,7 @@ class SimpleAverage(Aggregator):
     """
 
     name = "simple_average"
+    needs = frozenset({"base_model"})
 
     def __init__(self, *, group_by: str = "task") -> None:
         super().__init__()

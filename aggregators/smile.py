@@ -251,6 +251,7 @@ class Smile(Aggregator):
     """
 
     name = "smile"
+    needs = frozenset({"base_model", "model_builder"})
 
     def __init__(self, *, k_gate: int = 16, k: int = 32, top_k: int = 1, base: str = "pretrained",
                  group_by: str = "client", nonlinear: str = "base", svd: str = "full",

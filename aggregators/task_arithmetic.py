@@ -46,6 +46,7 @@ class TaskArithmetic(Aggregator):
     """
 
     name = "task_arithmetic"
+    needs = frozenset({"base_model"})
 
     def __init__(self, *, lam: float = 0.3, group_by: str = "task") -> None:
         super().__init__()

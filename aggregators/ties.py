@@ -67,6 +67,7 @@ class Ties(Aggregator):
     """
 
     name = "ties"
+    needs = frozenset({"base_model"})
 
     def __init__(self, *, lam: float = 0.3, keep: float = 0.2, group_by: str = "task") -> None:
         super().__init__()

@@ -361,6 +361,7 @@ class WEMoE(Aggregator):
     """
 
     name = "wemoe"
+    needs = frozenset({"base_model", "model_builder", "proxy_inputs"})
 
     def __init__(self, *, init_lambda: float = 0.3, steps: int = 1000, lr: float = 1e-4, batch_size: int = 16,
                  router_std: float = 0.01, group_by: str = "task", efficient: bool = False,
