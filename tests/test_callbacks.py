@@ -112,6 +112,23 @@ def test_run_callbacks_config_field(tmp_path):
         digits_config(tmp_path, 'run.callbacks=["nocolon"]')
 
 
+def test_callbacks_may_change_on_resume_and_old_checkpoints_still_fit(tmp_path):
+    """A run's callbacks change no result: a resume may add or drop them. A checkpoint written
+    before ``run.callbacks`` existed (no [run] section) fits a config without callbacks."""
+    from fedmerge.federation import runner
+    from fedmerge.federation.checkpoint import load_checkpoint
+
+    from .test_resume_safety import stopped_run
+
+    run = stopped_run(tmp_path)
+    checkpoint = load_checkpoint(run.checkpoint_dir / "round_00002")
+    assert "run" not in checkpoint.config
+    runner._check_resumable(digits_config(tmp_path, "federation.num_rounds=4"), run, checkpoint)
+    with_callbacks = digits_config(tmp_path, "federation.num_rounds=4",
+                                   'run.callbacks=["tests.test_callbacks:PathLogger"]')
+    runner._check_resumable(with_callbacks, run, checkpoint)
+
+
 def test_a_bad_callback_path_fails_before_any_folder_or_ray(tmp_path):
     config = digits_config(tmp_path, 'run.callbacks=["tests.test_callbacks:Missing"]')
     with pytest.raises(ConfigError, match=r"run\.callbacks entry 'tests\.test_callbacks:Missing'"):
