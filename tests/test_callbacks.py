@@ -275,6 +275,60 @@ def test_an_unknown_need_of_a_user_aggregator_is_a_clear_error(tmp_path):
         check_needs(config)
 
 
+class FakeActorClass:
+    """Stands in for a ``@ray.remote`` actor class in ``Experiment.setup``: records what it was given."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[tuple, dict]] = []
+
+    def options(self, **options):
+        return self
+
+    def remote(self, *args, **kwargs):
+        self.made.append((args, kwargs))
+        return SimpleNamespace(placement=SimpleNamespace(remote=lambda: {"device": "cpu", "hostname": "h"}))
+
+
+def _setup(tmp_path, monkeypatch, *overrides):
+    """(what the aggregator actor was given, the clients' shard dir) of ``Experiment.setup``, no Ray."""
+    import fedmerge.federation.server as server
+
+    aggregator, evaluator = FakeActorClass(), FakeActorClass()
+    monkeypatch.setattr(server, "AggregatorActor", aggregator)
+    monkeypatch.setattr(server, "EvaluatorActor", evaluator)
+    monkeypatch.setattr(server.ray, "get", lambda value, timeout=None: value)
+    config = digits_config(tmp_path, *overrides)
+    experiment = Experiment(config, RunDir.create(config.output.root_path, config.name))
+    experiment.setup()
+    (_, kwargs), = aggregator.made
+    return kwargs, experiment.shard_dir
+
+
+def test_the_aggregator_gets_only_the_data_it_declares_and_the_shards_never_depend_on_it(tmp_path, monkeypatch):
+    given, plain = _setup(tmp_path, monkeypatch)
+    assert given["validation"] is None and given["proxy"] is None  # fedavg: neither built
+    given, held_for_nobody = _setup(tmp_path, monkeypatch, "data.server_val_size=40")
+    assert given["validation"] is None  # carved out as configured, but not shipped
+    given, held_for_feddrl = _setup(tmp_path, monkeypatch, "data.server_val_size=40", "aggregator.name=feddrl")
+    assert len(given["validation"]["y"]) == 40 and given["proxy"] is None
+    assert held_for_feddrl == held_for_nobody != plain  # same clients' data whoever aggregates
+
+    given, _ = _setup(tmp_path, monkeypatch, "aggregator.name=wemoe")
+    assert sum(len(x) for x in given["proxy"].values()) == len(get_test_split())  # the test inputs
+    given, proxied_for_nobody = _setup(tmp_path, monkeypatch, "data.proxy_inputs='held_out'", "data.proxy_size=30")
+    assert given["proxy"] is None
+    given, proxied_for_wemoe = _setup(tmp_path, monkeypatch, "data.proxy_inputs='held_out'", "data.proxy_size=30",
+                                      "aggregator.name=wemoe")
+    assert sum(len(x) for x in given["proxy"].values()) == 30
+    assert proxied_for_wemoe == proxied_for_nobody != plain
+
+
+def get_test_split():
+    from fedmerge.clients.tasks import get_task
+
+    return get_task("digits").load("test").y
+
+
 # ---- real runs ------------------------------------------------------------------------------------
 
 def plain_class(actor_class):
