@@ -36,9 +36,23 @@ if TYPE_CHECKING:
     from fedmerge.federation.server import Experiment
     from fedmerge.federation.strategy import RoundReport
 
-__all__ = ["HOOKS", "CallbackList", "Checkpointer", "EventsLog", "FinalModel", "MetricsLog", "PlacementLog",
-           "Plot", "Progress", "RoundCallback", "Summary", "Upload", "default_callbacks", "resolve_callback",
-           "resolve_callbacks"]
+__all__ = [
+    "HOOKS",
+    "CallbackList",
+    "Checkpointer",
+    "EventsLog",
+    "FinalModel",
+    "MetricsLog",
+    "PlacementLog",
+    "Plot",
+    "Progress",
+    "RoundCallback",
+    "Summary",
+    "Upload",
+    "default_callbacks",
+    "resolve_callback",
+    "resolve_callbacks",
+]
 
 log = logging.getLogger("fedmerge")
 
@@ -72,12 +86,18 @@ def _name(callback: Any) -> str:
 
 def _check_hooks(callback: Any, where: str) -> None:
     if isinstance(callback, type):
-        raise ConfigError(f"{where}: {callback.__qualname__} is a class; pass an instance, "
-                          f"e.g. {callback.__qualname__}()")
-    bad = [hook for hook in HOOKS if hasattr(callback, hook) and not callable(getattr(callback, hook))]
+        raise ConfigError(
+            f"{where}: {callback.__qualname__} is a class; pass an instance, "
+            f"e.g. {callback.__qualname__}()"
+        )
+    bad = [
+        hook for hook in HOOKS if hasattr(callback, hook) and not callable(getattr(callback, hook))
+    ]
     if bad or not any(hasattr(callback, hook) for hook in HOOKS):
-        raise ConfigError(f"{where}: {_name(callback)} is no round callback: it needs at least one of the "
-                          f"methods {', '.join(HOOKS)} (see fedmerge.RoundCallback)")
+        raise ConfigError(
+            f"{where}: {_name(callback)} is no round callback: it needs at least one of the "
+            f"methods {', '.join(HOOKS)} (see fedmerge.RoundCallback)"
+        )
 
 
 def resolve_callback(path: str) -> Any:
@@ -90,8 +110,10 @@ def resolve_callback(path: str) -> Any:
     try:
         module = importlib.import_module(module_name.strip())
     except Exception as err:  # noqa: BLE001 - whatever the import raised, the path is what to fix
-        raise ConfigError(f"{where}: cannot import {module_name.strip()!r} ({type(err).__name__}: {err}); "
-                          "is the package installed or on PYTHONPATH?") from None
+        raise ConfigError(
+            f"{where}: cannot import {module_name.strip()!r} ({type(err).__name__}: {err}); "
+            "is the package installed or on PYTHONPATH?"
+        ) from None
     target: Any = module
     for part in attr.strip().split("."):
         if not hasattr(target, part):
@@ -101,8 +123,10 @@ def resolve_callback(path: str) -> Any:
         try:
             target = target()
         except Exception as err:  # noqa: BLE001
-            raise ConfigError(f"{where}: {attr.strip()}() failed ({type(err).__name__}: {err}); a callback "
-                              "named in the config is built without arguments") from None
+            raise ConfigError(
+                f"{where}: {attr.strip()}() failed ({type(err).__name__}: {err}); a callback "
+                "named in the config is built without arguments"
+            ) from None
     _check_hooks(target, where)
     return target
 
@@ -151,16 +175,28 @@ def _hook(callback: Any, hook: str):
 
 # ---- the run's own records ---------------------------------------------------------------------
 
+
 class MetricsLog(RoundCallback):
-    """A round's metric rows, and whether each server actor computed on a GPU, to metrics.parquet."""
+    """A round's metric rows, and whether each server actor ran on a GPU, to metrics.parquet."""
 
     def on_round_end(self, report: RoundReport, run: Experiment) -> None:
         from fedmerge.federation.server import report_rows
 
         placements = run.placement
-        run.run_dir.log_round(report.round, report_rows(report) + [
-            ("system", None, f"{role}_on_gpu", float(placements[role]["device"].startswith("cuda")))
-            for role in ("aggregator", "evaluator") if "device" in placements.get(role, {})])
+        run.run_dir.log_round(
+            report.round,
+            report_rows(report)
+            + [
+                (
+                    "system",
+                    None,
+                    f"{role}_on_gpu",
+                    float(placements[role]["device"].startswith("cuda")),
+                )
+                for role in ("aggregator", "evaluator")
+                if "device" in placements.get(role, {})
+            ],
+        )
 
 
 class EventsLog(RoundCallback):
@@ -177,10 +213,19 @@ class PlacementLog(RoundCallback):
 
     def on_round_end(self, report: RoundReport, run: Experiment) -> None:
         placements = run.placement
-        run.run_dir.log_placement(report.round, [
-            *({"role": role, "client_id": None, **placements[role]} for role in ("aggregator", "evaluator")),
-            *({"role": "client", "client_id": cid, **where} for cid, where in sorted(report.client_placement.items())),
-        ])
+        run.run_dir.log_placement(
+            report.round,
+            [
+                *(
+                    {"role": role, "client_id": None, **placements[role]}
+                    for role in ("aggregator", "evaluator")
+                ),
+                *(
+                    {"role": "client", "client_id": cid, **where}
+                    for cid, where in sorted(report.client_placement.items())
+                ),
+            ],
+        )
 
 
 class Checkpointer(RoundCallback):
@@ -192,26 +237,45 @@ class Checkpointer(RoundCallback):
         from fedmerge.federation.server import checkpoint_due
 
         config, ckpt = run.config, run.config.checkpoint
-        if report.state is None or not checkpoint_due(report.round, ckpt.every, config.federation.num_rounds):
+        if report.state is None or not checkpoint_due(
+            report.round, ckpt.every, config.federation.num_rounds
+        ):
             return
         served = None if report.served is None else ray.get(report.served, timeout=SERVED_TIMEOUT_S)
-        save_checkpoint(run.run_dir.checkpoint_dir, report.round, config.seed, report.state.global_state,
-                        report.state.aggregator_state, keep=ckpt.keep, config=config.to_dict(), served=served)
+        save_checkpoint(
+            run.run_dir.checkpoint_dir,
+            report.round,
+            config.seed,
+            report.state.global_state,
+            report.state.aggregator_state,
+            keep=ckpt.keep,
+            config=config.to_dict(),
+            served=served,
+        )
 
 
 class FinalModel(RoundCallback):
-    """The final global model (and an upscaled served model) as safetensors, with ``output.save_model``."""
+    """The final global model (and a served model) as safetensors, with output.save_model."""
 
     def on_run_end(self, run: Experiment) -> None:
         config = run.config
         if not config.output.save_model:
             return
-        run.run_dir.save_model(run.final_state, metadata={"task": config.data.task,
-                                                          "aggregator": config.aggregator.name})
+        run.run_dir.save_model(
+            run.final_state,
+            metadata={"task": config.data.task, "aggregator": config.aggregator.name},
+        )
         if run.final_served is not None:  # SMILE, WEMoE: fedmerge.federation.moe.load_served
             spec, weights = run.final_served
-            save_served(run.run_dir.path / "served_model.safetensors", build_served(spec, weights), spec["task"],
-                        metadata={"aggregator": config.aggregator.name, "params": dict(config.aggregator.params)})
+            save_served(
+                run.run_dir.path / "served_model.safetensors",
+                build_served(spec, weights),
+                spec["task"],
+                metadata={
+                    "aggregator": config.aggregator.name,
+                    "params": dict(config.aggregator.params),
+                },
+            )
 
 
 class Summary(RoundCallback):
@@ -221,8 +285,12 @@ class Summary(RoundCallback):
     def on_run_end(self, run: Experiment) -> None:
         config = run.config
         summary = summarize(run.run_dir)
-        summary.update(wall_time_s=run.wall_time_s, placement=run.placement, aggregator=config.aggregator.name,
-                       seed=config.seed)
+        summary.update(
+            wall_time_s=run.wall_time_s,
+            placement=run.placement,
+            aggregator=config.aggregator.name,
+            seed=config.seed,
+        )
         if run.resume is not None:
             summary["resumed_from_round"] = run.resume.round
         run.run_dir.write_summary(summary)
@@ -234,8 +302,11 @@ class Plot(RoundCallback):
     def on_run_end(self, run: Experiment) -> None:
         config = run.config
         if config.output.plot:
-            plot_curves({config.aggregator.name: run.run_dir.server_curve("accuracy")}, run.run_dir.plot_path,
-                        title=f"{config.name}: global test accuracy per round")
+            plot_curves(
+                {config.aggregator.name: run.run_dir.server_curve("accuracy")},
+                run.run_dir.plot_path,
+                title=f"{config.name}: global test accuracy per round",
+            )
 
 
 class Upload(RoundCallback):
@@ -254,22 +325,28 @@ class Progress(RoundCallback):
 
     def on_run_start(self, run: Experiment) -> None:
         config = run.config
-        run.progress(f"aggregator {config.aggregator.name!r} on {_where(run.placement['aggregator'])}, "
-                     f"evaluator on {_where(run.placement['evaluator'])}; "
-                     f"{config.data.num_clients} clients, {run.clients_per_round} a round")
+        run.progress(
+            f"aggregator {config.aggregator.name!r} on {_where(run.placement['aggregator'])}, "
+            f"evaluator on {_where(run.placement['evaluator'])}; "
+            f"{config.data.num_clients} clients, {run.clients_per_round} a round"
+        )
 
     def on_round_end(self, report: RoundReport, run: Experiment) -> None:
         n = run.config.federation.num_rounds
-        line = f"round {report.round:>3}/{n}  clients {len(report.client_metrics)}/{len(report.sampled)}"
+        ok, sampled = len(report.client_metrics), len(report.sampled)
+        line = f"round {report.round:>3}/{n}  clients {ok}/{sampled}"
         if report.server_metrics:
-            line += f"  test acc {report.server_metrics['accuracy']:.4f}  loss {report.server_metrics['loss']:.4f}"
+            metrics = report.server_metrics
+            line += f"  test acc {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}"
         if report.failures or report.rejected:
             line += f"  failed {len(report.failures)} rejected {len(report.rejected)}"
         if report.restarts:
             line += f"  actor restarts {len(report.restarts)}"
         if report.skipped:
             line += f"  SKIPPED: {report.skipped}"
-        line += f"  round {report.round_time_s:5.1f}s  total {time.perf_counter() - run.started:6.1f}s"
+        line += (
+            f"  round {report.round_time_s:5.1f}s  total {time.perf_counter() - run.started:6.1f}s"
+        )
         run.progress(line)
 
     def on_run_end(self, run: Experiment) -> None:
@@ -284,6 +361,16 @@ def _where(placement: dict[str, str]) -> str:
 
 def default_callbacks(user: Sequence[Any] = ()) -> CallbackList:
     """The run's own records, then ``user``'s callbacks, then the upload and the progress lines."""
-    return CallbackList(builtin=[MetricsLog(), EventsLog(), PlacementLog(), Checkpointer(),
-                                 FinalModel(), Summary(), Plot()],
-                        user=user, after=[Upload(), Progress()])
+    return CallbackList(
+        builtin=[
+            MetricsLog(),
+            EventsLog(),
+            PlacementLog(),
+            Checkpointer(),
+            FinalModel(),
+            Summary(),
+            Plot(),
+        ],
+        user=user,
+        after=[Upload(), Progress()],
+    )
