@@ -155,6 +155,16 @@ class Aggregator(ABC):
 
     name: ClassVar[str] = ""
 
+    needs: ClassVar[frozenset[str]] = frozenset()
+    """What the aggregator reads from its ``RoundContext`` beyond the weights, seed and device:
+    ``"validation"`` (``evaluate`` / ``evaluate_many`` on the server's validation set, which
+    ``data.server_val_size`` holds out), ``"proxy_inputs"`` (the server's unlabelled inputs,
+    ``data.proxy_inputs``), ``"model_builder"`` (``build_model``) and ``"base_model"``
+    (``base_state``, the round-0 weights). A run ships validation data and proxy inputs to the
+    aggregator only when they are declared, and refuses before it starts a need it cannot meet
+    or a name outside this vocabulary; ``build_model`` and ``base_state`` cost nothing and are
+    always given, so declaring them documents the dependency."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         params = declared_params(cls)

@@ -27,6 +27,7 @@ class SimpleAverage(Aggregator):
     """
 
     name = "simple_average"
+    needs = frozenset({"base_model"})
 
     @dataclass(frozen=True)
     class Params:

@@ -250,6 +250,7 @@ class Smile(Aggregator):
     """
 
     name = "smile"
+    needs = frozenset({"base_model", "model_builder"})
 
     @dataclass(frozen=True)
     class Params:

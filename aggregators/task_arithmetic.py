@@ -48,6 +48,7 @@ class TaskArithmetic(Aggregator):
     """
 
     name = "task_arithmetic"
+    needs = frozenset({"base_model"})
 
     @dataclass(frozen=True)
     class Params:

@@ -69,6 +69,7 @@ class Ties(Aggregator):
     """
 
     name = "ties"
+    needs = frozenset({"base_model"})
 
     @dataclass(frozen=True)
     class Params:

@@ -374,6 +374,7 @@ class WEMoE(Aggregator):
     """
 
     name = "wemoe"
+    needs = frozenset({"base_model", "model_builder", "proxy_inputs"})
 
     @dataclass(frozen=True)
     class Params:

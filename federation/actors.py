@@ -148,12 +148,14 @@ class AggregatorActor:
         ))
         self._accumulate_s += time.perf_counter() - start
 
-    @ray.method(num_returns=4)
+    @ray.method(num_returns=5)
     def finalize(self, token: int) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, Any],
-                                            tuple[dict[str, Any], dict[str, np.ndarray]] | None]:
+                                            tuple[dict[str, Any], dict[str, np.ndarray]] | None,
+                                            dict[str, str]]:
         """The next global weights, the round's metrics, the aggregator's state after the round
-        (which the driver keeps, to restore a restarted actor and to checkpoint), and the served
-        model (``fedmerge.federation.moe`` spec, weights) or None when the broadcast weights are served. The
+        (which the driver keeps, to restore a restarted actor and to checkpoint), the served
+        model (``fedmerge.federation.served`` spec, weights) or None when the broadcast weights are served,
+        and where this actor runs (``placement()``: the run records it without asking again). The
         driver holds the served model's ref, so it outlives this actor: a restart loses nothing."""
         self._check_token(token)
         self._token = None
@@ -170,7 +172,7 @@ class AggregatorActor:
             served = served_spec(result.served_model, self.task_name)
         metrics["aggregate_s"] = self._accumulate_s + time.perf_counter() - start
         return (to_numpy_state({k: v.cpu() for k, v in self.global_state.items()}), metrics,
-                self.state_dict(), served)
+                self.state_dict(), served, placement())
 
     def round_state(self, token: int) -> dict[str, Any] | None:
         """A snapshot of the open round so far (``Aggregator.round_state``, tensors as NumPy arrays
@@ -261,11 +263,13 @@ class EvaluatorActor:
         return placement()
 
     def evaluate(self, state: Mapping[str, np.ndarray],
-                 served: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | None = None) -> dict[str, float]:
+                 served: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | None = None,
+                 with_placement: bool = False) -> dict[str, float] | tuple[dict[str, float], dict[str, str]]:
         """Score the global weights or, when the aggregator served its own model (``served``: a
         ``fedmerge.federation.served`` spec and weights), that model; multi-task data are scored
-        per task."""
+        per task. ``with_placement``: (metrics, ``placement()``), so the round learns where the
+        actor ran."""
         start = time.perf_counter()
         metrics = self.scorer.score(state=None if served is not None else state, served=served)
         metrics["evaluate_s"] = time.perf_counter() - start
-        return metrics
+        return (metrics, placement()) if with_placement else metrics

@@ -7,7 +7,7 @@
   arrays in safetensors and the plain data around them in JSON (never a pickle, so loading a
   checkpoint runs no code);
 - ``served.safetensors`` + ``served.json``, only when the aggregator serves its own model (SMILE,
-  WEMoE): the last merged round's served model (``fedmerge.federation.moe`` weights and spec), so that a
+  WEMoE): the last merged round's served model (``fedmerge.federation.served`` weights and spec), so that a
   resumed run serves, scores and saves exactly what an uninterrupted one would;
 - ``checkpoint.json``, written last: format, round, seed, the run's resolved config (its
   ``ExperimentConfig.to_dict()``) with the SHA-256 of its canonical JSON (``config_digest``), and
@@ -87,7 +87,7 @@ class Checkpoint:
     aggregator_state: dict[str, Any]
     path: Path
     config: dict[str, Any] = field(default_factory=dict)  # the run's ExperimentConfig.to_dict()
-    served: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None  # fedmerge.federation.moe spec, weights
+    served: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None  # fedmerge.federation.served spec, weights
 
 
 def config_digest(config: Mapping[str, Any]) -> str:

@@ -3,7 +3,8 @@
 A config is data. Every field below has a default and a one-line doc (``fedmerge list --fields``
 prints them); unknown keys and bad values raise ``ConfigError`` naming the key, so a typo never
 silently falls back to a default. ``[aggregator]`` is open: every key other than ``name`` is a
-keyword argument of the chosen aggregator, checked against its ``__init__`` when the run starts.
+hyperparameter of the chosen aggregator, checked against its declared ``Params`` (``fedmerge list
+--aggregator NAME`` prints them) before Ray starts.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "FederationConfig",
     "OutputConfig",
     "RayConfig",
+    "RunConfig",
     "TrainConfig",
     "apply_overrides",
     "describe_fields",
@@ -259,6 +261,19 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    callbacks: tuple[str, ...] = _f((), "round callbacks by import path, e.g. [\"mypkg.logs:MyLogger\"] (a class "
+                                        "is built without arguments; see fedmerge.RoundCallback); imported on the "
+                                        "driver before Ray starts")
+
+    def validate(self) -> None:
+        for path in self.callbacks:
+            module, sep, attr = path.partition(":")
+            _check(bool(sep and module.strip() and attr.strip()), "run.callbacks",
+                   f"entry {_short(path)} must look like 'package.module:Name'")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = _f("experiment", "run name; the run folder is <output.root>/<name>-<timestamp>")
     seed: int = _f(0, "seeds partitions, sampling, model init and local training")
@@ -271,6 +286,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), "per-round checkpoints, for `fedmerge resume`")
     output: OutputConfig = _f(OutputConfig(), "run directory")
     attack: AttackConfig = _f(AttackConfig(), "simulated malicious clients (robustness experiments)")
+    run: RunConfig = _f(RunConfig(), "the run's own hooks: round callbacks")
 
     def validate(self) -> None:
         _check(bool(self.name.strip()), "name", "must not be empty")
@@ -282,7 +298,7 @@ class ExperimentConfig:
                f"adds a timestamp, and file names stop at 255 bytes): choose a shorter name")
         _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
         for section in (self.data, self.federation, self.aggregator, self.ray, self.evaluation,
-                        self.checkpoint, self.output):  # [train] checks itself on construction
+                        self.checkpoint, self.output, self.run):  # [train] checks itself on construction
             section.validate()
         _check(self.federation.min_train_nodes <= self.data.num_clients, "federation.min_train_nodes",
                f"is {self.federation.min_train_nodes} but data.num_clients is only {self.data.num_clients}")
@@ -296,6 +312,8 @@ class ExperimentConfig:
         raw = dataclasses.asdict(self)
         agg = raw.pop("aggregator")
         raw["aggregator"] = {"name": agg["name"], **agg["params"]}
+        if raw["run"] == {"callbacks": ()}:  # the default: config.toml and checkpoints of older runs stay as they were
+            del raw["run"]
         return raw
 
     def to_toml(self) -> str:
@@ -423,9 +441,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     elif typing.get_origin(tp) is dict:
         if isinstance(value, Mapping):
             return dict(value)
+    elif typing.get_origin(tp) is tuple:  # tuple[str, ...]: a TOML array of strings
+        if isinstance(value, (list, tuple)):
+            bad = [item for item in value if not isinstance(item, str) or "\0" in item]
+            if bad:
+                raise ConfigError(f"{key} must be an array of strings, got {_short(bad[0])} in it")
+            return tuple(value)
     else:  # pragma: no cover - a field type this parser does not know is a programming error
         raise TypeError(f"unsupported config field type {tp!r} for {key}")
-    expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, "a table")
+    expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, "an array of strings" if typing.get_origin(tp) is tuple else "a table")
     raise ConfigError(f"{key} must be {expected}, got {_type_name(value)} {_short(value)}")
 
 

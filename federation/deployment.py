@@ -20,19 +20,16 @@ The SuperNodes act as the virtual clients the strategy samples and read their sh
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import ray
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.federation.config import ConfigError, ExperimentConfig, load_config
 from fedmerge.federation.results import RunDir
-from fedmerge.federation.runner import ExperimentError, finish_run, init_ray
-from fedmerge.federation.server import Experiment, build_aggregator
+from fedmerge.federation.runner import execute_run, open_run, prepare_run
 
 __all__ = ["app", "config_from_run_config", "run_deployment"]
 
@@ -50,25 +47,18 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     return load_config(Path(path), overrides)
 
 
-def run_deployment(grid: Grid, config: ExperimentConfig, address: str = "") -> RunDir:
-    """Run every round of ``config`` over the SuperNodes behind ``grid``; returns the run folder."""
-    build_aggregator(config)
-    started = time.perf_counter()
-    run_dir = RunDir.create(config.output.root_path, config.name)
-    with run_dir.lock():  # held until the run ends, as in a simulation
-        run_dir.write_config(config.to_toml())
-        log.info("fedmerge deployment run: %s", run_dir.path)
-        experiment = Experiment(config, run_dir, progress=print)
-        init_ray(config, address or None)
-        try:
-            experiment.setup()
-            experiment._run(grid)
-        finally:
-            if ray.is_initialized():
-                ray.shutdown()
-        if experiment.final_state is None:
-            raise ExperimentError("the deployment run ended before the server finished its rounds")
-        finish_run(experiment, time.perf_counter() - started, progress=print)
+def run_deployment(grid: Grid, config: ExperimentConfig, address: str = "",
+                   callbacks: Sequence[Any] = ()) -> RunDir:
+    """Run every round of ``config`` over the SuperNodes behind ``grid``; returns the run folder.
+
+    The same lifecycle as a simulation (``fedmerge.federation.runner``): ``prepare_run`` checks the
+    aggregator's needs and imports ``run.callbacks`` here, in the ServerApp, before Ray starts;
+    ``execute_run`` sets up the actors, drives ``Experiment.run_rounds`` over ``grid`` and finishes.
+    """
+    user = prepare_run(config, address=address or None, callbacks=callbacks)
+    with open_run(config, progress=print) as run_dir:  # locked until the run ends, as in a simulation
+        execute_run(config, run_dir, None, address=address or None, progress=print, callbacks=user,
+                    drive=lambda experiment: experiment.run_rounds(grid))
     return run_dir
 
 

@@ -154,7 +154,7 @@ class RoundAggregation:
 
     ``begin_round`` / ``accumulate`` (non-blocking) / ``finalize`` mirror the actor's methods;
     ``skip_round`` closes a round without merging. ``state`` is the ``RoundState`` after the last
-    round closed; ``served`` the ref of the last merged round's served model (``fedmerge.federation.moe``
+    round closed; ``served`` the ref of the last merged round's served model (``fedmerge.federation.served``
     spec and weights, or None), held by the driver so that it outlives the actor that made it.
     When the actor may be restarted, replies are kept (as ObjectRefs) so that a
     restarted actor can be given the round again, but only until a snapshot of the actor's round
@@ -177,6 +177,7 @@ class RoundAggregation:
         self.replayed = 0  # replies re-sent to restarted actors over the run
         self._state = state
         self.served: ray.ObjectRef | None = None  # the last merged round's served model (moe spec, weights) or None
+        self.placement: dict[str, str] = {}  # where the actor ran its last finalize (actors.placement)
         self._held = state.round  # the round whose result the actor holds (a skipped round changes none)
         self._round: int | None = None
         self._token = 0
@@ -277,8 +278,9 @@ class RoundAggregation:
         def step() -> tuple[ray.ObjectRef, dict[str, np.ndarray], dict[str, float], dict[str, Any],
                             ray.ObjectRef]:
             self.guard.get(self._pending, what)  # an aggregator error surfaces at the reply that caused it
-            state_ref, metrics_ref, aggregator_ref, served_ref = self.actor.finalize.remote(self._token)
-            state, metrics, aggregator_state = self.guard.get([state_ref, metrics_ref, aggregator_ref], what)
+            state_ref, metrics_ref, aggregator_ref, served_ref, placement_ref = self.actor.finalize.remote(self._token)
+            state, metrics, aggregator_state, self.placement = self.guard.get(
+                [state_ref, metrics_ref, aggregator_ref, placement_ref], what)
             return state_ref, state, metrics, aggregator_state, served_ref
 
         state_ref, state, metrics, aggregator_state, self.served = self.guard.call(what, step, self._restore)

@@ -67,7 +67,7 @@ SCOPES = frozenset({"server", "client", "aggregator", "system"})
 PLACEMENT_ROLES = frozenset({"aggregator", "evaluator", "client"})
 """Who a ``placement.jsonl`` record is about: a server actor, or one client's training."""
 
-EVENT_KINDS = frozenset({"failed", "rejected", "skipped", "actor_restarted", "resumed"})
+EVENT_KINDS = frozenset({"failed", "rejected", "skipped", "actor_restarted", "resumed", "callback_failed"})
 """What an ``events.jsonl`` line reports: a client that raised or timed out, a reply refused by
 validation, a round below ``min_train_nodes``, a server actor Ray restarted, a resumed run."""
 

@@ -16,23 +16,24 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
-import torch
 
 from fedmerge.clients.partition import format_label_counts, label_counts, partition, plot_label_heatmap
 from fedmerge.clients.tasks import get_task
 from fedmerge.federation.checkpoint import Checkpoint, CheckpointError, config_changes, latest_checkpoint
 from fedmerge.federation.config import AggregatorConfig, ConfigError, ExperimentConfig, load_config
-from fedmerge.federation.served import build_served, save_served
-from fedmerge.federation.results import RunDir, compare_table, format_run_report, plot_curves, summarize
-from fedmerge.federation.server import Experiment, build_aggregator, partition_params
+from fedmerge.federation.callbacks import resolve_callbacks
+from fedmerge.federation.results import RunDir, compare_table, plot_curves
+from fedmerge.federation.server import Experiment, check_needs, partition_params
 
-__all__ = ["AddressError", "ExperimentError", "check_address", "compare", "finish_run", "init_ray", "partition_report",
-           "resolve_address", "resume_experiment", "run_experiment"]
+__all__ = ["AddressError", "ExperimentError", "check_address", "compare", "execute_run", "finish_run", "init_ray",
+           "open_run", "partition_report", "prepare_run", "resolve_address", "resume_experiment", "run_experiment"]
 
 log = logging.getLogger("fedmerge")
 
@@ -169,28 +170,50 @@ class CompareOutcome:
 
 
 def run_experiment(config: ExperimentConfig, *, address: str | None = None,
-                   progress: Callable[[str], None] = print, verbose: bool = False) -> RunOutcome:
-    """Run one federated experiment end to end; returns its run directory."""
-    build_aggregator(config)  # fail fast, before any folder or cluster exists
+                   progress: Callable[[str], None] = print, verbose: bool = False,
+                   callbacks: Sequence[Any] = ()) -> RunOutcome:
+    """Run one federated experiment end to end; returns its run directory. ``callbacks`` are round
+    callbacks (``fedmerge.RoundCallback``), called after the run's own records and before those
+    that ``run.callbacks`` in the config names."""
+    user = prepare_run(config, address=address, callbacks=callbacks)  # before any folder or cluster exists
+    with open_run(config, progress) as run_dir:  # locked until the run ends: a `resume` of a live run is refused
+        return execute_run(config, run_dir, None, address=address, progress=progress, callbacks=user,
+                           drive=lambda experiment: _simulate(experiment, verbose))
+
+
+def prepare_run(config: ExperimentConfig, *, address: str | None = None,
+                callbacks: Sequence[Any] = ()) -> list[Any]:
+    """What every run checks before a folder or Ray exists, a simulation or a deployment: the
+    aggregator and its declared needs, the callbacks (given, and ``run.callbacks`` imported here),
+    the Ray address and both splits of the data. Returns the user's callbacks."""
+    check_needs(config)
+    user = resolve_callbacks(config.run.callbacks, callbacks)
     check_address(resolve_address(config, address))
     _check_data(config)
+    return user
+
+
+@contextmanager
+def open_run(config: ExperimentConfig, progress: Callable[[str], None] = print) -> Iterator[RunDir]:
+    """A new run folder holding the resolved config, locked until the block ends."""
     run_dir = RunDir.create(config.output.root_path, config.name)
-    with run_dir.lock():  # held until the run ends: a `resume` of a live run is refused
+    with run_dir.lock():
         run_dir.write_config(config.to_toml())
         progress(f"run directory: {run_dir.path}")
-        return _execute(config, run_dir, None, address=address, progress=progress, verbose=verbose)
+        yield run_dir
 
 
-RESUMABLE_CHANGES = frozenset({"ray.address"})
-"""Config keys that may differ between a run's checkpoint and its ``config.toml`` on resume: only
-where to find Ray (``--address`` overrides it anyway), which changes no result. Everything else,
+RESUMABLE_CHANGES = frozenset({"ray.address", "run.callbacks"})
+"""Config keys that may differ between a run's checkpoint and its ``config.toml`` on resume: where
+to find Ray (``--address`` overrides it anyway) and the round callbacks, which change no result. Everything else,
 output paths and ``federation.num_rounds`` included, is refused: a path is part of what the run
 wrote, and more rounds would change the checkpoint schedule and a learning-rate schedule's horizon;
 extend a run by starting a new one."""
 
 
 def resume_experiment(run_dir: str | os.PathLike[str], *, address: str | None = None,
-                      progress: Callable[[str], None] = print, verbose: bool = False) -> RunOutcome:
+                      progress: Callable[[str], None] = print, verbose: bool = False,
+                      callbacks: Sequence[Any] = ()) -> RunOutcome:
     """Continue a stopped run in its own folder, from its newest checkpoint.
 
     Reads the run's resolved ``config.toml``, takes the folder's lock (a run or resume still
@@ -205,19 +228,18 @@ def resume_experiment(run_dir: str | os.PathLike[str], *, address: str | None = 
     """
     run = RunDir(run_dir)
     config = load_config(run.config_path)  # first: a folder that is no run gets no lock file
-    build_aggregator(config)
-    check_address(resolve_address(config, address))  # before the folder is touched
+    user = prepare_run(config, address=address, callbacks=callbacks)  # before the folder is touched
     with run.lock():
         checkpoint = latest_checkpoint(run.checkpoint_dir)
         if checkpoint is not None:
             _check_resumable(config, run, checkpoint)
-        _check_data(config)
         done = checkpoint.round if checkpoint is not None else 0
         run.truncate_after(done)
         where = f"checkpoint {checkpoint.path.name}" if checkpoint is not None else "round 1 (no checkpoint)"
         run.log_events(done, [(None, "resumed", f"resumed from {where}")])
         progress(f"resuming {run.path} from {where}; rounds {done + 1}..{config.federation.num_rounds} to go")
-        return _execute(config, run, checkpoint, address=address, progress=progress, verbose=verbose)
+        return execute_run(config, run, checkpoint, address=address, progress=progress, callbacks=user,
+                           drive=lambda experiment: _simulate(experiment, verbose))
 
 
 def _check_resumable(config: ExperimentConfig, run: RunDir, checkpoint: Checkpoint) -> None:
@@ -263,79 +285,62 @@ def _check_data(config: ExperimentConfig) -> None:
         task.load(split, data_dir)
 
 
-def _execute(config: ExperimentConfig, run_dir: RunDir, resume: Checkpoint | None, *, address: str | None,
-             progress: Callable[[str], None], verbose: bool) -> RunOutcome:
-    """Run the rounds a run still needs (all, or those after ``resume``), then save and report."""
+def execute_run(config: ExperimentConfig, run_dir: RunDir, resume: Checkpoint | None, *,
+                address: str | None, progress: Callable[[str], None], callbacks: Sequence[Any] = (),
+                drive: Callable[[Experiment], None]) -> RunOutcome:
+    """The lifecycle of a run whose folder exists, shared by simulation and deployment: start Ray,
+    ``Experiment.setup``, ``drive`` the rounds (Flower's simulation engine, or a deployment's Grid:
+    both end in ``Experiment.run_rounds``), stop Ray, then ``Experiment.finish``. A resume from the
+    last round's checkpoint skips straight to ``finish``."""
     started = time.perf_counter()
-    experiment = Experiment(config, run_dir, progress=progress, resume=resume)
-    if resume is not None and resume.round >= config.federation.num_rounds:
-        experiment.final_state = {k: torch.from_numpy(v) for k, v in resume.global_state.items()}
-        experiment.final_served = resume.served  # the final checkpoint holds the served model too
+    experiment = Experiment(config, run_dir, progress=progress, resume=resume, callbacks=callbacks)
+    if experiment.rounds_left:
+        init_ray(config, address)
+        try:
+            experiment.setup()
+            drive(experiment)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+        if isinstance(experiment.error, OSError):  # a run file that cannot be written: the CLI names it and the fix
+            raise experiment.error
+        if experiment.error is not None:
+            raise ExperimentError(f"the run failed: {experiment.error!r}") from experiment.error
+        if experiment.final_state is None:
+            raise ExperimentError("the server ended before it finished its rounds; see the log above")
     else:
-        _simulate(experiment, address, progress, verbose)
-    return finish_run(experiment, time.perf_counter() - started, progress)
+        experiment.skip_rounds()
+    return finish_run(experiment, time.perf_counter() - started)
 
 
-def finish_run(experiment: Experiment, wall: float, progress: Callable[[str], None] = print) -> RunOutcome:
-    """Save the final model, summary and plot of a run whose rounds are done, and print its report
-    (for simulations here, and for Flower deployment runs in ``fedmerge.federation.deployment``)."""
-    config, run_dir, resume = experiment.config, experiment.run_dir, experiment.resume
-    if config.output.save_model:
-        run_dir.save_model(experiment.final_state, metadata={"task": config.data.task,
-                                                             "aggregator": config.aggregator.name})
-        if experiment.final_served is not None:  # an upscaled model (SMILE, WEMoE): fedmerge.federation.moe.load_served
-            spec, weights = experiment.final_served
-            save_served(run_dir.path / "served_model.safetensors", build_served(spec, weights), spec["task"],
-                        metadata={"aggregator": config.aggregator.name, "params": dict(config.aggregator.params)})
-    summary = summarize(run_dir)
-    summary.update(wall_time_s=wall, placement=experiment.placement, aggregator=config.aggregator.name,
-                   seed=config.seed)
-    if resume is not None:
-        summary["resumed_from_round"] = resume.round
-    run_dir.write_summary(summary)
-    if config.output.plot:
-        plot_curves({config.aggregator.name: run_dir.server_curve("accuracy")}, run_dir.plot_path,
-                    title=f"{config.name}: global test accuracy per round")
-    experiment.upload(final=True)
-    progress(format_run_report(run_dir))
-    progress(f"wall time {wall:.1f}s; results in {run_dir.path}")
-    return RunOutcome(run_dir=run_dir, wall_time_s=wall, placement=experiment.placement)
+def finish_run(experiment: Experiment, wall: float, progress: Callable[[str], None] | None = None) -> RunOutcome:
+    """Save the final model, summary and plot of a run whose rounds are done and print its report
+    (``Experiment.finish``: the callbacks' ``on_run_end``). ``progress`` is ignored: the
+    experiment's own is used (kept for callers of earlier versions)."""
+    experiment.finish(wall)
+    return RunOutcome(run_dir=experiment.run_dir, wall_time_s=wall, placement=experiment.placement)
 
 
-def _simulate(experiment: Experiment, address: str | None, progress: Callable[[str], None], verbose: bool) -> None:
-    """Start Ray, the actors and Flower's simulation; leaves the final weights in the experiment."""
+def _simulate(experiment: Experiment, verbose: bool) -> None:
+    """Run the experiment's rounds on Flower's simulation engine (Ray is up, the actors placed);
+    an error inside the ServerApp is left in ``experiment.error``."""
     from flwr.simulation import run_simulation
 
     from fedmerge.clients.app import app as client_app
 
     config = experiment.config
-    init_ray(config, address)
-    try:
-        experiment.setup()
-        progress(f"aggregator {config.aggregator.name!r} on {_where(experiment.placement['aggregator'])}, "
-                 f"evaluator on {_where(experiment.placement['evaluator'])}; "
-                 f"{config.data.num_clients} clients, {experiment.clients_per_round} a round")
-        flwr_log = logging.getLogger("flwr")
-        flwr_log.setLevel(logging.INFO if verbose else logging.WARNING)
-        if not verbose and not any(isinstance(f, _HideDeprecation) for f in flwr_log.filters):
-            flwr_log.addFilter(_HideDeprecation())
-        run_simulation(
-            server_app=experiment.server_app(),
-            client_app=client_app,
-            num_supernodes=experiment.num_supernodes,
-            backend_config={"client_resources": {"num_cpus": config.ray.client_num_cpus,
-                                                 "num_gpus": config.ray.client_num_gpus}},
-            verbose_logging=verbose,
-        )
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    if isinstance(experiment.error, OSError):  # a run file that cannot be written: the CLI names it and the fix
-        raise experiment.error
-    if experiment.error is not None:
-        raise ExperimentError(f"the run failed: {experiment.error!r}") from experiment.error
-    if experiment.final_state is None:
-        raise ExperimentError("the simulation ended before the server finished its rounds; see the log above")
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose and not any(isinstance(f, _HideDeprecation) for f in flwr_log.filters):
+        flwr_log.addFilter(_HideDeprecation())
+    run_simulation(
+        server_app=experiment.server_app(),
+        client_app=client_app,
+        num_supernodes=experiment.num_supernodes,
+        backend_config={"client_resources": {"num_cpus": config.ray.client_num_cpus,
+                                             "num_gpus": config.ray.client_num_gpus}},
+        verbose_logging=verbose,
+    )
 
 
 def compare(config: ExperimentConfig, aggregators: Sequence[str], *, address: str | None = None,
@@ -380,8 +385,3 @@ class _HideDeprecation(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "DEPRECATED FEATURE" not in record.getMessage()
-
-
-def _where(placement: dict[str, str]) -> str:
-    device = placement["device"] + (f" ({placement['gpu']})" if placement.get("gpu") else "")
-    return f"{placement['hostname']} [{device}]"

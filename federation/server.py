@@ -1,11 +1,19 @@
 """The server side of one experiment: data and shards, Ray actors, the Flower ServerApp.
 
-``Experiment.setup`` runs on the driver once Ray is up: it loads and verifies the task's data,
-writes the clients' shards (once, cached), builds the seeded initial model and starts the
-``AggregatorActor`` and ``EvaluatorActor`` where the config places them (restoring a checkpoint's
-state into the aggregator when the run resumes). ``server_app()`` returns the Flower ServerApp
-whose main loop drives the rounds and records each one in the run directory: metrics, events
-and, every ``checkpoint.every`` rounds, a checkpoint.
+One run's lifecycle, the same in a simulation and a Flower deployment:
+
+* ``Experiment.setup()`` runs on the driver once Ray is up: it loads and verifies the task's data,
+  writes the clients' shards (once, cached), builds the seeded initial model and starts the
+  ``AggregatorActor`` and ``EvaluatorActor`` where the config places them (restoring a
+  checkpoint's state into the aggregator when the run resumes). The aggregator gets only what its
+  ``Aggregator.needs`` declares (``check_needs`` refuses, before Ray starts, a need the config
+  cannot meet).
+* ``Experiment.run_rounds(grid)`` drives the rounds over a Flower ``Grid`` (``server_app()`` wraps
+  it in a ServerApp for the simulation engine) and hands each round's report to the callbacks
+  (``fedmerge.federation.callbacks``): metrics, events, placement, checkpoint, the user's own,
+  upload, progress line.
+* ``Experiment.finish(wall_time_s)`` saves the final model, summary and plot (the callbacks'
+  ``on_run_end``).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,21 +38,32 @@ from fedmerge.clients.tasks import get_task
 from fedmerge.clients.training import get_state
 from fedmerge.federation.actors import AggregatorActor, EvaluatorActor, actor_options
 from fedmerge.federation.arrays import state_to_record, to_numpy_state
+from fedmerge.federation.callbacks import default_callbacks
 from fedmerge.federation.proxy import proxy_inputs, proxy_split
-from fedmerge.federation.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from fedmerge.federation.checkpoint import Checkpoint, CheckpointError
 from fedmerge.federation.config import ConfigError, DataConfig, ExperimentConfig
 from fedmerge.federation.results import RunDir
 from fedmerge.federation.storage import RunUploader, StorageError
 from fedmerge.federation.scoring import hold_out
 from fedmerge.federation.strategy import FedMergeStrategy, RoundReport
 
-__all__ = ["Experiment", "build_aggregator", "checkpoint_due", "partition_params", "report_events",
-           "report_rows"]
+__all__ = ["NEEDS", "Experiment", "build_aggregator", "check_needs", "checkpoint_due", "partition_params",
+           "report_events", "report_rows"]
 
 log = logging.getLogger("fedmerge")
 
 PLACEMENT_TIMEOUT_S = 120
-PLACEMENT_QUERY_TIMEOUT_S = 30
+
+NEEDS = {
+    "validation": "data.server_val_size",
+    "proxy_inputs": "data.proxy_inputs",
+    "model_builder": "data.task",
+    "base_model": "data.task",
+}
+"""What an aggregator may declare in ``Aggregator.needs``, and the config key that supplies each:
+the server validation set (``RoundContext.evaluate`` / ``evaluate_many``), unlabelled proxy
+inputs (``proxy_inputs``), the model's constructor (``build_model``), the round-0 weights
+(``base_state``)."""
 
 
 def build_aggregator(config: ExperimentConfig) -> Aggregator:
@@ -53,6 +72,28 @@ def build_aggregator(config: ExperimentConfig) -> Aggregator:
         return create_aggregator(config.aggregator.name, config.aggregator.params)
     except (ValueError, TypeError, ImportError) as err:
         raise ConfigError(f"aggregator: {err}") from None
+
+
+def check_needs(config: ExperimentConfig, aggregator: Aggregator | None = None) -> frozenset[str]:
+    """The aggregator's declared needs, checked against ``NEEDS`` and the config: a name outside the
+    vocabulary, or validation without ``data.server_val_size``, is a ``ConfigError`` naming the
+    aggregator, the need and the config key that supplies it."""
+    aggregator = build_aggregator(config) if aggregator is None else aggregator
+    who = f"aggregator {config.aggregator.name!r} ({type(aggregator).__module__}.{type(aggregator).__qualname__})"
+    declared = getattr(aggregator, "needs", frozenset())
+    if isinstance(declared, str) or not isinstance(declared, (set, frozenset, tuple, list)) or not all(
+            isinstance(name, str) for name in declared):
+        raise ConfigError(f"{who}: needs must be a frozenset of names from {sorted(NEEDS)}, got {declared!r}")
+    needs = frozenset(declared)
+    unknown = sorted(needs - NEEDS.keys())
+    if unknown:
+        raise ConfigError(f"{who} declares needs {unknown}, which no run provides; Aggregator.needs takes "
+                          f"names from {sorted(NEEDS)}")
+    if "validation" in needs and config.data.server_val_size <= 0:
+        raise ConfigError(f"{who} needs 'validation': it scores models on a server validation set, which "
+                          f"{NEEDS['validation']} holds out of the training data; set data.server_val_size > 0 "
+                          "(e.g. 1000)")
+    return needs
 
 
 def partition_params(data: DataConfig) -> dict[str, Any]:
@@ -108,18 +149,24 @@ def _client(client_id: int) -> int | None:
 
 
 class Experiment:
-    """One configured run on the server side; ``resume`` is the checkpoint a resumed run starts from."""
+    """One configured run on the server side; ``resume`` is the checkpoint a resumed run starts from,
+    ``callbacks`` the user's round callbacks (``fedmerge.RoundCallback``), run after the run's own
+    records."""
 
     def __init__(self, config: ExperimentConfig, run_dir: RunDir,
-                 progress: Callable[[str], None] = print, resume: Checkpoint | None = None) -> None:
+                 progress: Callable[[str], None] = print, resume: Checkpoint | None = None,
+                 callbacks: Sequence[Any] = ()) -> None:
         self.config = config
         self.run_dir = run_dir
         self.progress = progress
         self.resume = resume
+        self.callbacks = default_callbacks(callbacks)
         self.error: BaseException | None = None
         self.final_state: dict[str, Any] | None = None
-        self.final_served: tuple[dict[str, Any], dict[str, Any]] | None = None  # fedmerge.federation.moe spec, weights
+        self.final_served: tuple[dict[str, Any], dict[str, Any]] | None = None  # fedmerge.federation.served spec, weights
         self.placement: dict[str, dict[str, str]] = {}
+        self.started = time.perf_counter()  # reset when the rounds start
+        self.wall_time_s = 0.0
         self.uploader = RunUploader(run_dir.path, config.output.upload_uri) if config.output.upload_uri else None
 
     @property
@@ -131,8 +178,21 @@ class Experiment:
     def num_supernodes(self) -> int:
         return self.config.federation.num_supernodes or self.clients_per_round
 
+    @property
+    def rounds_left(self) -> bool:
+        """Whether rounds remain (a resume from the last round's checkpoint has none)."""
+        return self.resume is None or self.resume.round < self.config.federation.num_rounds
+
     def setup(self) -> None:
+        """Data, shards, initial model and the placed server actors (Ray must be up).
+
+        The server validation set and ``data.proxy_inputs = "held_out"`` are carved out of the
+        training data whenever the config asks for them, so the clients' shards never depend on
+        the aggregator; they are shipped to the aggregator only when it declares the need. Proxy
+        inputs from the test split are not built at all for an aggregator that does not need them.
+        """
         cfg = self.config
+        needs = check_needs(cfg)
         task = get_task(cfg.data.task)
         data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else None
         train, test = task.load("train", data_dir), task.load("test", data_dir)
@@ -141,14 +201,16 @@ class Experiment:
         validation = None
         if cfg.data.server_val_size > 0:  # held out before partitioning: in no client's shard
             train, held = hold_out(train, cfg.data.server_val_size, cfg.seed)
-            validation = {"task": cfg.data.task, "x": held.x, "y": held.y,
-                          "batch_size": cfg.evaluation.batch_size}
-        elif getattr(build_aggregator(cfg), "needs_validation", False):
-            raise ConfigError(f"aggregator {cfg.aggregator.name!r} scores models on a server validation set: "
-                              "set data.server_val_size > 0 (e.g. 1000)")
+            if "validation" in needs:
+                validation = {"task": cfg.data.task, "x": held.x, "y": held.y,
+                              "batch_size": cfg.evaluation.batch_size}
         # unlabelled proxy inputs (WEMoE): the test inputs, or a slice held out here, before partitioning
-        train, proxy_source = proxy_split(task, train, test, source=cfg.data.proxy_inputs,
-                                          size=cfg.data.proxy_size, seed=cfg.seed)
+        proxy = None
+        if "proxy_inputs" in needs or cfg.data.proxy_inputs != "test":
+            train, proxy_source = proxy_split(task, train, test, source=cfg.data.proxy_inputs,
+                                              size=cfg.data.proxy_size, seed=cfg.seed)
+            if "proxy_inputs" in needs:
+                proxy = proxy_inputs(task, proxy_source)
         self.attack = attack_summary(cfg.attack, cfg.data.num_clients)
         (self.run_dir.path / "attack.json").write_text(json.dumps(self.attack, indent=1))
         cache_dir = Path(cfg.data.cache_dir or cfg.output.root_path / "_shards").resolve()
@@ -164,9 +226,10 @@ class Experiment:
         self.aggregator = AggregatorActor.options(**actor_options(agg)).remote(
             build_aggregator(cfg), to_numpy_state(self.initial_state), cfg.seed,
             validation=validation, malicious=self.attack["malicious_clients"],
-            task_name=cfg.data.task, proxy=proxy_inputs(task, proxy_source))
+            task_name=cfg.data.task, proxy=proxy)
         self.evaluator = EvaluatorActor.options(**actor_options(ev)).remote(
             cfg.data.task, test.x, test.y, cfg.evaluation.batch_size, int(ev.num_cpus))
+        # Once, to know both are placed; after each round the placement rides on the round's results.
         for role, actor, section in (("aggregator", self.aggregator, agg), ("evaluator", self.evaluator, ev)):
             try:
                 self.placement[role] = ray.get(actor.placement.remote(), timeout=PLACEMENT_TIMEOUT_S)
@@ -203,19 +266,23 @@ class Experiment:
         }
 
     def server_app(self) -> ServerApp:
+        """A ServerApp whose main runs ``run_rounds`` (for Flower's simulation engine); an error is
+        kept in ``error`` for the driver, which sees only Flower's shutdown."""
         app = ServerApp()
 
         @app.main()
         def main(grid: Grid, context: Context) -> None:
             try:
-                self._run(grid)
+                self.run_rounds(grid)
             except BaseException as err:  # surfaced by the runner after Flower shuts down
                 self.error = err
                 raise
 
         return app
 
-    def _run(self, grid: Grid) -> None:
+    def run_rounds(self, grid: Grid) -> None:
+        """Drive the rounds left over ``grid`` (after ``setup``), calling the callbacks' ``on_run_start``
+        first and ``on_round_end`` after each round; leaves the final weights (and served model)."""
         cfg = self.config
         strategy = FedMergeStrategy(
             aggregator=self.aggregator, evaluator=self.evaluator, num_clients=cfg.data.num_clients,
@@ -223,24 +290,45 @@ class Experiment:
             fraction_evaluate=cfg.federation.fraction_evaluate,
             min_evaluate_nodes=cfg.federation.min_evaluate_nodes, evaluate_every=cfg.evaluation.every,
             seed=cfg.seed, run_config=self.run_config(), expected_nodes=self.num_supernodes,
-            on_round=self._record, max_update_norm=cfg.federation.max_update_norm,
+            on_round=self.round_end, max_update_norm=cfg.federation.max_update_norm,
             max_update_norm_ratio=cfg.federation.max_update_norm_ratio,
             shard_sizes=self.shard_sizes, aggregator_restarts=cfg.ray.aggregator.max_restarts,
             evaluator_restarts=cfg.ray.evaluator.max_restarts,
         )
-        self._started = time.perf_counter()
         if self.resume is None:
             initial, first_round, aggregator_state, served = state_to_record(self.initial_state), 1, {}, None
         else:
             initial = state_to_record(self.resume.global_state)
             first_round, aggregator_state = self.resume.round + 1, self.resume.aggregator_state
             served = self.resume.served
+        self.callbacks.call("on_run_start", self, first_round - 1)
+        self.started = time.perf_counter()
         result = strategy.start(grid, initial, num_rounds=cfg.federation.num_rounds,
                                 timeout=cfg.federation.round_timeout_s, first_round=first_round,
                                 aggregator_state=aggregator_state, served=served)
         self.final_state = result.arrays.to_torch_state_dict()
         served_ref = strategy.served_model_ref()
         self.final_served = None if served_ref is None else ray.get(served_ref, timeout=PLACEMENT_TIMEOUT_S)
+
+    def round_end(self, report: RoundReport) -> None:
+        """Take the actors' placement from the round's results, then run the callbacks' ``on_round_end``
+        (records first, checkpoint last of them: a run killed in between redoes the round)."""
+        for role, where in report.actor_placement.items():
+            self.placement[role] = dict(where)
+        self.callbacks.call("on_round_end", self, report.round, report)
+
+    def skip_rounds(self) -> None:
+        """A resume from the last round's checkpoint: its weights and served model are the final ones."""
+        assert self.resume is not None
+        self.final_state = {k: torch.from_numpy(v) for k, v in self.resume.global_state.items()}
+        self.final_served = self.resume.served  # the final checkpoint holds the served model too
+
+    def finish(self, wall_time_s: float) -> None:
+        """Save the final model, summary and plot, upload and print the report (``on_run_end``)."""
+        if self.final_state is None:
+            raise RuntimeError("Experiment.finish() before the rounds ended: no final model")
+        self.wall_time_s = wall_time_s
+        self.callbacks.call("on_run_end", self, self.config.federation.num_rounds)
 
     def upload(self, final: bool = False) -> None:
         """Copy what changed in the run folder to ``output.upload_uri``. A failed copy during the run
@@ -256,52 +344,3 @@ class Experiment:
                                    f"{self.config.output.upload_uri} failed: {err}") from err
             log.warning("copying the run folder to %s failed (retried next round): %s",
                         self.config.output.upload_uri, err)
-
-    def _placements(self, report: RoundReport) -> dict[str, dict[str, str]]:
-        """Where the server actors are after this round (Ray may have restarted one elsewhere)."""
-        for role, actor in (("aggregator", self.aggregator), ("evaluator", self.evaluator)):
-            try:
-                self.placement[role] = ray.get(actor.placement.remote(), timeout=PLACEMENT_QUERY_TIMEOUT_S)
-            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as err:
-                log.warning("round %d: cannot ask the %s where it runs: %s", report.round, role, err)
-                self.placement[role] = {**self.placement.get(role, {}),
-                                        "note": f"last known placement; not reachable after round {report.round}"}
-        return self.placement
-
-    def _record(self, report: RoundReport) -> None:
-        """Log the round (metrics, then events), checkpoint it when due, print its line.
-
-        The checkpoint comes last: a run killed in between resumes from the previous checkpoint
-        and redoes this round, dropping its rows first, so no round is ever missing or doubled. It
-        holds the resolved config (a resume refuses an edited one) and the served model when the
-        aggregator serves its own (a run killed after its last checkpoint still saves it on resume).
-        """
-        placements = self._placements(report)
-        self.run_dir.log_round(report.round, report_rows(report) + [
-            ("system", None, f"{role}_on_gpu", float(placements[role]["device"].startswith("cuda")))
-            for role in ("aggregator", "evaluator") if "device" in placements[role]])
-        self.run_dir.log_events(report.round, report_events(report))
-        self.run_dir.log_placement(report.round, [
-            *({"role": role, "client_id": None, **placements[role]} for role in ("aggregator", "evaluator")),
-            *({"role": "client", "client_id": cid, **where} for cid, where in sorted(report.client_placement.items())),
-        ])
-        ckpt = self.config.checkpoint
-        if report.state is not None and checkpoint_due(report.round, ckpt.every, self.config.federation.num_rounds):
-            served = None if report.served is None else ray.get(report.served, timeout=PLACEMENT_TIMEOUT_S)
-            save_checkpoint(self.run_dir.checkpoint_dir, report.round, self.config.seed,
-                            report.state.global_state, report.state.aggregator_state, keep=ckpt.keep,
-                            config=self.config.to_dict(), served=served)
-        self.upload()
-        n = self.config.federation.num_rounds
-        ok = len(report.client_metrics)
-        line = f"round {report.round:>3}/{n}  clients {ok}/{len(report.sampled)}"
-        if report.server_metrics:
-            line += f"  test acc {report.server_metrics['accuracy']:.4f}  loss {report.server_metrics['loss']:.4f}"
-        if report.failures or report.rejected:
-            line += f"  failed {len(report.failures)} rejected {len(report.rejected)}"
-        if report.restarts:
-            line += f"  actor restarts {len(report.restarts)}"
-        if report.skipped:
-            line += f"  SKIPPED: {report.skipped}"
-        line += f"  round {report.round_time_s:5.1f}s  total {time.perf_counter() - self._started:6.1f}s"
-        self.progress(line)

@@ -128,6 +128,9 @@ class RoundReport:
     state: RoundState | None = field(default=None, repr=False)
     served: Any = field(default=None, repr=False)  # Ray ref of the last merged round's served model, or None
     client_placement: dict[int, dict[str, str]] = field(default_factory=dict)
+    # Where the server actors ran, as their round calls (finalize, evaluate) reported it; a role the
+    # round did not call (a skipped round, no evaluation this round) is absent.
+    actor_placement: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class FedMergeStrategy(Strategy):
@@ -305,7 +308,7 @@ class FedMergeStrategy(Strategy):
         self._evaluator_guard = ActorGuard("evaluator", max_restarts=self.evaluator_restarts, timeout=timeout)
 
     def served_model_ref(self) -> Any | None:
-        """The Ray ref of the last merged round's served model (``fedmerge.federation.moe`` spec, weights;
+        """The Ray ref of the last merged round's served model (``fedmerge.federation.served`` spec, weights;
         None inside when the broadcast weights are served), or None before any round merged."""
         return None if self._aggregation is None else self._aggregation.served
 
@@ -499,18 +502,25 @@ class FedMergeStrategy(Strategy):
             log.warning("round %d skipped: %s", report.round, report.skipped)
             return None
         state_ref, state, report.aggregator_metrics = aggregation.finalize()
+        where = getattr(aggregation, "placement", None)  # None from a stand-in without an actor
+        if where:
+            report.actor_placement["aggregator"] = where
         if self.evaluator is not None and (report.round % self.evaluate_every == 0
                                            or report.round == self._last_round):
-            report.server_metrics = self._evaluate(report.round, state_ref)
+            report.server_metrics, where = self._evaluate(report.round, state_ref)
+            if where:
+                report.actor_placement["evaluator"] = where
         return state_to_record(state)
 
-    def _evaluate(self, server_round: int, state_ref: Any) -> dict[str, float]:
-        """Score the new global model on the server's held-out data, retried if the evaluator dies.
-        An aggregator that serves its own model (SMILE, WEMoE) has that model scored instead; it
-        goes from actor to actor through the object store."""
+    def _evaluate(self, server_round: int, state_ref: Any) -> tuple[dict[str, float], dict[str, str]]:
+        """Score the new global model on the server's held-out data, retried if the evaluator dies;
+        returns the metrics and where the evaluator ran. An aggregator that serves its own model
+        (SMILE, WEMoE) has that model scored instead; it goes from actor to actor through the
+        object store."""
         guard = self._evaluator_guard
         assert guard is not None
         what = f"the evaluation of round {server_round}"
         served_ref = self._require_aggregation().served  # held by the driver: outlives an aggregator restart
-        return guard.call(what, lambda: guard.get(self.evaluator.evaluate.remote(state_ref, served_ref), what),
-                          lambda: guard.get(self.evaluator.placement.remote(), "its restart"))
+        return guard.call(
+            what, lambda: guard.get(self.evaluator.evaluate.remote(state_ref, served_ref, with_placement=True), what),
+            lambda: guard.get(self.evaluator.placement.remote(), "its restart"))

@@ -52,11 +52,13 @@ _LAZY = {
     "compare": ("fedmerge.federation.runner", "compare"),
     "RunDir": ("fedmerge.federation.results", "RunDir"),
     "load_served": ("fedmerge.federation.served", "load_served"),
+    "RoundCallback": ("fedmerge.federation.callbacks", "RoundCallback"),
 }
 
 
 def __getattr__(name: str) -> Any:
-    """``run``, ``resume``, ``compare``, ``RunDir`` and ``load_served`` import Flower and Ray."""
+    """``run``, ``resume``, ``compare``, ``RunDir``, ``load_served`` and ``RoundCallback`` import
+    Flower and Ray."""
     if name in _LAZY:
         import importlib
 
@@ -68,7 +70,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AggregateResult", "Aggregator", "ClientUpdate", "ConfigError", "ExperimentConfig", "RoundContext",
+    "AggregateResult", "Aggregator", "ClientUpdate", "ConfigError", "ExperimentConfig", "RoundCallback", "RoundContext",
     "RunDir", "Task", "__version__", "available", "available_tasks", "compare", "create_aggregator",
     "get_task", "load_config", "load_served", "merge_function", "parse_config", "register",
     "register_task", "resume", "run",

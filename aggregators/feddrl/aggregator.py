@@ -88,7 +88,7 @@ class FedDRL(Aggregator):
     """
 
     name = "feddrl"
-    needs_validation = True
+    needs = frozenset({"validation"})
 
     @dataclass(frozen=True)
     class Params:
