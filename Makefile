@@ -15,11 +15,12 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export HF_HUB_OFFLINE=1
 export FEDMERGE_DATA_DIR=$(abspath $(DATA_DIR))
 
-.PHONY: install data demo test clean help
+.PHONY: install data demo test lint clean help
 
 help:
 	@echo "make demo   run experiments/fashion_mnist_fedavg.toml (creates .venv, fetches data)"
-	@echo "make test   run the test suite (creates .venv, fetches data)"
+	@echo "make test   run ruff and the test suite (creates .venv, fetches data)"
+	@echo "make lint   ruff check + ruff format --check"
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -77,7 +78,11 @@ data: $(FMNIST)/.fetched $(WORDNET)/.fetched $(ROTTEN)/.fetched
 demo: install data
 	$(BIN)/fedmerge run experiments/fashion_mnist_fedavg.toml
 
-test: install data
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint data
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -92,7 +92,9 @@ class RoundContext:
     seed: int = 0
     device: torch.device = torch.device("cpu")
     evaluate: Callable[[Mapping[str, torch.Tensor]], dict[str, float]] | None = None
-    evaluate_many: Callable[[Sequence[Mapping[str, torch.Tensor]]], list[dict[str, float]]] | None = None
+    evaluate_many: (
+        Callable[[Sequence[Mapping[str, torch.Tensor]]], list[dict[str, float]]] | None
+    ) = None
     malicious: frozenset[int] = frozenset()
     build_model: Callable[[], torch.nn.Module] | None = None
     proxy_inputs: Mapping[int, torch.Tensor] | None = None
@@ -136,8 +138,11 @@ def _signature(params: type) -> inspect.Signature:
             default["default"] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default["default"] = f.default_factory()
-        keywords.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                          annotation=hints[f.name], **default))
+        keywords.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name], **default
+            )
+        )
     return inspect.Signature(keywords)
 
 
@@ -171,8 +176,10 @@ class Aggregator(ABC):
         fields = dataclasses.fields(params) if params is not None else ()
         clash = [f.name for f in fields if hasattr(Aggregator, f.name)]
         if clash:
-            raise TypeError(f"{cls.__qualname__}.Params: {clash[0]!r} is an Aggregator attribute; "
-                            "rename the hyperparameter")
+            raise TypeError(
+                f"{cls.__qualname__}.Params: {clash[0]!r} is an Aggregator attribute; "
+                "rename the hyperparameter"
+            )
         # inspect.signature(cls), and so create_aggregator's keyword check, follows the declaration.
         cls.__signature__ = None if params is None else _signature(params)  # type: ignore[attr-defined]
 
@@ -241,7 +248,9 @@ class Aggregator(ABC):
         for bit the result of a round never interrupted. Tensors in ``state`` may be read-only
         views: copy what will be written.
         """
-        raise NotImplementedError(f"{type(self).__name__} gives no round state, so it cannot load one")
+        raise NotImplementedError(
+            f"{type(self).__name__} gives no round state, so it cannot load one"
+        )
 
     # ---- persistence -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

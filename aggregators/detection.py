@@ -13,8 +13,9 @@ from collections.abc import Collection, Sequence
 __all__ = ["detection_metrics", "weight_entropy"]
 
 
-def detection_metrics(client_ids: Sequence[int], kept: Collection[int],
-                      malicious: Collection[int]) -> dict[str, float]:
+def detection_metrics(
+    client_ids: Sequence[int], kept: Collection[int], malicious: Collection[int]
+) -> dict[str, float]:
     """``clients_dropped``, ``malicious_sampled``, ``malicious_dropped`` and, when defined,
     ``detection_precision`` (dropped clients that are malicious / dropped; needs a drop) and
     ``detection_recall`` (malicious clients dropped / malicious sampled; needs one sampled)."""
@@ -25,8 +26,11 @@ def detection_metrics(client_ids: Sequence[int], kept: Collection[int],
     dropped = [i for i in ids if i not in set(kept)]
     bad = [i for i in ids if i in set(malicious)]
     caught = [i for i in dropped if i in set(malicious)]
-    out = {"clients_dropped": float(len(dropped)), "malicious_sampled": float(len(bad)),
-           "malicious_dropped": float(len(caught))}
+    out = {
+        "clients_dropped": float(len(dropped)),
+        "malicious_sampled": float(len(bad)),
+        "malicious_dropped": float(len(caught)),
+    }
     if dropped:
         out["detection_precision"] = len(caught) / len(dropped)
     if bad:

@@ -32,9 +32,17 @@ buffer (measured fastest among 2**14..2**20 on a 2-core EPYC)."""
 ACCUMULATORS = ("float64", "float32")
 """What FedAvg sums floating-point weights in; see ``FedAvg``."""
 
-_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
-                 torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
-                 torch.uint8: np.uint8, torch.bool: np.bool_}
+_NUMPY_DTYPES = {
+    torch.float64: np.float64,
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.bool: np.bool_,
+}
 
 
 def _empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -70,7 +78,9 @@ class _WeightedSum:
 
     def __init__(self, device: torch.device | None, accumulator: str = "float64") -> None:
         if accumulator not in ACCUMULATORS:
-            raise ValueError(f"accumulator={accumulator!r} is invalid: must be one of {', '.join(ACCUMULATORS)}")
+            raise ValueError(
+                f"accumulator={accumulator!r} is invalid: must be one of {', '.join(ACCUMULATORS)}"
+            )
         self.device = device  # None: each sum lives where the first state's tensor does
         self.accumulator = accumulator
         self.sums: dict[str, torch.Tensor] = {}
@@ -81,7 +91,11 @@ class _WeightedSum:
 
     def sum_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype a key of ``dtype`` is summed in."""
-        if self.accumulator == "float32" and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        if self.accumulator == "float32" and dtype in (
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+        ):
             return torch.float32
         return torch.float64
 
@@ -144,20 +158,28 @@ class _WeightedSum:
             missing = sorted(self.sums.keys() - state.keys())
             extra = sorted(state.keys() - self.sums.keys())
             if missing:
-                raise ValueError(f"{source}: key {missing[0]!r} is missing "
-                                 f"({len(missing)} missing in all) from its state dict")
+                raise ValueError(
+                    f"{source}: key {missing[0]!r} is missing "
+                    f"({len(missing)} missing in all) from its state dict"
+                )
             if extra:
-                raise ValueError(f"{source}: unexpected key {extra[0]!r} "
-                                 f"({len(extra)} unexpected in all) in its state dict")
+                raise ValueError(
+                    f"{source}: unexpected key {extra[0]!r} "
+                    f"({len(extra)} unexpected in all) in its state dict"
+                )
         for key, tensor in state.items():
             if not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"{source}: {key!r} is a {type(tensor).__name__}, not a tensor")
             if tensor.is_complex():
-                raise ValueError(f"{source}: {key!r} is complex ({tensor.dtype}); "
-                                 "FedAvg averages real tensors only")
+                raise ValueError(
+                    f"{source}: {key!r} is complex ({tensor.dtype}); "
+                    "FedAvg averages real tensors only"
+                )
             if self.sums and tensor.shape != self.sums[key].shape:
-                raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(self.sums[key].shape)}")
+                raise ValueError(
+                    f"{source}: {key!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(self.sums[key].shape)}"
+                )
             if tensor.is_floating_point() and not _all_finite(tensor):
                 raise ValueError(f"{source}: {key!r} has non-finite values (NaN or inf)")
 
@@ -199,8 +221,13 @@ class _WeightedSum:
     def snapshot(self) -> dict[str, Any]:
         """The sum so far: {"sums": {key: tensor}, "dtypes": {key: name}, "total", "count"}. The
         tensors are the live sums, not copies (see ``Aggregator.round_state``)."""
-        return {"sums": dict(self.sums), "dtypes": {k: str(d).removeprefix("torch.") for k, d in self.dtypes.items()},
-                "total": self.total, "count": self.count, "accumulator": self.accumulator}
+        return {
+            "sums": dict(self.sums),
+            "dtypes": {k: str(d).removeprefix("torch.") for k, d in self.dtypes.items()},
+            "total": self.total,
+            "count": self.count,
+            "accumulator": self.accumulator,
+        }
 
     def load(self, snapshot: Mapping[str, Any]) -> None:
         """Continue from a ``snapshot()``, copying its tensors; only into an empty sum."""
@@ -211,11 +238,15 @@ class _WeightedSum:
             got = sorted(snapshot) if isinstance(snapshot, Mapping) else type(snapshot).__name__
             raise ValueError(f"a FedAvg round state has the keys {sorted(expected)}, got {got}")
         if snapshot["accumulator"] != self.accumulator:
-            raise ValueError(f"the round state was summed in {snapshot['accumulator']}, this FedAvg sums in "
-                             f"{self.accumulator}")
+            raise ValueError(
+                f"the round state was summed in {snapshot['accumulator']}, this FedAvg sums in "
+                f"{self.accumulator}"
+            )
         sums, names = snapshot["sums"], snapshot["dtypes"]
         if set(sums) != set(names):
-            raise ValueError("a FedAvg round state must name the dtype of every sum and of no other key")
+            raise ValueError(
+                "a FedAvg round state must name the dtype of every sum and of no other key"
+            )
         device = self.device if self.device is not None else torch.device("cpu")
         loaded, dtypes = {}, {}
         for key, name in names.items():
@@ -225,13 +256,19 @@ class _WeightedSum:
             value = sums[key]
             if isinstance(value, np.ndarray):
                 with warnings.catch_warnings():  # read-only views are only read here
-                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    warnings.filterwarnings(
+                        "ignore", message="The given NumPy array is not writable"
+                    )
                     value = torch.from_numpy(value)
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"round state: the sum of {key!r} is a {type(value).__name__}, not a tensor")
+                raise ValueError(
+                    f"round state: the sum of {key!r} is a {type(value).__name__}, not a tensor"
+                )
             if value.dtype != self.sum_dtype(dtype):
-                raise ValueError(f"round state: the sum of {key!r} is {value.dtype}, expected "
-                                 f"{self.sum_dtype(dtype)}")
+                raise ValueError(
+                    f"round state: the sum of {key!r} is {value.dtype}, expected "
+                    f"{self.sum_dtype(dtype)}"
+                )
             loaded[key] = _empty(value.shape, value.dtype, device)
             loaded[key].copy_(value)
             dtypes[key] = dtype
@@ -239,8 +276,12 @@ class _WeightedSum:
         self.total, self.count = snapshot["total"], int(snapshot["count"])
 
 
-def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], *,
-           device: torch.device | None = None) -> StateDict:
+def fedavg(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    *,
+    device: torch.device | None = None,
+) -> StateDict:
     """sum_i w_i theta_i / sum_i w_i, key by key: FedAvg over given states (used by WSA, FedDRL).
 
     ``weights`` are non-negative (normalised here, so example counts work as they are); the
@@ -296,9 +337,12 @@ class FedAvg(Aggregator):
 
     @dataclass(frozen=True)
     class Params:
-        accumulator: str = hyperparameter("float64", "dtype the weighted sums are kept in (float32: about "
-                                          "twice as fast on the CPU, order-dependent rounding)",
-                                          choices=ACCUMULATORS)
+        accumulator: str = hyperparameter(
+            "float64",
+            "dtype the weighted sums are kept in (float32: about "
+            "twice as fast on the CPU, order-dependent rounding)",
+            choices=ACCUMULATORS,
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()

@@ -26,8 +26,9 @@ __all__ = ["FedProx", "proximal_term"]
 
 
 @register_term("fedprox_proximal")
-def proximal_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *,
-                  mu: float) -> LossTerm:
+def proximal_term(
+    model: nn.Module, global_state: Mapping[str, torch.Tensor], *, mu: float
+) -> LossTerm:
     """μ/2 · Σ ‖θ − θt‖² over the model's trainable parameters, θt = ``global_state`` (constant).
 
     Its gradient is μ(θ − θt): it pulls the local model back toward the round's global model.
@@ -41,8 +42,10 @@ def proximal_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *,
 
     def term(module: nn.Module) -> torch.Tensor:
         params = dict(module.named_parameters())
-        total = sum((params[name] - anchor.to(params[name].device)).pow(2).sum()
-                    for name, anchor in anchors.items())
+        total = sum(
+            (params[name] - anchor.to(params[name].device)).pow(2).sum()
+            for name, anchor in anchors.items()
+        )
         return mu / 2 * total
 
     return term
@@ -66,8 +69,9 @@ class FedProx(ScopeTrackedRounds, Aggregator):
 
     @dataclass(frozen=True)
     class Params:
-        mu: float = hyperparameter(0.01, "proximal weight μ of μ/2 ‖θ − θt‖² in the client loss; "
-                                   "0 = FedAvg", ge=0)
+        mu: float = hyperparameter(
+            0.01, "proximal weight μ of μ/2 ‖θ − θt‖² in the client loss; 0 = FedAvg", ge=0
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()

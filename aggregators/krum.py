@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 
-from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from fedmerge.aggregators.base import (
+    AggregateResult,
+    Aggregator,
+    ClientUpdate,
+    RoundContext,
+    StateDict,
+)
 from fedmerge.aggregators.detection import detection_metrics
 from fedmerge.aggregators.fedavg import fedavg
 from fedmerge.aggregators.params import check_value, hyperparameter
@@ -29,8 +35,10 @@ def krum_scores(states: Sequence[Mapping[str, torch.Tensor]], num_byzantine: int
         raise ValueError("krum: no states")
     neighbours = n - num_byzantine - 2
     if num_byzantine < 0 or (num_byzantine > 0 and neighbours < 1):
-        raise ValueError(f"krum: num_byzantine={num_byzantine} with {n} clients leaves "
-                         f"{neighbours} neighbours to score against; need n >= num_byzantine + 3")
+        raise ValueError(
+            f"krum: num_byzantine={num_byzantine} with {n} clients leaves "
+            f"{neighbours} neighbours to score against; need n >= num_byzantine + 3"
+        )
     neighbours = max(1, neighbours)  # two honest-assumed clients (f = 0) score against each other
     keys = [k for k, v in states[0].items() if v.is_floating_point()]
     for i, state in enumerate(states):
@@ -40,7 +48,9 @@ def krum_scores(states: Sequence[Mapping[str, torch.Tensor]], num_byzantine: int
     flat = [_flat(s, keys) for s in states]
     for i, vector in enumerate(flat):
         if vector.shape != flat[0].shape:
-            raise ValueError(f"krum: state {i} has {vector.numel()} weights, state 0 has {flat[0].numel()}")
+            raise ValueError(
+                f"krum: state {i} has {vector.numel()} weights, state 0 has {flat[0].numel()}"
+            )
         if not bool(torch.isfinite(vector).all()):
             raise ValueError(f"krum: state {i} has non-finite weights")
     if n == 1:
@@ -51,7 +61,7 @@ def krum_scores(states: Sequence[Mapping[str, torch.Tensor]], num_byzantine: int
             dist[i, j] = dist[j, i] = torch.sum((flat[i] - flat[j]) ** 2)
     scores = []
     for i in range(n):
-        others = torch.cat([dist[i, :i], dist[i, i + 1:]])
+        others = torch.cat([dist[i, :i], dist[i, i + 1 :]])
         scores.append(float(others.sort().values[:neighbours].sum()))
     return scores
 
@@ -61,8 +71,12 @@ def default_byzantine(n: int) -> int:
     return max(0, (n - 3) // 2)
 
 
-def krum(states: Sequence[Mapping[str, torch.Tensor]], *, num_byzantine: int | None = None,
-         multi: int = 1) -> tuple[StateDict, list[int]]:
+def krum(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    num_byzantine: int | None = None,
+    multi: int = 1,
+) -> tuple[StateDict, list[int]]:
     """(merged state, indices of the selected states). The ``multi`` states with the lowest Krum
     scores are selected (ties: the earlier state first) and averaged uniformly; ``multi = 1`` is
     Krum, which returns the selected state itself. ``num_byzantine`` None = ``default_byzantine``."""
@@ -71,7 +85,7 @@ def krum(states: Sequence[Mapping[str, torch.Tensor]], *, num_byzantine: int | N
     multi = check_value("krum", Krum.Params, "multi", multi)
     scores = krum_scores(states, f)
     order = sorted(range(n), key=lambda i: (scores[i], i))
-    selected = sorted(order[:min(multi, n)])
+    selected = sorted(order[: min(multi, n)])
     if len(selected) == 1:
         return {k: v.clone() for k, v in states[selected[0]].items()}, selected
     return fedavg([states[i] for i in selected], [1.0] * len(selected)), selected
@@ -96,9 +110,14 @@ class Krum(Aggregator):
     @dataclass(frozen=True)
     class Params:
         num_byzantine: int | None = hyperparameter(
-            None, "malicious clients f assumed per round; unset = the most Krum tolerates, "
-            "floor((n - 3) / 2)", ge=0)
-        multi: int = hyperparameter(1, "models kept and averaged (1 = Krum, more = multi-Krum)", ge=1)
+            None,
+            "malicious clients f assumed per round; unset = the most Krum tolerates, "
+            "floor((n - 3) / 2)",
+            ge=0,
+        )
+        multi: int = hyperparameter(
+            1, "models kept and averaged (1 = Krum, more = multi-Krum)", ge=1
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()

@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 
-from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from fedmerge.aggregators.base import (
+    AggregateResult,
+    Aggregator,
+    ClientUpdate,
+    RoundContext,
+    StateDict,
+)
 from fedmerge.aggregators.registry import register
 
 __all__ = ["CoordinateMedian", "coordinate_median", "stacked"]
@@ -24,8 +30,10 @@ def stacked(states: Sequence[Mapping[str, torch.Tensor]], key: str, where: str) 
             raise ValueError(f"{where}: state {i} has no key {key!r}")
         tensor = state[key]
         if tensor.shape != first.shape:
-            raise ValueError(f"{where}: state {i} has {key!r} of shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(first.shape)}")
+            raise ValueError(
+                f"{where}: state {i} has {key!r} of shape {tuple(tensor.shape)}, "
+                f"expected {tuple(first.shape)}"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{where}: state {i} has non-finite values in {key!r}")
         tensors.append(tensor.to(device=first.device, dtype=torch.float64))

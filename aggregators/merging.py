@@ -73,8 +73,9 @@ class Group:
     task: int | None
 
 
-def _weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
-                   device: torch.device) -> StateDict:
+def _weighted_mean(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], device: torch.device
+) -> StateDict:
     total = float(sum(weights))
     out: StateDict = {}
     for key, first in states[0].items():
@@ -88,7 +89,9 @@ def _weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     return out
 
 
-def group_states(updates: Sequence[ClientUpdate], group_by: str, device: torch.device) -> list[Group]:
+def group_states(
+    updates: Sequence[ClientUpdate], group_by: str, device: torch.device
+) -> list[Group]:
     """The round's models to merge, in a fixed order (by first client), on ``device``."""
     if group_by not in GROUP_BY:
         raise ValueError(f"group_by={group_by!r} is invalid: must be one of {', '.join(GROUP_BY)}")
@@ -106,14 +109,20 @@ def group_states(updates: Sequence[ClientUpdate], group_by: str, device: torch.d
         else:
             state = _weighted_mean([u.state for u in members], counts, device)
         tasks = {task_id(u) for u in members}
-        groups.append(Group(state=state, num_examples=float(sum(counts)),
-                            clients=tuple(u.client_id for u in members),
-                            task=tasks.pop() if len(tasks) == 1 else None))
+        groups.append(
+            Group(
+                state=state,
+                num_examples=float(sum(counts)),
+                clients=tuple(u.client_id for u in members),
+                task=tasks.pop() if len(tasks) == 1 else None,
+            )
+        )
     return groups
 
 
-def merged_heads(base: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-                 device: torch.device) -> StateDict:
+def merged_heads(
+    base: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], device: torch.device
+) -> StateDict:
     """Every per-task head key: the example-weighted mean over the clients of its task.
 
     A head no client of its task trained keeps the base value. When no client reported a task
@@ -130,8 +139,13 @@ def merged_heads(base: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdat
         if not members:
             out.update({k: base[k].to(device) for k in keys})
             continue
-        out.update(_weighted_mean([{k: u.state[k] for k in keys} for u in members],
-                                  [checked_num_examples(u) for u in members], device))
+        out.update(
+            _weighted_mean(
+                [{k: u.state[k] for k in keys} for u in members],
+                [checked_num_examples(u) for u in members],
+                device,
+            )
+        )
     return out
 
 

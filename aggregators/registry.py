@@ -60,10 +60,10 @@ MergeFn = Callable[..., Mapping[str, torch.Tensor]]
 F = TypeVar("F", bound=MergeFn)
 
 _HOW_TO_PLUG_IN = (
-    "To plug one in: (1) decorate an Aggregator subclass with @aggregators.register(\"name\") "
-    "(or a function over state dicts with @aggregators.merge_function(\"name\")) in a module that "
-    "gets imported; (2) give its import path, \"package.module:ClassName\"; or (3) expose it from "
-    f"an installed package under the entry-point group \"{ENTRY_POINT_GROUP}\"."
+    'To plug one in: (1) decorate an Aggregator subclass with @aggregators.register("name") '
+    '(or a function over state dicts with @aggregators.merge_function("name")) in a module that '
+    'gets imported; (2) give its import path, "package.module:ClassName"; or (3) expose it from '
+    f'an installed package under the entry-point group "{ENTRY_POINT_GROUP}".'
 )
 
 
@@ -119,8 +119,9 @@ def merge_function(name: str, *, params: type | None = None) -> Callable[[F], F]
         items = list(signature.parameters.values())
         leading = [p for p in items[:2] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         rest = items[2:]
-        if len(leading) < 2 or any(p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                                   for p in rest):
+        if len(leading) < 2 or any(
+            p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in rest
+        ):
             raise TypeError(
                 f"@merge_function({name!r}): {fn.__qualname__} must take (states, weights) "
                 "positionally and its hyperparameters as keywords (no **kwargs)"
@@ -129,12 +130,15 @@ def merge_function(name: str, *, params: type | None = None) -> Callable[[F], F]
             declaration = _declaration_from(fn, rest)
         else:
             if not is_declaration(params):
-                raise TypeError(f"@merge_function({name!r}): params must be a dataclass, "
-                                f"got {params!r}")
+                raise TypeError(
+                    f"@merge_function({name!r}): params must be a dataclass, got {params!r}"
+                )
             declared = [f.name for f in dataclasses.fields(params)]
             if declared != [p.name for p in rest]:
-                raise TypeError(f"@merge_function({name!r}): params declares {declared} but "
-                                f"{fn.__qualname__} takes {[p.name for p in rest]}")
+                raise TypeError(
+                    f"@merge_function({name!r}): params declares {declared} but "
+                    f"{fn.__qualname__} takes {[p.name for p in rest]}"
+                )
             declaration = params
 
         def __init__(self: Aggregator, **kwargs: Any) -> None:
@@ -142,26 +146,33 @@ def merge_function(name: str, *, params: type | None = None) -> Callable[[F], F]
             checked = self.set_hyperparameters(kwargs)
             self.params = {f.name: getattr(checked, f.name) for f in dataclasses.fields(checked)}
 
-        def aggregate(self: Aggregator, ctx: RoundContext,
-                      updates: Sequence[ClientUpdate]) -> AggregateResult:
+        def aggregate(
+            self: Aggregator, ctx: RoundContext, updates: Sequence[ClientUpdate]
+        ) -> AggregateResult:
             weights = example_weights(updates)
             state = fn([u.state for u in updates], weights, **self.params)
             return AggregateResult(
                 state=dict(state),
-                metrics={"num_clients": len(updates),
-                         "num_examples": sum(u.num_examples for u in updates)},
+                metrics={
+                    "num_clients": len(updates),
+                    "num_examples": sum(u.num_examples for u in updates),
+                },
             )
 
         cls_name = f"MergeFunction[{fn.__qualname__}]"
-        cls = type(cls_name, (Aggregator,), {
-            "name": name,
-            "Params": declaration,
-            "__init__": __init__,
-            "aggregate": aggregate,
-            "__doc__": fn.__doc__,
-            "__module__": fn.__module__,
-            "__qualname__": cls_name,
-        })
+        cls = type(
+            cls_name,
+            (Aggregator,),
+            {
+                "name": name,
+                "Params": declaration,
+                "__init__": __init__,
+                "aggregate": aggregate,
+                "__doc__": fn.__doc__,
+                "__module__": fn.__module__,
+                "__qualname__": cls_name,
+            },
+        )
         register(name)(cls)
         return fn
 
@@ -202,7 +213,7 @@ def _checked_class(obj: Any, where: str) -> type[Aggregator]:
 def _from_path(spec: str) -> type[Aggregator]:
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
-        raise ValueError(f"aggregator path {spec!r} must look like \"package.module:ClassName\"")
+        raise ValueError(f'aggregator path {spec!r} must look like "package.module:ClassName"')
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
@@ -260,14 +271,25 @@ def create_aggregator(spec: str, params: Mapping[str, Any]) -> Aggregator:
         label += f" ({cls.name or cls.__qualname__})"
     signature = inspect.signature(cls)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    accepted = [n for n, p in signature.parameters.items()
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    accepted = [
+        n
+        for n, p in signature.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     if not accepts_any:
         for key in params:
             if key not in accepted:
-                close = difflib.get_close_matches(str(key), accepted, n=1) if len(str(key)) <= 100 else []
+                close = (
+                    difflib.get_close_matches(str(key), accepted, n=1)
+                    if len(str(key)) <= 100
+                    else []
+                )
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                shown = repr(key) if len(str(key)) <= 80 else f"{str(key)[:80]!r}... ({len(str(key)):,} characters)"
+                shown = (
+                    repr(key)
+                    if len(str(key)) <= 80
+                    else f"{str(key)[:80]!r}... ({len(str(key)):,} characters)"
+                )
                 raise ValueError(
                     f"{label} has no parameter {shown}{hint}; it accepts: "
                     f"{', '.join(accepted) or '(no parameters)'}"
@@ -298,7 +320,14 @@ def aggregator_params(spec: str) -> list[ParamSpec]:
             continue
         annotation = p.annotation if p.annotation is not p.empty else ""
         required = p.default is p.empty
-        out.append(ParamSpec(name=name, type=getattr(annotation, "__name__", str(annotation)),
-                             default="(required)" if required else repr(p.default),
-                             allowed="(not declared)", doc="", required=required))
+        out.append(
+            ParamSpec(
+                name=name,
+                type=getattr(annotation, "__name__", str(annotation)),
+                default="(required)" if required else repr(p.default),
+                allowed="(not declared)",
+                doc="",
+                required=required,
+            )
+        )
     return out

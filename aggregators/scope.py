@@ -51,6 +51,7 @@ def scope_layers(state: Mapping[str, torch.Tensor], include_bias: bool = False) 
     ``include_bias`` a 1-D ``<prefix>.bias`` is added when ``<prefix>.weight`` is selected, which
     keeps a norm layer's bias out (its weight is 1-D) while a linear or conv bias comes in.
     """
+
     def selected(key: str) -> bool:
         tensor = state.get(key)
         return isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() >= 2
@@ -59,8 +60,13 @@ def scope_layers(state: Mapping[str, torch.Tensor], include_bias: bool = False) 
     for key, tensor in state.items():
         if selected(key):
             layers.append(key)
-        elif (include_bias and key.endswith("bias") and tensor.is_floating_point()
-              and tensor.dim() == 1 and selected(key[: -len("bias")] + "weight")):
+        elif (
+            include_bias
+            and key.endswith("bias")
+            and tensor.is_floating_point()
+            and tensor.dim() == 1
+            and selected(key[: -len("bias")] + "weight")
+        ):
             layers.append(key)
     return layers
 
@@ -111,8 +117,11 @@ class ScopeTracker:
 
     def state(self) -> dict[str, Any]:
         """What has been added so far, as plain data (a round-state snapshot)."""
-        return {"layers": list(self.layers), "scopes": [dict(s) for s in self.scopes],
-                "weights": list(self.weights)}
+        return {
+            "layers": list(self.layers),
+            "scopes": [dict(s) for s in self.scopes],
+            "weights": list(self.weights),
+        }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state()``; only into an empty tracker."""
@@ -121,10 +130,14 @@ class ScopeTracker:
         if not isinstance(state, Mapping) or set(state) != {"layers", "scopes", "weights"}:
             raise ValueError("a scope snapshot has the keys 'layers', 'scopes' and 'weights'")
         if len(state["scopes"]) != len(state["weights"]):
-            raise ValueError(f"a scope snapshot has {len(state['scopes'])} clients' scopes but "
-                             f"{len(state['weights'])} weights")
+            raise ValueError(
+                f"a scope snapshot has {len(state['scopes'])} clients' scopes but "
+                f"{len(state['weights'])} weights"
+            )
         self.layers = [str(name) for name in state["layers"]]
-        self.scopes = [{str(k): (float(v[0]), float(v[1])) for k, v in s.items()} for s in state["scopes"]]
+        self.scopes = [
+            {str(k): (float(v[0]), float(v[1])) for k, v in s.items()} for s in state["scopes"]
+        ]
         self.weights = list(state["weights"])
 
     def metrics(self, target: Mapping[str, Scope] | None = None) -> dict[str, float]:
@@ -145,8 +158,11 @@ class ScopeTracker:
 
         out = {"scope_mu_spread": spread(0), "scope_sigma_spread": spread(1)}
         if target is not None:
-            kls = [gaussian_kl(*scopes[name], *target[name])
-                   for scopes in self.scopes for name in self.layers]
+            kls = [
+                gaussian_kl(*scopes[name], *target[name])
+                for scopes in self.scopes
+                for name in self.layers
+            ]
             out["scope_kl_to_target"] = sum(kls) / len(kls)
         return out
 
@@ -166,6 +182,8 @@ class ScopeTrackedRounds:
 
     def load_round_state(self, state: Mapping[str, Any]) -> None:
         if self._tracker is None:
-            raise RuntimeError(f"{type(self).__name__}.load_round_state() called before begin_round()")
+            raise RuntimeError(
+                f"{type(self).__name__}.load_round_state() called before begin_round()"
+            )
         self._fedavg.load_round_state(state["fedavg"])
         self._tracker.load_state(state["scopes"])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext
-from fedmerge.aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
+from fedmerge.aggregators.merging import GROUP_BY, group_states, mergeable, merged_heads
 from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 from fedmerge.aggregators.task_arithmetic import task_arithmetic
@@ -31,8 +31,9 @@ class SimpleAverage(Aggregator):
 
     @dataclass(frozen=True)
     class Params:
-        group_by: str = hyperparameter("task", "one model per task (its clients averaged) or one per client",
-                                       choices=GROUP_BY)
+        group_by: str = hyperparameter(
+            "task", "one model per task (its clients averaged) or one per client", choices=GROUP_BY
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -44,6 +45,11 @@ class SimpleAverage(Aggregator):
         shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
         state = task_arithmetic(shared, [g.state for g in groups], lam=1.0 / len(groups))
         state.update(merged_heads(base, updates, ctx.device))
-        return AggregateResult(state={k: state[k] for k in base}, metrics={
-            "num_clients": float(len(updates)), "num_models": float(len(groups)),
-            "num_examples": float(sum(u.num_examples for u in updates))})
+        return AggregateResult(
+            state={k: state[k] for k in base},
+            metrics={
+                "num_clients": float(len(updates)),
+                "num_models": float(len(groups)),
+                "num_examples": float(sum(u.num_examples for u in updates)),
+            },
+        )

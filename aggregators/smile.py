@@ -33,7 +33,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from fedmerge.aggregators.base import (
+    AggregateResult,
+    Aggregator,
+    ClientUpdate,
+    RoundContext,
+    StateDict,
+)
 from fedmerge.aggregators.fedavg import fedavg
 from fedmerge.aggregators.merging import (
     GROUP_BY,
@@ -47,8 +53,15 @@ from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
 from fedmerge.aggregators.upscaled import module_type, set_submodule
 
-__all__ = ["SVD_METHODS", "Smile", "SmileLinear", "UpscaleReport", "smile_extra_parameters",
-           "upscale_linear", "upscale_model"]
+__all__ = [
+    "SVD_METHODS",
+    "Smile",
+    "SmileLinear",
+    "UpscaleReport",
+    "smile_extra_parameters",
+    "upscale_linear",
+    "upscale_model",
+]
 
 SVD_METHODS = ("full", "randomized")
 BASES = ("pretrained", "round")
@@ -56,12 +69,15 @@ NONLINEAR = ("base", "average")
 OVERSAMPLE = 10
 
 
-def smile_extra_parameters(num_experts: int, in_features: int, out_features: int, k_gate: int,
-                           k: int, bias: bool = True) -> int:
+def smile_extra_parameters(
+    num_experts: int, in_features: int, out_features: int, k_gate: int, k: int, bias: bool = True
+) -> int:
     """Parameters one SMILE layer adds to the base linear: N·k_gate·in + N·(k·(in+out) + out)
     (k = -1: N·in·out for the dense experts; no N·out without a bias)."""
     experts = in_features * out_features if k < 0 else k * (in_features + out_features)
-    return num_experts * k_gate * in_features + num_experts * (experts + (out_features if bias else 0))
+    return num_experts * k_gate * in_features + num_experts * (
+        experts + (out_features if bias else 0)
+    )
 
 
 @module_type("smile_linear")
@@ -72,12 +88,25 @@ class SmileLinear(nn.Module):
     the layer is built from task vectors, never trained.
     """
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, *, k_gate: int, k: int,
-                 top_k: int, bias: bool) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_experts: int,
+        *,
+        k_gate: int,
+        k: int,
+        top_k: int,
+        bias: bool,
+    ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in 1..num_experts ({num_experts})")
-        self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
+        self.in_features, self.out_features, self.num_experts = (
+            in_features,
+            out_features,
+            num_experts,
+        )
         self.k_gate, self.k, self.top_k = k_gate, k, top_k
         self.base = nn.Linear(in_features, out_features, bias=bias)
         self.base.requires_grad_(False)
@@ -88,15 +117,21 @@ class SmileLinear(nn.Module):
         self.gate = frozen(num_experts, k_gate, in_features)
         if k > 0:
             self.expert_u = frozen(num_experts, out_features, k)  # Ui[:, :k] · diag(Si[:k])
-            self.expert_v = frozen(num_experts, k, in_features)   # Vi[:, :k]ᵀ
+            self.expert_v = frozen(num_experts, k, in_features)  # Vi[:, :k]ᵀ
         else:
             self.expert_w = frozen(num_experts, out_features, in_features)
         self.expert_bias = frozen(num_experts, out_features) if bias else None
 
     def config(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "num_experts": self.num_experts, "k_gate": self.k_gate, "k": self.k,
-                "top_k": self.top_k, "bias": self.base.bias is not None}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "num_experts": self.num_experts,
+            "k_gate": self.k_gate,
+            "k": self.k,
+            "top_k": self.top_k,
+            "bias": self.base.bias is not None,
+        }
 
     @classmethod
     def empty(cls, config: Mapping[str, Any], shared: dict[str, Any]) -> SmileLinear:
@@ -106,7 +141,9 @@ class SmileLinear(nn.Module):
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """p̃ (..., N): softmax of the router logits, kept on the top_k experts, renormalised."""
         proj = F.linear(x, self.gate.reshape(-1, self.in_features))
-        logits = torch.linalg.vector_norm(proj.unflatten(-1, (self.num_experts, self.k_gate)), dim=-1)
+        logits = torch.linalg.vector_norm(
+            proj.unflatten(-1, (self.num_experts, self.k_gate)), dim=-1
+        )
         probs = torch.softmax(logits, dim=-1)
         if self.top_k < self.num_experts:
             values, index = probs.topk(self.top_k, dim=-1)
@@ -120,17 +157,20 @@ class SmileLinear(nn.Module):
             hidden = F.linear(x, self.expert_v.reshape(-1, self.in_features))
             hidden = hidden.unflatten(-1, (self.num_experts, self.k)) * weights.unsqueeze(-1)
             # Σ_i (Ui Si) (p̃i Viᵀ x) as one matmul over the stacked experts
-            y = y + F.linear(hidden.flatten(-2),
-                             self.expert_u.permute(1, 0, 2).reshape(self.out_features, -1))
+            y = y + F.linear(
+                hidden.flatten(-2), self.expert_u.permute(1, 0, 2).reshape(self.out_features, -1)
+            )
         else:
             for i in range(self.num_experts):
-                y = y + weights[..., i:i + 1] * F.linear(x, self.expert_w[i])
+                y = y + weights[..., i : i + 1] * F.linear(x, self.expert_w[i])
         if self.expert_bias is not None:
             y = y + weights @ self.expert_bias
         return y
 
 
-def _factors(delta: torch.Tensor, rank: int, svd: str, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _factors(
+    delta: torch.Tensor, rank: int, svd: str, niter: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U (out, r), S (r,), Vᵀ (r, in) of ``delta``'s top ``rank`` singular triplets."""
     if svd == "full":
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
@@ -143,8 +183,17 @@ def _factors(delta: torch.Tensor, rank: int, svd: str, niter: int) -> tuple[torc
     return u[:, :rank], s[:rank], vh[:rank]
 
 
-def upscale_linear(base: nn.Linear, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], *,
-                   k_gate: int, k: int, top_k: int, svd: str = "full", svd_niter: int = 2) -> SmileLinear:
+def upscale_linear(
+    base: nn.Linear,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    *,
+    k_gate: int,
+    k: int,
+    top_k: int,
+    svd: str = "full",
+    svd_niter: int = 2,
+) -> SmileLinear:
     """A SmileLinear over ``base`` with one expert per fine-tuned (weight, bias), in float32 on
     ``base``'s device."""
     device = base.weight.device
@@ -152,8 +201,15 @@ def upscale_linear(base: nn.Linear, weights: Sequence[torch.Tensor], biases: Seq
     rank_cap = min(out_features, in_features)
     k_eff = k if k < 0 else min(k, rank_cap)
     k_gate_eff = min(k_gate, rank_cap)
-    layer = SmileLinear(in_features, out_features, len(weights), k_gate=k_gate_eff, k=k_eff, top_k=top_k,
-                        bias=base.bias is not None).to(device)
+    layer = SmileLinear(
+        in_features,
+        out_features,
+        len(weights),
+        k_gate=k_gate_eff,
+        k=k_eff,
+        top_k=top_k,
+        bias=base.bias is not None,
+    ).to(device)
     w0 = base.weight.detach().float()
     with torch.no_grad():
         layer.base.weight.copy_(w0)
@@ -186,25 +242,46 @@ class UpscaleReport:
     seconds: float = 0.0
 
 
-def upscale_model(model: nn.Module, base_state: Mapping[str, torch.Tensor],
-                  expert_states: Sequence[Mapping[str, torch.Tensor]], *, k_gate: int = 16, k: int = 32,
-                  top_k: int = 1, svd: str = "full", svd_niter: int = 2, device: torch.device | str | None = None,
-                  seed: int = 0, exclude: re.Pattern[str] | None = HEAD_PATTERN) -> UpscaleReport:
+def upscale_model(
+    model: nn.Module,
+    base_state: Mapping[str, torch.Tensor],
+    expert_states: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    k_gate: int = 16,
+    k: int = 32,
+    top_k: int = 1,
+    svd: str = "full",
+    svd_niter: int = 2,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    exclude: re.Pattern[str] | None = HEAD_PATTERN,
+) -> UpscaleReport:
     """Swap every nn.Linear of ``model`` with non-zero task vectors for a SmileLinear (see the
     module docstring). Linears whose names match ``exclude`` (per-task heads) are left alone."""
     if not expert_states:
         raise ValueError("upscale_model needs at least one fine-tuned state (expert)")
-    for key, value in (("k_gate", k_gate), ("k", k), ("top_k", top_k), ("svd", svd), ("svd_niter", svd_niter)):
+    for key, value in (
+        ("k_gate", k_gate),
+        ("k", k),
+        ("top_k", top_k),
+        ("svd", svd),
+        ("svd_niter", svd_niter),
+    ):
         check_value("upscale_model", Smile.Params, key, value)
     if not 1 <= top_k <= len(expert_states):
-        raise ValueError(f"top_k={top_k} must be in 1..{len(expert_states)} (the number of experts)")
+        raise ValueError(
+            f"top_k={top_k} must be in 1..{len(expert_states)} (the number of experts)"
+        )
     started = time.perf_counter()
     if device is not None:
         model.to(device)
     model.float()
     report = UpscaleReport(params_before=count_parameters(model))
-    linears = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and not (exclude is not None and exclude.match(name + "."))]
+    linears = [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and not (exclude is not None and exclude.match(name + "."))
+    ]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for name, linear in linears:
@@ -214,7 +291,9 @@ def upscale_model(model: nn.Module, base_state: Mapping[str, torch.Tensor],
             changed = any(bool((w.to(w0.device, torch.float32) != w0).any()) for w in weights)
             if linear.bias is not None:
                 b0 = base_state[f"{name}.bias"].to(w0.device, torch.float32)
-                changed = changed or any(bool((b.to(w0.device, torch.float32) != b0).any()) for b in biases)
+                changed = changed or any(
+                    bool((b.to(w0.device, torch.float32) != b0).any()) for b in biases
+                )
             if not changed:
                 report.skipped_zero.append(name)
                 continue
@@ -222,8 +301,20 @@ def upscale_model(model: nn.Module, base_state: Mapping[str, torch.Tensor],
                 linear.weight.copy_(w0)
                 if linear.bias is not None:
                     linear.bias.copy_(b0)
-            set_submodule(model, name, upscale_linear(linear, weights, biases, k_gate=k_gate, k=k,
-                                                      top_k=top_k, svd=svd, svd_niter=svd_niter))
+            set_submodule(
+                model,
+                name,
+                upscale_linear(
+                    linear,
+                    weights,
+                    biases,
+                    k_gate=k_gate,
+                    k=k,
+                    top_k=top_k,
+                    svd=svd,
+                    svd_niter=svd_niter,
+                ),
+            )
             report.layers.append(name)
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - started
@@ -254,17 +345,35 @@ class Smile(Aggregator):
 
     @dataclass(frozen=True)
     class Params:
-        k_gate: int = hyperparameter(16, "router rank: right singular vectors per expert the router "
-                                     "projects on (capped at min(out, in))", ge=1)
-        k: int = hyperparameter(32, "expert rank (capped at min(out, in)); -1 = dense experts", ge=1, also=(-1,))
-        top_k: int = hyperparameter(1, "experts each token is routed to (at most the round's experts)", ge=1)
-        base: str = hyperparameter("pretrained", "what the experts are task vectors from: pretrained (θ0) | "
-                                   "round (the model broadcast this round)", choices=BASES)
-        group_by: str = hyperparameter("client", "one expert per client or per task", choices=GROUP_BY)
-        nonlinear: str = hyperparameter("base", "norms, embeddings, convolutions: base | average (the "
-                                        "clients' FedAvg)", choices=NONLINEAR)
-        svd: str = hyperparameter("full", "full (torch.linalg.svd) | randomized (torch.svd_lowrank)",
-                                  choices=SVD_METHODS)
+        k_gate: int = hyperparameter(
+            16,
+            "router rank: right singular vectors per expert the router "
+            "projects on (capped at min(out, in))",
+            ge=1,
+        )
+        k: int = hyperparameter(
+            32, "expert rank (capped at min(out, in)); -1 = dense experts", ge=1, also=(-1,)
+        )
+        top_k: int = hyperparameter(
+            1, "experts each token is routed to (at most the round's experts)", ge=1
+        )
+        base: str = hyperparameter(
+            "pretrained",
+            "what the experts are task vectors from: pretrained (θ0) | "
+            "round (the model broadcast this round)",
+            choices=BASES,
+        )
+        group_by: str = hyperparameter(
+            "client", "one expert per client or per task", choices=GROUP_BY
+        )
+        nonlinear: str = hyperparameter(
+            "base",
+            "norms, embeddings, convolutions: base | average (the clients' FedAvg)",
+            choices=NONLINEAR,
+        )
+        svd: str = hyperparameter(
+            "full", "full (torch.linalg.svd) | randomized (torch.svd_lowrank)", choices=SVD_METHODS
+        )
         svd_niter: int = hyperparameter(2, "power iterations of the randomized SVD", ge=0)
 
     def __init__(self, **params: Any) -> None:
@@ -273,33 +382,53 @@ class Smile(Aggregator):
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         if ctx.build_model is None:
-            raise ValueError("smile needs the run's model architecture (RoundContext.build_model), "
-                             "which the AggregatorActor provides")
+            raise ValueError(
+                "smile needs the run's model architecture (RoundContext.build_model), "
+                "which the AggregatorActor provides"
+            )
         device = ctx.device
         groups = group_states(updates, self.group_by, device)
         if self.top_k > len(groups):
             raise ValueError(f"smile: top_k={self.top_k} but only {len(groups)} experts this round")
         heads = merged_heads(ctx.base_state, updates, device)
-        average = fedavg([u.state for u in updates], [u.num_examples for u in updates], device=device)
+        average = fedavg(
+            [u.state for u in updates], [u.num_examples for u in updates], device=device
+        )
         average.update(heads)
         base_state = ctx.base_state if self.base == "pretrained" else ctx.global_state
         model = ctx.build_model()
-        linear_keys = {f"{name}.{p}" for name, m in model.named_modules() if type(m) is nn.Linear
-                       for p in ("weight", "bias")}
+        linear_keys = {
+            f"{name}.{p}"
+            for name, m in model.named_modules()
+            if type(m) is nn.Linear
+            for p in ("weight", "bias")
+        }
         served: StateDict = {}
         for key, value in base_state.items():
             use_average = self.nonlinear == "average" and key not in linear_keys
             served[key] = average[key] if use_average or head_task(key) is not None else value
         model.load_state_dict({k: v.to(device) for k, v in served.items()})
-        report = upscale_model(model, base_state, [g.state for g in groups], k_gate=self.k_gate, k=self.k,
-                               top_k=self.top_k, svd=self.svd, svd_niter=self.svd_niter, device=device,
-                               seed=ctx.seed * 1_000_003 + ctx.round)
+        report = upscale_model(
+            model,
+            base_state,
+            [g.state for g in groups],
+            k_gate=self.k_gate,
+            k=self.k,
+            top_k=self.top_k,
+            svd=self.svd,
+            svd_niter=self.svd_niter,
+            device=device,
+            seed=ctx.seed * 1_000_003 + ctx.round,
+        )
         model.eval()
         one_model = report.params_before
         metrics = {
-            "num_clients": float(len(updates)), "num_examples": float(sum(u.num_examples for u in updates)),
-            "num_experts": float(len(groups)), "layers_upscaled": float(len(report.layers)),
-            "params_model": float(one_model), "params_served": float(report.params_after),
+            "num_clients": float(len(updates)),
+            "num_examples": float(sum(u.num_examples for u in updates)),
+            "num_experts": float(len(groups)),
+            "layers_upscaled": float(len(report.layers)),
+            "params_model": float(one_model),
+            "params_served": float(report.params_after),
             "params_ratio": report.params_after / one_model if one_model else math.nan,
             "construct_s": report.seconds,
         }

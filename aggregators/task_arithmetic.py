@@ -8,16 +8,23 @@ from typing import Any
 
 import torch
 
-from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
-from fedmerge.aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
+from fedmerge.aggregators.base import (
+    AggregateResult,
+    Aggregator,
+    ClientUpdate,
+    RoundContext,
+    StateDict,
+)
+from fedmerge.aggregators.merging import GROUP_BY, group_states, mergeable, merged_heads
 from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 
 __all__ = ["TaskArithmetic", "task_arithmetic"]
 
 
-def task_arithmetic(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]], *,
-                    lam: float) -> StateDict:
+def task_arithmetic(
+    base: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]], *, lam: float
+) -> StateDict:
     """θ0 + λ Σi (θi − θ0) on every floating key of ``base`` (computed in float32, cast back);
     other keys (integer buffers) keep the base value."""
     if not states:
@@ -53,8 +60,9 @@ class TaskArithmetic(Aggregator):
     @dataclass(frozen=True)
     class Params:
         lam: float = hyperparameter(0.3, "scale λ of the summed task vectors, θ0 + λ Σi τi")
-        group_by: str = hyperparameter("task", "one model per task (its clients averaged) or one per client",
-                                       choices=GROUP_BY)
+        group_by: str = hyperparameter(
+            "task", "one model per task (its clients averaged) or one per client", choices=GROUP_BY
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -66,6 +74,11 @@ class TaskArithmetic(Aggregator):
         shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
         state = task_arithmetic(shared, [g.state for g in groups], lam=self.lam)
         state.update(merged_heads(base, updates, ctx.device))
-        return AggregateResult(state={k: state[k] for k in base}, metrics={
-            "num_clients": float(len(updates)), "num_models": float(len(groups)),
-            "num_examples": float(sum(u.num_examples for u in updates))})
+        return AggregateResult(
+            state={k: state[k] for k in base},
+            metrics={
+                "num_clients": float(len(updates)),
+                "num_models": float(len(groups)),
+                "num_examples": float(sum(u.num_examples for u in updates)),
+            },
+        )

@@ -52,17 +52,23 @@ def register_term(name: str) -> Callable[[F], F]:
 
     def decorator(factory: F) -> F:
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"cannot register {_qualified(factory)} under {name!r}: "
-                             "a term name is a non-empty string")
+            raise ValueError(
+                f"cannot register {_qualified(factory)} under {name!r}: "
+                "a term name is a non-empty string"
+            )
         params = list(inspect.signature(factory).parameters.values())
         positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         if len(params) < 2 or any(p.kind not in positional for p in params[:2]):
-            raise TypeError(f"@register_term({name!r}): {_qualified(factory)} must take "
-                            "(model, global_state) positionally, then its parameters")
+            raise TypeError(
+                f"@register_term({name!r}): {_qualified(factory)} must take "
+                "(model, global_state) positionally, then its parameters"
+            )
         taken = _TERMS.get(name)
         if taken is not None and _qualified(taken) != _qualified(factory):
-            raise ValueError(f"client term {name!r} is already registered by {_qualified(taken)}; "
-                             f"cannot register {_qualified(factory)} under it")
+            raise ValueError(
+                f"client term {name!r} is already registered by {_qualified(taken)}; "
+                f"cannot register {_qualified(factory)} under it"
+            )
         _TERMS[name] = factory
         return factory
 
@@ -74,28 +80,36 @@ def available_terms() -> list[str]:
     return sorted(_TERMS)
 
 
-def _build(index: int, spec: Any, model: nn.Module,
-           global_state: Mapping[str, torch.Tensor]) -> LossTerm:
+def _build(
+    index: int, spec: Any, model: nn.Module, global_state: Mapping[str, torch.Tensor]
+) -> LossTerm:
     where = f"client term {index}"
     if not isinstance(spec, Mapping) or "term" not in spec:
-        raise ValueError(f"{where}: a spec is a mapping {{\"term\": name, **params}}, got {spec!r}")
+        raise ValueError(f'{where}: a spec is a mapping {{"term": name, **params}}, got {spec!r}')
     name = spec["term"]
     factory = _TERMS.get(name) if isinstance(name, str) else None
     if factory is None:
         close = difflib.get_close_matches(str(name), list(_TERMS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{where}: unknown client term {name!r}.{hint} "
-                         f"Available: {', '.join(available_terms()) or '(none)'}")
+        raise ValueError(
+            f"{where}: unknown client term {name!r}.{hint} "
+            f"Available: {', '.join(available_terms()) or '(none)'}"
+        )
     params = {k: v for k, v in spec.items() if k != "term"}
     accepted = _hyperparameters(factory)
     label = f"{where} ({name!r})"
     if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
         for key in params:
             if key not in accepted:
-                raise ValueError(f"{label} has no parameter {key!r}; it accepts: "
-                                 f"{', '.join(accepted) or '(no parameters)'}")
-    missing = [k for k, p in accepted.items()
-               if p.default is p.empty and p.kind is not p.VAR_KEYWORD and k not in params]
+                raise ValueError(
+                    f"{label} has no parameter {key!r}; it accepts: "
+                    f"{', '.join(accepted) or '(no parameters)'}"
+                )
+    missing = [
+        k
+        for k, p in accepted.items()
+        if p.default is p.empty and p.kind is not p.VAR_KEYWORD and k not in params
+    ]
     if missing:
         raise ValueError(f"{label} is missing parameter {missing[0]!r}")
     try:
@@ -104,8 +118,9 @@ def _build(index: int, spec: Any, model: nn.Module,
         raise ValueError(f"{label}: {exc}") from exc
 
 
-def build_terms(specs: Sequence[Mapping[str, Any]], model: nn.Module,
-                global_state: Mapping[str, torch.Tensor]) -> list[LossTerm]:
+def build_terms(
+    specs: Sequence[Mapping[str, Any]], model: nn.Module, global_state: Mapping[str, torch.Tensor]
+) -> list[LossTerm]:
     """One ``LossTerm`` per spec, in order; a ValueError names an unknown term or parameter.
 
     ``global_state`` is the model the client received this round (the round's θt), as detached

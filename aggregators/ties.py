@@ -9,16 +9,27 @@ from typing import Any
 
 import torch
 
-from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
-from fedmerge.aggregators.merging import GROUP_BY, group_states, merged_heads, mergeable
+from fedmerge.aggregators.base import (
+    AggregateResult,
+    Aggregator,
+    ClientUpdate,
+    RoundContext,
+    StateDict,
+)
+from fedmerge.aggregators.merging import GROUP_BY, group_states, mergeable, merged_heads
 from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
 
 __all__ = ["Ties", "ties_merge"]
 
 
-def ties_merge(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]], *,
-               lam: float, keep: float) -> StateDict:
+def ties_merge(
+    base: Mapping[str, torch.Tensor],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    lam: float,
+    keep: float,
+) -> StateDict:
     """θ0 + λ · disjoint-mean(trimmed, elected τ) over the floating keys of ``base``.
 
     1. Trim: each model's task vector, flattened over all those keys, keeps its ``keep`` share of
@@ -37,7 +48,9 @@ def ties_merge(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, t
     flat0 = torch.cat([base[k].float().reshape(-1) for k in keys])
     trimmed = []
     for state in states:
-        tau = torch.cat([state[k].to(flat0.device, torch.float32).reshape(-1) for k in keys]) - flat0
+        tau = (
+            torch.cat([state[k].to(flat0.device, torch.float32).reshape(-1) for k in keys]) - flat0
+        )
         n_keep = max(1, math.ceil(keep * tau.numel()))
         magnitude = tau.abs()
         threshold = magnitude.kthvalue(tau.numel() - n_keep + 1).values
@@ -51,7 +64,7 @@ def ties_merge(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, t
     offset = 0
     for k in keys:
         n = base[k].numel()
-        out[k] = flat[offset:offset + n].reshape(base[k].shape).to(base[k].dtype)
+        out[k] = flat[offset : offset + n].reshape(base[k].shape).to(base[k].dtype)
         offset += n
     return out
 
@@ -74,10 +87,12 @@ class Ties(Aggregator):
     @dataclass(frozen=True)
     class Params:
         lam: float = hyperparameter(0.3, "scale λ of the merged task vector, θ0 + λ · merged")
-        keep: float = hyperparameter(0.2, "share of each task vector's largest-magnitude entries kept",
-                                     gt=0, le=1)
-        group_by: str = hyperparameter("task", "one model per task (its clients averaged) or one per client",
-                                       choices=GROUP_BY)
+        keep: float = hyperparameter(
+            0.2, "share of each task vector's largest-magnitude entries kept", gt=0, le=1
+        )
+        group_by: str = hyperparameter(
+            "task", "one model per task (its clients averaged) or one per client", choices=GROUP_BY
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -89,6 +104,11 @@ class Ties(Aggregator):
         shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
         state = ties_merge(shared, [g.state for g in groups], lam=self.lam, keep=self.keep)
         state.update(merged_heads(base, updates, ctx.device))
-        return AggregateResult(state={k: state[k] for k in base}, metrics={
-            "num_clients": float(len(updates)), "num_models": float(len(groups)),
-            "num_examples": float(sum(u.num_examples for u in updates))})
+        return AggregateResult(
+            state={k: state[k] for k in base},
+            metrics={
+                "num_clients": float(len(updates)),
+                "num_models": float(len(groups)),
+                "num_examples": float(sum(u.num_examples for u in updates)),
+            },
+        )

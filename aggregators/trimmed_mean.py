@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 
-from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from fedmerge.aggregators.base import (
+    AggregateResult,
+    Aggregator,
+    ClientUpdate,
+    RoundContext,
+    StateDict,
+)
 from fedmerge.aggregators.median import _cast, stacked
 from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
@@ -34,7 +40,7 @@ def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], *, beta: float = 
     out: StateDict = {}
     for key, like in states[0].items():
         values = stacked(states, key, "trimmed_mean").sort(dim=0).values
-        out[key] = _cast(values[k:n - k].mean(dim=0), like)
+        out[key] = _cast(values[k : n - k].mean(dim=0), like)
     return out
 
 
@@ -52,8 +58,9 @@ class TrimmedMean(Aggregator):
 
     @dataclass(frozen=True)
     class Params:
-        beta: float = hyperparameter(0.1, "share of the values trimmed at each end, floor(beta * n)",
-                                     ge=0, lt=0.5)
+        beta: float = hyperparameter(
+            0.1, "share of the values trimmed at each end, floor(beta * n)", ge=0, lt=0.5
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -62,5 +69,6 @@ class TrimmedMean(Aggregator):
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         state = trimmed_mean([u.state for u in updates], beta=self.beta)
         k = trimmed_count(len(updates), self.beta)
-        return AggregateResult(state=state, metrics={"num_clients": float(len(updates)),
-                                                     "trimmed_per_side": float(k)})
+        return AggregateResult(
+            state=state, metrics={"num_clients": float(len(updates)), "trimmed_per_side": float(k)}
+        )

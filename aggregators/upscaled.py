@@ -26,13 +26,17 @@ M = TypeVar("M", bound=type[nn.Module])
 
 def module_type(name: str) -> Callable[[M], M]:
     """Class decorator: register an upscaled module type under ``name``."""
+
     def decorate(cls: M) -> M:
         taken = _TYPES.get(name)
         if taken is not None and taken.__qualname__ != cls.__qualname__:
-            raise ValueError(f"upscaled module type {name!r} is already taken by {taken.__qualname__}")
+            raise ValueError(
+                f"upscaled module type {name!r} is already taken by {taken.__qualname__}"
+            )
         cls.module_type = name
         _TYPES[name] = cls
         return cls
+
     return decorate
 
 
@@ -74,11 +78,15 @@ def rebuild(model: nn.Module, structure: Sequence[Mapping[str, Any]]) -> nn.Modu
     for entry in structure:
         kind = entry.get("type")
         if kind not in _TYPES:
-            raise ValueError(f"unknown upscaled module type {kind!r} at {entry.get('path')!r}; "
-                             f"known: {', '.join(sorted(_TYPES))}")
+            raise ValueError(
+                f"unknown upscaled module type {kind!r} at {entry.get('path')!r}; "
+                f"known: {', '.join(sorted(_TYPES))}"
+            )
         try:
             model.get_submodule(entry["path"])
         except AttributeError as err:
-            raise ValueError(f"the model has no module {entry['path']!r} to replace: {err}") from None
+            raise ValueError(
+                f"the model has no module {entry['path']!r} to replace: {err}"
+            ) from None
         set_submodule(model, entry["path"], _TYPES[kind].empty(entry["config"], shared))
     return model

@@ -26,16 +26,38 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext, StateDict
+from fedmerge.aggregators.base import (
+    AggregateResult,
+    Aggregator,
+    ClientUpdate,
+    RoundContext,
+    StateDict,
+)
 from fedmerge.aggregators.fedavg import fedavg
-from fedmerge.aggregators.merging import GROUP_BY, count_parameters, group_states, merged_heads, mergeable, stored_bytes
+from fedmerge.aggregators.merging import (
+    GROUP_BY,
+    count_parameters,
+    group_states,
+    mergeable,
+    merged_heads,
+    stored_bytes,
+)
 from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 from fedmerge.aggregators.task_arithmetic import task_arithmetic
 from fedmerge.aggregators.upscaled import Removed, module_type, set_submodule
 
-__all__ = ["ACTIVATIONS", "MLPSite", "Router", "WEMoE", "WEMoEMLP", "find_mlps", "prune_magnitude",
-           "train_routers", "upscale_mlps"]
+__all__ = [
+    "ACTIVATIONS",
+    "MLPSite",
+    "Router",
+    "WEMoE",
+    "WEMoEMLP",
+    "find_mlps",
+    "prune_magnitude",
+    "train_routers",
+    "upscale_mlps",
+]
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -43,8 +65,15 @@ ACTIVATIONS = {
     "relu": F.relu,
     "silu": F.silu,
 }
-_ACTIVATION_CLASSES = {"GELUActivation": "gelu", "ReLU": "relu", "SiLU": "silu", "SiLUActivation": "silu",
-                       "NewGELUActivation": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh"}
+_ACTIVATION_CLASSES = {
+    "GELUActivation": "gelu",
+    "ReLU": "relu",
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "NewGELUActivation": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+}
 
 
 def _activation_name(module: nn.Module) -> str:
@@ -52,8 +81,10 @@ def _activation_name(module: nn.Module) -> str:
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
     name = _ACTIVATION_CLASSES.get(type(module).__name__)
     if name is None:
-        raise ValueError(f"WEMoE: unsupported MLP activation {type(module).__name__}; "
-                         f"supported: {', '.join(sorted(_ACTIVATION_CLASSES))}, nn.GELU")
+        raise ValueError(
+            f"WEMoE: unsupported MLP activation {type(module).__name__}; "
+            f"supported: {', '.join(sorted(_ACTIVATION_CLASSES))}, nn.GELU"
+        )
     return name
 
 
@@ -70,9 +101,16 @@ def index_dtype(numel: int) -> torch.dtype:
 class Router(nn.Module):
     """r(h) = W2 ReLU(W1 h + b1) + b2; weights N(0, std²), b1 = 0, b2 = init_lambda."""
 
-    def __init__(self, features: int, num_experts: int, *, init_lambda: float = 0.3, std: float = 0.01) -> None:
+    def __init__(
+        self, features: int, num_experts: int, *, init_lambda: float = 0.3, std: float = 0.01
+    ) -> None:
         super().__init__()
-        self.features, self.num_experts, self.init_lambda, self.std = features, num_experts, init_lambda, std
+        self.features, self.num_experts, self.init_lambda, self.std = (
+            features,
+            num_experts,
+            init_lambda,
+            std,
+        )
         self.fc1 = nn.Linear(features, features)
         self.fc2 = nn.Linear(features, num_experts)
         with torch.no_grad():
@@ -82,8 +120,12 @@ class Router(nn.Module):
             self.fc2.bias.fill_(init_lambda)
 
     def config(self) -> dict[str, Any]:
-        return {"features": self.features, "num_experts": self.num_experts, "init_lambda": self.init_lambda,
-                "std": self.std}
+        return {
+            "features": self.features,
+            "num_experts": self.num_experts,
+            "init_lambda": self.init_lambda,
+            "std": self.std,
+        }
 
     @classmethod
     def empty(cls, config: Mapping[str, Any], shared: dict[str, Any]) -> Router:
@@ -110,10 +152,20 @@ class WEMoEMLP(nn.Module):
 
     pools_tokens: ClassVar[bool] = True
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int, num_experts: int, *,
-                 activation: str, init_lambda: float = 0.3, router_std: float = 0.01,
-                 shared_router: bool = False, router: Router | None = None,
-                 sparse: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int,
+        num_experts: int,
+        *,
+        activation: str,
+        init_lambda: float = 0.3,
+        router_std: float = 0.01,
+        shared_router: bool = False,
+        router: Router | None = None,
+        sparse: Mapping[str, int] | None = None,
+    ) -> None:
         """``sparse`` (E-WEMoE's pruned task vectors) maps each of w1, b1, w2, b2 to the number
         of non-zero task-vector entries stored for it: the module then keeps ``tau_<name>_index``
         (flat positions in the (N, ...) stack, int32 where they fit) and ``tau_<name>_values``
@@ -121,14 +173,30 @@ class WEMoEMLP(nn.Module):
         super().__init__()
         self.token_mask: torch.Tensor | None = None
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is invalid: must be one of {', '.join(ACTIVATIONS)}")
-        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
-        self.num_experts, self.activation, self.shared_router = num_experts, activation, shared_router
-        self.tau_shapes = {"w1": (num_experts, hidden_features, in_features), "b1": (num_experts, hidden_features),
-                           "w2": (num_experts, out_features, hidden_features), "b2": (num_experts, out_features)}
+            raise ValueError(
+                f"activation={activation!r} is invalid: must be one of {', '.join(ACTIVATIONS)}"
+            )
+        self.in_features, self.hidden_features, self.out_features = (
+            in_features,
+            hidden_features,
+            out_features,
+        )
+        self.num_experts, self.activation, self.shared_router = (
+            num_experts,
+            activation,
+            shared_router,
+        )
+        self.tau_shapes = {
+            "w1": (num_experts, hidden_features, in_features),
+            "b1": (num_experts, hidden_features),
+            "w2": (num_experts, out_features, hidden_features),
+            "b2": (num_experts, out_features),
+        }
         if sparse is not None and set(sparse) != set(TAU_NAMES):
-            raise ValueError(f"sparse must give the stored entries of each of {', '.join(TAU_NAMES)}, "
-                             f"got {sorted(sparse)}")
+            raise ValueError(
+                f"sparse must give the stored entries of each of {', '.join(TAU_NAMES)}, "
+                f"got {sorted(sparse)}"
+            )
         self.sparse = None if sparse is None else {name: int(sparse[name]) for name in TAU_NAMES}
 
         def frozen(*shape: int) -> nn.Parameter:
@@ -144,15 +212,26 @@ class WEMoEMLP(nn.Module):
             if not 0 <= nnz <= math.prod(shape):
                 raise ValueError(f"sparse[{name!r}] = {nnz} is not in 0..{math.prod(shape)}")
             setattr(self, f"tau_{name}_values", frozen(nnz))
-            self.register_buffer(f"tau_{name}_index", torch.zeros(nnz, dtype=index_dtype(math.prod(shape))))
-        self.router = router if router is not None else Router(in_features, num_experts, init_lambda=init_lambda,
-                                                               std=router_std)
+            self.register_buffer(
+                f"tau_{name}_index", torch.zeros(nnz, dtype=index_dtype(math.prod(shape)))
+            )
+        self.router = (
+            router
+            if router is not None
+            else Router(in_features, num_experts, init_lambda=init_lambda, std=router_std)
+        )
 
     def config(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "hidden_features": self.hidden_features,
-                "out_features": self.out_features, "num_experts": self.num_experts,
-                "activation": self.activation, "shared_router": self.shared_router,
-                "router": self.router.config(), "sparse": self.sparse}
+        return {
+            "in_features": self.in_features,
+            "hidden_features": self.hidden_features,
+            "out_features": self.out_features,
+            "num_experts": self.num_experts,
+            "activation": self.activation,
+            "shared_router": self.shared_router,
+            "router": self.router.config(),
+            "sparse": self.sparse,
+        }
 
     @classmethod
     def empty(cls, config: Mapping[str, Any], shared: dict[str, Any]) -> WEMoEMLP:
@@ -162,9 +241,16 @@ class WEMoEMLP(nn.Module):
             router = shared.setdefault("wemoe_router", Router.empty(router_config, shared))
         else:
             router = Router.empty(router_config, shared)
-        return cls(c.pop("in_features"), c.pop("hidden_features"), c.pop("out_features"), c.pop("num_experts"),
-                   activation=c["activation"], shared_router=c["shared_router"], router=router,
-                   sparse=c.get("sparse"))
+        return cls(
+            c.pop("in_features"),
+            c.pop("hidden_features"),
+            c.pop("out_features"),
+            c.pop("num_experts"),
+            activation=c["activation"],
+            shared_router=c["shared_router"],
+            router=router,
+            sparse=c.get("sparse"),
+        )
 
     def set_task_vectors(self, name: str, tau: torch.Tensor) -> None:
         """Store the (N, ...) task-vector stack of ``name`` (w1, b1, w2, b2): as it is when dense,
@@ -178,8 +264,10 @@ class WEMoEMLP(nn.Module):
                 return
             index = tau.reshape(-1).nonzero().squeeze(1)
             if len(index) != self.sparse[name]:
-                raise ValueError(f"tau_{name} has {len(index)} non-zero entries, the module stores "
-                                 f"{self.sparse[name]}")
+                raise ValueError(
+                    f"tau_{name} has {len(index)} non-zero entries, the module stores "
+                    f"{self.sparse[name]}"
+                )
             getattr(self, f"tau_{name}_values").copy_(tau.reshape(-1)[index])
             getattr(self, f"tau_{name}_index").copy_(index)
 
@@ -201,8 +289,10 @@ class WEMoEMLP(nn.Module):
             return lam
         mask = self.token_mask
         if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"the token mask is {tuple(mask.shape)} but the module sees (batch, tokens) = "
-                             f"{tuple(x.shape[:2])}: it runs on other positions than the model masked")
+            raise ValueError(
+                f"the token mask is {tuple(mask.shape)} but the module sees (batch, tokens) = "
+                f"{tuple(x.shape[:2])}: it runs on other positions than the model masked"
+            )
         if mask is None:
             return lam.mean(dim=1)
         m = mask.to(device=lam.device, dtype=lam.dtype).unsqueeze(-1)
@@ -213,12 +303,20 @@ class WEMoEMLP(nn.Module):
         lam = lam.unsqueeze(1) if x.dim() == 3 else lam  # (B, 1, N) broadcasts over tokens
         n = self.num_experts
         h = F.linear(x, self.w1, self.b1)
-        h = h + (F.linear(x, self.tau("w1").reshape(-1, self.in_features), self.tau("b1").reshape(-1))
-                 .unflatten(-1, (n, self.hidden_features)) * lam.unsqueeze(-1)).sum(dim=-2)
+        h = h + (
+            F.linear(
+                x, self.tau("w1").reshape(-1, self.in_features), self.tau("b1").reshape(-1)
+            ).unflatten(-1, (n, self.hidden_features))
+            * lam.unsqueeze(-1)
+        ).sum(dim=-2)
         h = ACTIVATIONS[self.activation](h)
         y = F.linear(h, self.w2, self.b2)
-        return y + (F.linear(h, self.tau("w2").reshape(-1, self.hidden_features), self.tau("b2").reshape(-1))
-                    .unflatten(-1, (n, self.out_features)) * lam.unsqueeze(-1)).sum(dim=-2)
+        return y + (
+            F.linear(
+                h, self.tau("w2").reshape(-1, self.hidden_features), self.tau("b2").reshape(-1)
+            ).unflatten(-1, (n, self.out_features))
+            * lam.unsqueeze(-1)
+        ).sum(dim=-2)
 
 
 class MLPSite:
@@ -236,16 +334,31 @@ def find_mlps(model: nn.Module) -> list[MLPSite]:
     """The transformer MLPs of ``model`` (BERT layout); ValueError when there are none."""
     sites = []
     for name, module in model.named_modules():
-        intermediate, output = getattr(module, "intermediate", None), getattr(module, "output", None)
-        if (intermediate is not None and isinstance(getattr(intermediate, "dense", None), nn.Linear)
-                and hasattr(intermediate, "intermediate_act_fn") and output is not None
-                and isinstance(getattr(output, "dense", None), nn.Linear)):
+        intermediate, output = (
+            getattr(module, "intermediate", None),
+            getattr(module, "output", None),
+        )
+        if (
+            intermediate is not None
+            and isinstance(getattr(intermediate, "dense", None), nn.Linear)
+            and hasattr(intermediate, "intermediate_act_fn")
+            and output is not None
+            and isinstance(getattr(output, "dense", None), nn.Linear)
+        ):
             prefix = f"{name}." if name else ""
-            sites.append(MLPSite(f"{prefix}intermediate", f"{prefix}intermediate.dense", f"{prefix}output.dense",
-                                 _activation_name(intermediate.intermediate_act_fn)))
+            sites.append(
+                MLPSite(
+                    f"{prefix}intermediate",
+                    f"{prefix}intermediate.dense",
+                    f"{prefix}output.dense",
+                    _activation_name(intermediate.intermediate_act_fn),
+                )
+            )
     if not sites:
-        raise ValueError(f"WEMoE: no transformer MLP (BERT layout: intermediate.dense -> output.dense) "
-                         f"found in {type(model).__name__}")
+        raise ValueError(
+            f"WEMoE: no transformer MLP (BERT layout: intermediate.dense -> output.dense) "
+            f"found in {type(model).__name__}"
+        )
     return sites
 
 
@@ -262,10 +375,18 @@ def prune_magnitude(tensor: torch.Tensor, keep: float) -> torch.Tensor:
 STORAGE = ("auto", "dense", "sparse")
 
 
-def upscale_mlps(model: nn.Module, base_state: Mapping[str, torch.Tensor],
-                 expert_states: Sequence[Mapping[str, torch.Tensor]], *, init_lambda: float = 0.3,
-                 router_std: float = 0.01, shared_router: bool = False, keep: float = 1.0,
-                 sites: Sequence[MLPSite] | None = None, storage: str = "auto") -> list[MLPSite]:
+def upscale_mlps(
+    model: nn.Module,
+    base_state: Mapping[str, torch.Tensor],
+    expert_states: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    init_lambda: float = 0.3,
+    router_std: float = 0.01,
+    shared_router: bool = False,
+    keep: float = 1.0,
+    sites: Sequence[MLPSite] | None = None,
+    storage: str = "auto",
+) -> list[MLPSite]:
     """Replace each MLP of ``model`` (in place, on its device, float32) by a WEMoEMLP over
     θ0 = ``base_state`` and τi = ``expert_states[i]`` − θ0 (magnitude-pruned to ``keep`` per
     tensor when ``keep`` < 1). Router weights follow torch's global RNG.
@@ -278,8 +399,16 @@ def upscale_mlps(model: nn.Module, base_state: Mapping[str, torch.Tensor],
     sites = list(sites) if sites is not None else find_mlps(model)
     device = next(model.parameters()).device
     n = len(expert_states)
-    router = Router(model.get_submodule(sites[0].fc1).in_features, n, init_lambda=init_lambda,
-                    std=router_std) if shared_router else None
+    router = (
+        Router(
+            model.get_submodule(sites[0].fc1).in_features,
+            n,
+            init_lambda=init_lambda,
+            std=router_std,
+        )
+        if shared_router
+        else None
+    )
     for site in sites:
         fc1, fc2 = model.get_submodule(site.fc1), model.get_submodule(site.fc2)
         keys = dict(zip(TAU_NAMES, site.keys))
@@ -289,14 +418,27 @@ def upscale_mlps(model: nn.Module, base_state: Mapping[str, torch.Tensor],
             stack = [state[key].to(device, torch.float32) - theta0[name] for state in expert_states]
             taus[name] = torch.stack([prune_magnitude(t, keep) if keep < 1 else t for t in stack])
         nnz = {name: int(torch.count_nonzero(tau)) for name, tau in taus.items()}
-        sparse_bytes = sum(k * (4 + index_dtype(taus[name].numel()).itemsize) for name, k in nnz.items())
-        if storage == "sparse" or (storage == "auto" and sparse_bytes < 4 * sum(t.numel() for t in taus.values())):
+        sparse_bytes = sum(
+            k * (4 + index_dtype(taus[name].numel()).itemsize) for name, k in nnz.items()
+        )
+        if storage == "sparse" or (
+            storage == "auto" and sparse_bytes < 4 * sum(t.numel() for t in taus.values())
+        ):
             sparse = nnz
         else:
             sparse = None
-        module = WEMoEMLP(fc1.in_features, fc1.out_features, fc2.out_features, n, activation=site.activation,
-                          init_lambda=init_lambda, router_std=router_std, shared_router=shared_router,
-                          router=router, sparse=sparse).to(device)
+        module = WEMoEMLP(
+            fc1.in_features,
+            fc1.out_features,
+            fc2.out_features,
+            n,
+            activation=site.activation,
+            init_lambda=init_lambda,
+            router_std=router_std,
+            shared_router=shared_router,
+            router=router,
+            sparse=sparse,
+        ).to(device)
         with torch.no_grad():
             for name in TAU_NAMES:
                 getattr(module, name).copy_(theta0[name])
@@ -311,8 +453,15 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=-1).mean()
 
 
-def train_routers(model: nn.Module, proxy_inputs: Mapping[int, torch.Tensor], *, steps: int, lr: float,
-                  batch_size: int, seed: int) -> dict[str, float]:
+def train_routers(
+    model: nn.Module,
+    proxy_inputs: Mapping[int, torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
     """Test-time adaptation: Adam on the routers only, minimising Σ_tasks mean prediction entropy
     over ``batch_size`` proxy inputs of each task per step (drawn with a generator seeded by
     ``seed``). Returns the loss of the first and last step and the wall time."""
@@ -346,8 +495,11 @@ def train_routers(model: nn.Module, proxy_inputs: Mapping[int, torch.Tensor], *,
             last = loss.item()
     for p in routers:
         p.requires_grad_(False)
-    return {"router_entropy_first": first, "router_entropy_last": last,
-            "router_train_s": time.perf_counter() - started}
+    return {
+        "router_entropy_first": first,
+        "router_entropy_last": last,
+        "router_train_s": time.perf_counter() - started,
+    }
 
 
 @register()
@@ -378,17 +530,24 @@ class WEMoE(Aggregator):
 
     @dataclass(frozen=True)
     class Params:
-        init_lambda: float = hyperparameter(0.3, "task-arithmetic scale λ0 outside the MLPs; the routers "
-                                            "start at b2 = λ0")
-        steps: int = hyperparameter(1000, "Adam steps of router training on the proxy inputs (0 = untrained)",
-                                    ge=0)
+        init_lambda: float = hyperparameter(
+            0.3, "task-arithmetic scale λ0 outside the MLPs; the routers start at b2 = λ0"
+        )
+        steps: int = hyperparameter(
+            1000, "Adam steps of router training on the proxy inputs (0 = untrained)", ge=0
+        )
         lr: float = hyperparameter(1e-4, "Adam learning rate of the routers", gt=0)
         batch_size: int = hyperparameter(16, "proxy inputs per task per router step", ge=1)
         router_std: float = hyperparameter(0.01, "std of the routers' initial weights", ge=0)
-        group_by: str = hyperparameter("task", "one expert per task or per client", choices=GROUP_BY)
-        efficient: bool = hyperparameter(False, "E-WEMoE: prune the MLP task vectors to keep, one shared router")
-        keep: float = hyperparameter(0.1, "share of each MLP task vector kept (efficient = true only)",
-                                     gt=0, le=1)
+        group_by: str = hyperparameter(
+            "task", "one expert per task or per client", choices=GROUP_BY
+        )
+        efficient: bool = hyperparameter(
+            False, "E-WEMoE: prune the MLP task vectors to keep, one shared router"
+        )
+        keep: float = hyperparameter(
+            0.1, "share of each MLP task vector kept (efficient = true only)", gt=0, le=1
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -397,25 +556,37 @@ class WEMoE(Aggregator):
     def build(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> tuple[nn.Module, int]:
         """The WEMoE model before router training, and its number of experts."""
         if ctx.build_model is None:
-            raise ValueError("wemoe needs the run's model architecture (RoundContext.build_model), "
-                             "which the AggregatorActor provides")
+            raise ValueError(
+                "wemoe needs the run's model architecture (RoundContext.build_model), "
+                "which the AggregatorActor provides"
+            )
         device = ctx.device
         groups = group_states(updates, self.group_by, device)
         base = {k: v.to(device) for k, v in ctx.base_state.items()}
         model = ctx.build_model().to(device).float()
         sites = find_mlps(model)
         mlp_keys = {k for site in sites for k in site.keys}
-        shared = {k: v for k, v in base.items()
-                  if k not in mlp_keys and (mergeable(k, v) or not v.is_floating_point())}
+        shared = {
+            k: v
+            for k, v in base.items()
+            if k not in mlp_keys and (mergeable(k, v) or not v.is_floating_point())
+        }
         state: StateDict = dict(base)
         state.update(task_arithmetic(shared, [g.state for g in groups], lam=self.init_lambda))
         state.update(merged_heads(base, updates, device))
         model.load_state_dict(state)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed * 1_000_003 + ctx.round)
-            upscale_mlps(model, base, [g.state for g in groups], init_lambda=self.init_lambda,
-                         router_std=self.router_std, shared_router=self.efficient,
-                         keep=self.keep if self.efficient else 1.0, sites=sites)
+            upscale_mlps(
+                model,
+                base,
+                [g.state for g in groups],
+                init_lambda=self.init_lambda,
+                router_std=self.router_std,
+                shared_router=self.efficient,
+                keep=self.keep if self.efficient else 1.0,
+                sites=sites,
+            )
         return model, len(groups)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
@@ -425,21 +596,42 @@ class WEMoE(Aggregator):
         metrics: dict[str, float] = {"construct_s": time.perf_counter() - started}
         if self.steps > 0:
             if not ctx.proxy_inputs:
-                raise ValueError("wemoe trains its routers on unlabelled server inputs, but the round has no "
-                                 "proxy inputs (RoundContext.proxy_inputs); set steps = 0 to serve it untrained")
-            metrics.update(train_routers(model, ctx.proxy_inputs, steps=self.steps, lr=self.lr,
-                                         batch_size=self.batch_size, seed=ctx.seed * 1_000_003 + ctx.round))
+                raise ValueError(
+                    "wemoe trains its routers on unlabelled server inputs, but the round has no "
+                    "proxy inputs (RoundContext.proxy_inputs); set steps = 0 to serve it untrained"
+                )
+            metrics.update(
+                train_routers(
+                    model,
+                    ctx.proxy_inputs,
+                    steps=self.steps,
+                    lr=self.lr,
+                    batch_size=self.batch_size,
+                    seed=ctx.seed * 1_000_003 + ctx.round,
+                )
+            )
         model.eval()
         served = count_parameters(model)
         modules = [m for m in model.modules() if isinstance(m, WEMoEMLP)]
-        tau_nonzero = sum(int(torch.count_nonzero(m.tau(name))) for m in modules for name in TAU_NAMES)
+        tau_nonzero = sum(
+            int(torch.count_nonzero(m.tau(name))) for m in modules for name in TAU_NAMES
+        )
         indices = sum(m.sparse[name] for m in modules if m.sparse is not None for name in TAU_NAMES)
-        average = fedavg([u.state for u in updates], [u.num_examples for u in updates], device=ctx.device)
+        average = fedavg(
+            [u.state for u in updates], [u.num_examples for u in updates], device=ctx.device
+        )
         average.update(merged_heads(ctx.base_state, updates, ctx.device))
-        metrics.update({
-            "num_clients": float(len(updates)), "num_examples": float(sum(u.num_examples for u in updates)),
-            "num_experts": float(n_experts), "params_model": float(one_model), "params_served": float(served),
-            "params_ratio": served / one_model if one_model else math.nan, "task_vector_nonzero": float(tau_nonzero),
-            "sparse_index_entries": float(indices), "bytes_served": float(stored_bytes(model)),
-        })
+        metrics.update(
+            {
+                "num_clients": float(len(updates)),
+                "num_examples": float(sum(u.num_examples for u in updates)),
+                "num_experts": float(n_experts),
+                "params_model": float(one_model),
+                "params_served": float(served),
+                "params_ratio": served / one_model if one_model else math.nan,
+                "task_vector_nonzero": float(tau_nonzero),
+                "sparse_index_entries": float(indices),
+                "bytes_served": float(stored_bytes(model)),
+            }
+        )
         return AggregateResult(state=average, metrics=metrics, served_model=model)

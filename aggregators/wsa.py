@@ -75,8 +75,11 @@ def _normalised(weights: Sequence[float], n: int, where: str) -> list[float]:
     return [w / total for w in weights]
 
 
-def fuse_scopes(scopes_per_client: Sequence[Mapping[str, Scope]], weights: Sequence[float],
-                fusion: str = "moment") -> dict[str, Scope]:
+def fuse_scopes(
+    scopes_per_client: Sequence[Mapping[str, Scope]],
+    weights: Sequence[float],
+    fusion: str = "moment",
+) -> dict[str, Scope]:
     """The next target scope of every layer, fusing the clients' scopes with weights pi.
 
     ``"moment"``: μ* = Σ pi μi and σ*² = Σ pi (σi² + μi²) − μ*², the mean and variance of the
@@ -92,7 +95,9 @@ def fuse_scopes(scopes_per_client: Sequence[Mapping[str, Scope]], weights: Seque
     for i, scopes in enumerate(scopes_per_client[1:], start=1):
         if set(scopes) != set(layers):
             diff = sorted(set(scopes) ^ set(layers))
-            raise ValueError(f"fuse_scopes: client {i} has other layers than client 0 ({diff[0]!r})")
+            raise ValueError(
+                f"fuse_scopes: client {i} has other layers than client 0 ({diff[0]!r})"
+            )
     fused = {}
     for name in layers:
         mus = [scopes[name][0] for scopes in scopes_per_client]
@@ -107,18 +112,32 @@ def fuse_scopes(scopes_per_client: Sequence[Mapping[str, Scope]], weights: Seque
 
 
 def _checked_target(name: str, value: Any) -> Scope:
-    if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2
-            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-                       for v in value)
-            or value[1] <= 0):
-        raise ValueError(f"target of layer {name!r} must be [mu, sigma] with sigma > 0, got {value!r}")
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or len(value) != 2
+        or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        )
+        or value[1] <= 0
+    ):
+        raise ValueError(
+            f"target of layer {name!r} must be [mu, sigma] with sigma > 0, got {value!r}"
+        )
     return float(value[0]), float(value[1])
 
 
 @register_term("wsa_scope")
-def scope_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *, lam: float,
-               include_bias: bool = False, targets: Mapping[str, Sequence[float]] | None = None,
-               prior_sigma: float | None = None) -> LossTerm:
+def scope_term(
+    model: nn.Module,
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    lam: float,
+    include_bias: bool = False,
+    targets: Mapping[str, Sequence[float]] | None = None,
+    prior_sigma: float | None = None,
+) -> LossTerm:
     """λ · mean over layers l of KL(N(μl, σl²) ‖ N(μ*l, σ*l²)), μl and σl of the live weights.
 
     The layers are ``scope_layers(global_state, include_bias)``. ``targets`` gives every one of
@@ -137,8 +156,10 @@ def scope_term(model: nn.Module, global_state: Mapping[str, torch.Tensor], *, la
         missing = [name for name in layers if name not in targets]
         unexpected = [name for name in targets if name not in layers]
         if missing or unexpected:
-            raise ValueError(f"targets do not match the aligned layers: missing {missing}, "
-                             f"unexpected {unexpected}")
+            raise ValueError(
+                f"targets do not match the aligned layers: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
         target = {name: _checked_target(name, targets[name]) for name in layers}
     elif prior_sigma is not None:
         sigma = check_value("", WSA.Params, "prior_sigma", prior_sigma)
@@ -186,16 +207,27 @@ class WSA(ScopeTrackedRounds, Aggregator):
 
     @dataclass(frozen=True)
     class Params:
-        lam: float = hyperparameter(0.1, "weight λ of the clients' scope regulariser; 0 = FedAvg plus "
-                                    "the scope metrics", ge=0)
-        fusion: str = hyperparameter("moment", "how client scopes become the next target: moment (the "
-                                     "mixture's mean and std) | mean (average of mu and sigma)",
-                                     choices=FUSIONS)
+        lam: float = hyperparameter(
+            0.1,
+            "weight λ of the clients' scope regulariser; 0 = FedAvg plus the scope metrics",
+            ge=0,
+        )
+        fusion: str = hyperparameter(
+            "moment",
+            "how client scopes become the next target: moment (the "
+            "mixture's mean and std) | mean (average of mu and sigma)",
+            choices=FUSIONS,
+        )
         include_bias: bool = hyperparameter(False, "also align linear/conv biases")
-        initial_target: str = hyperparameter("model", "round-1 target: model (the initial model's own "
-                                             "scopes) | prior (N(0, prior_sigma) a layer)",
-                                             choices=INITIAL_TARGETS)
-        prior_sigma: float = hyperparameter(0.05, "sigma of the prior target (initial_target = prior)", gt=0)
+        initial_target: str = hyperparameter(
+            "model",
+            "round-1 target: model (the initial model's own "
+            "scopes) | prior (N(0, prior_sigma) a layer)",
+            choices=INITIAL_TARGETS,
+        )
+        prior_sigma: float = hyperparameter(
+            0.05, "sigma of the prior target (initial_target = prior)", gt=0
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -209,7 +241,11 @@ class WSA(ScopeTrackedRounds, Aggregator):
     def client_config(self, server_round: int) -> dict[str, Any]:
         if self.lam == 0:
             return {}
-        spec: dict[str, Any] = {"term": "wsa_scope", "lam": self.lam, "include_bias": self.include_bias}
+        spec: dict[str, Any] = {
+            "term": "wsa_scope",
+            "lam": self.lam,
+            "include_bias": self.include_bias,
+        }
         if self.target is not None:
             spec["targets"] = {name: [mu, sigma] for name, (mu, sigma) in self.target.items()}
         elif self.initial_target == "prior":
@@ -267,6 +303,11 @@ class WSA(ScopeTrackedRounds, Aggregator):
             raise ValueError(f"WSA state has unexpected key {extra[0]!r} (expected 'target')")
         target = state.get("target")
         if target is not None and not isinstance(target, Mapping):
-            raise ValueError(f"WSA state 'target' must be a mapping layer -> [mu, sigma], got {target!r}")
-        self.target = None if target is None else {
-            name: _checked_target(name, value) for name, value in target.items()}
+            raise ValueError(
+                f"WSA state 'target' must be a mapping layer -> [mu, sigma], got {target!r}"
+            )
+        self.target = (
+            None
+            if target is None
+            else {name: _checked_target(name, value) for name, value in target.items()}
+        )

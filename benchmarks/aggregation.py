@@ -52,8 +52,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks.common import (
-    WorkerError, add_worker_flag, emit_result, format_machine, machine_info, markdown_table, mem_available_gb,
-    PrivatePeak, peak_rss_mb, proc_peak_mb, quiet_env, ran_as_worker, rss_mb, run_worker,
+    PrivatePeak,
+    WorkerError,
+    add_worker_flag,
+    emit_result,
+    format_machine,
+    machine_info,
+    markdown_table,
+    mem_available_gb,
+    peak_rss_mb,
+    proc_peak_mb,
+    quiet_env,
+    ran_as_worker,
+    rss_mb,
+    run_worker,
 )
 
 FULL_CELLS = "10x10M,50x10M,100x25M"
@@ -66,6 +78,7 @@ BASELINE_GB = 0.7  # resident memory of a worker after importing torch, flwr and
 
 
 # ---- the workload -------------------------------------------------------------------------
+
 
 def parse_cells(text: str) -> list[tuple[int, int]]:
     """'50x10M,100x25M' -> [(50, 10_000_000), (100, 25_000_000)] (k, M, G suffixes)."""
@@ -131,6 +144,7 @@ def checksum(arrays: Mapping[str, Any]) -> list[float]:
 
 # ---- the measurements (each in its own worker process) ------------------------------------
 
+
 def measure_ceiling(num_params: int, repeats: int = 7) -> dict[str, Any]:
     """Median time of y.add_(x, alpha=a) over P float32 (y's pages touched before timing)."""
     import torch
@@ -158,8 +172,11 @@ def _reply(record: Any, client: int):
     """A train reply from node ``client + 1`` carrying ``record`` and its example count."""
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-    instruction = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}),
-                          dst_node_id=client + 1, message_type=MessageType.TRAIN)
+    instruction = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=client + 1,
+        message_type=MessageType.TRAIN,
+    )
     metrics = MetricRecord({"num-examples": num_examples(client), "train_loss": 0.5})
     return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction)
 
@@ -178,8 +195,12 @@ def measure_flower(clients: int, num_params: int) -> dict[str, Any]:
     start = time.perf_counter()
     arrays, _ = FedAvg().aggregate_train(1, replies)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "start_mb": start_rss, "peak_mb": peak_rss_mb(),
-            "checksum": checksum({k: a.numpy() for k, a in arrays.items()})}
+    return {
+        "seconds": seconds,
+        "start_mb": start_rss,
+        "peak_mb": peak_rss_mb(),
+        "checksum": checksum({k: a.numpy() for k, a in arrays.items()}),
+    }
 
 
 def measure_fedmerge(clients: int, num_params: int, accumulator: str = "float64") -> dict[str, Any]:
@@ -197,15 +218,20 @@ def measure_fedmerge(clients: int, num_params: int, accumulator: str = "float64"
         record = client_record(base, i)  # arrives from the network: not timed
         start = time.perf_counter()
         arrays = record_to_numpy(record)
-        aggregator.accumulate(ClientUpdate(client_id=i, state=to_torch_state(arrays),
-                                           num_examples=num_examples(i)))
+        aggregator.accumulate(
+            ClientUpdate(client_id=i, state=to_torch_state(arrays), num_examples=num_examples(i))
+        )
         seconds += time.perf_counter() - start
         del record, arrays
     start = time.perf_counter()
     result = aggregator.finalize()
     seconds += time.perf_counter() - start
-    return {"seconds": seconds, "start_mb": start_rss, "peak_mb": peak_rss_mb(),
-            "checksum": checksum({k: v.numpy() for k, v in result.state.items()})}
+    return {
+        "seconds": seconds,
+        "start_mb": start_rss,
+        "peak_mb": peak_rss_mb(),
+        "checksum": checksum({k: v.numpy() for k, v in result.state.items()}),
+    }
 
 
 def _plasma_mib() -> float:
@@ -221,7 +247,9 @@ def _plasma_mib() -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def _ray_round(aggregation: Any, validator: Any, server_round: int, pool: Sequence[Any], clients: int) -> None:
+def _ray_round(
+    aggregation: Any, validator: Any, server_round: int, pool: Sequence[Any], clients: int
+) -> None:
     """One untimed round through the same calls, to warm the actor up."""
     from fedmerge.federation.arrays import record_to_numpy
 
@@ -229,7 +257,9 @@ def _ray_round(aggregation: Any, validator: Any, server_round: int, pool: Sequen
     validator.set_global(aggregation.state.global_state)
     for i in range(clients):
         arrays = record_to_numpy(pool[i % POOL])
-        aggregation.accumulate(i, arrays, num_examples(i), {"update_norm": validator(i, arrays, num_examples(i))})
+        aggregation.accumulate(
+            i, arrays, num_examples(i), {"update_norm": validator(i, arrays, num_examples(i))}
+        )
     aggregation.finalize()
 
 
@@ -260,10 +290,15 @@ def measure_fedmerge_ray(clients: int, num_params: int, restarts: int = 3) -> di
     try:
         base = base_state(num_params)
         global_state = to_numpy_state(base)
-        actor = AggregatorActor.options(num_cpus=0, max_restarts=restarts).remote(FedAvg(), global_state, 0)
+        actor = AggregatorActor.options(num_cpus=0, max_restarts=restarts).remote(
+            FedAvg(), global_state, 0
+        )
         actor_pid = int(ray.get(actor.placement.remote())["pid"])
-        aggregation = RoundAggregation(actor, RoundState(0, global_state, {}),
-                                       ActorGuard("aggregator", max_restarts=restarts, timeout=600))
+        aggregation = RoundAggregation(
+            actor,
+            RoundState(0, global_state, {}),
+            ActorGuard("aggregator", max_restarts=restarts, timeout=600),
+        )
         validator = UpdateValidator()
         pool = [client_record(base, i) for i in range(POOL)]
         _ray_round(aggregation, validator, 1, pool, 1)  # warm-up: the actor's first merge is slower
@@ -291,14 +326,24 @@ def measure_fedmerge_ray(clients: int, num_params: int, restarts: int = 3) -> di
         finalize_wait_s = time.perf_counter() - mark
         private.stop()
         actor_peak, driver_peak = proc_peak_mb(actor_pid) or 0.0, peak_rss_mb()
-        return {"seconds": seconds, "start_mb": start_rss + actor_start,
-                "peak_mb": driver_peak + actor_peak, "driver_peak_mb": driver_peak,
-                "actor_peak_mb": actor_peak, "private_start_mb": private.start_mb,
-                "private_peak_mb": private.peak_mb, "object_store_mb": plasma_mib * 2**20 / 1e6,
-                "driver_validate_s": validate_s, "driver_handover_s": handover_s,
-                "finalize_wait_s": finalize_wait_s, "actor_merge_s": round_metrics.get("aggregate_s"),
-                "max_restarts": restarts, "snapshots": aggregation.snapshots, "kept_before_finalize": kept,
-                "checksum": checksum({k: a.numpy() for k, a in merged.items()})}
+        return {
+            "seconds": seconds,
+            "start_mb": start_rss + actor_start,
+            "peak_mb": driver_peak + actor_peak,
+            "driver_peak_mb": driver_peak,
+            "actor_peak_mb": actor_peak,
+            "private_start_mb": private.start_mb,
+            "private_peak_mb": private.peak_mb,
+            "object_store_mb": plasma_mib * 2**20 / 1e6,
+            "driver_validate_s": validate_s,
+            "driver_handover_s": handover_s,
+            "finalize_wait_s": finalize_wait_s,
+            "actor_merge_s": round_metrics.get("aggregate_s"),
+            "max_restarts": restarts,
+            "snapshots": aggregation.snapshots,
+            "kept_before_finalize": kept,
+            "checksum": checksum({k: a.numpy() for k, a in merged.items()}),
+        }
     finally:
         ray.shutdown()
 
@@ -328,12 +373,13 @@ def worker(spec: Mapping[str, Any]) -> None:
 
 # ---- the driver ---------------------------------------------------------------------------
 
+
 def projected_gb(path: str, clients: int, num_params: int) -> float:
     """A generous estimate of a measurement's peak, to refuse one that would not fit."""
     model_gb = num_params * 4 / 1e9
     per_path = {
         "flower": clients * model_gb + 5 * model_gb,  # every reply held, plus Flower's temporaries
-        "fedmerge": 8 * model_gb,                     # base, one reply, its bytes, float64 sum + temps
+        "fedmerge": 8 * model_gb,  # base, one reply, its bytes, float64 sum + temps
         "fedmerge-fp32": 8 * model_gb,
         # driver and actor, object-store copy, second process; with restarts the replies a snapshot
         # does not cover yet (SNAPSHOT_EVERY + MAX_IN_FLIGHT + 1 at most) and up to 3 float64 snapshots
@@ -344,8 +390,9 @@ def projected_gb(path: str, clients: int, num_params: int) -> float:
     return per_path[path] + BASELINE_GB
 
 
-def run_cell(clients: int, num_params: int, max_gb: float, timeout: float,
-             paths: Sequence[str], threads: int) -> dict[str, dict[str, Any]]:
+def run_cell(
+    clients: int, num_params: int, max_gb: float, timeout: float, paths: Sequence[str], threads: int
+) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for path in ("ceiling", *paths):
         need = projected_gb(path, clients, num_params)
@@ -353,13 +400,16 @@ def run_cell(clients: int, num_params: int, max_gb: float, timeout: float,
         label = f"{clients} x {num_params / 1e6:g}M {path}"
         if need > limit:
             results[path] = {"skipped": f"skipped (needs ~{need:.1f} GB)"}
-            print(f"  {label}: skipped, needs ~{need:.1f} GB, limit {limit:.1f} GB", file=sys.stderr)
+            print(
+                f"  {label}: skipped, needs ~{need:.1f} GB, limit {limit:.1f} GB", file=sys.stderr
+            )
             continue
         try:
-            results[path] = run_worker("benchmarks.aggregation",
-                                       {"path": path, "clients": clients, "params": num_params,
-                                        "threads": threads},
-                                       timeout=timeout)
+            results[path] = run_worker(
+                "benchmarks.aggregation",
+                {"path": path, "clients": clients, "params": num_params, "threads": threads},
+                timeout=timeout,
+            )
         except WorkerError as err:
             results[path] = {"skipped": "failed"}
             print(f"  {label}: FAILED\n{err}", file=sys.stderr)
@@ -394,47 +444,87 @@ def throughput_table(cells: Sequence[tuple[int, int]], results: Sequence[Mapping
         ceiling = res["ceiling"]
         ceiling_gbps = None if "skipped" in ceiling else num_params * 4 / 1e9 / ceiling["fp32_s"]
         fedmerge = res.get("fedmerge", {})
-        rows.append([
-            f"{clients} x {num_params / 1e6:g}M", f"{data_gb:.2f}",
-            *(_gbps(res[p], data_gb) if p in res else "-" for p in PATHS),
-            _ratio(fedmerge, res.get("flower", {})),
-            _ratio(res.get("fedmerge-fp32", {}), res.get("flower", {})),
-            _ratio(res.get("fedmerge-ray-norestart", {}), res.get("flower", {})),
-            "-" if ceiling_gbps is None else f"{ceiling_gbps:.2f}",
-            *(f"{100 * data_gb / res[p]['seconds'] / ceiling_gbps:.0f} %"
-              if ceiling_gbps and "seconds" in res.get(p, {}) else "-" for p in ("fedmerge", "fedmerge-fp32")),
-        ])
+        rows.append(
+            [
+                f"{clients} x {num_params / 1e6:g}M",
+                f"{data_gb:.2f}",
+                *(_gbps(res[p], data_gb) if p in res else "-" for p in PATHS),
+                _ratio(fedmerge, res.get("flower", {})),
+                _ratio(res.get("fedmerge-fp32", {}), res.get("flower", {})),
+                _ratio(res.get("fedmerge-ray-norestart", {}), res.get("flower", {})),
+                "-" if ceiling_gbps is None else f"{ceiling_gbps:.2f}",
+                *(
+                    f"{100 * data_gb / res[p]['seconds'] / ceiling_gbps:.0f} %"
+                    if ceiling_gbps and "seconds" in res.get(p, {})
+                    else "-"
+                    for p in ("fedmerge", "fedmerge-fp32")
+                ),
+            ]
+        )
     return markdown_table(
-        ["clients x params", "GB merged", "Flower FedAvg GB/s (s)", "fedmerge GB/s (s)",
-         "fedmerge, float32 sums GB/s (s)", "fedmerge + Ray, restarts 3 GB/s (s)",
-         "fedmerge + Ray, restarts 0 GB/s (s)", "fedmerge vs Flower", "fedmerge float32 sums vs Flower",
-         "fedmerge + Ray (restarts 0) vs Flower", "ceiling fp32 a*x+y GB/s", "fedmerge / ceiling",
-         "fedmerge float32 sums / ceiling"], rows)
+        [
+            "clients x params",
+            "GB merged",
+            "Flower FedAvg GB/s (s)",
+            "fedmerge GB/s (s)",
+            "fedmerge, float32 sums GB/s (s)",
+            "fedmerge + Ray, restarts 3 GB/s (s)",
+            "fedmerge + Ray, restarts 0 GB/s (s)",
+            "fedmerge vs Flower",
+            "fedmerge float32 sums vs Flower",
+            "fedmerge + Ray (restarts 0) vs Flower",
+            "ceiling fp32 a*x+y GB/s",
+            "fedmerge / ceiling",
+            "fedmerge float32 sums / ceiling",
+        ],
+        rows,
+    )
 
 
 def memory_table(cells: Sequence[tuple[int, int]], results: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for (clients, num_params), res in zip(cells, results):
         model_mb = num_params * 4 / 1e6
-        rows.append([f"{clients} x {num_params / 1e6:g}M", f"{model_mb:,.0f}",
-                     *(_memory(res[p], model_mb) if p in res else "-" for p in PATHS)])
+        rows.append(
+            [
+                f"{clients} x {num_params / 1e6:g}M",
+                f"{model_mb:,.0f}",
+                *(_memory(res[p], model_mb) if p in res else "-" for p in PATHS),
+            ]
+        )
         for path in ("fedmerge-ray", "fedmerge-ray-norestart"):
             store = res.get(path, {}).get("object_store_mb")
             rows[-1].append("-" if store is None else f"{store:,.0f}")
         for path in ("fedmerge-ray", "fedmerge-ray-norestart"):
             r = res.get(path, {})
-            rows[-1].append(_memory({"peak_mb": r["private_peak_mb"], "start_mb": r["private_start_mb"]}, model_mb)
-                            if "private_peak_mb" in r else "-")
-    return markdown_table(["clients x params", "one model MB", "Flower FedAvg peak MB (growth)",
-                           "fedmerge peak MB (growth)", "fedmerge, float32 sums peak MB (growth)",
-                           "fedmerge + Ray, restarts 3: driver+actor peak MB (growth)",
-                           "fedmerge + Ray, restarts 0: driver+actor peak MB (growth)",
-                           "object store before finalize MB, restarts 3", "object store, restarts 0",
-                           "restarts 3: driver+actor private (RssAnon) peak MB (growth)",
-                           "restarts 0: driver+actor private (RssAnon) peak MB (growth)"], rows)
+            rows[-1].append(
+                _memory(
+                    {"peak_mb": r["private_peak_mb"], "start_mb": r["private_start_mb"]}, model_mb
+                )
+                if "private_peak_mb" in r
+                else "-"
+            )
+    return markdown_table(
+        [
+            "clients x params",
+            "one model MB",
+            "Flower FedAvg peak MB (growth)",
+            "fedmerge peak MB (growth)",
+            "fedmerge, float32 sums peak MB (growth)",
+            "fedmerge + Ray, restarts 3: driver+actor peak MB (growth)",
+            "fedmerge + Ray, restarts 0: driver+actor peak MB (growth)",
+            "object store before finalize MB, restarts 3",
+            "object store, restarts 0",
+            "restarts 3: driver+actor private (RssAnon) peak MB (growth)",
+            "restarts 0: driver+actor private (RssAnon) peak MB (growth)",
+        ],
+        rows,
+    )
 
 
-def ray_breakdown_table(cells: Sequence[tuple[int, int]], results: Sequence[Mapping[str, Any]]) -> str:
+def ray_breakdown_table(
+    cells: Sequence[tuple[int, int]], results: Sequence[Mapping[str, Any]]
+) -> str:
     """Where the Ray paths' time goes, per reply: the driver's checks, its hand-over (``ray.put``
     and the call), the actor's own merge time (its ``aggregate_s`` metric), and the wait at the end."""
     rows = []
@@ -444,12 +534,33 @@ def ray_breakdown_table(cells: Sequence[tuple[int, int]], results: Sequence[Mapp
             if "seconds" not in r:
                 continue
             per = lambda key: f"{1e3 * r[key] / clients:.1f}" if r.get(key) is not None else "-"  # noqa: E731
-            rows.append([f"{clients} x {num_params / 1e6:g}M", restarts, per("seconds"), per("driver_validate_s"),
-                         per("driver_handover_s"), per("actor_merge_s"), f"{r['finalize_wait_s']:.2f}",
-                         r.get("snapshots", "-"), r.get("kept_before_finalize", "-")])
-    return markdown_table(["clients x params", "restarts", "total ms/reply", "driver checks ms/reply",
-                           "driver hand-over ms/reply", "actor merge ms/reply", "wait in finalize s",
-                           "snapshots taken", "replies kept before finalize"], rows)
+            rows.append(
+                [
+                    f"{clients} x {num_params / 1e6:g}M",
+                    restarts,
+                    per("seconds"),
+                    per("driver_validate_s"),
+                    per("driver_handover_s"),
+                    per("actor_merge_s"),
+                    f"{r['finalize_wait_s']:.2f}",
+                    r.get("snapshots", "-"),
+                    r.get("kept_before_finalize", "-"),
+                ]
+            )
+    return markdown_table(
+        [
+            "clients x params",
+            "restarts",
+            "total ms/reply",
+            "driver checks ms/reply",
+            "driver hand-over ms/reply",
+            "actor merge ms/reply",
+            "wait in finalize s",
+            "snapshots taken",
+            "replies kept before finalize",
+        ],
+        rows,
+    )
 
 
 def agreement(results: Sequence[Mapping[str, Any]]) -> str:
@@ -461,20 +572,34 @@ def agreement(results: Sequence[Mapping[str, Any]]) -> str:
             values = [total for total, _ in sums]
             worst = max(worst, (max(values) - min(values)) / max(scale for _, scale in sums))
     verdict = "yes" if worst < 1e-6 else "NO"
-    return (f"merged weights agree across paths: {verdict} (largest gap between the paths' sums of the merged"
-            f" weights: {worst:.1e} of their absolute sum)")
+    return (
+        f"merged weights agree across paths: {verdict} (largest gap between the paths' sums of the merged"
+        f" weights: {worst:.1e} of their absolute sum)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.aggregation", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"tiny sizes ({QUICK_CELLS}) for a smoke test")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.aggregation", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"tiny sizes ({QUICK_CELLS}) for a smoke test"
+    )
     parser.add_argument("--cells", help=f"NxP list (default {FULL_CELLS}; --quick: {QUICK_CELLS})")
-    parser.add_argument("--paths", default=",".join(PATHS), help=f"which of {','.join(PATHS)} to run")
-    parser.add_argument("--max-gb", type=float, default=14.0, help="skip a measurement projected above this")
+    parser.add_argument(
+        "--paths", default=",".join(PATHS), help=f"which of {','.join(PATHS)} to run"
+    )
+    parser.add_argument(
+        "--max-gb", type=float, default=14.0, help="skip a measurement projected above this"
+    )
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the in-process merges and the ceiling (default 1: what Ray gives"
-                             " the AggregatorActor, and Flower's NumPy merge is single-threaded too)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the in-process merges and the ceiling (default 1: what Ray gives"
+        " the AggregatorActor, and Flower's NumPy merge is single-threaded too)",
+    )
     add_worker_flag(parser)
     args = parser.parse_args(argv)
     if ran_as_worker(args, worker):
@@ -489,15 +614,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("# FedAvg aggregation: fedmerge vs Flower")
     print(format_machine(info))
     results = [run_cell(n, p, args.max_gb, args.timeout, paths, args.threads) for n, p in cells]
-    threads = next((r["ceiling"]["torch_threads"] for r in results if "torch_threads" in r["ceiling"]), "?")
+    threads = next(
+        (r["ceiling"]["torch_threads"] for r in results if "torch_threads" in r["ceiling"]), "?"
+    )
     print("\n## Throughput: GB of client float32 weights merged per second (merge time in s)\n")
     print(throughput_table(cells, results))
-    print(f"\ntorch threads: {threads} in-process (the AggregatorActor gets 1 from Ray); Flower's merge is NumPy,"
-          " one thread. The Ray path includes the driver's checks of each reply (NaN/Inf, update norm),"
-          " its copy into Ray's object store and the actor's merge, overlapped as in a real round.")
+    print(
+        f"\ntorch threads: {threads} in-process (the AggregatorActor gets 1 from Ray); Flower's merge is NumPy,"
+        " one thread. The Ray path includes the driver's checks of each reply (NaN/Inf, update norm),"
+        " its copy into Ray's object store and the actor's merge, overlapped as in a real round."
+    )
     print("\n## Peak resident memory, MB (growth over the process before the first reply)\n")
     print(memory_table(cells, results))
-    if any("seconds" in r.get(p, {}) for r in results for p in ("fedmerge-ray", "fedmerge-ray-norestart")):
+    if any(
+        "seconds" in r.get(p, {})
+        for r in results
+        for p in ("fedmerge-ray", "fedmerge-ray-norestart")
+    ):
         print("\n## fedmerge + Ray: where the time goes\n")
         print(ray_breakdown_table(cells, results))
     print("\n" + agreement(results))

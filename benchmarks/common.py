@@ -28,9 +28,22 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ROOT", "PrivatePeak", "ProcessPeaks", "WorkerError", "add_json_flag", "emit_result", "find_pids", "format_machine",
-    "machine_info", "markdown_table", "mem_available_gb", "peak_rss_mb", "proc_peak_mb",
-    "quiet_env", "run_worker", "write_json",
+    "ROOT",
+    "PrivatePeak",
+    "ProcessPeaks",
+    "WorkerError",
+    "add_json_flag",
+    "emit_result",
+    "find_pids",
+    "format_machine",
+    "machine_info",
+    "markdown_table",
+    "mem_available_gb",
+    "peak_rss_mb",
+    "proc_peak_mb",
+    "quiet_env",
+    "run_worker",
+    "write_json",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +55,7 @@ class WorkerError(RuntimeError):
 
 
 # ---- environment and machine --------------------------------------------------------------
+
 
 def quiet_env(home: Path | None = None) -> None:
     """Offline, quiet Flower and Ray; Flower's state under ``home`` when given."""
@@ -101,13 +115,16 @@ def machine_info() -> dict[str, Any]:
 
 
 def format_machine(info: Mapping[str, Any]) -> str:
-    return (f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM "
-            f"({info['available_gb']} GB available, load {info['load_avg_1m']}); "
-            f"python {info['python']}, torch {info['torch']}, flwr {info['flwr']}, ray {info['ray']}, "
-            f"numpy {info['numpy']}; {info['platform']}")
+    return (
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM "
+        f"({info['available_gb']} GB available, load {info['load_avg_1m']}); "
+        f"python {info['python']}, torch {info['torch']}, flwr {info['flwr']}, ray {info['ray']}, "
+        f"numpy {info['numpy']}; {info['platform']}"
+    )
 
 
 # ---- memory probes ------------------------------------------------------------------------
+
 
 def peak_rss_mb() -> float:
     """Peak resident set of the calling process so far, in MB (Linux reports ru_maxrss in KiB)."""
@@ -208,6 +225,7 @@ class PrivatePeak:
 
 # ---- worker subprocesses ------------------------------------------------------------------
 
+
 def add_worker_flag(parser: argparse.ArgumentParser) -> None:
     """The hidden ``--worker SPEC`` flag with which ``run_worker`` starts a benchmark's measurement."""
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -216,8 +234,13 @@ def add_worker_flag(parser: argparse.ArgumentParser) -> None:
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     """``--json PATH``: every figure of the run, unrounded, for a program (or a test) to read: the
     printed tables round, and a rounded time of a fast machine reads 0.00."""
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write every measured figure, unrounded, as JSON to PATH")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write every measured figure, unrounded, as JSON to PATH",
+    )
 
 
 def write_json(path: Path | None, payload: Mapping[str, Any]) -> None:
@@ -228,8 +251,12 @@ def write_json(path: Path | None, payload: Mapping[str, Any]) -> None:
 
 def add_address_flag(parser: argparse.ArgumentParser) -> None:
     """``--address``: a running Ray cluster every run of the benchmark attaches to."""
-    parser.add_argument("--address", default="", help="Ray cluster both systems attach to (default: a local Ray "
-                                                      "started and stopped by each run, included in its times)")
+    parser.add_argument(
+        "--address",
+        default="",
+        help="Ray cluster both systems attach to (default: a local Ray "
+        "started and stopped by each run, included in its times)",
+    )
 
 
 def address_override(address: str) -> list[str]:
@@ -260,7 +287,7 @@ def run_worker(module: str, spec: Mapping[str, Any], *, timeout: float) -> dict[
         raise WorkerError(f"{module} worker {spec} ran past {timeout:.0f}s") from err
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
-            result = json.loads(line[len(RESULT_TAG):])
+            result = json.loads(line[len(RESULT_TAG) :])
             result.setdefault("process_s", time.perf_counter() - started)
             return result
     tail = (proc.stdout + proc.stderr)[-3000:]
@@ -269,16 +296,26 @@ def run_worker(module: str, spec: Mapping[str, Any], *, timeout: float) -> dict[
 
 # ---- output -------------------------------------------------------------------------------
 
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-Markdown table (readable as plain text too); first column left, others right."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(row: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(row, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+            )
+            + " |"
+        )
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+    rule = (
+        "|"
+        + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths))
+        + "|"
+    )
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 

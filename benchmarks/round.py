@@ -40,8 +40,22 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    ROOT, ProcessPeaks, WorkerError, add_address_flag, add_json_flag, add_worker_flag, address_override, emit_result,
-    format_machine, machine_info, markdown_table, peak_rss_mb, quiet_env, ran_as_worker, run_worker, write_json,
+    ROOT,
+    ProcessPeaks,
+    WorkerError,
+    add_address_flag,
+    add_json_flag,
+    add_worker_flag,
+    address_override,
+    emit_result,
+    format_machine,
+    machine_info,
+    markdown_table,
+    peak_rss_mb,
+    quiet_env,
+    ran_as_worker,
+    run_worker,
+    write_json,
 )
 
 DEFAULT_EXPERIMENT = ROOT / "experiments" / "fashion_mnist_fedavg.toml"
@@ -52,16 +66,29 @@ ACTOR_PREFIXES = {"aggregator": "ray::AggregatorActor", "evaluator": "ray::Evalu
 def overrides(quick: bool, rounds: int | None, root: Path) -> list[str]:
     """The experiment both systems run (``--set`` syntax over the default experiment's file)."""
     if quick:
-        sizes = ["data.task=digits", "data.num_clients=4", "train.batch_size=16", "evaluation.batch_size=512"]
+        sizes = [
+            "data.task=digits",
+            "data.num_clients=4",
+            "train.batch_size=16",
+            "evaluation.batch_size=512",
+        ]
         rounds = rounds or 2
     else:
         sizes = ["data.task=fashion_mnist", "data.num_clients=10"]
         rounds = rounds or 4
     return [
-        "name=bench-round", "seed=7", *sizes, "data.partitioner=iid",
-        f"data.cache_dir={str(root / 'shards')!r}", f"output.root={str(root / 'runs')!r}",
-        f"federation.num_rounds={rounds}", "federation.fraction_train=0.5", "federation.min_train_nodes=2",
-        "train.local_epochs=1", "ray.client_num_cpus=1.0", "output.plot=false",
+        "name=bench-round",
+        "seed=7",
+        *sizes,
+        "data.partitioner=iid",
+        f"data.cache_dir={str(root / 'shards')!r}",
+        f"output.root={str(root / 'runs')!r}",
+        f"federation.num_rounds={rounds}",
+        "federation.fraction_train=0.5",
+        "federation.min_train_nodes=2",
+        "train.local_epochs=1",
+        "ray.client_num_cpus=1.0",
+        "output.plot=false",
     ]
 
 
@@ -80,8 +107,15 @@ def _shards(config):
     task = get_task(config.data.task)
     train, test = task.load("train"), task.load("test")
     cache_dir = Path(config.data.cache_dir).resolve()
-    shard_dir = materialize_shards(task, train, config.data.num_clients, config.data.partitioner, config.seed,
-                                   partition_params(config.data), cache_dir)
+    shard_dir = materialize_shards(
+        task,
+        train,
+        config.data.num_clients,
+        config.data.partitioner,
+        config.seed,
+        partition_params(config.data),
+        cache_dir,
+    )
     return task, test, shard_dir
 
 
@@ -94,6 +128,7 @@ def _slots(config) -> int:
 
 
 # ---- the measurements (each in its own worker process) ------------------------------------
+
 
 def measure_compute(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Local training of the clients a round samples, alone in this process: the framework-free cost."""
@@ -112,8 +147,11 @@ def measure_compute(spec: Mapping[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(config.ray.client_num_cpus)))
     times = []
     for client in [0, *range(per_round)]:  # client 0 once more first, untimed: first-call costs
-        data, _ = local_split(open_shard(shard_path(shard_dir, client)), config.data.local_test_fraction,
-                              seed=config.seed * 1_000_003 + client)
+        data, _ = local_split(
+            open_shard(shard_path(shard_dir, client)),
+            config.data.local_test_fraction,
+            seed=config.seed * 1_000_003 + client,
+        )
         model = task.build_model()
         set_state(model, initial)
         start = time.perf_counter()
@@ -121,8 +159,12 @@ def measure_compute(spec: Mapping[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     times = times[1:]
     slots = min(_slots(config), per_round)
-    return {"client_s": times, "clients_per_round": per_round, "slots": slots,
-            "ideal_round_s": sum(times) / slots}
+    return {
+        "client_s": times,
+        "clients_per_round": per_round,
+        "slots": slots,
+        "ideal_round_s": sum(times) / slots,
+    }
 
 
 def _train_fields(config) -> dict[str, Any]:
@@ -150,11 +192,15 @@ def measure_fedmerge(spec: Mapping[str, Any]) -> dict[str, Any]:
     outcome = run_experiment(config, progress=progress)
     wall = time.perf_counter() - started
     accuracy = outcome.run_dir.server_curve("accuracy")
-    return {"round_s": [b - a for a, b in zip(marks, marks[1:])], "wall_s": wall,
-            "start_s": marks[0] - started if marks else math.nan,
-            "end_s": started + wall - marks[-1] if marks else math.nan,
-            "final_accuracy": accuracy[-1][1] if accuracy else math.nan,
-            "driver_peak_mb": peak_rss_mb(), "actor_peak_mb": dict(peaks.peaks)}
+    return {
+        "round_s": [b - a for a, b in zip(marks, marks[1:])],
+        "wall_s": wall,
+        "start_s": marks[0] - started if marks else math.nan,
+        "end_s": started + wall - marks[-1] if marks else math.nan,
+        "final_accuracy": accuracy[-1][1] if accuracy else math.nan,
+        "driver_peak_mb": peak_rss_mb(),
+        "actor_peak_mb": dict(peaks.peaks),
+    }
 
 
 def measure_flower(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,7 +214,8 @@ def measure_flower(spec: Mapping[str, Any]) -> dict[str, Any]:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from fedmerge.clients.app import RUN_CONFIG_KEY, app as client_app
+    from fedmerge.clients.app import RUN_CONFIG_KEY
+    from fedmerge.clients.app import app as client_app
     from fedmerge.clients.tasks.base import ArrayData
     from fedmerge.clients.training import evaluate, get_state, set_state
     from fedmerge.federation.runner import init_ray
@@ -199,32 +246,56 @@ def measure_flower(spec: Mapping[str, Any]) -> dict[str, Any]:
         return MetricRecord({"accuracy": metrics["accuracy"], "loss": metrics["loss"]})
 
     n = config.data.num_clients
-    strategy = FedAvg(fraction_train=config.federation.fraction_train, fraction_evaluate=0.0,
-                      min_train_nodes=config.federation.min_train_nodes, min_available_nodes=n)
+    strategy = FedAvg(
+        fraction_train=config.federation.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=config.federation.min_train_nodes,
+        min_available_nodes=n,
+    )
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            strategy.start(grid, ArrayRecord(torch_state_dict=initial), num_rounds=config.federation.num_rounds,
-                           timeout=config.federation.round_timeout_s, evaluate_fn=evaluate_fn,
-                           train_config=ConfigRecord({RUN_CONFIG_KEY: json.dumps(run_config, sort_keys=True),
-                                                      "seed": config.seed}))
+            strategy.start(
+                grid,
+                ArrayRecord(torch_state_dict=initial),
+                num_rounds=config.federation.num_rounds,
+                timeout=config.federation.round_timeout_s,
+                evaluate_fn=evaluate_fn,
+                train_config=ConfigRecord(
+                    {RUN_CONFIG_KEY: json.dumps(run_config, sort_keys=True), "seed": config.seed}
+                ),
+            )
         except BaseException as err:
             failures.append(repr(err))
             raise
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     init_ray(config)
-    run_simulation(server_app=server, client_app=client_app, num_supernodes=n,
-                   backend_config={"client_resources": {"num_cpus": config.ray.client_num_cpus,
-                                                        "num_gpus": config.ray.client_num_gpus}})
+    run_simulation(
+        server_app=server,
+        client_app=client_app,
+        num_supernodes=n,
+        backend_config={
+            "client_resources": {
+                "num_cpus": config.ray.client_num_cpus,
+                "num_gpus": config.ray.client_num_gpus,
+            }
+        },
+    )
     wall = time.perf_counter() - started
     if failures or len(marks) != config.federation.num_rounds + 1:
         raise RuntimeError(f"the Flower run did not finish its rounds: {failures or marks}")
-    return {"round_s": [b - a for a, b in zip(marks, marks[1:])], "wall_s": wall,
-            "start_s": marks[0] - started, "end_s": started + wall - marks[-1], "final_accuracy": accuracy[-1],
-            "driver_peak_mb": peak_rss_mb(), "actor_peak_mb": {}}
+    return {
+        "round_s": [b - a for a, b in zip(marks, marks[1:])],
+        "wall_s": wall,
+        "start_s": marks[0] - started,
+        "end_s": started + wall - marks[-1],
+        "final_accuracy": accuracy[-1],
+        "driver_peak_mb": peak_rss_mb(),
+        "actor_peak_mb": {},
+    }
 
 
 MEASURES = {"compute": measure_compute, "flower": measure_flower, "fedmerge": measure_fedmerge}
@@ -237,6 +308,7 @@ def worker(spec: Mapping[str, Any]) -> None:
 
 # ---- the driver ---------------------------------------------------------------------------
 
+
 def steady_round_s(result: Mapping[str, Any]) -> float:
     """The median round time after round 1 (which carries the start-up)."""
     rounds = result["round_s"]
@@ -247,16 +319,31 @@ def summarise(name: str, result: Mapping[str, Any], ideal_s: float) -> list[Any]
     rounds = result["round_s"]
     steady = steady_round_s(result)
     server_mb = result["driver_peak_mb"] + sum(result["actor_peak_mb"].values())
-    return [name, f"{steady:.2f}", f"{ideal_s:.2f}", f"{steady - ideal_s:.2f}",
-            f"{100 * (steady - ideal_s) / steady:.0f} %", f"{rounds[0]:.2f}", f"{result['start_s']:.1f}",
-            f"{result['end_s']:.1f}", f"{result['wall_s']:.1f}", f"{server_mb:,.0f}",
-            f"{result['final_accuracy']:.4f}"]
+    return [
+        name,
+        f"{steady:.2f}",
+        f"{ideal_s:.2f}",
+        f"{steady - ideal_s:.2f}",
+        f"{100 * (steady - ideal_s) / steady:.0f} %",
+        f"{rounds[0]:.2f}",
+        f"{result['start_s']:.1f}",
+        f"{result['end_s']:.1f}",
+        f"{result['wall_s']:.1f}",
+        f"{server_mb:,.0f}",
+        f"{result['final_accuracy']:.4f}",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.round", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="digits, 4 clients, 2 rounds: for a smoke test")
-    parser.add_argument("--rounds", type=int, help="rounds per run (default 4; --quick: 2); the first is start-up")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.round", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="digits, 4 clients, 2 rounds: for a smoke test"
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="rounds per run (default 4; --quick: 2); the first is start-up"
+    )
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per run")
     add_address_flag(parser)
     add_json_flag(parser)
@@ -270,40 +357,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info()
     with tempfile.TemporaryDirectory(prefix="fedmerge-bench-round-") as tmp:
         quiet_env(Path(tmp))
-        spec = {"overrides": overrides(args.quick, args.rounds, Path(tmp)) + address_override(args.address)}
+        spec = {
+            "overrides": overrides(args.quick, args.rounds, Path(tmp))
+            + address_override(args.address)
+        }
         print("# One federated round: plain Flower FedAvg vs fedmerge")
         print(format_machine(info))
-        print("experiment: experiments/fashion_mnist_fedavg.toml with "
-              + " ".join(spec["overrides"]).replace(tmp, "<tmp>"))
+        print(
+            "experiment: experiments/fashion_mnist_fedavg.toml with "
+            + " ".join(spec["overrides"]).replace(tmp, "<tmp>")
+        )
         results: dict[str, dict[str, Any]] = {}
         for what in ("compute", *SYSTEMS):
             try:
-                results[what] = run_worker("benchmarks.round", {**spec, "what": what}, timeout=args.timeout)
+                results[what] = run_worker(
+                    "benchmarks.round", {**spec, "what": what}, timeout=args.timeout
+                )
             except WorkerError as err:
                 print(f"  {what}: FAILED\n{err}", file=sys.stderr)
                 return 1
             print(f"  {what}: done in {results[what]['process_s']:.0f}s", file=sys.stderr)
     compute = results["compute"]
     ideal = compute["ideal_round_s"]
-    print(f"\nclient compute: {compute['clients_per_round']} clients a round, local training "
-          f"{statistics.mean(compute['client_s']):.2f} s each on average, {compute['slots']} in parallel"
-          f" -> ideal round {ideal:.2f} s\n")
+    print(
+        f"\nclient compute: {compute['clients_per_round']} clients a round, local training "
+        f"{statistics.mean(compute['client_s']):.2f} s each on average, {compute['slots']} in parallel"
+        f" -> ideal round {ideal:.2f} s\n"
+    )
     rows = [summarise(name, results[name], ideal) for name in SYSTEMS]
-    print(markdown_table(["system", "steady round s (median)", "client compute s", "overhead s",
-                          "overhead share", "round 1 s", "before round 1 s", "after last round s",
-                          "whole run s", "server peak RSS MB", "final test accuracy"], rows))
-    print("\nbefore round 1: data, shards, Ray, actors and Flower's simulation starting; after the last"
-          " round: Flower and Ray stopping, and for fedmerge the final model, summary and report written.")
+    print(
+        markdown_table(
+            [
+                "system",
+                "steady round s (median)",
+                "client compute s",
+                "overhead s",
+                "overhead share",
+                "round 1 s",
+                "before round 1 s",
+                "after last round s",
+                "whole run s",
+                "server peak RSS MB",
+                "final test accuracy",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nbefore round 1: data, shards, Ray, actors and Flower's simulation starting; after the last"
+        " round: Flower and Ray stopping, and for fedmerge the final model, summary and report written."
+    )
     flower_s = statistics.median(results["flower"]["round_s"][1:])
     fedmerge_s = statistics.median(results["fedmerge"]["round_s"][1:])
-    write_json(args.json, {"machine": info, "overrides": spec["overrides"], "results": results,
-                           "ideal_round_s": ideal, "steady_round_s": {name: steady_round_s(results[name])
-                                                                      for name in SYSTEMS},
-                           "fedmerge_vs_flower": flower_s / fedmerge_s})
-    print(f"\nper-round times (s): " + "; ".join(
-        f"{name} " + ", ".join(f"{t:.2f}" for t in results[name]["round_s"]) for name in SYSTEMS))
-    print(f"fedmerge steady round vs Flower: {flower_s / fedmerge_s:.2f}x "
-          f"({'faster' if fedmerge_s < flower_s else 'slower'})")
+    write_json(
+        args.json,
+        {
+            "machine": info,
+            "overrides": spec["overrides"],
+            "results": results,
+            "ideal_round_s": ideal,
+            "steady_round_s": {name: steady_round_s(results[name]) for name in SYSTEMS},
+            "fedmerge_vs_flower": flower_s / fedmerge_s,
+        },
+    )
+    print(
+        "\nper-round times (s): "
+        + "; ".join(
+            f"{name} " + ", ".join(f"{t:.2f}" for t in results[name]["round_s"]) for name in SYSTEMS
+        )
+    )
+    print(
+        f"fedmerge steady round vs Flower: {flower_s / fedmerge_s:.2f}x "
+        f"({'faster' if fedmerge_s < flower_s else 'slower'})"
+    )
     return 0
 
 

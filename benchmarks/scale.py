@@ -31,8 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    WorkerError, add_address_flag, add_worker_flag, address_override, emit_result, format_machine, machine_info,
-    markdown_table, peak_rss_mb, quiet_env, ran_as_worker, run_worker,
+    WorkerError,
+    add_address_flag,
+    add_worker_flag,
+    address_override,
+    emit_result,
+    format_machine,
+    machine_info,
+    markdown_table,
+    peak_rss_mb,
+    quiet_env,
+    ran_as_worker,
+    run_worker,
 )
 
 FULL = {"task": "fashion_mnist", "clients": (1000, 10000), "per_round": 100, "rounds": 3}
@@ -43,11 +53,21 @@ SYSTEMS = ("flower", "fedmerge")
 def overrides(task: str, num_clients: int, per_round: int, rounds: int, root: Path) -> list[str]:
     extra = ["train.batch_size=16", "evaluation.batch_size=512"] if task == "digits" else []
     return [
-        "name=bench-scale", "seed=7", f"data.task={task}", f"data.num_clients={num_clients}",
-        "data.partitioner=iid", f"data.cache_dir={str(root / 'shards')!r}", f"output.root={str(root / 'runs')!r}",
-        f"federation.num_rounds={rounds}", f"federation.fraction_train={per_round / num_clients!r}",
-        f"federation.min_train_nodes={per_round}", "train.local_epochs=1", "ray.client_num_cpus=1.0",
-        "output.plot=false", "checkpoint.keep=1", *extra,
+        "name=bench-scale",
+        "seed=7",
+        f"data.task={task}",
+        f"data.num_clients={num_clients}",
+        "data.partitioner=iid",
+        f"data.cache_dir={str(root / 'shards')!r}",
+        f"output.root={str(root / 'runs')!r}",
+        f"federation.num_rounds={rounds}",
+        f"federation.fraction_train={per_round / num_clients!r}",
+        f"federation.min_train_nodes={per_round}",
+        "train.local_epochs=1",
+        "ray.client_num_cpus=1.0",
+        "output.plot=false",
+        "checkpoint.keep=1",
+        *extra,
     ]
 
 
@@ -57,8 +77,11 @@ def measure_prepare(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     started = time.perf_counter()
     _, _, shard_dir = _shards(_config(spec))
-    return {"seconds": time.perf_counter() - started, "peak_mb": peak_rss_mb(),
-            "files": sum(1 for _ in Path(shard_dir).glob("client_*.arrow"))}
+    return {
+        "seconds": time.perf_counter() - started,
+        "peak_mb": peak_rss_mb(),
+        "files": sum(1 for _ in Path(shard_dir).glob("client_*.arrow")),
+    }
 
 
 def worker(spec: Mapping[str, Any]) -> None:
@@ -71,21 +94,40 @@ def worker(spec: Mapping[str, Any]) -> None:
         emit_result(MEASURES[spec["what"]](spec))
 
 
-def row(system: str, clients: int, result: Mapping[str, Any], prepare: Mapping[str, Any]) -> list[Any]:
+def row(
+    system: str, clients: int, result: Mapping[str, Any], prepare: Mapping[str, Any]
+) -> list[Any]:
     rounds = result["round_s"]
     steady = statistics.median(rounds[1:])
     actors = sum(result["actor_peak_mb"].values())
-    return [system, f"{clients:,}", f"{60 / steady:.1f}", f"{steady:.2f}", f"{rounds[0]:.1f}",
-            f"{result['start_s']:.1f}", f"{result['driver_peak_mb']:,.0f}",
-            f"{actors:,.0f}" if actors else "-", f"{result['driver_peak_mb'] + actors:,.0f}",
-            f"{prepare['seconds']:.1f}", f"{result['final_accuracy']:.4f}"]
+    return [
+        system,
+        f"{clients:,}",
+        f"{60 / steady:.1f}",
+        f"{steady:.2f}",
+        f"{rounds[0]:.1f}",
+        f"{result['start_s']:.1f}",
+        f"{result['driver_peak_mb']:,.0f}",
+        f"{actors:,.0f}" if actors else "-",
+        f"{result['driver_peak_mb'] + actors:,.0f}",
+        f"{prepare['seconds']:.1f}",
+        f"{result['final_accuracy']:.4f}",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="digits, 50 and 500 clients, 10 a round: a smoke test")
-    parser.add_argument("--clients", help="comma-separated client counts (default 1000,10000; --quick: 50,500)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="which of flower,fedmerge to run")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.scale", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="digits, 50 and 500 clients, 10 a round: a smoke test"
+    )
+    parser.add_argument(
+        "--clients", help="comma-separated client counts (default 1000,10000; --quick: 50,500)"
+    )
+    parser.add_argument(
+        "--systems", default=",".join(SYSTEMS), help="which of flower,fedmerge to run"
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     add_address_flag(parser)
     add_worker_flag(parser)
@@ -99,36 +141,73 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             parser.error(f"--clients must be integers separated by commas, got {args.clients!r}")
         if min(plan["clients"]) < plan["per_round"]:
-            parser.error(f"every client count must be >= the {plan['per_round']} clients sampled a round")
+            parser.error(
+                f"every client count must be >= the {plan['per_round']} clients sampled a round"
+            )
     systems = [s for s in args.systems.split(",") if s]
     if set(systems) - set(SYSTEMS):
-        parser.error(f"unknown system(s) {sorted(set(systems) - set(SYSTEMS))}; choose from {', '.join(SYSTEMS)}")
+        parser.error(
+            f"unknown system(s) {sorted(set(systems) - set(SYSTEMS))}; choose from {', '.join(SYSTEMS)}"
+        )
     quiet_env()
     print("# Scale: virtual clients, fedmerge vs plain Flower")
     print(format_machine(machine_info()))
-    print(f"task {plan['task']}, iid shards, {plan['per_round']} clients sampled a round, {plan['rounds']} rounds, "
-          "1 local epoch, 1 CPU per client")
+    print(
+        f"task {plan['task']}, iid shards, {plan['per_round']} clients sampled a round, {plan['rounds']} rounds, "
+        "1 local epoch, 1 CPU per client"
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedmerge-bench-scale-") as tmp:
         quiet_env(Path(tmp))
         for clients in plan["clients"]:
-            spec = {"overrides": overrides(plan["task"], clients, plan["per_round"], plan["rounds"], Path(tmp))
-                     + address_override(args.address)}
+            spec = {
+                "overrides": overrides(
+                    plan["task"], clients, plan["per_round"], plan["rounds"], Path(tmp)
+                )
+                + address_override(args.address)
+            }
             try:
-                prepare = run_worker("benchmarks.scale", {**spec, "what": "prepare"}, timeout=args.timeout)
-                print(f"  {clients} clients: shards written in {prepare['seconds']:.0f}s", file=sys.stderr)
+                prepare = run_worker(
+                    "benchmarks.scale", {**spec, "what": "prepare"}, timeout=args.timeout
+                )
+                print(
+                    f"  {clients} clients: shards written in {prepare['seconds']:.0f}s",
+                    file=sys.stderr,
+                )
                 for system in systems:
-                    result = run_worker("benchmarks.scale", {**spec, "what": system}, timeout=args.timeout)
-                    print(f"  {clients} clients {system}: done in {result['process_s']:.0f}s", file=sys.stderr)
+                    result = run_worker(
+                        "benchmarks.scale", {**spec, "what": system}, timeout=args.timeout
+                    )
+                    print(
+                        f"  {clients} clients {system}: done in {result['process_s']:.0f}s",
+                        file=sys.stderr,
+                    )
                     rows.append(row(system, clients, result, prepare))
             except WorkerError as err:
                 print(f"  {clients} clients: FAILED\n{err}", file=sys.stderr)
                 return 1
     print()
-    print(markdown_table(["system", "clients", "rounds / min", "steady round s", "round 1 s", "before round 1 s",
-                          "driver peak RSS MB", "server actors peak RSS MB", "server peak RSS MB",
-                          "shards written once, s", "final test accuracy"], rows))
-    print("\nmemory flat in the number of clients means the peak RSS rows of one system agree across client counts.")
+    print(
+        markdown_table(
+            [
+                "system",
+                "clients",
+                "rounds / min",
+                "steady round s",
+                "round 1 s",
+                "before round 1 s",
+                "driver peak RSS MB",
+                "server actors peak RSS MB",
+                "server peak RSS MB",
+                "shards written once, s",
+                "final test accuracy",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nmemory flat in the number of clients means the peak RSS rows of one system agree across client counts."
+    )
     return 0
 
 

@@ -64,15 +64,24 @@ def local_split(data: ArrayData, test_fraction: float, seed: int) -> tuple[Array
     return data.subset(np.sort(order[n_test:])), data.subset(np.sort(order[:n_test]))
 
 
-def _setup(msg: Message, context: Context) -> tuple[dict[str, Any], int, Any, torch.nn.Module, ArrayData, ArrayData]:
+def _setup(
+    msg: Message, context: Context
+) -> tuple[dict[str, Any], int, Any, torch.nn.Module, ArrayData, ArrayData]:
     config = msg.content["config"]
     run = json.loads(str(config[RUN_CONFIG_KEY]))
-    partition = int(config["partition-id"]) if "partition-id" in config else int(context.node_config["partition-id"])
+    partition = (
+        int(config["partition-id"])
+        if "partition-id" in config
+        else int(context.node_config["partition-id"])
+    )
     torch.set_num_threads(max(1, int(run.get("num_threads", 1))))
     task = get_task(run["task"])
     shard = _shard(str(Path(run["shard_dir"]) / f"client_{partition:05d}.arrow"))
-    train_part, test_part = local_split(shard, float(run.get("local_test_fraction", 0.0)),
-                                        seed=int(run["seed"]) * 1_000_003 + partition)
+    train_part, test_part = local_split(
+        shard,
+        float(run.get("local_test_fraction", 0.0)),
+        seed=int(run["seed"]) * 1_000_003 + partition,
+    )
     model = task.build_model()
     set_state(model, msg.content["arrays"].to_torch_state_dict())
     return run, partition, task, model, train_part, test_part
@@ -88,28 +97,40 @@ def train_handler(msg: Message, context: Context) -> Message:
     # A simulated malicious client (robustness experiments): poisoned data before training.
     attack = client_attack(run, partition)
     if attack is not None:
-        train_part = attack_data(attack, train_part, num_classes=task.num_classes, client_id=partition)
+        train_part = attack_data(
+            attack, train_part, num_classes=task.num_classes, client_id=partition
+        )
     # The aggregator's client-side loss terms (FedProx's proximal term, WSA's scope regulariser),
     # anchored at the model just received.
     specs = json.loads(str(config.get(AGGREGATOR_CONFIG_KEY, "{}"))).get("terms", [])
     terms = build_terms(specs, model, received) if specs else []
-    metrics = train(model, task, train_part, TrainConfig(**run["train"]), seed=seed, loss_terms=terms)
+    metrics = train(
+        model, task, train_part, TrainConfig(**run["train"]), seed=seed, loss_terms=terms
+    )
     state, num_examples = get_state(model), len(train_part)
     if attack is not None:  # ... and a poisoned reply after it
         state = attack_state(attack, state, received, seed=seed)
         num_examples = reported_count(attack, num_examples)
-    reply = RecordDict({
-        "arrays": ArrayRecord(torch_state_dict=state),
-        "metrics": MetricRecord({
-            "train_loss": float(metrics["train_loss"]),
-            "train_accuracy": float(metrics["train_accuracy"]),
-            "num-examples": num_examples,
-            "partition-id": partition,
-            # A multi-task client names its task, so merges keep each task's head per task.
-            **({"task_id": task.client_task_id(train_part)} if hasattr(task, "client_task_id") else {}),
-        }),
-        PLACEMENT_KEY: ConfigRecord({**where_am_i(), "flower_node_id": str(context.node_id)}),
-    })
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord(torch_state_dict=state),
+            "metrics": MetricRecord(
+                {
+                    "train_loss": float(metrics["train_loss"]),
+                    "train_accuracy": float(metrics["train_accuracy"]),
+                    "num-examples": num_examples,
+                    "partition-id": partition,
+                    # A multi-task client names its task, so merges keep each task's head per task.
+                    **(
+                        {"task_id": task.client_task_id(train_part)}
+                        if hasattr(task, "client_task_id")
+                        else {}
+                    ),
+                }
+            ),
+            PLACEMENT_KEY: ConfigRecord({**where_am_i(), "flower_node_id": str(context.node_id)}),
+        }
+    )
     return Message(content=reply, reply_to=msg)
 
 
@@ -117,12 +138,20 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     _, partition, task, model, _, test_part = _setup(msg, context)
     if len(test_part) == 0:
-        raise ValueError(f"client {partition} has no local test split (data.local_test_fraction = 0)")
+        raise ValueError(
+            f"client {partition} has no local test split (data.local_test_fraction = 0)"
+        )
     metrics = evaluate(model, task, test_part)
-    reply = RecordDict({"metrics": MetricRecord({
-        "loss": float(metrics["loss"]),
-        "accuracy": float(metrics["accuracy"]),
-        "num-examples": len(test_part),
-        "partition-id": partition,
-    })})
+    reply = RecordDict(
+        {
+            "metrics": MetricRecord(
+                {
+                    "loss": float(metrics["loss"]),
+                    "accuracy": float(metrics["accuracy"]),
+                    "num-examples": len(test_part),
+                    "partition-id": partition,
+                }
+            )
+        }
+    )
     return Message(content=reply, reply_to=msg)

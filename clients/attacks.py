@@ -64,28 +64,45 @@ _STREAM_CHOICE, _STREAM_DATA, _STREAM_MODEL = 0xA77AC, 0xDA7A, 0x30DE1
 class AttackConfig:
     """Which clients misbehave and how; ``kind = "none"`` (the default) simulates no attack."""
 
-    kind: str = hyperparameter("none", "none | noise | sign_flip | label_flip | noisy_labels | tiny | inflate",
-                               choices=ATTACK_KINDS)
-    fraction: float = hyperparameter(0.0, "share of the clients that are malicious: round(fraction * "
-                                     "num_clients) of them", ge=0, le=1)
-    seed: int = hyperparameter(0, "chooses the malicious clients and seeds the attacks' noise", ge=0)
-    noise_std: float = hyperparameter(0.5, "noise: std of the Gaussian noise sent instead of the update", gt=0)
-    flip_scale: float = hyperparameter(4.0, "sign_flip: the update sent is -flip_scale times the honest one",
-                                       gt=0)
-    label_noise: float = hyperparameter(0.8, "noisy_labels: share of the client's labels redrawn uniformly "
-                                        "at random", gt=0, le=1)
-    tiny_fraction: float = hyperparameter(0.02, "tiny: share of its shard a client keeps (at least one "
-                                          "example)", gt=0, le=1)
-    count_factor: float = hyperparameter(1.0, "malicious clients report this many times their example "
-                                         "count (any kind)", gt=0)
+    kind: str = hyperparameter(
+        "none",
+        "none | noise | sign_flip | label_flip | noisy_labels | tiny | inflate",
+        choices=ATTACK_KINDS,
+    )
+    fraction: float = hyperparameter(
+        0.0,
+        "share of the clients that are malicious: round(fraction * num_clients) of them",
+        ge=0,
+        le=1,
+    )
+    seed: int = hyperparameter(
+        0, "chooses the malicious clients and seeds the attacks' noise", ge=0
+    )
+    noise_std: float = hyperparameter(
+        0.5, "noise: std of the Gaussian noise sent instead of the update", gt=0
+    )
+    flip_scale: float = hyperparameter(
+        4.0, "sign_flip: the update sent is -flip_scale times the honest one", gt=0
+    )
+    label_noise: float = hyperparameter(
+        0.8, "noisy_labels: share of the client's labels redrawn uniformly at random", gt=0, le=1
+    )
+    tiny_fraction: float = hyperparameter(
+        0.02, "tiny: share of its shard a client keeps (at least one example)", gt=0, le=1
+    )
+    count_factor: float = hyperparameter(
+        1.0, "malicious clients report this many times their example count (any kind)", gt=0
+    )
 
     def __post_init__(self) -> None:
         # The message starts with the field's name: the config parser puts "attack." before it.
         for name, value in check_fields("", self).items():
             object.__setattr__(self, name, value)
         if self.kind == "inflate" and self.count_factor == 1.0:
-            raise ValueError("count_factor=1.0 is invalid for kind 'inflate': it must differ from 1 "
-                             "(inflate only changes the reported example count)")
+            raise ValueError(
+                "count_factor=1.0 is invalid for kind 'inflate': it must differ from 1 "
+                "(inflate only changes the reported example count)"
+            )
 
     @property
     def active(self) -> bool:
@@ -93,13 +110,20 @@ class AttackConfig:
         return self.kind != "none" and self.fraction > 0
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> "AttackConfig":
+    def from_mapping(cls, raw: Mapping[str, Any]) -> AttackConfig:
         """Rebuild from ``dataclasses.asdict`` output (what the clients receive in the run config)."""
         return cls(**dict(raw))
 
 
-ATTACK_SPECIFIC = {"noise": ("noise_std",), "sign_flip": ("flip_scale",), "noisy_labels": ("label_noise",),
-                   "tiny": ("tiny_fraction",), "label_flip": (), "inflate": (), "none": ()}
+ATTACK_SPECIFIC = {
+    "noise": ("noise_std",),
+    "sign_flip": ("flip_scale",),
+    "noisy_labels": ("label_noise",),
+    "tiny": ("tiny_fraction",),
+    "label_flip": (),
+    "inflate": (),
+    "none": (),
+}
 """The parameters only one kind reads; the others (kind, fraction, seed, count_factor) every kind."""
 
 
@@ -135,10 +159,14 @@ def malicious_clients(seed: int, num_clients: int, fraction: float) -> list[int]
 
 
 def is_malicious(config: AttackConfig, client_id: int, num_clients: int) -> bool:
-    return config.active and client_id in malicious_clients(config.seed, num_clients, config.fraction)
+    return config.active and client_id in malicious_clients(
+        config.seed, num_clients, config.fraction
+    )
 
 
-def attack_data(config: AttackConfig, data: ArrayData, *, num_classes: int, client_id: int) -> ArrayData:
+def attack_data(
+    config: AttackConfig, data: ArrayData, *, num_classes: int, client_id: int
+) -> ArrayData:
     """A malicious client's training data under a data attack (other kinds: ``data`` unchanged).
 
     Seeded by (attack seed, client id) only, so a client's poisoned data are the same every round.
@@ -160,8 +188,13 @@ def attack_data(config: AttackConfig, data: ArrayData, *, num_classes: int, clie
     return data.subset(np.sort(rng.choice(len(labels), size=keep, replace=False)))
 
 
-def attack_state(config: AttackConfig, state: Mapping[str, torch.Tensor],
-                 global_state: Mapping[str, torch.Tensor], *, seed: int) -> dict[str, torch.Tensor]:
+def attack_state(
+    config: AttackConfig,
+    state: Mapping[str, torch.Tensor],
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    seed: int,
+) -> dict[str, torch.Tensor]:
     """A malicious client's reply weights under a model attack (other kinds: ``state`` as is).
 
     Only floating tensors change; integer buffers (step counters) are sent as trained. ``seed``
@@ -174,13 +207,16 @@ def attack_state(config: AttackConfig, state: Mapping[str, torch.Tensor],
     if missing:
         raise ValueError(f"attack_state: key {missing[0]!r} is not in the global state")
     generator = torch.Generator().manual_seed(
-        int(np.random.default_rng([config.seed, _STREAM_MODEL, seed]).integers(2**63)))
+        int(np.random.default_rng([config.seed, _STREAM_MODEL, seed]).integers(2**63))
+    )
     for key, value in state.items():
         if not value.is_floating_point():
             continue
         reference = global_state[key].to(value.dtype)
         if config.kind == "noise":
-            noise = torch.randn(value.shape, generator=generator, dtype=torch.float32).to(value.dtype)
+            noise = torch.randn(value.shape, generator=generator, dtype=torch.float32).to(
+                value.dtype
+            )
             out[key] = reference + config.noise_std * noise
         else:  # sign_flip
             out[key] = reference - config.flip_scale * (value - reference)

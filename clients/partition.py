@@ -28,10 +28,23 @@ import pyarrow as pa
 from fedmerge.clients.tasks.base import ArrayData, DataError, Task
 
 __all__ = [
-    "available_partitioners", "format_label_counts", "get_partitioner", "label_counts",
-    "load_manifest", "materialize_shards", "open_shard", "partition", "partitioner_params",
-    "plot_label_heatmap", "register_partitioner", "shard_path", "write_atomic", "write_shards",
-    "by_task", "limit_examples", "uses_groups",
+    "available_partitioners",
+    "format_label_counts",
+    "get_partitioner",
+    "label_counts",
+    "load_manifest",
+    "materialize_shards",
+    "open_shard",
+    "partition",
+    "partitioner_params",
+    "plot_label_heatmap",
+    "register_partitioner",
+    "shard_path",
+    "write_atomic",
+    "write_shards",
+    "by_task",
+    "limit_examples",
+    "uses_groups",
 ]
 
 GROUPS = "groups"
@@ -51,17 +64,22 @@ _PARTITIONERS: dict[str, Partitioner] = {}
 # Registry and the built-in schemes
 # ---------------------------------------------------------------------------------------------
 
+
 def register_partitioner(name: str) -> Callable[[Partitioner], Partitioner]:
     """Decorator: register ``fn(labels, num_clients, seed, *, param=default, ...)`` as ``name``.
 
     Its keyword-only parameters are the scheme's params; ``partition`` rejects any other name.
     """
+
     def decorate(fn: Partitioner) -> Partitioner:
         existing = _PARTITIONERS.get(name)
         if existing is not None and existing is not fn:
-            raise ValueError(f"partitioner name {name!r} is already taken by {existing.__qualname__}")
+            raise ValueError(
+                f"partitioner name {name!r} is already taken by {existing.__qualname__}"
+            )
         _PARTITIONERS[name] = fn
         return fn
+
     return decorate
 
 
@@ -81,8 +99,11 @@ def available_partitioners() -> list[str]:
 def partitioner_params(name: str) -> list[str]:
     """The params scheme ``name`` accepts (its keyword-only arguments), e.g. to pick them out of
     a config that holds every scheme's settings."""
-    return [p.name for p in inspect.signature(get_partitioner(name)).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != GROUPS]
+    return [
+        p.name
+        for p in inspect.signature(get_partitioner(name)).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != GROUPS
+    ]
 
 
 def uses_groups(name: str) -> bool:
@@ -90,7 +111,9 @@ def uses_groups(name: str) -> bool:
     return GROUPS in inspect.signature(get_partitioner(name)).parameters
 
 
-def limit_examples(data: ArrayData, cap: int, seed: int, groups: np.ndarray | None = None) -> ArrayData:
+def limit_examples(
+    data: ArrayData, cap: int, seed: int, groups: np.ndarray | None = None
+) -> ArrayData:
     """At most ``cap`` examples of ``data`` (of each group, when ``groups`` is given): a seeded
     random subset in the original order; ``cap`` = 0 keeps everything."""
     _check_int(cap, "cap", 0)
@@ -101,7 +124,9 @@ def limit_examples(data: ArrayData, cap: int, seed: int, groups: np.ndarray | No
     keep = []
     for g in np.unique(keys):
         index = np.flatnonzero(keys == g)
-        keep.append(index if cap == 0 or len(index) <= cap else rng.choice(index, size=cap, replace=False))
+        keep.append(
+            index if cap == 0 or len(index) <= cap else rng.choice(index, size=cap, replace=False)
+        )
     if not keep:
         return data
     return data.subset(np.sort(np.concatenate(keep)))
@@ -133,8 +158,10 @@ def _run_flwr_partitioner(partitioner, dataset, num_clients: int) -> list[np.nda
     if type(partitioner) is IidPartitioner:
         div, mod = divmod(len(idx), num_clients)
         starts = [div * i + min(i, mod) for i in range(num_clients + 1)]
-        return [idx[starts[i]:starts[i + 1]] for i in range(num_clients)]
-    partitioner.load_partition(0)  # the partitioner assigns every row (and checks) on its first call
+        return [idx[starts[i] : starts[i + 1]] for i in range(num_clients)]
+    partitioner.load_partition(
+        0
+    )  # the partitioner assigns every row (and checks) on its first call
     assignment = getattr(partitioner, "_partition_id_to_indices", None)
     if isinstance(assignment, dict) and sorted(assignment) == list(range(num_clients)):
         return [idx[np.asarray(assignment[i], dtype=np.int64)] for i in range(num_clients)]
@@ -156,25 +183,39 @@ def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
     """Uniformly random, equal-sized (within one example) shards."""
     from flwr_datasets.partitioner import IidPartitioner
 
-    return _run_flwr_partitioner(IidPartitioner(num_partitions=num_clients),
-                                 _label_dataset(labels, seed), num_clients)
+    return _run_flwr_partitioner(
+        IidPartitioner(num_partitions=num_clients), _label_dataset(labels, seed), num_clients
+    )
 
 
 @register_partitioner("dirichlet")
-def dirichlet(labels: np.ndarray, num_clients: int, seed: int, *, alpha: float = 0.5,
-              min_partition_size: int = 10) -> list[np.ndarray]:
+def dirichlet(
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int,
+    *,
+    alpha: float = 0.5,
+    min_partition_size: int = 10,
+) -> list[np.ndarray]:
     """Each class is split across clients by proportions drawn from Dirichlet(alpha): smaller
     alpha, stronger label skew. Self-balancing keeps client sizes comparable; draws are repeated
     (up to 10 times) until every client has at least max(1, min_partition_size) examples."""
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) \
-            or not (alpha > 0 and math.isfinite(alpha)):
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float, np.number))
+        or not (alpha > 0 and math.isfinite(alpha))
+    ):
         raise ValueError(f"alpha={alpha!r} is invalid: must be a positive finite number")
     _check_int(min_partition_size, "min_partition_size", 0, len(labels) // num_clients)
     partitioner = DirichletPartitioner(
-        num_partitions=num_clients, partition_by="label", alpha=float(alpha),
-        min_partition_size=max(1, int(min_partition_size)), self_balancing=True, seed=seed,
+        num_partitions=num_clients,
+        partition_by="label",
+        alpha=float(alpha),
+        min_partition_size=max(1, int(min_partition_size)),
+        self_balancing=True,
+        seed=seed,
     )
     try:
         with warnings.catch_warnings():
@@ -190,8 +231,9 @@ def dirichlet(labels: np.ndarray, num_clients: int, seed: int, *, alpha: float =
 
 
 @register_partitioner("pathological")
-def pathological(labels: np.ndarray, num_clients: int, seed: int, *,
-                 classes_per_client: int = 2) -> list[np.ndarray]:
+def pathological(
+    labels: np.ndarray, num_clients: int, seed: int, *, classes_per_client: int = 2
+) -> list[np.ndarray]:
     """Each client holds exactly ``classes_per_client`` classes. Client i gets classes
     perm[i], ..., perm[i + k - 1] (mod C) of a seeded permutation of the classes — flwr-datasets'
     "deterministic" assignment, which (unlike "random") uses every class whenever
@@ -210,27 +252,40 @@ def pathological(labels: np.ndarray, num_clients: int, seed: int, *,
     rank[np.random.default_rng(seed).permutation(len(classes))] = np.arange(len(classes))
     relabelled = rank[np.searchsorted(classes, labels)]
     partitioner = PathologicalPartitioner(
-        num_partitions=num_clients, partition_by="label",
-        num_classes_per_partition=classes_per_client, class_assignment_mode="deterministic",
+        num_partitions=num_clients,
+        partition_by="label",
+        num_classes_per_partition=classes_per_client,
+        class_assignment_mode="deterministic",
         seed=seed,
     )
     try:
         return _run_flwr_partitioner(partitioner, _label_dataset(relabelled, seed), num_clients)
     except ValueError as e:
-        raise ValueError(f"pathological partitioning failed for classes_per_client="
-                         f"{classes_per_client}, num_clients={num_clients}: {e}") from e
+        raise ValueError(
+            f"pathological partitioning failed for classes_per_client="
+            f"{classes_per_client}, num_clients={num_clients}: {e}"
+        ) from e
 
 
 @register_partitioner("by_task")
-def by_task(labels: np.ndarray, num_clients: int, seed: int, *, groups: np.ndarray, alpha: float = 0.5,
-            min_partition_size: int = 10) -> list[np.ndarray]:
+def by_task(
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int,
+    *,
+    groups: np.ndarray,
+    alpha: float = 0.5,
+    min_partition_size: int = 10,
+) -> list[np.ndarray]:
     """Each client holds one task of a multi-task data set: client c gets task c mod T (tasks in
     sorted order), so tasks differ by at most one client. A task with several clients is split
     among them as ``dirichlet`` splits a data set (Dirichlet(alpha) label skew within the task)."""
     tasks = np.unique(groups)
     if num_clients < len(tasks):
-        raise ValueError(f"by_task needs at least one client per task: {len(tasks)} tasks, "
-                         f"num_clients={num_clients}")
+        raise ValueError(
+            f"by_task needs at least one client per task: {len(tasks)} tasks, "
+            f"num_clients={num_clients}"
+        )
     parts: list[np.ndarray] = [np.arange(0)] * num_clients
     for j, t in enumerate(tasks):
         clients = list(range(j, num_clients, len(tasks)))
@@ -238,15 +293,26 @@ def by_task(labels: np.ndarray, num_clients: int, seed: int, *, groups: np.ndarr
         if len(clients) == 1:
             parts[clients[0]] = index
             continue
-        sub = dirichlet(labels[index], len(clients), seed + j, alpha=alpha,
-                        min_partition_size=min(min_partition_size, len(index) // len(clients)))
+        sub = dirichlet(
+            labels[index],
+            len(clients),
+            seed + j,
+            alpha=alpha,
+            min_partition_size=min(min_partition_size, len(index) // len(clients)),
+        )
         for c, rows in zip(clients, sub):
             parts[c] = index[rows]
     return parts
 
 
-def partition(labels: np.ndarray, num_clients: int, scheme: str, seed: int,
-              groups: np.ndarray | None = None, **params: Any) -> list[np.ndarray]:
+def partition(
+    labels: np.ndarray,
+    num_clients: int,
+    scheme: str,
+    seed: int,
+    groups: np.ndarray | None = None,
+    **params: Any,
+) -> list[np.ndarray]:
     """Split example indices ``0..len(labels)-1`` across ``num_clients`` clients with ``scheme``.
 
     Returns one sorted int64 index array per client: disjoint, never empty. Seeded: the same
@@ -257,8 +323,9 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, seed: int,
     fn = get_partitioner(scheme)
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} "
-                         f"dtype {labels.dtype}")
+        raise ValueError(
+            f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}"
+        )
     if len(labels) == 0:
         raise ValueError("labels is empty: nothing to partition")
     _check_int(num_clients, "num_clients", 1, len(labels))
@@ -266,12 +333,16 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, seed: int,
     accepted = partitioner_params(scheme)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for scheme {scheme!r}; "
-                         f"it accepts: {', '.join(accepted) or 'none'}")
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(unknown)} for scheme {scheme!r}; "
+            f"it accepts: {', '.join(accepted) or 'none'}"
+        )
     if uses_groups(scheme):
         if groups is None:
-            raise ValueError(f"scheme {scheme!r} needs a multi-task data set (a task index for every "
-                             f"example); this task has none")
+            raise ValueError(
+                f"scheme {scheme!r} needs a multi-task data set (a task index for every "
+                f"example); this task has none"
+            )
         groups = np.asarray(groups)
         if groups.shape != labels.shape:
             raise ValueError(f"groups has shape {groups.shape}, labels {labels.shape}")
@@ -288,8 +359,10 @@ def _check_parts(parts: Sequence[np.ndarray], num_clients: int, n: int, scheme: 
         raise ValueError(f"scheme {scheme!r} returned {len(parts)} parts for {num_clients} clients")
     for i, p in enumerate(parts):
         if len(p) == 0:
-            raise ValueError(f"scheme {scheme!r} left client {i} without examples; "
-                             f"use fewer clients or a milder skew")
+            raise ValueError(
+                f"scheme {scheme!r} left client {i} without examples; "
+                f"use fewer clients or a milder skew"
+            )
         if p[0] < 0 or p[-1] >= n:
             raise ValueError(f"scheme {scheme!r} gave client {i} an index outside 0..{n - 1}")
     if np.bincount(np.concatenate(parts), minlength=n).max() > 1:
@@ -299,6 +372,7 @@ def _check_parts(parts: Sequence[np.ndarray], num_clients: int, n: int, scheme: 
 # ---------------------------------------------------------------------------------------------
 # Shards: one Arrow IPC file per client, memory-mapped when read
 # ---------------------------------------------------------------------------------------------
+
 
 def shard_path(shard_dir: Path, client_id: int) -> Path:
     return Path(shard_dir) / f"client_{client_id:05d}.arrow"
@@ -332,9 +406,15 @@ def _errno_of(err: OSError) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def write_shards(data: ArrayData, parts: Sequence[np.ndarray], out_dir: Path, *,
-                 key: str | None = None, num_classes: int | None = None,
-                 info: Mapping[str, Any] | None = None) -> Path:
+def write_shards(
+    data: ArrayData,
+    parts: Sequence[np.ndarray],
+    out_dir: Path,
+    *,
+    key: str | None = None,
+    num_classes: int | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``data.subset(parts[i])`` to ``out_dir/client_{i:05d}.arrow`` and a manifest.
 
     Each file holds one record batch: ``x`` as FixedSizeBinary (each row's raw bytes, C order)
@@ -347,8 +427,10 @@ def write_shards(data: ArrayData, parts: Sequence[np.ndarray], out_dir: Path, *,
     row_shape, dtype = tuple(data.x.shape[1:]), data.x.dtype
     row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
     if dtype.hasobject or row_bytes == 0:
-        raise ValueError(f"cannot shard x of dtype {dtype} and row shape {row_shape}: rows must "
-                         f"be fixed-size, non-empty plain values")
+        raise ValueError(
+            f"cannot shard x of dtype {dtype} and row shape {row_shape}: rows must "
+            f"be fixed-size, non-empty plain values"
+        )
     labels = np.asarray(data.y, dtype=np.int64)
     if num_classes is None:
         num_classes = int(labels.max()) + 1
@@ -360,8 +442,12 @@ def write_shards(data: ArrayData, parts: Sequence[np.ndarray], out_dir: Path, *,
     for i, part in enumerate(parts):
         x = np.ascontiguousarray(data.x[part])
         batch = pa.record_batch(
-            [pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), len(x), [None, pa.py_buffer(x)]),
-             pa.array(labels[part], type=pa.int64())],
+            [
+                pa.FixedSizeBinaryArray.from_buffers(
+                    pa.binary(row_bytes), len(x), [None, pa.py_buffer(x)]
+                ),
+                pa.array(labels[part], type=pa.int64()),
+            ],
             schema=schema,
         )
 
@@ -405,8 +491,10 @@ def open_shard(path: Path) -> ArrayData:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"shard {path} does not exist; rewrite the shards (delete their "
-                        f"directory and rerun, or call materialize_shards)")
+        raise DataError(
+            f"shard {path} does not exist; rewrite the shards (delete their "
+            f"directory and rerun, or call materialize_shards)"
+        )
     try:
         with pa.memory_map(str(path)) as source:
             reader = pa.ipc.open_file(source)
@@ -419,17 +507,25 @@ def open_shard(path: Path) -> ArrayData:
         x_col, y_col = batch.column("x"), batch.column("y")
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
         if x_col.type != pa.binary(row_bytes) or y_col.type != pa.int64():
-            raise ValueError(f"column types {x_col.type}, {y_col.type} do not match shape "
-                             f"{row_shape} dtype {dtype}")
+            raise ValueError(
+                f"column types {x_col.type}, {y_col.type} do not match shape "
+                f"{row_shape} dtype {dtype}"
+            )
         if x_col.null_count or y_col.null_count:
             raise ValueError("null values")
         n = len(batch)
-        x = np.frombuffer(x_col.buffers()[1], dtype=dtype, count=n * row_bytes // dtype.itemsize,
-                          offset=x_col.offset * row_bytes).reshape((n, *row_shape))
+        x = np.frombuffer(
+            x_col.buffers()[1],
+            dtype=dtype,
+            count=n * row_bytes // dtype.itemsize,
+            offset=x_col.offset * row_bytes,
+        ).reshape((n, *row_shape))
         y = np.frombuffer(y_col.buffers()[1], dtype=np.int64, count=n, offset=y_col.offset * 8)
     except (OSError, pa.ArrowException, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"shard {path} is corrupt or unreadable ({type(e).__name__}: {e}); delete "
-                        f"its directory and rerun to rewrite the shards") from e
+        raise DataError(
+            f"shard {path} is corrupt or unreadable ({type(e).__name__}: {e}); delete "
+            f"its directory and rerun to rewrite the shards"
+        ) from e
     return ArrayData(x, y)
 
 
@@ -439,7 +535,9 @@ def load_manifest(shard_dir: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{path} does not exist: {shard_dir} holds no complete set of shards") from None
+        raise DataError(
+            f"{path} does not exist: {shard_dir} holds no complete set of shards"
+        ) from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path} is unreadable ({e}); delete {shard_dir} and rerun") from e
     if not isinstance(manifest, dict) or "label_counts" not in manifest:
@@ -447,18 +545,40 @@ def load_manifest(shard_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _shards_key(task_name: str, scheme: str, params: Mapping[str, Any], num_clients: int,
-                seed: int, data: ArrayData, groups: np.ndarray | None = None) -> str:
+def _shards_key(
+    task_name: str,
+    scheme: str,
+    params: Mapping[str, Any],
+    num_clients: int,
+    seed: int,
+    data: ArrayData,
+    groups: np.ndarray | None = None,
+) -> str:
     """Everything that determines the shards, hashed; readable prefix for humans."""
     labels = np.ascontiguousarray(data.y, dtype=np.int64)
-    spec = json.dumps({
-        "format": SHARD_FORMAT, "task": task_name, "scheme": scheme,
-        "params": sorted((k, repr(_plain(v))) for k, v in params.items()), "num_clients": num_clients,
-        "seed": seed, "n": len(data), "shape": list(data.x.shape[1:]), "dtype": data.x.dtype.str,
-        "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
-        **({} if groups is None else
-           {"groups": hashlib.sha256(np.ascontiguousarray(groups, dtype=np.int64).tobytes()).hexdigest()}),
-    })
+    spec = json.dumps(
+        {
+            "format": SHARD_FORMAT,
+            "task": task_name,
+            "scheme": scheme,
+            "params": sorted((k, repr(_plain(v))) for k, v in params.items()),
+            "num_clients": num_clients,
+            "seed": seed,
+            "n": len(data),
+            "shape": list(data.x.shape[1:]),
+            "dtype": data.x.dtype.str,
+            "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
+            **(
+                {}
+                if groups is None
+                else {
+                    "groups": hashlib.sha256(
+                        np.ascontiguousarray(groups, dtype=np.int64).tobytes()
+                    ).hexdigest()
+                }
+            ),
+        }
+    )
     digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
     return f"{task_name}-{scheme}-{num_clients}c-s{seed}-{digest}"
 
@@ -476,8 +596,15 @@ def _complete(shard_dir: Path, key: str) -> bool:
     return manifest.get("key") == key and all((shard_dir / f).is_file() for f in manifest["files"])
 
 
-def materialize_shards(task: Task | str, data: ArrayData, num_clients: int, scheme: str, seed: int,
-                       params: Mapping[str, Any], cache_dir: Path) -> Path:
+def materialize_shards(
+    task: Task | str,
+    data: ArrayData,
+    num_clients: int,
+    scheme: str,
+    seed: int,
+    params: Mapping[str, Any],
+    cache_dir: Path,
+) -> Path:
     """Partition ``data`` and write its shards once under ``cache_dir/<key>``; reuse them after.
 
     The key hashes the task name, scheme, params, client count, seed, data size and labels. A
@@ -497,10 +624,19 @@ def materialize_shards(task: Task | str, data: ArrayData, num_clients: int, sche
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{key}.tmp-{uuid.uuid4().hex}"
     try:
-        write_shards(data, parts, tmp, key=key, num_classes=num_classes, info={
-            "task": task_name, "scheme": scheme, "seed": seed,
-            "params": {k: _plain(params[k]) for k in sorted(params)},
-        })
+        write_shards(
+            data,
+            parts,
+            tmp,
+            key=key,
+            num_classes=num_classes,
+            info={
+                "task": task_name,
+                "scheme": scheme,
+                "seed": seed,
+                "params": {k: _plain(params[k]) for k in sorted(params)},
+            },
+        )
         if target.exists():
             if _complete(target, key):  # another process finished first
                 return target
@@ -519,8 +655,12 @@ def materialize_shards(task: Task | str, data: ArrayData, num_clients: int, sche
 # Inspecting a partition
 # ---------------------------------------------------------------------------------------------
 
-def label_counts(manifest_or_parts: Mapping[str, Any] | Path | Sequence[np.ndarray],
-                 labels: np.ndarray | None = None, num_classes: int | None = None) -> np.ndarray:
+
+def label_counts(
+    manifest_or_parts: Mapping[str, Any] | Path | Sequence[np.ndarray],
+    labels: np.ndarray | None = None,
+    num_classes: int | None = None,
+) -> np.ndarray:
     """Examples per (client, class), shape (num_clients, num_classes).
 
     From a manifest (dict, shard directory or manifest path) the stored counts are returned and
@@ -539,8 +679,9 @@ def label_counts(manifest_or_parts: Mapping[str, Any] | Path | Sequence[np.ndarr
     labels = np.asarray(labels)
     if num_classes is None:
         num_classes = int(labels.max()) + 1
-    return np.stack([np.bincount(labels[p], minlength=num_classes) for p in manifest_or_parts]
-                    ).astype(np.int64)
+    return np.stack(
+        [np.bincount(labels[p], minlength=num_classes) for p in manifest_or_parts]
+    ).astype(np.int64)
 
 
 def format_label_counts(counts: np.ndarray) -> str:
@@ -565,13 +706,25 @@ def plot_label_heatmap(counts: np.ndarray, path: Path, title: str) -> Path:
     ax = fig.subplots()
     image = ax.imshow(counts, aspect="auto", cmap="viridis")
     fig.colorbar(image, ax=ax, label="examples")
-    ax.set(title=title, xlabel="class", ylabel="client",
-           xticks=range(n_classes), yticks=range(n_clients))
+    ax.set(
+        title=title,
+        xlabel="class",
+        ylabel="client",
+        xticks=range(n_classes),
+        yticks=range(n_clients),
+    )
     if counts.size <= 400:  # numbers stay legible up to about 20 x 20 cells
         threshold = counts.max() / 2
         for (i, j), v in np.ndenumerate(counts):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                    color="black" if v > threshold else "white")
+            ax.text(
+                j,
+                i,
+                str(v),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if v > threshold else "white",
+            )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,21 +30,32 @@ OPTIMIZERS = ("sgd", "adam")
 class TrainConfig:
     """Local optimisation settings; ``momentum`` applies to SGD only (Adam keeps its betas)."""
 
-    local_epochs: int = field(default=1, metadata={"doc": "local epochs per round on each sampled client"})
+    local_epochs: int = field(
+        default=1, metadata={"doc": "local epochs per round on each sampled client"}
+    )
     batch_size: int = field(default=32, metadata={"doc": "local mini-batch size"})
     lr: float = field(default=0.05, metadata={"doc": "local learning rate"})
     momentum: float = field(default=0.9, metadata={"doc": "SGD momentum (sgd only)"})
-    weight_decay: float = field(default=0.0, metadata={"doc": "L2 weight decay of the local optimizer"})
+    weight_decay: float = field(
+        default=0.0, metadata={"doc": "L2 weight decay of the local optimizer"}
+    )
     optimizer: str = field(default="sgd", metadata={"doc": "local optimizer: sgd | adam"})
-    trainable: str = field(default="", metadata={"doc": "regular expression: only parameters whose names it "
-                                                        "matches (re.search) train, the rest stay frozen; "
-                                                        "empty = all"})
+    trainable: str = field(
+        default="",
+        metadata={
+            "doc": "regular expression: only parameters whose names it "
+            "matches (re.search) train, the rest stay frozen; "
+            "empty = all"
+        },
+    )
 
     def __post_init__(self) -> None:
         try:
             re.compile(self.trainable)
         except re.error as err:
-            raise ValueError(f"trainable={self.trainable!r} is invalid: not a regular expression ({err})") from None
+            raise ValueError(
+                f"trainable={self.trainable!r} is invalid: not a regular expression ({err})"
+            ) from None
         checks = {
             "local_epochs": self.local_epochs >= 1,
             "batch_size": self.batch_size >= 1,
@@ -53,12 +64,19 @@ class TrainConfig:
             "weight_decay": self.weight_decay >= 0 and math.isfinite(self.weight_decay),
             "optimizer": self.optimizer in OPTIMIZERS,
         }
-        rules = {"local_epochs": ">= 1", "batch_size": ">= 1", "lr": "a positive number",
-                 "momentum": "in [0, 1)", "weight_decay": ">= 0",
-                 "optimizer": f"one of {', '.join(OPTIMIZERS)}"}
+        rules = {
+            "local_epochs": ">= 1",
+            "batch_size": ">= 1",
+            "lr": "a positive number",
+            "momentum": "in [0, 1)",
+            "weight_decay": ">= 0",
+            "optimizer": f"one of {', '.join(OPTIMIZERS)}",
+        }
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {rules[name]}")
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is invalid: must be {rules[name]}"
+                )
 
 
 def _trainable_parameters(model: nn.Module, cfg: TrainConfig) -> list[nn.Parameter]:
@@ -73,7 +91,9 @@ def _trainable_parameters(model: nn.Module, cfg: TrainConfig) -> list[nn.Paramet
         if p.requires_grad:
             chosen.append(p)
     if not chosen:
-        raise ValueError(f"train.trainable={cfg.trainable!r} matches no parameter of {type(model).__name__}")
+        raise ValueError(
+            f"train.trainable={cfg.trainable!r} matches no parameter of {type(model).__name__}"
+        )
     return chosen
 
 
@@ -81,21 +101,28 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = _trainable_parameters(model, cfg)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _batch(task: Task, data: ArrayData, index: np.ndarray,
-           device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    task: Task, data: ArrayData, index: np.ndarray, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``index`` (copied out of the possibly memory-mapped arrays) as model inputs, targets."""
     inputs = task.preprocess(data.x[index]).to(device)
     targets = torch.from_numpy(np.asarray(data.y[index], dtype=np.int64)).to(device)
     return inputs, targets
 
 
-def train(model: nn.Module, task: Task, data: ArrayData, cfg: TrainConfig, *, seed: int,
-          device: torch.device | str = "cpu",
-          loss_terms: Sequence[LossTerm] = ()) -> dict[str, float]:
+def train(
+    model: nn.Module,
+    task: Task,
+    data: ArrayData,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: torch.device | str = "cpu",
+    loss_terms: Sequence[LossTerm] = (),
+) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.local_epochs`` epochs over ``data``.
 
     Each epoch visits every example once in an order drawn from a generator seeded with
@@ -120,7 +147,7 @@ def train(model: nn.Module, task: Task, data: ArrayData, cfg: TrainConfig, *, se
             correct = torch.zeros((), dtype=torch.int64, device=device)
             order = torch.randperm(n, generator=order_rng).numpy()
             for start in range(0, n, cfg.batch_size):
-                inputs, targets = _batch(task, data, order[start:start + cfg.batch_size], device)
+                inputs, targets = _batch(task, data, order[start : start + cfg.batch_size], device)
                 outputs = model(inputs)
                 task_loss = task.loss(outputs, targets)
                 objective = task_loss
@@ -131,12 +158,22 @@ def train(model: nn.Module, task: Task, data: ArrayData, cfg: TrainConfig, *, se
                 optimizer.step()
                 loss_sum += task_loss.detach().double() * len(targets)
                 correct += (outputs.detach().argmax(dim=1) == targets).sum()
-    return {"train_loss": loss_sum.item() / n, "train_accuracy": correct.item() / n,
-            "num_examples": float(n)}
+    return {
+        "train_loss": loss_sum.item() / n,
+        "train_accuracy": correct.item() / n,
+        "num_examples": float(n),
+    }
 
 
-def evaluate(model: nn.Module, task: Task, data: ArrayData, *, batch_size: int = 512,
-             device: torch.device | str = "cpu", channels_last: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    data: ArrayData,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> dict[str, float]:
     """Mean task loss and accuracy of ``model`` over ``data`` (eval mode, no gradients).
 
     ``channels_last`` stores the model and image batches (4-D inputs) as NHWC, where the CPU's
@@ -155,7 +192,9 @@ def evaluate(model: nn.Module, task: Task, data: ArrayData, *, batch_size: int =
     correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.inference_mode():
         for start in range(0, n, batch_size):
-            inputs, targets = _batch(task, data, np.arange(start, min(start + batch_size, n)), device)
+            inputs, targets = _batch(
+                task, data, np.arange(start, min(start + batch_size, n)), device
+            )
             if channels_last and inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             outputs = model(inputs)
@@ -185,8 +224,9 @@ def set_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         if not isinstance(value, torch.Tensor):
             problems.append(f"{key}: expected a torch.Tensor, got {type(value).__name__}")
         elif value.shape != expected[key].shape:
-            problems.append(f"{key}: shape {tuple(value.shape)}, model has "
-                            f"{tuple(expected[key].shape)}")
+            problems.append(
+                f"{key}: shape {tuple(value.shape)}, model has {tuple(expected[key].shape)}"
+            )
     if problems:
         raise ValueError(f"state does not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)

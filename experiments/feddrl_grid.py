@@ -41,7 +41,7 @@ DETECTION = ("detection_precision", "detection_recall", "clients_dropped")
 def _cells(attacks: list[str], fractions: list[float], seeds: list[int], methods: list[str]):
     for seed in seeds:
         for fraction in fractions:
-            for attack in (["none"] if fraction == 0 else attacks):
+            for attack in ["none"] if fraction == 0 else attacks:
                 for method in methods:
                     yield attack, fraction, seed, method
 
@@ -57,13 +57,29 @@ def method_config(method: str) -> AggregatorConfig:
     return AggregatorConfig(name=name, params=params)
 
 
-def run_cell(experiment: Path, sets: list[str], out: Path, attack: str, fraction: float, seed: int,
-             method: str, address: str | None = None) -> dict:
-    overrides = [*sets, f"seed={seed}", f"attack.seed={seed}", f"attack.fraction={fraction}",
-                 f"attack.kind=\"{attack}\"", f"output.root=\"{out / 'runs'}\"",
-                 f"name=\"{attack}-{fraction:g}-s{seed}-{method.replace(':', '-').replace(',', '-')}\""]
+def run_cell(
+    experiment: Path,
+    sets: list[str],
+    out: Path,
+    attack: str,
+    fraction: float,
+    seed: int,
+    method: str,
+    address: str | None = None,
+) -> dict:
+    overrides = [
+        *sets,
+        f"seed={seed}",
+        f"attack.seed={seed}",
+        f"attack.fraction={fraction}",
+        f'attack.kind="{attack}"',
+        f'output.root="{out / "runs"}"',
+        f'name="{attack}-{fraction:g}-s{seed}-{method.replace(":", "-").replace(",", "-")}"',
+    ]
     config = load_config(experiment, overrides)
-    if method != config.aggregator.name:  # the file's [aggregator] keys belong to the method it names
+    if (
+        method != config.aggregator.name
+    ):  # the file's [aggregator] keys belong to the method it names
         config = dataclasses.replace(config, aggregator=method_config(method))
     started = time.perf_counter()
     run = run_experiment(config, address=address, progress=lambda _: None).run_dir
@@ -74,10 +90,16 @@ def run_cell(experiment: Path, sets: list[str], out: Path, attack: str, fraction
             per_metric.setdefault(row["metric"], []).append(row["value"])
     curve = run.server_curve("accuracy")
     return {
-        "key": _key(attack, fraction, seed, method), "attack": attack, "fraction": fraction, "seed": seed,
-        "method": method, "final_accuracy": curve[-1][1], "rounds": len(curve),
+        "key": _key(attack, fraction, seed, method),
+        "attack": attack,
+        "fraction": fraction,
+        "seed": seed,
+        "method": method,
+        "final_accuracy": curve[-1][1],
+        "rounds": len(curve),
         **{f"mean_{m}": statistics.fmean(v) for m, v in per_metric.items()},
-        "wall_s": time.perf_counter() - started, "run_dir": str(run.path),
+        "wall_s": time.perf_counter() - started,
+        "run_dir": str(run.path),
     }
 
 
@@ -92,45 +114,71 @@ def _fmt(values: list[float], scale: float = 100.0) -> str:
 
 def tables(results: list[dict], methods: list[str]) -> str:
     """Markdown: final accuracy (%) per (attack, fraction) and method; detection per method."""
-    settings = sorted({(r["attack"], r["fraction"]) for r in results}, key=lambda s: (s[1] > 0, s[0], s[1]))
-    lines = ["| attack | fraction | " + " | ".join(methods) + " |",
-             "|---|---|" + "---|" * len(methods)]
+    settings = sorted(
+        {(r["attack"], r["fraction"]) for r in results}, key=lambda s: (s[1] > 0, s[0], s[1])
+    )
+    lines = [
+        "| attack | fraction | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
     for attack, fraction in settings:
         cells = []
         for method in methods:
-            values = [r["final_accuracy"] for r in results
-                      if (r["attack"], r["fraction"], r["method"]) == (attack, fraction, method)]
+            values = [
+                r["final_accuracy"]
+                for r in results
+                if (r["attack"], r["fraction"], r["method"]) == (attack, fraction, method)
+            ]
             n = len(values)
             cells.append(_fmt(values) + (f" (n={n})" if n > 1 else ""))
         lines.append(f"| {attack} | {fraction:g} | " + " | ".join(cells) + " |")
     lines += goal_table(results, settings)
-    detect = [m for m in methods if any(f"mean_{DETECTION[2]}" in r for r in results if r["method"] == m)]
+    detect = [
+        m for m in methods if any(f"mean_{DETECTION[2]}" in r for r in results if r["method"] == m)
+    ]
     if detect:
-        lines += ["", "| attack | fraction | method | precision | recall | clients dropped / round |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| attack | fraction | method | precision | recall | clients dropped / round |",
+            "|---|---|---|---|---|---|",
+        ]
         for attack, fraction in settings:
             for method in detect:
-                cell = [r for r in results if (r["attack"], r["fraction"], r["method"]) == (attack, fraction, method)]
+                cell = [
+                    r
+                    for r in results
+                    if (r["attack"], r["fraction"], r["method"]) == (attack, fraction, method)
+                ]
                 if not cell:
                     continue
                 p = [r["mean_detection_precision"] for r in cell if "mean_detection_precision" in r]
                 rec = [r["mean_detection_recall"] for r in cell if "mean_detection_recall" in r]
                 dropped = [r["mean_clients_dropped"] for r in cell if "mean_clients_dropped" in r]
-                lines.append(f"| {attack} | {fraction:g} | {method} | {_fmt(p)} | {_fmt(rec)} | "
-                             f"{_fmt(dropped, 1.0)} |")
+                lines.append(
+                    f"| {attack} | {fraction:g} | {method} | {_fmt(p)} | {_fmt(rec)} | "
+                    f"{_fmt(dropped, 1.0)} |"
+                )
     return "\n".join(lines)
 
 
 def goal_table(results: list[dict], settings: list[tuple[str, float]]) -> list[str]:
     """The issue's goal, per attacked setting: where FedAvg loses more than 10 points against the
     clean run, does FedDRL stay within 3 points of it? Seed-paired differences, mean ± std."""
+
     def final(attack: str, fraction: float, method: str) -> dict[int, float]:
-        return {r["seed"]: r["final_accuracy"] for r in results
-                if (r["attack"], r["fraction"], r["method"]) == (attack, fraction, method)}
+        return {
+            r["seed"]: r["final_accuracy"]
+            for r in results
+            if (r["attack"], r["fraction"], r["method"]) == (attack, fraction, method)
+        }
 
     clean_fedavg, clean_feddrl = final("none", 0.0, "fedavg"), final("none", 0.0, "feddrl")
-    lines = ["", "| attack | fraction | FedAvg − clean FedAvg | FedDRL − clean FedAvg | FedDRL − clean FedDRL "
-             "| goal (FedAvg < −10 → FedDRL ≥ −3 vs clean FedAvg) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| attack | fraction | FedAvg − clean FedAvg | FedDRL − clean FedAvg | FedDRL − clean FedDRL "
+        "| goal (FedAvg < −10 → FedDRL ≥ −3 vs clean FedAvg) |",
+        "|---|---|---|---|---|---|",
+    ]
     for attack, fraction in settings:
         if fraction == 0:
             continue
@@ -146,24 +194,36 @@ def goal_table(results: list[dict], settings: list[tuple[str, float]]) -> list[s
             verdict = "FedAvg loses ≤ 10 points: goal does not apply"
         else:
             verdict = "met" if statistics.fmean(gap) >= -0.03 else "not met"
-        lines.append(f"| {attack} | {fraction:g} | {_fmt(loss)} | {_fmt(gap)} | "
-                     f"{_fmt(paired(feddrl, clean_feddrl))} | {verdict} |")
+        lines.append(
+            f"| {attack} | {fraction:g} | {_fmt(loss)} | {_fmt(gap)} | "
+            f"{_fmt(paired(feddrl, clean_feddrl))} | {verdict} |"
+        )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("experiment", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--attacks", default="noise,sign_flip,label_flip")
     parser.add_argument("--fractions", default="0,0.2,0.4")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="fedavg,krum,median,trimmed_mean:beta=0.2,feddrl")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field for every run (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field for every run (repeatable)",
+    )
     parser.add_argument("--address", default=None, help="Ray cluster every run attaches to")
-    parser.add_argument("--tables-only", action="store_true",
-                        help="write tables.md from <out>/results.jsonl without running anything")
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="write tables.md from <out>/results.jsonl without running anything",
+    )
     args = parser.parse_args(argv)
     attacks = [a for a in args.attacks.split(",") if a]
     fractions = [float(f) for f in args.fractions.split(",") if f]
@@ -171,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
-    results = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
+    results = (
+        [json.loads(line) for line in results_path.read_text().splitlines()]
+        if results_path.exists()
+        else []
+    )
     done = {r["key"] for r in results}
     cells = [] if args.tables_only else list(_cells(attacks, fractions, seeds, methods))
     for attack, fraction, seed, method in cells:
@@ -179,8 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         if key in done:
             continue
         print(f"=== {key}", flush=True)
-        result = run_cell(args.experiment, args.set, args.out, attack, fraction, seed, method, args.address)
-        print(f"    final accuracy {result['final_accuracy']:.4f}  ({result['wall_s']:.0f} s)", flush=True)
+        result = run_cell(
+            args.experiment, args.set, args.out, attack, fraction, seed, method, args.address
+        )
+        print(
+            f"    final accuracy {result['final_accuracy']:.4f}  ({result['wall_s']:.0f} s)",
+            flush=True,
+        )
         with results_path.open("a") as f:
             f.write(json.dumps(result) + "\n")
         results.append(result)

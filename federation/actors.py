@@ -56,8 +56,11 @@ def placement() -> dict[str, str]:
 
 def actor_options(placement: ActorConfig) -> dict[str, Any]:
     """Ray ``.options()`` for an actor placed by a ``[ray.aggregator]``-style config section."""
-    options: dict[str, Any] = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus,
-                               "max_restarts": placement.max_restarts}
+    options: dict[str, Any] = {
+        "num_cpus": placement.num_cpus,
+        "num_gpus": placement.num_gpus,
+        "max_restarts": placement.max_restarts,
+    }
     if placement.resources:
         options["resources"] = dict(placement.resources)
     if placement.label_selector:
@@ -87,9 +90,17 @@ class AggregatorActor:
     between calls too) is caught here, never merged on top of the wrong state.
     """
 
-    def __init__(self, aggregator: Aggregator, base_state: Mapping[str, np.ndarray], seed: int, *,
-                 validation: Mapping[str, Any] | None = None, malicious: Sequence[int] = (),
-                 task_name: str | None = None, proxy: Mapping[int, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        base_state: Mapping[str, np.ndarray],
+        seed: int,
+        *,
+        validation: Mapping[str, Any] | None = None,
+        malicious: Sequence[int] = (),
+        task_name: str | None = None,
+        proxy: Mapping[int, np.ndarray] | None = None,
+    ) -> None:
         """``validation`` (task name, x, y, batch size) is the server's validation set, scored through
         the RoundContext (``federation.scoring``); ``malicious`` the attack's ground truth.
         ``task_name`` lets upscaling aggregators build the run's model (``RoundContext.build_model``);
@@ -98,9 +109,17 @@ class AggregatorActor:
         self.device = _device()
         self.aggregator = aggregator
         self.seed = seed
-        self.scorer = None if validation is None else ValidationScorer(
-            validation["task"], validation["x"], validation["y"], batch_size=int(validation["batch_size"]),
-            device=self.device)
+        self.scorer = (
+            None
+            if validation is None
+            else ValidationScorer(
+                validation["task"],
+                validation["x"],
+                validation["y"],
+                batch_size=int(validation["batch_size"]),
+                device=self.device,
+            )
+        )
         self.malicious = frozenset(int(i) for i in malicious)
         self.proxy = None
         if proxy is not None and task_name is not None:
@@ -128,30 +147,53 @@ class AggregatorActor:
         self._check_state(state_round)
         self._token, self._round = token, server_round
         self._accumulate_s = 0.0
-        self.aggregator.begin_round(RoundContext(
-            round=server_round, global_state=self.global_state, base_state=self.base_state,
-            seed=self.seed, device=self.device,
-            evaluate=None if self.scorer is None else self.scorer.evaluate,
-            evaluate_many=None if self.scorer is None else self.scorer.evaluate_many,
-            malicious=self.malicious,
-            build_model=None if self.task_name is None else get_task(self.task_name).build_model,
-            proxy_inputs=self.proxy,
-        ))
+        self.aggregator.begin_round(
+            RoundContext(
+                round=server_round,
+                global_state=self.global_state,
+                base_state=self.base_state,
+                seed=self.seed,
+                device=self.device,
+                evaluate=None if self.scorer is None else self.scorer.evaluate,
+                evaluate_many=None if self.scorer is None else self.scorer.evaluate_many,
+                malicious=self.malicious,
+                build_model=None
+                if self.task_name is None
+                else get_task(self.task_name).build_model,
+                proxy_inputs=self.proxy,
+            )
+        )
 
-    def accumulate(self, token: int, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: int,
-                   metrics: Mapping[str, float]) -> None:
+    def accumulate(
+        self,
+        token: int,
+        client_id: int,
+        arrays: Mapping[str, np.ndarray],
+        num_examples: int,
+        metrics: Mapping[str, float],
+    ) -> None:
         self._check_token(token)
         start = time.perf_counter()
-        self.aggregator.accumulate(ClientUpdate(
-            client_id=client_id, state=to_torch_state(arrays), num_examples=num_examples,
-            metrics=dict(metrics),
-        ))
+        self.aggregator.accumulate(
+            ClientUpdate(
+                client_id=client_id,
+                state=to_torch_state(arrays),
+                num_examples=num_examples,
+                metrics=dict(metrics),
+            )
+        )
         self._accumulate_s += time.perf_counter() - start
 
     @ray.method(num_returns=5)
-    def finalize(self, token: int) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, Any],
-                                            tuple[dict[str, Any], dict[str, np.ndarray]] | None,
-                                            dict[str, str]]:
+    def finalize(
+        self, token: int
+    ) -> tuple[
+        dict[str, np.ndarray],
+        dict[str, float],
+        dict[str, Any],
+        tuple[dict[str, Any], dict[str, np.ndarray]] | None,
+        dict[str, str],
+    ]:
         """The next global weights, the round's metrics, the aggregator's state after the round
         (which the driver keeps, to restore a restarted actor and to checkpoint), the served
         model (``fedmerge.federation.served`` spec, weights) or None when the broadcast weights are served,
@@ -167,12 +209,19 @@ class AggregatorActor:
         served = None
         if result.served_model is not None:
             if self.task_name is None:
-                raise ValueError(f"{type(self.aggregator).__name__} serves its own model, but the actor was "
-                                 "not told the run's task (task_name)")
+                raise ValueError(
+                    f"{type(self.aggregator).__name__} serves its own model, but the actor was "
+                    "not told the run's task (task_name)"
+                )
             served = served_spec(result.served_model, self.task_name)
         metrics["aggregate_s"] = self._accumulate_s + time.perf_counter() - start
-        return (to_numpy_state({k: v.cpu() for k, v in self.global_state.items()}), metrics,
-                self.state_dict(), served, placement())
+        return (
+            to_numpy_state({k: v.cpu() for k, v in self.global_state.items()}),
+            metrics,
+            self.state_dict(),
+            served,
+            placement(),
+        )
 
     def round_state(self, token: int) -> dict[str, Any] | None:
         """A snapshot of the open round so far (``Aggregator.round_state``, tensors as NumPy arrays
@@ -187,8 +236,12 @@ class AggregatorActor:
         self._check_token(token)
         self.aggregator.load_round_state(_numpy_to_tensors(state))
 
-    def restore(self, global_state: Mapping[str, np.ndarray], aggregator_state: Mapping[str, Any],
-                state_round: int) -> None:
+    def restore(
+        self,
+        global_state: Mapping[str, np.ndarray],
+        aggregator_state: Mapping[str, Any],
+        state_round: int,
+    ) -> None:
         """Put back the state after round ``state_round`` (after a restart, or to resume a run)."""
         self._token = None
         self.global_state = self._to_device(global_state)
@@ -197,12 +250,16 @@ class AggregatorActor:
 
     def _check_state(self, state_round: int) -> None:
         if state_round != self.state_round:
-            raise ActorStateLost(f"the driver expects the state after round {state_round}, the actor holds "
-                                 f"that after round {self.state_round} (it was restarted)")
+            raise ActorStateLost(
+                f"the driver expects the state after round {state_round}, the actor holds "
+                f"that after round {self.state_round} (it was restarted)"
+            )
 
     def _check_token(self, token: int) -> None:
         if token != self._token:
-            raise ActorStateLost(f"call for round attempt {token}, but the open one is {self._token}")
+            raise ActorStateLost(
+                f"call for round attempt {token}, but the open one is {self._token}"
+            )
 
     def get_global(self) -> dict[str, np.ndarray]:
         return to_numpy_state({k: v.cpu() for k, v in self.global_state.items()})
@@ -228,17 +285,21 @@ def _map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
 def _tensors_to_numpy(value: Any) -> Any:
     """``value`` with every tensor inside (nested dicts, lists, tuples) as a CPU NumPy array, which
     Ray serialises without pickling its buffer; dtypes NumPy lacks (bfloat16) stay tensors."""
+
     def leaf(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
         x = x.detach().cpu()
         return x if x.dtype == torch.bfloat16 else x.numpy()
+
     return _map_leaves(value, leaf)
 
 
 def _numpy_to_tensors(value: Any) -> Any:
     """The inverse of ``_tensors_to_numpy``: NumPy arrays (read-only views included) as tensors."""
-    return _map_leaves(value, lambda x: to_torch_state({"x": x})["x"] if isinstance(x, np.ndarray) else x)
+    return _map_leaves(
+        value, lambda x: to_torch_state({"x": x})["x"] if isinstance(x, np.ndarray) else x
+    )
 
 
 def _on_cpu(value: Any) -> Any:
@@ -251,20 +312,25 @@ class EvaluatorActor:
     """Scores the global model on the server's held-out split of the task (``ModelScorer``): the
     task's model and the last served model stay built between rounds, each round loads weights."""
 
-    def __init__(self, task_name: str, x: np.ndarray, y: np.ndarray, batch_size: int,
-                 num_threads: int = 0) -> None:
+    def __init__(
+        self, task_name: str, x: np.ndarray, y: np.ndarray, batch_size: int, num_threads: int = 0
+    ) -> None:
         # Evaluation runs between rounds, when the clients are idle: 0 means every core of the node.
         torch.set_num_threads(num_threads if num_threads > 0 else (os.cpu_count() or 1))
         self.device = _device()
-        self.scorer = ModelScorer(task_name, ArrayData(x, y), batch_size=batch_size,
-                                  device=self.device, per_task=True)
+        self.scorer = ModelScorer(
+            task_name, ArrayData(x, y), batch_size=batch_size, device=self.device, per_task=True
+        )
 
     def placement(self) -> dict[str, str]:
         return placement()
 
-    def evaluate(self, state: Mapping[str, np.ndarray],
-                 served: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | None = None,
-                 with_placement: bool = False) -> dict[str, float] | tuple[dict[str, float], dict[str, str]]:
+    def evaluate(
+        self,
+        state: Mapping[str, np.ndarray],
+        served: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | None = None,
+        with_placement: bool = False,
+    ) -> dict[str, float] | tuple[dict[str, float], dict[str, str]]:
         """Score the global weights or, when the aggregator served its own model (``served``: a
         ``fedmerge.federation.served`` spec and weights), that model; multi-task data are scored
         per task. ``with_placement``: (metrics, ``placement()``), so the round learns where the

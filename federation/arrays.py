@@ -21,8 +21,16 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-__all__ = ["ArrayFormatError", "MAX_HEADER_BYTES", "array_view", "parse_npy_header", "record_to_numpy",
-           "state_to_record", "to_numpy_state", "to_torch_state"]
+__all__ = [
+    "ArrayFormatError",
+    "MAX_HEADER_BYTES",
+    "array_view",
+    "parse_npy_header",
+    "record_to_numpy",
+    "state_to_record",
+    "to_numpy_state",
+    "to_torch_state",
+]
 
 
 MAGIC = b"\x93NUMPY"
@@ -63,35 +71,54 @@ def parse_npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]
     if len(data) < start + header_len:
         raise ArrayFormatError("truncated .npy header")
     try:
-        text = bytes(data[start:start + header_len]).decode("utf-8" if major == 3 else "latin1")
+        text = bytes(data[start : start + header_len]).decode("utf-8" if major == 3 else "latin1")
         header = ast.literal_eval(text)
     except Exception as err:  # SyntaxError, ValueError, RecursionError, MemoryError, ...
-        raise ArrayFormatError(f".npy header is not a Python literal ({type(err).__name__})") from None
+        raise ArrayFormatError(
+            f".npy header is not a Python literal ({type(err).__name__})"
+        ) from None
     if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
         keys = sorted(map(repr, header)) if isinstance(header, dict) else type(header).__name__
-        raise ArrayFormatError(f".npy header must be a dict of descr, fortran_order, shape; got {keys}")
+        raise ArrayFormatError(
+            f".npy header must be a dict of descr, fortran_order, shape; got {keys}"
+        )
     descr, fortran_order, shape = header["descr"], header["fortran_order"], header["shape"]
     if not isinstance(descr, str):
-        raise ArrayFormatError(f"dtype {descr!r} is refused: only plain numeric dtypes are accepted")
+        raise ArrayFormatError(
+            f"dtype {descr!r} is refused: only plain numeric dtypes are accepted"
+        )
     try:
         dtype = np.dtype(descr)
     except Exception:
         raise ArrayFormatError(f"unknown dtype {descr[:40]!r}") from None
-    if dtype.kind not in ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None or dtype.hasobject:
-        raise ArrayFormatError(f"dtype {descr[:40]!r} is refused: only plain numeric dtypes are accepted")
+    if (
+        dtype.kind not in ARRAY_KINDS
+        or dtype.fields is not None
+        or dtype.subdtype is not None
+        or dtype.hasobject
+    ):
+        raise ArrayFormatError(
+            f"dtype {descr[:40]!r} is refused: only plain numeric dtypes are accepted"
+        )
     if not isinstance(fortran_order, bool):
         raise ArrayFormatError(f"fortran_order must be True or False, got {fortran_order!r}")
-    if (not isinstance(shape, tuple) or len(shape) > MAX_NDIM
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
-        raise ArrayFormatError(f"shape must be a tuple of at most {MAX_NDIM} non-negative ints, "
-                               f"got {str(shape)[:80]}")
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) > MAX_NDIM
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise ArrayFormatError(
+            f"shape must be a tuple of at most {MAX_NDIM} non-negative ints, got {str(shape)[:80]}"
+        )
     count = 1
     for n in shape:  # Python ints: a lying shape cannot overflow
         count *= n
     offset = start + header_len
     expected = count * dtype.itemsize
     if len(data) - offset != expected:
-        raise ArrayFormatError(f"buffer of {len(data) - offset} bytes where {dtype}{list(shape)} needs {expected}")
+        raise ArrayFormatError(
+            f"buffer of {len(data) - offset} bytes where {dtype}{list(shape)} needs {expected}"
+        )
     return shape, fortran_order, dtype, offset
 
 
@@ -125,10 +152,12 @@ def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def state_to_record(state: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
     """ArrayRecord from a state dict of tensors or arrays (one serialisation copy, as Flower does)."""
-    return ArrayRecord(array_dict={
-        key: Array.from_numpy_ndarray(np.asarray(_as_numpy(value), order="C"))
-        for key, value in state.items()
-    })
+    return ArrayRecord(
+        array_dict={
+            key: Array.from_numpy_ndarray(np.asarray(_as_numpy(value), order="C"))
+            for key, value in state.items()
+        }
+    )
 
 
 def to_numpy_state(state: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, np.ndarray]:

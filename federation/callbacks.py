@@ -29,8 +29,8 @@ import ray
 
 from fedmerge.federation.checkpoint import save_checkpoint
 from fedmerge.federation.config import ConfigError
-from fedmerge.federation.served import build_served, save_served
 from fedmerge.federation.results import format_run_report, plot_curves, summarize
+from fedmerge.federation.served import build_served, save_served
 
 if TYPE_CHECKING:
     from fedmerge.federation.server import Experiment

@@ -42,8 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
-from safetensors.torch import load_file as load_torch, save_file as save_torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
 
 from fedmerge.federation.results import RunFileError
 from fedmerge.federation.storage import named_os_error, os_errors_of
@@ -87,7 +89,9 @@ class Checkpoint:
     aggregator_state: dict[str, Any]
     path: Path
     config: dict[str, Any] = field(default_factory=dict)  # the run's ExperimentConfig.to_dict()
-    served: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None  # fedmerge.federation.served spec, weights
+    served: tuple[dict[str, Any], dict[str, np.ndarray]] | None = (
+        None  # fedmerge.federation.served spec, weights
+    )
 
 
 def config_digest(config: Mapping[str, Any]) -> str:
@@ -95,14 +99,19 @@ def config_digest(config: Mapping[str, Any]) -> str:
     try:
         text = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"the run's config cannot be stored in a checkpoint as JSON: {exc}") from exc
+        raise CheckpointError(
+            f"the run's config cannot be stored in a checkpoint as JSON: {exc}"
+        ) from exc
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def config_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+def config_changes(
+    recorded: Mapping[str, Any], current: Mapping[str, Any]
+) -> list[tuple[str, Any, Any]]:
     """``(dotted key, recorded value, current value)`` of every leaf where two configs differ
     (``MISSING`` where a key is absent on one side), sorted by key; both go through JSON first, so
     a tuple equals its list."""
+
     def flat(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, dict) and value:
             for key, item in value.items():
@@ -113,8 +122,11 @@ def config_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> l
 
     a = flat(json.loads(json.dumps(recorded)), "", {})
     b = flat(json.loads(json.dumps(current)), "", {})
-    return [(key, a.get(key, MISSING), b.get(key, MISSING)) for key in sorted(a.keys() | b.keys())
-            if a.get(key, MISSING) != b.get(key, MISSING) or type(a.get(key)) is not type(b.get(key))]
+    return [
+        (key, a.get(key, MISSING), b.get(key, MISSING))
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key, MISSING) != b.get(key, MISSING) or type(a.get(key)) is not type(b.get(key))
+    ]
 
 
 class _Missing:
@@ -129,9 +141,17 @@ def checkpoint_name(round: int) -> str:
     return f"round_{round:05d}"
 
 
-def save_checkpoint(directory: Path, round: int, seed: int, global_state: Mapping[str, np.ndarray],
-                    aggregator_state: Mapping[str, Any], *, keep: int = 0, config: Mapping[str, Any] | None = None,
-                    served: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | None = None) -> Path:
+def save_checkpoint(
+    directory: Path,
+    round: int,
+    seed: int,
+    global_state: Mapping[str, np.ndarray],
+    aggregator_state: Mapping[str, Any],
+    *,
+    keep: int = 0,
+    config: Mapping[str, Any] | None = None,
+    served: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | None = None,
+) -> Path:
     """Write the checkpoint of ``round`` under ``directory`` atomically; keep the newest ``keep``
     (0 = all). Returns its path. ``config`` is the run's resolved config (``to_dict()``), which a
     resume compares with the run folder's; ``served`` the served model (spec, weights) when the
@@ -146,20 +166,32 @@ def save_checkpoint(directory: Path, round: int, seed: int, global_state: Mappin
     tmp = directory / f".{final.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        with os_errors_of(final / GLOBAL):  # a full disk is an OSError naming the file, not a SafetensorError
-            save_numpy({k: np.asarray(v, order="C") for k, v in global_state.items()}, str(tmp / GLOBAL))
+        with os_errors_of(
+            final / GLOBAL
+        ):  # a full disk is an OSError naming the file, not a SafetensorError
+            save_numpy(
+                {k: np.asarray(v, order="C") for k, v in global_state.items()}, str(tmp / GLOBAL)
+            )
         with os_errors_of(final / AGGREGATOR_TENSORS):
             save_torch(tensors, str(tmp / AGGREGATOR_TENSORS))
         (tmp / AGGREGATOR_DATA).write_text(json.dumps(skeleton), encoding="utf-8")
         names = list(_REQUIRED)
         if served is not None:
             spec, weights = served
-            save_numpy({k: np.asarray(v, order="C") for k, v in weights.items()}, str(tmp / SERVED_TENSORS))
+            save_numpy(
+                {k: np.asarray(v, order="C") for k, v in weights.items()}, str(tmp / SERVED_TENSORS)
+            )
             (tmp / SERVED_SPEC).write_text(json.dumps(spec, allow_nan=False), encoding="utf-8")
             names += [SERVED_TENSORS, SERVED_SPEC]
         files = {name: _sha256(tmp / name) for name in names}
-        meta = {"format": FORMAT, "round": round, "seed": seed, "config": config, "config_digest": digest,
-                "files": files}
+        meta = {
+            "format": FORMAT,
+            "round": round,
+            "seed": seed,
+            "config": config,
+            "config_digest": digest,
+            "files": files,
+        }
         (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         for path in tmp.iterdir():
             _fsync(path)
@@ -168,7 +200,7 @@ def save_checkpoint(directory: Path, round: int, seed: int, global_state: Mappin
         os.rename(tmp, final)
         _fsync(directory)
     except OSError as err:  # a disk that fills under write_text names no file: name the checkpoint
-        raise named_os_error(err, final)
+        raise named_os_error(err, final) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(directory, keep)
@@ -180,7 +212,11 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if (m := _NAME.fullmatch(p.name)) and p.is_dir()
+    ]
     return sorted(found)
 
 
@@ -201,39 +237,60 @@ def load_checkpoint(path: Path) -> Checkpoint:
         if not file.is_file():
             raise CheckpointError(f"checkpoint file {file} is missing")
         if _sha256(file) != digest:
-            raise CheckpointError(f"checkpoint file {file} is corrupt or truncated (its SHA-256 differs "
-                                  f"from the one recorded in {meta_path})")
+            raise CheckpointError(
+                f"checkpoint file {file} is corrupt or truncated (its SHA-256 differs "
+                f"from the one recorded in {meta_path})"
+            )
     global_state = _read_safetensors(path / GLOBAL, load_numpy)
     tensors = _read_safetensors(path / AGGREGATOR_TENSORS, load_torch)
     skeleton = _read_json(path / AGGREGATOR_DATA, strict=False)
     try:
         aggregator_state = _join(skeleton, tensors)
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint file {path / AGGREGATOR_DATA} does not match "
-                              f"{path / AGGREGATOR_TENSORS}: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint file {path / AGGREGATOR_DATA} does not match "
+            f"{path / AGGREGATOR_TENSORS}: {exc}"
+        ) from exc
     served = None
     if SERVED_TENSORS in files:
         spec = _read_json(path / SERVED_SPEC)
         if not isinstance(spec, dict):
-            raise CheckpointError(f"checkpoint file {path / SERVED_SPEC} must hold a JSON object (a served "
-                                  f"model's spec), got {type(spec).__name__}")
+            raise CheckpointError(
+                f"checkpoint file {path / SERVED_SPEC} must hold a JSON object (a served "
+                f"model's spec), got {type(spec).__name__}"
+            )
         served = (spec, _read_safetensors(path / SERVED_TENSORS, load_numpy))
-    return Checkpoint(round=round, seed=seed, global_state=global_state, aggregator_state=aggregator_state,
-                      path=path, config=config, served=served)
+    return Checkpoint(
+        round=round,
+        seed=seed,
+        global_state=global_state,
+        aggregator_state=aggregator_state,
+        path=path,
+        config=config,
+        served=served,
+    )
 
 
-def _check_meta(meta: Any, meta_path: Path, folder: str) -> tuple[int, int, dict[str, Any], dict[str, str]]:
+def _check_meta(
+    meta: Any, meta_path: Path, folder: str
+) -> tuple[int, int, dict[str, Any], dict[str, str]]:
     """The round, seed, config and file hashes of a ``checkpoint.json``, every field checked for its
     type and meaning (it is read from disk and may be forged): a CheckpointError names the field."""
+
     def bad(field: str, problem: str) -> CheckpointError:
         return CheckpointError(f"checkpoint file {meta_path}: field {field!r} {problem}")
 
     if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint file {meta_path} must hold a JSON object, got {type(meta).__name__}")
+        raise CheckpointError(
+            f"checkpoint file {meta_path} must hold a JSON object, got {type(meta).__name__}"
+        )
     missing, unknown = sorted(_META_KEYS - meta.keys()), sorted(meta.keys() - _META_KEYS)
     if "format" in meta and (not _is_int(meta["format"]) or meta["format"] != FORMAT):
-        raise bad("format", f"is {_short(meta['format'])}; this version reads format {FORMAT} only (checkpoints "
-                            "of older versions cannot be resumed: start the run again)")
+        raise bad(
+            "format",
+            f"is {_short(meta['format'])}; this version reads format {FORMAT} only (checkpoints "
+            "of older versions cannot be resumed: start the run again)",
+        )
     if missing:
         raise bad(missing[0], "is missing")
     if unknown:
@@ -243,17 +300,30 @@ def _check_meta(meta: Any, meta_path: Path, folder: str) -> tuple[int, int, dict
         raise bad("round", f"must be a non-negative integer, got {_short(round)}")
     named = _NAME.fullmatch(folder)
     if named is not None and int(named.group(1)) != round:
-        raise bad("round", f"is {round}, but the checkpoint's folder {folder} is that of round {int(named.group(1))}")
+        raise bad(
+            "round",
+            f"is {round}, but the checkpoint's folder {folder} is that of round {int(named.group(1))}",
+        )
     if not _is_int(seed) or not 0 <= seed < 2**63:
         raise bad("seed", f"must be an integer in [0, 2**63), got {_short(seed)}")
     if not isinstance(config, dict):
-        raise bad("config", f"must be a JSON object (the run's resolved config), got {type(config).__name__}")
+        raise bad(
+            "config",
+            f"must be a JSON object (the run's resolved config), got {type(config).__name__}",
+        )
     if not isinstance(meta["config_digest"], str) or config_digest(config) != meta["config_digest"]:
-        raise bad("config_digest", "is not the SHA-256 of the recorded config: the config was edited or corrupted")
+        raise bad(
+            "config_digest",
+            "is not the SHA-256 of the recorded config: the config was edited or corrupted",
+        )
     if config and config.get("seed") != seed:
-        raise bad("seed", f"is {seed}, but the recorded config says seed = {_short(config.get('seed'))}")
+        raise bad(
+            "seed", f"is {seed}, but the recorded config says seed = {_short(config.get('seed'))}"
+        )
     if not isinstance(files, dict):
-        raise bad("files", f"must be a JSON object of file name -> SHA-256, got {type(files).__name__}")
+        raise bad(
+            "files", f"must be a JSON object of file name -> SHA-256, got {type(files).__name__}"
+        )
     allowed = {*_REQUIRED, SERVED_TENSORS, SERVED_SPEC}
     for name, digest in files.items():
         if name not in allowed:
@@ -279,6 +349,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 # ---- aggregator state: tensors apart, plain data as JSON -------------------------------------
 
+
 def _split(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
     """Tensors and arrays of a (nested) state, keyed by their path, and the JSON skeleton that
     marks where each one goes."""
@@ -290,27 +361,39 @@ def _split(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
             return {_TENSOR: path}
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
-                raise CheckpointError(f"aggregator state {path} is an object array: it would need a pickle")
+                raise CheckpointError(
+                    f"aggregator state {path} is an object array: it would need a pickle"
+                )
             tensors[path] = torch.from_numpy(np.array(value, copy=True, order="C"))
             return {_ARRAY: path}
         if isinstance(value, Mapping):
             bad = [k for k in value if not isinstance(k, str)]
             if bad:
-                raise CheckpointError(f"aggregator state {path or '(top level)'}: key {bad[0]!r} is not a string")
+                raise CheckpointError(
+                    f"aggregator state {path or '(top level)'}: key {bad[0]!r} is not a string"
+                )
             out = {k: walk(v, f"{path}/{k}" if path else k) for k, v in value.items()}
-            return {_DICT: out} if len(out) == 1 and next(iter(out)) in (_TENSOR, _ARRAY, _DICT) else out
+            return (
+                {_DICT: out}
+                if len(out) == 1 and next(iter(out)) in (_TENSOR, _ARRAY, _DICT)
+                else out
+            )
         if isinstance(value, (list, tuple)):
             return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
         if isinstance(value, np.generic):
             return value.item()
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
-        raise CheckpointError(f"aggregator state {path or '(top level)'} is a {type(value).__name__}: "
-                              "only tensors, arrays and JSON data (dict, list, str, number, bool, None) "
-                              "are checkpointed, never pickles")
+        raise CheckpointError(
+            f"aggregator state {path or '(top level)'} is a {type(value).__name__}: "
+            "only tensors, arrays and JSON data (dict, list, str, number, bool, None) "
+            "are checkpointed, never pickles"
+        )
 
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"Aggregator.state_dict() must return a dict, got {type(state).__name__}")
+        raise CheckpointError(
+            f"Aggregator.state_dict() must return a dict, got {type(state).__name__}"
+        )
     return tensors, walk(state, "")
 
 
@@ -331,6 +414,7 @@ def _join(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
 
 # ---- files -----------------------------------------------------------------------------------
 
+
 def _prune(directory: Path, keep: int) -> None:
     """Drop all but the newest ``keep`` checkpoints (0 = keep all) and leftovers of killed writes."""
     for leftover in directory.glob(".round_*.tmp-*"):
@@ -350,8 +434,13 @@ def _read_json(path: Path, strict: bool = True) -> Any:
         if not strict:
             return json.loads(text)
         return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
-        raise CheckpointError(f"checkpoint file {path} is not valid JSON (truncated?): {exc}") from exc
+    except (
+        ValueError,
+        RecursionError,
+    ) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise CheckpointError(
+            f"checkpoint file {path} is not valid JSON (truncated?): {exc}"
+        ) from exc
 
 
 def _refuse_constant(name: str) -> Any:

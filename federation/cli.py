@@ -10,53 +10,115 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmerge", description="Federated model merging on Flower + Ray.")
+    parser = argparse.ArgumentParser(
+        prog="fedmerge", description="Federated model merging on Flower + Ray."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def experiment_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", type=Path, help="experiment TOML file (see experiments/)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config value, e.g. --set aggregator.name=fedavg (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override a config value, e.g. --set aggregator.name=fedavg (repeatable)",
+        )
 
     p = sub.add_parser("run", help="run one federated experiment")
     experiment_args(p)
-    p.add_argument("--address", default=None, help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)",
+    )
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
-    p = sub.add_parser("resume", help="continue a stopped run from its newest checkpoint, in its own folder")
-    p.add_argument("run_dir", type=Path, help="the run's folder (it holds config.toml and checkpoints/)")
-    p.add_argument("--address", default=None, help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)")
+    p = sub.add_parser(
+        "resume", help="continue a stopped run from its newest checkpoint, in its own folder"
+    )
+    p.add_argument(
+        "run_dir", type=Path, help="the run's folder (it holds config.toml and checkpoints/)"
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)",
+    )
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
     p = sub.add_parser("compare", help="run the same experiment with several aggregators")
     experiment_args(p)
     p.add_argument("--aggregators", required=True, help="comma-separated names, e.g. fedavg,wsa")
-    p.add_argument("--address", default=None, help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to attach to (default: $RAY_ADDRESS or a local Ray)",
+    )
 
-    p = sub.add_parser("sweep", help="run methods x settings x seeds from a sweep file; mean ± std table and plots")
-    p.add_argument("sweep", type=Path, help="sweep TOML file (see federation/sweep.py, experiments/*sweep*.toml)")
-    p.add_argument("--out", type=Path, required=True, help="folder for results.jsonl, summary.md, plots and runs")
+    p = sub.add_parser(
+        "sweep", help="run methods x settings x seeds from a sweep file; mean ± std table and plots"
+    )
+    p.add_argument(
+        "sweep",
+        type=Path,
+        help="sweep TOML file (see federation/sweep.py, experiments/*sweep*.toml)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for results.jsonl, summary.md, plots and runs",
+    )
     p.add_argument("--seeds", default=None, help="comma-separated subset of the sweep's seeds")
     p.add_argument("--methods", default=None, help="comma-separated subset of the sweep's methods")
-    p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
-                   help="run only settings whose axis KEY has VALUE (TOML literal; repeatable)")
-    p.add_argument("--summary-only", action="store_true", help="only rewrite summary.md and plots from results.jsonl")
-    p.add_argument("--address", default=None, help="Ray cluster every run attaches to (default: $RAY_ADDRESS or "
-                                                   "a local Ray per run)")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run only settings whose axis KEY has VALUE (TOML literal; repeatable)",
+    )
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="only rewrite summary.md and plots from results.jsonl",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster every run attaches to (default: $RAY_ADDRESS or a local Ray per run)",
+    )
 
     p = sub.add_parser("report", help="re-print and re-plot a finished run")
     p.add_argument("run_dir", type=Path)
 
     p = sub.add_parser("partition", help="print per-client label counts and save a heat-map PNG")
     experiment_args(p)
-    p.add_argument("--out", type=Path, default=None, help="PNG path (default: <output.root>/<name>-partition.png)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="PNG path (default: <output.root>/<name>-partition.png)",
+    )
 
     p = sub.add_parser("list", help="list aggregators, tasks and partitioners")
-    p.add_argument("--fields", action="store_true", help="also list every config field with its default")
-    p.add_argument("--aggregator", default=None, metavar="NAME",
-                   help="list one aggregator's hyperparameters: type, default, allowed values, meaning")
-    p.add_argument("--attack", default=None, metavar="KIND",
-                   help="list the [attack] parameters a kind reads (see attack.kind)")
+    p.add_argument(
+        "--fields", action="store_true", help="also list every config field with its default"
+    )
+    p.add_argument(
+        "--aggregator",
+        default=None,
+        metavar="NAME",
+        help="list one aggregator's hyperparameters: type, default, allowed values, meaning",
+    )
+    p.add_argument(
+        "--attack",
+        default=None,
+        metavar="KIND",
+        help="list the [attack] parameters a kind reads (see attack.kind)",
+    )
     return parser
 
 
@@ -108,7 +170,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run = RunDir(args.run_dir)
         print(format_run_report(run))
-        plot_curves({run.path.name: run.server_curve("accuracy")}, run.plot_path, title=f"{run.path.name}: test accuracy")
+        plot_curves(
+            {run.path.name: run.server_curve("accuracy")},
+            run.plot_path,
+            title=f"{run.path.name}: test accuracy",
+        )
         print(f"plot: {run.plot_path}")
         return 0
     if args.command == "sweep":
@@ -127,10 +193,17 @@ def _dispatch(args: argparse.Namespace) -> int:
                 try:
                     only[key.strip()] = tomllib.loads(f"v = {value}")["v"]
                 except tomllib.TOMLDecodeError:
-                    raise ConfigError(f"--only {item[:80]!r}: the value must be a TOML literal") from None
-            path = run_sweep(sweep, args.out, methods=args.methods.split(",") if args.methods else None,
-                             seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, only=only,
-                             address=args.address)
+                    raise ConfigError(
+                        f"--only {item[:80]!r}: the value must be a TOML literal"
+                    ) from None
+            path = run_sweep(
+                sweep,
+                args.out,
+                methods=args.methods.split(",") if args.methods else None,
+                seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+                only=only,
+                address=args.address,
+            )
         print(path.read_text(encoding="utf-8"))
         print(f"summary: {path}")
         return 0
@@ -147,7 +220,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "compare":
         from fedmerge.federation.runner import compare
 
-        compare(config, [a.strip() for a in args.aggregators.split(",") if a.strip()], address=args.address)
+        compare(
+            config,
+            [a.strip() for a in args.aggregators.split(",") if a.strip()],
+            address=args.address,
+        )
     elif args.command == "partition":
         from fedmerge.federation.runner import partition_report
 
@@ -184,7 +261,9 @@ def _list_params(aggregator: str | None, attack: str | None) -> int:
     blocks = []
     try:
         if aggregator is not None:
-            blocks.append((f"aggregator {aggregator!r} ([aggregator] keys)", aggregator_params(aggregator)))
+            blocks.append(
+                (f"aggregator {aggregator!r} ([aggregator] keys)", aggregator_params(aggregator))
+            )
         if attack is not None:
             blocks.append((f"attack {attack!r} ([attack] keys)", attack_params(attack)))
     except ValueError as err:  # an unknown name: one line with its "did you mean", exit status 2

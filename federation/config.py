@@ -80,38 +80,76 @@ def _f(default: Any, doc: str) -> Any:
 @dataclass(frozen=True)
 class DataConfig:
     task: str = _f("fashion_mnist", "task name (`fedmerge list`): data, model, loss and metrics")
-    data_dir: str = _f("", "where the task's data lie; empty = $FEDMERGE_DATA_DIR, then system paths")
+    data_dir: str = _f(
+        "", "where the task's data lie; empty = $FEDMERGE_DATA_DIR, then system paths"
+    )
     num_clients: int = _f(10, "number of (virtual) clients, one data shard each")
-    partitioner: str = _f("dirichlet", "how labels are split across clients: iid | dirichlet | pathological | "
-                                       "by_task (multi-task data: one task a client, dirichlet within a task)")
-    alpha: float = _f(0.5, "Dirichlet concentration; smaller = stronger label skew (dirichlet only)")
+    partitioner: str = _f(
+        "dirichlet",
+        "how labels are split across clients: iid | dirichlet | pathological | "
+        "by_task (multi-task data: one task a client, dirichlet within a task)",
+    )
+    alpha: float = _f(
+        0.5, "Dirichlet concentration; smaller = stronger label skew (dirichlet only)"
+    )
     classes_per_client: int = _f(2, "classes each client holds (pathological only)")
-    min_partition_size: int = _f(10, "resample until every client has at least this many examples (dirichlet)")
-    local_test_fraction: float = _f(0.0, "share of each shard kept by the client for federated evaluation")
-    cache_dir: str = _f("", "where shards are written once and reused; empty = <output.root>/_shards")
-    server_val_size: int = _f(0, "examples held out of the training data, before partitioning, as the server's "
-                                 "validation set (FedDRL's reward; 1000 in its experiments); 0 = none")
-    proxy_inputs: str = _f("test", "the server's unlabelled inputs for test-time adaptation (WEMoE's routers): "
-                                   "test = the server's test inputs (the paper's transductive setting) | "
-                                   "held_out = data.proxy_size examples per task held out of the training data")
-    proxy_size: int = _f(0, "examples per task held out of the training data, before partitioning (in no "
-                            "client's shard), as unlabelled proxy inputs; only with proxy_inputs = \"held_out\"")
-    max_train_examples: int = _f(0, "use at most this many training examples (per task for multi-task data), a "
-                                    "seeded random subset; 0 = all")
-    max_test_examples: int = _f(0, "score on at most this many test examples (per task for multi-task data); 0 = all")
+    min_partition_size: int = _f(
+        10, "resample until every client has at least this many examples (dirichlet)"
+    )
+    local_test_fraction: float = _f(
+        0.0, "share of each shard kept by the client for federated evaluation"
+    )
+    cache_dir: str = _f(
+        "", "where shards are written once and reused; empty = <output.root>/_shards"
+    )
+    server_val_size: int = _f(
+        0,
+        "examples held out of the training data, before partitioning, as the server's "
+        "validation set (FedDRL's reward; 1000 in its experiments); 0 = none",
+    )
+    proxy_inputs: str = _f(
+        "test",
+        "the server's unlabelled inputs for test-time adaptation (WEMoE's routers): "
+        "test = the server's test inputs (the paper's transductive setting) | "
+        "held_out = data.proxy_size examples per task held out of the training data",
+    )
+    proxy_size: int = _f(
+        0,
+        "examples per task held out of the training data, before partitioning (in no "
+        'client\'s shard), as unlabelled proxy inputs; only with proxy_inputs = "held_out"',
+    )
+    max_train_examples: int = _f(
+        0,
+        "use at most this many training examples (per task for multi-task data), a "
+        "seeded random subset; 0 = all",
+    )
+    max_test_examples: int = _f(
+        0, "score on at most this many test examples (per task for multi-task data); 0 = all"
+    )
 
     def validate(self) -> None:
         _check(1 <= self.num_clients <= INT32_MAX, "data.num_clients", f"must be in 1..{INT32_MAX}")
-        _check(self.alpha > 0 and math.isfinite(self.alpha), "data.alpha", "must be a positive number")
+        _check(
+            self.alpha > 0 and math.isfinite(self.alpha), "data.alpha", "must be a positive number"
+        )
         _check(self.classes_per_client >= 1, "data.classes_per_client", "must be >= 1")
         _check(self.min_partition_size >= 0, "data.min_partition_size", "must be >= 0")
-        _check(0.0 <= self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in [0, 1)")
-        _check(0 <= self.server_val_size <= INT32_MAX, "data.server_val_size", f"must be in 0..{INT32_MAX}")
+        _check(
+            0.0 <= self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in [0, 1)"
+        )
+        _check(
+            0 <= self.server_val_size <= INT32_MAX,
+            "data.server_val_size",
+            f"must be in 0..{INT32_MAX}",
+        )
         _check_choice(self.proxy_inputs, PROXY_INPUTS, "data.proxy_inputs")
         _check(0 <= self.proxy_size <= INT32_MAX, "data.proxy_size", f"must be in 0..{INT32_MAX}")
-        _check((self.proxy_size > 0) == (self.proxy_inputs == "held_out"), "data.proxy_size",
-               f"= {self.proxy_size} does not fit data.proxy_inputs = {self.proxy_inputs!r}: held_out needs "
-               "a proxy_size > 0, test takes none (0)")
+        _check(
+            (self.proxy_size > 0) == (self.proxy_inputs == "held_out"),
+            "data.proxy_size",
+            f"= {self.proxy_size} does not fit data.proxy_inputs = {self.proxy_inputs!r}: held_out needs "
+            "a proxy_size > 0, test takes none (0)",
+        )
         _check(self.max_train_examples >= 0, "data.max_train_examples", "must be >= 0 (0 = all)")
         _check(self.max_test_examples >= 0, "data.max_test_examples", "must be >= 0 (0 = all)")
         from fedmerge.clients.partition import available_partitioners
@@ -125,75 +163,137 @@ class DataConfig:
 class FederationConfig:
     num_rounds: int = _f(10, "federated rounds")
     fraction_train: float = _f(0.5, "share of clients sampled for training each round")
-    min_train_nodes: int = _f(2, "never sample fewer clients than this; a round with fewer valid replies is skipped")
-    fraction_evaluate: float = _f(0.0, "share of clients sampled for federated evaluation on their local split")
+    min_train_nodes: int = _f(
+        2, "never sample fewer clients than this; a round with fewer valid replies is skipped"
+    )
+    fraction_evaluate: float = _f(
+        0.0, "share of clients sampled for federated evaluation on their local split"
+    )
     min_evaluate_nodes: int = _f(0, "never sample fewer clients than this for federated evaluation")
-    round_timeout_s: float = _f(600.0, "seconds to wait for a round's replies before going on without the rest")
-    num_supernodes: int = _f(0, "simulation SuperNodes (execution slots); 0 = as many as clients sampled a round")
-    max_update_norm: float = _f(0.0, "reject a client update whose L2 distance from the global model exceeds this; "
-                                     "0 = no bound (the scale is model-specific: see each client's update_norm metric)")
-    max_update_norm_ratio: float = _f(DEFAULT_MAX_UPDATE_NORM_RATIO,
-                                      "reject a client update whose L2 distance from the global model exceeds this "
-                                      "many times the global model's own L2 norm (at least 1); stops absurd updates "
-                                      "whatever the model; 0 = no bound")
+    round_timeout_s: float = _f(
+        600.0, "seconds to wait for a round's replies before going on without the rest"
+    )
+    num_supernodes: int = _f(
+        0, "simulation SuperNodes (execution slots); 0 = as many as clients sampled a round"
+    )
+    max_update_norm: float = _f(
+        0.0,
+        "reject a client update whose L2 distance from the global model exceeds this; "
+        "0 = no bound (the scale is model-specific: see each client's update_norm metric)",
+    )
+    max_update_norm_ratio: float = _f(
+        DEFAULT_MAX_UPDATE_NORM_RATIO,
+        "reject a client update whose L2 distance from the global model exceeds this "
+        "many times the global model's own L2 norm (at least 1); stops absurd updates "
+        "whatever the model; 0 = no bound",
+    )
 
     def validate(self) -> None:
-        _check(1 <= self.num_rounds <= INT32_MAX, "federation.num_rounds", f"must be in 1..{INT32_MAX}")
+        _check(
+            1 <= self.num_rounds <= INT32_MAX, "federation.num_rounds", f"must be in 1..{INT32_MAX}"
+        )
         _check(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
         _check(self.min_train_nodes >= 1, "federation.min_train_nodes", "must be >= 1")
-        _check(0.0 <= self.fraction_evaluate <= 1.0, "federation.fraction_evaluate", "must be in [0, 1]")
+        _check(
+            0.0 <= self.fraction_evaluate <= 1.0,
+            "federation.fraction_evaluate",
+            "must be in [0, 1]",
+        )
         _check(self.min_evaluate_nodes >= 0, "federation.min_evaluate_nodes", "must be >= 0")
         _check(self.round_timeout_s > 0, "federation.round_timeout_s", "must be > 0")
         _check(self.num_supernodes >= 0, "federation.num_supernodes", "must be >= 0")
-        _check(self.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0 (0 = no bound)")
-        _check(self.max_update_norm_ratio >= 0 and math.isfinite(self.max_update_norm_ratio),
-               "federation.max_update_norm_ratio", "must be a finite number >= 0 (0 = no bound)")
+        _check(
+            self.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0 (0 = no bound)"
+        )
+        _check(
+            self.max_update_norm_ratio >= 0 and math.isfinite(self.max_update_norm_ratio),
+            "federation.max_update_norm_ratio",
+            "must be a finite number >= 0 (0 = no bound)",
+        )
 
 
 @dataclass(frozen=True)
 class AggregatorConfig:
-    name: str = _f("fedavg", "a registered name, a `module:Class` path, or a `fedmerge.aggregators` entry point")
-    params: dict[str, Any] = _f({}, "every other key of [aggregator]: keyword arguments of the aggregator")
+    name: str = _f(
+        "fedavg",
+        "a registered name, a `module:Class` path, or a `fedmerge.aggregators` entry point",
+    )
+    params: dict[str, Any] = _f(
+        {}, "every other key of [aggregator]: keyword arguments of the aggregator"
+    )
 
     def validate(self) -> None:
         _check(bool(self.name.strip()), "aggregator.name", "must not be empty")
-        _check(len(self.name) <= MAX_AGGREGATOR_NAME_CHARS, "aggregator.name",
-               f"= {_short(self.name)} is longer than {MAX_AGGREGATOR_NAME_CHARS} characters: no registered "
-               "name or module:Class path is")
+        _check(
+            len(self.name) <= MAX_AGGREGATOR_NAME_CHARS,
+            "aggregator.name",
+            f"= {_short(self.name)} is longer than {MAX_AGGREGATOR_NAME_CHARS} characters: no registered "
+            "name or module:Class path is",
+        )
 
 
 @dataclass(frozen=True)
 class ActorConfig:
     num_cpus: float = _f(0.0, "CPUs reserved for the actor (0 leaves every core to the clients)")
     num_gpus: float = _f(0.0, "GPUs for the actor; it computes on CUDA when Ray gives it one")
-    resources: dict[str, float] = _f({}, "custom Ray resources, e.g. {aggregator = 1} to pin it to a node")
-    max_restarts: int = _f(3, "times Ray restarts the actor when its process dies (the round is replayed "
-                              "into it); 0 = a dead actor ends the run")
-    label_selector: dict[str, str] = _f({}, "node labels the actor requires, e.g. {\"fedmerge-role\" = \"aggregator\"} "
-                                            "(labels come from `ray start --labels`; values may be `!x`, `in(a,b)`)")
-    scheduling_strategy: str = _f("DEFAULT", "Ray scheduling strategy: DEFAULT (pack) or SPREAD (prefer another node)")
+    resources: dict[str, float] = _f(
+        {}, "custom Ray resources, e.g. {aggregator = 1} to pin it to a node"
+    )
+    max_restarts: int = _f(
+        3,
+        "times Ray restarts the actor when its process dies (the round is replayed "
+        "into it); 0 = a dead actor ends the run",
+    )
+    label_selector: dict[str, str] = _f(
+        {},
+        'node labels the actor requires, e.g. {"fedmerge-role" = "aggregator"} '
+        "(labels come from `ray start --labels`; values may be `!x`, `in(a,b)`)",
+    )
+    scheduling_strategy: str = _f(
+        "DEFAULT", "Ray scheduling strategy: DEFAULT (pack) or SPREAD (prefer another node)"
+    )
 
     def validate(self, prefix: str) -> None:
         _check(self.num_cpus >= 0, f"{prefix}.num_cpus", "must be >= 0")
         _check(self.num_gpus >= 0, f"{prefix}.num_gpus", "must be >= 0")
         _check(self.max_restarts >= 0, f"{prefix}.max_restarts", "must be >= 0")
         for key, value in self.resources.items():
-            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
-                   f"{prefix}.resources.{key}", "must be a positive finite number")
-        _check(self.scheduling_strategy in SCHEDULING_STRATEGIES, f"{prefix}.scheduling_strategy",
-               f"= {_short(self.scheduling_strategy)} is not one of {', '.join(SCHEDULING_STRATEGIES)}")
+            _check(
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and 0 < value < math.inf,
+                f"{prefix}.resources.{key}",
+                "must be a positive finite number",
+            )
+        _check(
+            self.scheduling_strategy in SCHEDULING_STRATEGIES,
+            f"{prefix}.scheduling_strategy",
+            f"= {_short(self.scheduling_strategy)} is not one of {', '.join(SCHEDULING_STRATEGIES)}",
+        )
         for key, value in self.label_selector.items():
-            _check(isinstance(key, str) and isinstance(value, str), f"{prefix}.label_selector.{key}",
-                   f"must be a string (a label value or selector), got {_type_name(value)}")
+            _check(
+                isinstance(key, str) and isinstance(value, str),
+                f"{prefix}.label_selector.{key}",
+                f"must be a string (a label value or selector), got {_type_name(value)}",
+            )
             problem = _label_problem(key, value)
-            _check(problem is None, f"{prefix}.label_selector.{key}", f"is not a valid Ray label selector: {problem}")
+            _check(
+                problem is None,
+                f"{prefix}.label_selector.{key}",
+                f"is not a valid Ray label selector: {problem}",
+            )
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = _f("", "Ray cluster to attach to (`auto`, `host:port`); empty = $RAY_ADDRESS or a new local Ray")
+    address: str = _f(
+        "",
+        "Ray cluster to attach to (`auto`, `host:port`); empty = $RAY_ADDRESS or a new local Ray",
+    )
     num_cpus: int = _f(0, "CPUs of a new local Ray; 0 = all cores (ignored when attaching)")
-    client_num_cpus: float = _f(1.0, "CPUs per simulated client; clients in parallel = cluster CPUs / this")
+    client_num_cpus: float = _f(
+        1.0, "CPUs per simulated client; clients in parallel = cluster CPUs / this"
+    )
     client_num_gpus: float = _f(0.0, "GPUs per simulated client")
     aggregator: ActorConfig = _f(ActorConfig(), "placement of the AggregatorActor")
     evaluator: ActorConfig = _f(ActorConfig(), "placement of the EvaluatorActor")
@@ -218,7 +318,9 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = _f(1, "checkpoint every N rounds and after the last one, for `fedmerge resume`; 0 = never")
+    every: int = _f(
+        1, "checkpoint every N rounds and after the last one, for `fedmerge resume`; 0 = never"
+    )
     keep: int = _f(2, "how many of the newest checkpoints to keep; 0 = all")
 
     def validate(self) -> None:
@@ -228,29 +330,47 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    root: str = _f("runs", "directory (path or file:// URI) under which each run gets its own folder; on a "
-                           "cluster, a volume every node mounts")
+    root: str = _f(
+        "runs",
+        "directory (path or file:// URI) under which each run gets its own folder; on a "
+        "cluster, a volume every node mounts",
+    )
     save_model: bool = _f(True, "write the final global model as safetensors")
     plot: bool = _f(True, "write the accuracy-per-round plot")
-    upload_uri: str = _f("", "also copy the run folder to <upload_uri>/<folder> after every round (pyarrow.fs "
-                             "URI: s3://, gs://, abfs://, hdfs://, file://); empty = no copy")
+    upload_uri: str = _f(
+        "",
+        "also copy the run folder to <upload_uri>/<folder> after every round (pyarrow.fs "
+        "URI: s3://, gs://, abfs://, hdfs://, file://); empty = no copy",
+    )
 
     def validate(self) -> None:
-        from fedmerge.federation.storage import LOCAL_SCHEMES, REMOTE_SCHEMES, StorageError, local_path, uri_scheme
+        from fedmerge.federation.storage import (
+            LOCAL_SCHEMES,
+            REMOTE_SCHEMES,
+            StorageError,
+            local_path,
+            uri_scheme,
+        )
 
         _check(bool(self.root.strip()), "output.root", "must not be empty")
         scheme = uri_scheme(self.root)
-        _check(scheme in LOCAL_SCHEMES, "output.root",
-               f"= {_short(self.root)}: runs are written to a local or mounted folder (a path or file:// URI); "
-               "to keep a copy on object storage set output.upload_uri")
+        _check(
+            scheme in LOCAL_SCHEMES,
+            "output.root",
+            f"= {_short(self.root)}: runs are written to a local or mounted folder (a path or file:// URI); "
+            "to keep a copy on object storage set output.upload_uri",
+        )
         try:
             local_path(self.root)
         except StorageError as err:
             raise ConfigError(f"output.root {err}") from None
         if self.upload_uri:
-            _check(uri_scheme(self.upload_uri) in REMOTE_SCHEMES, "output.upload_uri",
-                   f"= {_short(self.upload_uri)} must be a URI with one of the schemes "
-                   f"{', '.join(sorted(REMOTE_SCHEMES))}")
+            _check(
+                uri_scheme(self.upload_uri) in REMOTE_SCHEMES,
+                "output.upload_uri",
+                f"= {_short(self.upload_uri)} must be a URI with one of the schemes "
+                f"{', '.join(sorted(REMOTE_SCHEMES))}",
+            )
 
     @property
     def root_path(self) -> Path:
@@ -262,15 +382,21 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    callbacks: tuple[str, ...] = _f((), "round callbacks by import path, e.g. [\"mypkg.logs:MyLogger\"] (a class "
-                                        "is built without arguments; see fedmerge.RoundCallback); imported on the "
-                                        "driver before Ray starts")
+    callbacks: tuple[str, ...] = _f(
+        (),
+        'round callbacks by import path, e.g. ["mypkg.logs:MyLogger"] (a class '
+        "is built without arguments; see fedmerge.RoundCallback); imported on the "
+        "driver before Ray starts",
+    )
 
     def validate(self) -> None:
         for path in self.callbacks:
             module, sep, attr = path.partition(":")
-            _check(bool(sep and module.strip() and attr.strip()), "run.callbacks",
-                   f"entry {_short(path)} must look like 'package.module:Name'")
+            _check(
+                bool(sep and module.strip() and attr.strip()),
+                "run.callbacks",
+                f"entry {_short(path)} must look like 'package.module:Name'",
+            )
 
 
 @dataclass(frozen=True)
@@ -283,36 +409,65 @@ class ExperimentConfig:
     aggregator: AggregatorConfig = _f(AggregatorConfig(), "server-side merge")
     ray: RayConfig = _f(RayConfig(), "cluster and placement")
     evaluation: EvaluationConfig = _f(EvaluationConfig(), "server-side evaluation")
-    checkpoint: CheckpointConfig = _f(CheckpointConfig(), "per-round checkpoints, for `fedmerge resume`")
+    checkpoint: CheckpointConfig = _f(
+        CheckpointConfig(), "per-round checkpoints, for `fedmerge resume`"
+    )
     output: OutputConfig = _f(OutputConfig(), "run directory")
-    attack: AttackConfig = _f(AttackConfig(), "simulated malicious clients (robustness experiments)")
+    attack: AttackConfig = _f(
+        AttackConfig(), "simulated malicious clients (robustness experiments)"
+    )
     run: RunConfig = _f(RunConfig(), "the run's own hooks: round callbacks")
 
     def validate(self) -> None:
         _check(bool(self.name.strip()), "name", "must not be empty")
-        _check(self.name not in {".", ".."} and not any(c in self.name for c in "/\\\0"), "name",
-               f"{_short(self.name)} must be usable as a folder name (no '/', '\\' or NUL, not '.' or '..')")
+        _check(
+            self.name not in {".", ".."} and not any(c in self.name for c in "/\\\0"),
+            "name",
+            f"{_short(self.name)} must be usable as a folder name (no '/', '\\' or NUL, not '.' or '..')",
+        )
         size = len(self.name.encode("utf-8", "surrogatepass"))
-        _check(size <= MAX_NAME_BYTES, "name",
-               f"= {_short(self.name)} is {size} bytes long; the limit is {MAX_NAME_BYTES} (the run folder "
-               f"adds a timestamp, and file names stop at 255 bytes): choose a shorter name")
+        _check(
+            size <= MAX_NAME_BYTES,
+            "name",
+            f"= {_short(self.name)} is {size} bytes long; the limit is {MAX_NAME_BYTES} (the run folder "
+            f"adds a timestamp, and file names stop at 255 bytes): choose a shorter name",
+        )
         _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
-        for section in (self.data, self.federation, self.aggregator, self.ray, self.evaluation,
-                        self.checkpoint, self.output, self.run):  # [train] checks itself on construction
+        for section in (
+            self.data,
+            self.federation,
+            self.aggregator,
+            self.ray,
+            self.evaluation,
+            self.checkpoint,
+            self.output,
+            self.run,
+        ):  # [train] checks itself on construction
             section.validate()
-        _check(self.federation.min_train_nodes <= self.data.num_clients, "federation.min_train_nodes",
-               f"is {self.federation.min_train_nodes} but data.num_clients is only {self.data.num_clients}")
-        _check(self.federation.min_evaluate_nodes <= self.data.num_clients, "federation.min_evaluate_nodes",
-               f"is {self.federation.min_evaluate_nodes} but data.num_clients is only {self.data.num_clients}")
+        _check(
+            self.federation.min_train_nodes <= self.data.num_clients,
+            "federation.min_train_nodes",
+            f"is {self.federation.min_train_nodes} but data.num_clients is only {self.data.num_clients}",
+        )
+        _check(
+            self.federation.min_evaluate_nodes <= self.data.num_clients,
+            "federation.min_evaluate_nodes",
+            f"is {self.federation.min_evaluate_nodes} but data.num_clients is only {self.data.num_clients}",
+        )
         if self.federation.fraction_evaluate > 0:
-            _check(self.data.local_test_fraction > 0, "data.local_test_fraction",
-                   "must be > 0 when federation.fraction_evaluate > 0 (clients need a local split)")
+            _check(
+                self.data.local_test_fraction > 0,
+                "data.local_test_fraction",
+                "must be > 0 when federation.fraction_evaluate > 0 (clients need a local split)",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
         agg = raw.pop("aggregator")
         raw["aggregator"] = {"name": agg["name"], **agg["params"]}
-        if raw["run"] == {"callbacks": ()}:  # the default: config.toml and checkpoints of older runs stay as they were
+        if raw["run"] == {
+            "callbacks": ()
+        }:  # the default: config.toml and checkpoints of older runs stay as they were
             del raw["run"]
         return raw
 
@@ -321,6 +476,7 @@ class ExperimentConfig:
 
 
 # ---- parsing -------------------------------------------------------------------------------
+
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
     """Read a TOML experiment file, apply ``section.key=value`` overrides, validate."""
@@ -331,8 +487,10 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path} is not UTF-8 text: byte {err.start} (0x{data[err.start]:02x}) cannot be "
-                          f"decoded; save the file as UTF-8") from None
+        raise ConfigError(
+            f"{path} is not UTF-8 text: byte {err.start} (0x{data[err.start]:02x}) cannot be "
+            f"decoded; save the file as UTF-8"
+        ) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -357,7 +515,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
         for i, part in enumerate(parents):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {_short(item)}: {_cut('.'.join(parents[: i + 1]))} is not a section")
+                raise ConfigError(
+                    f"override {_short(item)}: {_cut('.'.join(parents[: i + 1]))} is not a section"
+                )
             node = child
         node[leaf] = value
     return out
@@ -410,7 +570,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if key not in names:
             hint = _close_match(str(key), names)
             suggestion = f" (did you mean '{prefix}{hint}'?)" if hint else ""
-            raise ConfigError(f"unknown key '{prefix}{_cut(str(key))}'{suggestion}; allowed: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown key '{prefix}{_cut(str(key))}'{suggestion}; allowed: {', '.join(names)}"
+            )
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     try:
         return cls(**kwargs)
@@ -450,7 +612,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     else:  # pragma: no cover - a field type this parser does not know is a programming error
         raise TypeError(f"unsupported config field type {tp!r} for {key}")
     expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, "an array of strings" if typing.get_origin(tp) is tuple else "a table")
+        tp, "an array of strings" if typing.get_origin(tp) is tuple else "a table"
+    )
     raise ConfigError(f"{key} must be {expected}, got {_type_name(value)} {_short(value)}")
 
 
@@ -502,8 +665,14 @@ def _cut(text: str, limit: int = 80) -> str:
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "table", list: "array", str: "string", bool: "boolean", int: "integer",
-            float: "float"}.get(type(value), type(value).__name__)
+    return {
+        dict: "table",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "float",
+    }.get(type(value), type(value).__name__)
 
 
 def _deepcopy(raw: Mapping[str, Any]) -> dict[str, Any]:

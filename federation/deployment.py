@@ -42,13 +42,18 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     """The experiment a Flower run config names (keys ``config`` and ``overrides``)."""
     path = str(run_config.get("config", "")).strip()
     if not path:
-        raise ConfigError("the Flower run config must name the experiment: config = \"path/to/experiment.toml\"")
-    overrides = [item.strip() for item in str(run_config.get("overrides", "")).split(";") if item.strip()]
+        raise ConfigError(
+            'the Flower run config must name the experiment: config = "path/to/experiment.toml"'
+        )
+    overrides = [
+        item.strip() for item in str(run_config.get("overrides", "")).split(";") if item.strip()
+    ]
     return load_config(Path(path), overrides)
 
 
-def run_deployment(grid: Grid, config: ExperimentConfig, address: str = "",
-                   callbacks: Sequence[Any] = ()) -> RunDir:
+def run_deployment(
+    grid: Grid, config: ExperimentConfig, address: str = "", callbacks: Sequence[Any] = ()
+) -> RunDir:
     """Run every round of ``config`` over the SuperNodes behind ``grid``; returns the run folder.
 
     The same lifecycle as a simulation (``fedmerge.federation.runner``): ``prepare_run`` checks the
@@ -56,9 +61,18 @@ def run_deployment(grid: Grid, config: ExperimentConfig, address: str = "",
     ``execute_run`` sets up the actors, drives ``Experiment.run_rounds`` over ``grid`` and finishes.
     """
     user = prepare_run(config, address=address or None, callbacks=callbacks)
-    with open_run(config, progress=print) as run_dir:  # locked until the run ends, as in a simulation
-        execute_run(config, run_dir, None, address=address or None, progress=print, callbacks=user,
-                    drive=lambda experiment: experiment.run_rounds(grid))
+    with open_run(
+        config, progress=print
+    ) as run_dir:  # locked until the run ends, as in a simulation
+        execute_run(
+            config,
+            run_dir,
+            None,
+            address=address or None,
+            progress=print,
+            callbacks=user,
+            drive=lambda experiment: experiment.run_rounds(grid),
+        )
     return run_dir
 
 

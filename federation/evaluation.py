@@ -57,8 +57,14 @@ def _per_task(model: nn.Module, task: Task, data: ArrayData, **options: Any) -> 
     return metrics
 
 
-def evaluate_per_task(model: nn.Module, task: Task, data: ArrayData, *, batch_size: int,
-                      device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate_per_task(
+    model: nn.Module,
+    task: Task,
+    data: ArrayData,
+    *,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """``loss``/``accuracy`` over all of ``data`` and, for a multi-task task, per task, plus the
     time it took (``evaluate_s``)."""
     start = time.perf_counter()
@@ -71,8 +77,10 @@ def _tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """``state`` with NumPy arrays (read-only object-store views included) as tensors over them."""
     with warnings.catch_warnings():  # never written: set_state copies them into the model
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
-                for k, v in state.items()}
+        return {
+            k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+            for k, v in state.items()
+        }
 
 
 class ModelScorer:
@@ -86,9 +94,16 @@ class ModelScorer:
     multi-task task as well (``accuracy/<task>``, ``loss/<task>``).
     """
 
-    def __init__(self, task: str | Task, data: ArrayData, *, batch_size: int,
-                 device: torch.device | str = "cpu", channels_last: bool = False,
-                 per_task: bool = False) -> None:
+    def __init__(
+        self,
+        task: str | Task,
+        data: ArrayData,
+        *,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        per_task: bool = False,
+    ) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
         self.data = data
         self.batch_size = batch_size
@@ -99,13 +114,16 @@ class ModelScorer:
         self._model: nn.Module | None = None
         self._served: tuple[Mapping[str, Any], nn.Module] | None = None
 
-    def model(self, state: Mapping[str, Any] | None = None,
-              served: Served | None = None) -> nn.Module:
+    def model(
+        self, state: Mapping[str, Any] | None = None, served: Served | None = None
+    ) -> nn.Module:
         """The model holding ``state`` (the task's model) or ``served`` (a served model): exactly
         one of them. The same module object is returned while the structure stays the same."""
         if (state is None) == (served is None):
-            raise ValueError("ModelScorer.model: give either state (the task's weights) or served "
-                             "(a served model's spec and weights), not both or neither")
+            raise ValueError(
+                "ModelScorer.model: give either state (the task's weights) or served "
+                "(a served model's spec and weights), not both or neither"
+            )
         if served is not None:
             spec, weights = served
             if self._served is None or self._served[0] != spec:
@@ -119,12 +137,16 @@ class ModelScorer:
         set_state(self._model, _tensors(state))
         return self._model
 
-    def score(self, state: Mapping[str, Any] | None = None,
-              served: Served | None = None) -> dict[str, float]:
+    def score(
+        self, state: Mapping[str, Any] | None = None, served: Served | None = None
+    ) -> dict[str, float]:
         """``loss`` and ``accuracy`` (per task too, with ``per_task``) of ``state``/``served``."""
         model = self.model(state=state, served=served)
-        options = {"batch_size": self.batch_size, "device": self.device,
-                   "channels_last": self.channels_last}
+        options = {
+            "batch_size": self.batch_size,
+            "device": self.device,
+            "channels_last": self.channels_last,
+        }
         if self.per_task:
             return _per_task(model, self.task, self.data, **options)
         metrics = evaluate(model, self.task, self.data, **options)

@@ -21,5 +21,15 @@ from fedmerge.federation.served import (
     served_spec,
 )
 
-__all__ = ["FORMAT", "PROXY_SALT", "ServedModelError", "build_served", "evaluate_per_task",
-           "load_served", "proxy_inputs", "proxy_split", "save_served", "served_spec"]
+__all__ = [
+    "FORMAT",
+    "PROXY_SALT",
+    "ServedModelError",
+    "build_served",
+    "evaluate_per_task",
+    "load_served",
+    "proxy_inputs",
+    "proxy_split",
+    "save_served",
+    "served_spec",
+]

@@ -17,8 +17,9 @@ PROXY_SALT = 0x9E0
 """Separates the proxy hold-out's random draw from the server validation set's (same seed)."""
 
 
-def proxy_split(task: Task, train: ArrayData, test: ArrayData, *, source: str, size: int,
-                seed: int) -> tuple[ArrayData, ArrayData]:
+def proxy_split(
+    task: Task, train: ArrayData, test: ArrayData, *, source: str, size: int, seed: int
+) -> tuple[ArrayData, ArrayData]:
     """(training data left for the clients, data whose inputs are the server's proxy inputs).
 
     ``source = "test"``: the test split (WEMoE's transductive setting), training data untouched.
@@ -30,8 +31,9 @@ def proxy_split(task: Task, train: ArrayData, test: ArrayData, *, source: str, s
     if source != "held_out":
         raise ValueError(f"data.proxy_inputs={source!r} is invalid: must be 'test' or 'held_out'")
     if size < 1:
-        raise ValueError(f"data.proxy_size={size!r} is invalid: held_out proxy inputs need a "
-                         "size >= 1")
+        raise ValueError(
+            f"data.proxy_size={size!r} is invalid: held_out proxy inputs need a size >= 1"
+        )
     from fedmerge.federation.scoring import hold_out  # imports Ray, which the rest does not need
 
     task_index = getattr(task, "task_index", None)

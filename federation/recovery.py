@@ -96,8 +96,9 @@ class ActorGuard:
         try:
             return ray.get(refs, timeout=self.timeout)
         except GetTimeoutError:
-            raise ServerActorError(f"the {self.name} actor gave no answer within {self.timeout:g} s "
-                                   f"during {what}") from None
+            raise ServerActorError(
+                f"the {self.name} actor gave no answer within {self.timeout:g} s during {what}"
+            ) from None
 
     def call(self, what: str, step: Callable[[], T], restore: Callable[[], None]) -> T:
         failures, cause = 0, None
@@ -111,9 +112,15 @@ class ActorGuard:
                 if failures > self.max_restarts:
                     raise ServerActorError(
                         f"the {self.name} actor died during {what} and was not brought back "
-                        f"(ray.{self.name}.max_restarts = {self.max_restarts}): {_first_line(err)}") from err
-                log.warning("the %s actor %s during %s (%s); restoring it", self.name, _how(err), what,
-                            _first_line(err))
+                        f"(ray.{self.name}.max_restarts = {self.max_restarts}): {_first_line(err)}"
+                    ) from err
+                log.warning(
+                    "the %s actor %s during %s (%s); restoring it",
+                    self.name,
+                    _how(err),
+                    what,
+                    _first_line(err),
+                )
 
     def take_notes(self) -> list[str]:
         """The recoveries since the last call, one sentence each."""
@@ -128,13 +135,16 @@ class ActorGuard:
                 break
             except ActorUnavailableError:  # still restarting
                 if time.monotonic() - started > self.timeout:
-                    raise ServerActorError(f"the {self.name} actor was not restarted within "
-                                           f"{self.timeout:g} s after it died during {what}") from None
+                    raise ServerActorError(
+                        f"the {self.name} actor was not restarted within "
+                        f"{self.timeout:g} s after it died during {what}"
+                    ) from None
                 time.sleep(RETRY_INTERVAL_S)
             except ActorDiedError as err:
                 raise ServerActorError(
                     f"the {self.name} actor died during {what} and Ray did not restart it "
-                    f"(ray.{self.name}.max_restarts = {self.max_restarts}): {_first_line(err)}") from err
+                    f"(ray.{self.name}.max_restarts = {self.max_restarts}): {_first_line(err)}"
+                ) from err
         self.restarts += 1
         note = f"{self.name} actor {_how(cause)} during {what}; restored in {time.monotonic() - started:.1f} s"
         log.warning(note)
@@ -166,9 +176,19 @@ class RoundAggregation:
     no round state (``Aggregator.round_state`` returns None): all its replies are kept.
     """
 
-    def __init__(self, actor: Any, state: RoundState, guard: ActorGuard, *,
-                 snapshot_every: int = SNAPSHOT_EVERY) -> None:
-        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
+    def __init__(
+        self,
+        actor: Any,
+        state: RoundState,
+        guard: ActorGuard,
+        *,
+        snapshot_every: int = SNAPSHOT_EVERY,
+    ) -> None:
+        if (
+            isinstance(snapshot_every, bool)
+            or not isinstance(snapshot_every, int)
+            or snapshot_every < 1
+        ):
             raise ValueError(f"snapshot_every must be a positive integer, got {snapshot_every!r}")
         self.actor = actor
         self.guard = guard
@@ -176,9 +196,15 @@ class RoundAggregation:
         self.snapshots = 0  # snapshots taken over the run
         self.replayed = 0  # replies re-sent to restarted actors over the run
         self._state = state
-        self.served: ray.ObjectRef | None = None  # the last merged round's served model (moe spec, weights) or None
-        self.placement: dict[str, str] = {}  # where the actor ran its last finalize (actors.placement)
-        self._held = state.round  # the round whose result the actor holds (a skipped round changes none)
+        self.served: ray.ObjectRef | None = (
+            None  # the last merged round's served model (moe spec, weights) or None
+        )
+        self.placement: dict[
+            str, str
+        ] = {}  # where the actor ran its last finalize (actors.placement)
+        self._held = (
+            state.round
+        )  # the round whose result the actor holds (a skipped round changes none)
         self._round: int | None = None
         self._token = 0
         self._reset_round()
@@ -206,16 +232,23 @@ class RoundAggregation:
     def client_config(self, server_round: int) -> dict[str, Any]:
         what = f"the client config of round {server_round}"
         return self.guard.call(
-            what, lambda: self.guard.get(self.actor.client_config.remote(server_round, self._held), what),
-            self._restore)
+            what,
+            lambda: self.guard.get(self.actor.client_config.remote(server_round, self._held), what),
+            self._restore,
+        )
 
     def begin_round(self, server_round: int) -> None:
         self._reset_round()
         self._round = server_round
         self.guard.call(f"the start of round {server_round}", self._open, self._restore)
 
-    def accumulate(self, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: int,
-                   metrics: Mapping[str, float]) -> None:
+    def accumulate(
+        self,
+        client_id: int,
+        arrays: Mapping[str, np.ndarray],
+        num_examples: int,
+        metrics: Mapping[str, float],
+    ) -> None:
         """Hand one validated reply to the actor without waiting; when ``holds_replies`` it is kept
         until a snapshot covers it or the round closes."""
         reply = _Reply(client_id, ray.put(dict(arrays)), num_examples, dict(metrics))
@@ -249,8 +282,9 @@ class RoundAggregation:
         except (RayActorError, ActorStateLost):
             return  # the actor died or was restarted: finalize recovers, from the last snapshot taken
         except Exception as err:
-            raise RuntimeError(f"the aggregator's round_state() failed in round {self._round}: "
-                               f"{_first_line(err)}") from err
+            raise RuntimeError(
+                f"the aggregator's round_state() failed in round {self._round}: {_first_line(err)}"
+            ) from err
         if snapshot is None:  # this aggregator keeps no round state: every reply stays
             self._snapshots_on = False
             return
@@ -258,14 +292,14 @@ class RoundAggregation:
         stored = ray.put(snapshot)
         del snapshot, ref
         self._snapshot = stored
-        del self._replies[:covers - self._covered]
+        del self._replies[: covers - self._covered]
         self._covered = covers
         self.snapshots += 1
 
     def _bound_in_flight(self) -> None:
         """Wait until at most ``MAX_IN_FLIGHT`` handed-over replies are still being merged. Errors are
         not raised here: ``finalize`` gets every call's result and surfaces them."""
-        older = self._pending[self._merged:len(self._pending) - MAX_IN_FLIGHT]
+        older = self._pending[self._merged : len(self._pending) - MAX_IN_FLIGHT]
         if older:
             ray.wait(older, num_returns=len(older), timeout=self.guard.timeout)
             self._merged += len(older)
@@ -275,15 +309,23 @@ class RoundAggregation:
         server_round = self._require_round()
         what = f"the aggregation of round {server_round}"
 
-        def step() -> tuple[ray.ObjectRef, dict[str, np.ndarray], dict[str, float], dict[str, Any],
-                            ray.ObjectRef]:
-            self.guard.get(self._pending, what)  # an aggregator error surfaces at the reply that caused it
-            state_ref, metrics_ref, aggregator_ref, served_ref, placement_ref = self.actor.finalize.remote(self._token)
+        def step() -> tuple[
+            ray.ObjectRef, dict[str, np.ndarray], dict[str, float], dict[str, Any], ray.ObjectRef
+        ]:
+            self.guard.get(
+                self._pending, what
+            )  # an aggregator error surfaces at the reply that caused it
+            state_ref, metrics_ref, aggregator_ref, served_ref, placement_ref = (
+                self.actor.finalize.remote(self._token)
+            )
             state, metrics, aggregator_state, self.placement = self.guard.get(
-                [state_ref, metrics_ref, aggregator_ref, placement_ref], what)
+                [state_ref, metrics_ref, aggregator_ref, placement_ref], what
+            )
             return state_ref, state, metrics, aggregator_state, served_ref
 
-        state_ref, state, metrics, aggregator_state, self.served = self.guard.call(what, step, self._restore)
+        state_ref, state, metrics, aggregator_state, self.served = self.guard.call(
+            what, step, self._restore
+        )
         self._held = server_round
         self._close(RoundState(server_round, state, aggregator_state))
         return state_ref, state, metrics
@@ -305,25 +347,32 @@ class RoundAggregation:
 
     def _reset_round(self) -> None:
         self._replies: list[_Reply] = []  # kept for a replay: those after the snapshot
-        self._snapshot: ray.ObjectRef | None = None  # the actor's round after the first _covered replies
+        self._snapshot: ray.ObjectRef | None = (
+            None  # the actor's round after the first _covered replies
+        )
         self._covered = 0
-        self._asked: tuple[ray.ObjectRef, int] | None = None  # a snapshot asked for, and the replies it covers
+        self._asked: tuple[ray.ObjectRef, int] | None = (
+            None  # a snapshot asked for, and the replies it covers
+        )
         self._snapshots_on = True
         self._pending: list[ray.ObjectRef] = []
         self._merged = 0  # replies of _pending known to be merged
         self._accepted = 0
 
     def _send(self, reply: _Reply) -> ray.ObjectRef:
-        return self.actor.accumulate.remote(self._token, reply.client_id, reply.arrays, reply.num_examples,
-                                            reply.metrics)
+        return self.actor.accumulate.remote(
+            self._token, reply.client_id, reply.arrays, reply.num_examples, reply.metrics
+        )
 
     def _open(self) -> None:
         """Begin the open round on the actor under a new token, load the round's snapshot if one
         was taken, and (re)send the replies after it in order."""
         self._token += 1
         self._asked = None  # asked of an earlier attempt: its answer would not be trusted
-        self.guard.get(self.actor.begin_round.remote(self._round, self._token, self._held),
-                       f"the start of round {self._round}")
+        self.guard.get(
+            self.actor.begin_round.remote(self._round, self._token, self._held),
+            f"the start of round {self._round}",
+        )
         pending = []
         if self._snapshot is not None:
             pending.append(self.actor.load_round_state.remote(self._token, self._snapshot))
@@ -333,8 +382,12 @@ class RoundAggregation:
     def _restore(self) -> None:
         """Give a restarted actor the last completed round's state, then replay the open round."""
         state = self._state
-        self.guard.get(self.actor.restore.remote(dict(state.global_state), dict(state.aggregator_state), state.round),
-                       f"restoring round {state.round}")
+        self.guard.get(
+            self.actor.restore.remote(
+                dict(state.global_state), dict(state.aggregator_state), state.round
+            ),
+            f"restoring round {state.round}",
+        )
         self._held = state.round
         if self._round is not None:
             self._open()

@@ -52,13 +52,15 @@ __all__ = [
     "summarize",
 ]
 
-METRICS_SCHEMA = pa.schema([
-    ("round", pa.int32()),
-    ("scope", pa.string()),
-    ("client_id", pa.int32()),
-    ("metric", pa.string()),
-    ("value", pa.float64()),
-])
+METRICS_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("scope", pa.string()),
+        ("client_id", pa.int32()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
 """Columns of ``metrics.parquet``; ``client_id`` is null for rows that are not per client."""
 
 SCOPES = frozenset({"server", "client", "aggregator", "system"})
@@ -67,7 +69,9 @@ SCOPES = frozenset({"server", "client", "aggregator", "system"})
 PLACEMENT_ROLES = frozenset({"aggregator", "evaluator", "client"})
 """Who a ``placement.jsonl`` record is about: a server actor, or one client's training."""
 
-EVENT_KINDS = frozenset({"failed", "rejected", "skipped", "actor_restarted", "resumed", "callback_failed"})
+EVENT_KINDS = frozenset(
+    {"failed", "rejected", "skipped", "actor_restarted", "resumed", "callback_failed"}
+)
 """What an ``events.jsonl`` line reports: a client that raised or timed out, a reply refused by
 validation, a round below ``min_train_nodes``, a server actor Ray restarted, a resumed run."""
 
@@ -109,11 +113,15 @@ class RunDir:
     def create(cls, root: str | os.PathLike[str], name: str) -> RunDir:
         """Make ``root/<name>-<YYYYmmdd-HHMMSS>``, with ``-1``, ``-2``... when that exists."""
         if not name or name in {".", ".."} or "/" in name or os.sep in name:
-            raise ValueError(f"run name {name!r} must be a non-empty folder name without separators")
+            raise ValueError(
+                f"run name {name!r} must be a non-empty folder name without separators"
+            )
         root = Path(root)
         if root.exists() and not root.is_dir():
-            raise NotADirectoryError(f"output.root {root} is a file, not a folder: set output.root to a folder "
-                                     "(or move the file away)")
+            raise NotADirectoryError(
+                f"output.root {root} is a file, not a folder: set output.root to a folder "
+                "(or move the file away)"
+            )
         root.mkdir(parents=True, exist_ok=True)
         base = f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
         path, n = root / base, 0
@@ -177,16 +185,19 @@ class RunDir:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise RunFileError(f"cannot open the lock file {path} of run directory {self._path}: "
-                               f"{exc.strerror}") from None
+            raise RunFileError(
+                f"cannot open the lock file {path} of run directory {self._path}: {exc.strerror}"
+            ) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
                 who = f"process {holder}" if holder.isdigit() else "another process"
-                raise RunLockedError(f"run directory {self._path} is being written by {who} (it holds {path}); "
-                                     "wait for it to end, or stop it, before resuming") from None
+                raise RunLockedError(
+                    f"run directory {self._path} is being written by {who} (it holds {path}); "
+                    "wait for it to end, or stop it, before resuming"
+                ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
             yield
@@ -230,7 +241,9 @@ class RunDir:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             try:
                 event = json.loads(line)
-                events.append(_event_line(event["round"], event["client_id"], event["kind"], event["reason"]))
+                events.append(
+                    _event_line(event["round"], event["client_id"], event["kind"], event["reason"])
+                )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise RunFileError(f"events file {path}, line {number}: {exc}") from exc
         return events
@@ -286,19 +299,26 @@ class RunDir:
         """``(round, value)`` of a server metric, sorted by round (the last row wins per round)."""
         return sorted(_series(self.metrics(), "server", metric).items())
 
-    def save_model(self, state: Mapping[str, torch.Tensor],
-                   metadata: dict[str, str] | None = None) -> None:
+    def save_model(
+        self, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+    ) -> None:
         """Write a state dict as safetensors (contiguous CPU copies), atomically.
 
         Tensors sharing storage (tied weights) are refused by safetensors: pass one of them.
         """
         if metadata is not None:
-            bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+            bad = [
+                k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))
+            ]
             if bad:
                 raise TypeError(f"model metadata must map str to str; bad entries: {bad}")
         tensors = {key: t.detach().cpu().contiguous() for key, t in state.items()}
-        with os_errors_of(self.model_path):  # a full disk is an OSError naming the file, not a SafetensorError
-            write_atomic(self.model_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        with os_errors_of(
+            self.model_path
+        ):  # a full disk is an OSError naming the file, not a SafetensorError
+            write_atomic(
+                self.model_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
+            )
 
     def load_model(self) -> dict[str, torch.Tensor]:
         """The saved state dict, on CPU (safetensors: no pickle, nothing executed)."""
@@ -306,9 +326,11 @@ class RunDir:
 
     def model_metadata(self) -> dict[str, str]:
         """The metadata saved with the model (empty when none was given)."""
+
         def read(p: Path) -> dict[str, str]:
             with safe_open(str(p), framework="pt") as f:
                 return dict(f.metadata() or {})
+
         return self._read_safetensors(read)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
@@ -333,7 +355,8 @@ class RunDir:
             raise RunFileError(f"cannot read metrics file {path}: {exc}") from exc
         if not table.schema.equals(METRICS_SCHEMA):
             raise RunFileError(
-                f"metrics file {path} has schema\n{table.schema}\nexpected\n{METRICS_SCHEMA}")
+                f"metrics file {path} has schema\n{table.schema}\nexpected\n{METRICS_SCHEMA}"
+            )
         return table
 
     def _read_safetensors(self, read: Callable[[Path], Any]) -> Any:
@@ -344,8 +367,13 @@ class RunDir:
             raise RunFileError(f"cannot read model file {path}: {exc}") from exc
 
 
-def plot_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike[str], *,
-                title: str, ylabel: str = "test accuracy") -> None:
+def plot_curves(
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+    ylabel: str = "test accuracy",
+) -> None:
     """Plot one line per label (``(round, value)`` points, with markers) and save it to ``path``.
 
     Serves one run's accuracy plot and the ``compare`` overlay. It draws on a bare ``Figure``
@@ -356,7 +384,9 @@ def plot_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | o
     ax = fig.add_subplot()
     for label, points in curves.items():
         points = sorted(points)
-        ax.plot([r for r, _ in points], [v for _, v in points], marker="o", markersize=4, label=label)
+        ax.plot(
+            [r for r, _ in points], [v for _, v in points], marker="o", markersize=4, label=label
+        )
     ax.set_title(title)
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
@@ -374,13 +404,16 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
         if len(row) != len(headers):
             raise ValueError(f"row {list(row)} has {len(row)} cells for {len(headers)} headers")
     cells = [[_cell(v) for v in row] for row in rows]
-    numeric = [all(row[i] is None or _is_number(row[i]) for row in rows) and bool(rows)
-               for i in range(len(headers))]
+    numeric = [
+        all(row[i] is None or _is_number(row[i]) for row in rows) and bool(rows)
+        for i in range(len(headers))
+    ]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w)
-                         for v, w, num in zip(values, widths, numeric)).rstrip()
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
+        ).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
 
@@ -412,8 +445,10 @@ def summarize(run: RunDir) -> dict[str, Any]:
 def format_run_report(run: RunDir) -> str:
     """A per-round table (server metrics, clients aggregated, round time) and the summary lines."""
     table = run.metrics()
-    server = sorted({m for s, m in _keys(table) if s == "server"},
-                    key=lambda m: ({"accuracy": 0, "loss": 1}.get(m, 2), m))
+    server = sorted(
+        {m for s, m in _keys(table) if s == "server"},
+        key=lambda m: ({"accuracy": 0, "loss": 1}.get(m, 2), m),
+    )
     columns = [(m, _series(table, "server", m)) for m in server]
     clients = {r: _int_if_whole(v) for r, v in _series(table, "aggregator", "num_clients").items()}
     round_time = _series(table, "system", "round_time_s")
@@ -438,79 +473,145 @@ def format_run_report(run: RunDir) -> str:
 
 def compare_table(runs: Mapping[str, RunDir]) -> str:
     """One row per labelled run: final and best accuracy, best round, final loss, wall time."""
-    headers = ["run", "rounds", "final accuracy", "best accuracy", "best round", "final loss",
-               "wall time s"]
+    headers = [
+        "run",
+        "rounds",
+        "final accuracy",
+        "best accuracy",
+        "best round",
+        "final loss",
+        "wall time s",
+    ]
     rows = []
     for label, run in runs.items():
         s = summarize(run)
-        rows.append([label, s["rounds_completed"], s["final_accuracy"], s["best_accuracy"],
-                     s["best_round"], s["final_loss"], s["wall_time_s"]])
+        rows.append(
+            [
+                label,
+                s["rounds_completed"],
+                s["final_accuracy"],
+                s["best_accuracy"],
+                s["best_round"],
+                s["final_loss"],
+                s["wall_time_s"],
+            ]
+        )
     return format_table(headers, rows)
 
 
 def _rows_to_table(round: int, rows: Iterable[tuple[str, int | None, str, float]]) -> pa.Table:
     """Validate one round's rows and make them a table, so a bad row never reaches the file."""
-    if not isinstance(round, numbers.Integral) or isinstance(round, bool) or not 0 <= round <= _INT32_MAX:
+    if (
+        not isinstance(round, numbers.Integral)
+        or isinstance(round, bool)
+        or not 0 <= round <= _INT32_MAX
+    ):
         raise ValueError(f"round must be a non-negative int32, got {round!r}")
     scopes, clients, metrics, values = [], [], [], []
     for row in rows:
         if len(row) != 4:
-            raise ValueError(f"round {round}: a row is (scope, client_id, metric, value), got {row!r}")
+            raise ValueError(
+                f"round {round}: a row is (scope, client_id, metric, value), got {row!r}"
+            )
         scope, client_id, metric, value = row
         if scope not in SCOPES:
             raise ValueError(f"round {round}: scope {scope!r} is not one of {sorted(SCOPES)}")
-        if client_id is not None and (not isinstance(client_id, numbers.Integral)
-                                      or isinstance(client_id, bool)
-                                      or not 0 <= client_id <= _INT32_MAX):
-            raise ValueError(f"round {round}: client_id must be None or a non-negative int32, "
-                             f"got {client_id!r} for {metric!r}")
+        if client_id is not None and (
+            not isinstance(client_id, numbers.Integral)
+            or isinstance(client_id, bool)
+            or not 0 <= client_id <= _INT32_MAX
+        ):
+            raise ValueError(
+                f"round {round}: client_id must be None or a non-negative int32, "
+                f"got {client_id!r} for {metric!r}"
+            )
         if not isinstance(metric, str) or not metric:
-            raise ValueError(f"round {round}: metric name must be a non-empty string, got {metric!r}")
+            raise ValueError(
+                f"round {round}: metric name must be a non-empty string, got {metric!r}"
+            )
         if not _is_number(value):
-            raise ValueError(f"round {round}: value of {scope} {metric!r} must be a number, got {value!r}")
+            raise ValueError(
+                f"round {round}: value of {scope} {metric!r} must be a number, got {value!r}"
+            )
         scopes.append(scope)
         clients.append(None if client_id is None else int(client_id))
         metrics.append(metric)
         values.append(float(value))
-    return pa.table({"round": [int(round)] * len(scopes), "scope": scopes, "client_id": clients,
-                     "metric": metrics, "value": values}, schema=METRICS_SCHEMA)
+    return pa.table(
+        {
+            "round": [int(round)] * len(scopes),
+            "scope": scopes,
+            "client_id": clients,
+            "metric": metrics,
+            "value": values,
+        },
+        schema=METRICS_SCHEMA,
+    )
 
 
 def _event_line(round: int, client_id: int | None, kind: str, reason: str) -> dict[str, Any]:
     """One event as a JSON-able dict, or ValueError saying which field is wrong."""
-    if not isinstance(round, numbers.Integral) or isinstance(round, bool) or not 0 <= round <= _INT32_MAX:
+    if (
+        not isinstance(round, numbers.Integral)
+        or isinstance(round, bool)
+        or not 0 <= round <= _INT32_MAX
+    ):
         raise ValueError(f"event round must be a non-negative int32, got {round!r}")
-    if client_id is not None and (not isinstance(client_id, numbers.Integral) or isinstance(client_id, bool)):
-        raise ValueError(f"round {round}: event client_id must be None or an int, got {client_id!r}")
+    if client_id is not None and (
+        not isinstance(client_id, numbers.Integral) or isinstance(client_id, bool)
+    ):
+        raise ValueError(
+            f"round {round}: event client_id must be None or an int, got {client_id!r}"
+        )
     if kind not in EVENT_KINDS:
         raise ValueError(f"round {round}: event kind {kind!r} is not one of {sorted(EVENT_KINDS)}")
     if not isinstance(reason, str):
         raise ValueError(f"round {round}: event reason must be a string, got {reason!r}")
-    return {"round": int(round), "client_id": None if client_id is None else int(client_id),
-            "kind": kind, "reason": reason}
+    return {
+        "round": int(round),
+        "client_id": None if client_id is None else int(client_id),
+        "kind": kind,
+        "reason": reason,
+    }
 
 
 def _placement_line(round: int, record: Mapping[str, Any]) -> dict[str, Any]:
     """One placement record as a JSON-able dict, or ValueError saying which field is wrong."""
-    if not isinstance(round, numbers.Integral) or isinstance(round, bool) or not 0 <= round <= _INT32_MAX:
+    if (
+        not isinstance(round, numbers.Integral)
+        or isinstance(round, bool)
+        or not 0 <= round <= _INT32_MAX
+    ):
         raise ValueError(f"placement round must be a non-negative int32, got {round!r}")
     role, client_id = record.get("role"), record.get("client_id")
     if role not in PLACEMENT_ROLES:
-        raise ValueError(f"round {round}: placement role {role!r} is not one of {sorted(PLACEMENT_ROLES)}")
-    if client_id is not None and (not isinstance(client_id, numbers.Integral) or isinstance(client_id, bool)):
-        raise ValueError(f"round {round}: placement client_id must be None or an int, got {client_id!r}")
+        raise ValueError(
+            f"round {round}: placement role {role!r} is not one of {sorted(PLACEMENT_ROLES)}"
+        )
+    if client_id is not None and (
+        not isinstance(client_id, numbers.Integral) or isinstance(client_id, bool)
+    ):
+        raise ValueError(
+            f"round {round}: placement client_id must be None or an int, got {client_id!r}"
+        )
     fields = {k: v for k, v in record.items() if k not in ("role", "client_id")}
     bad = sorted(k for k, v in fields.items() if not (isinstance(k, str) and isinstance(v, str)))
     if bad:
         raise ValueError(f"round {round}: placement fields {bad} of {role} must be strings")
-    return {"round": int(round), "role": role, "client_id": None if client_id is None else int(client_id),
-            **fields}
+    return {
+        "round": int(round),
+        "role": role,
+        "client_id": None if client_id is None else int(client_id),
+        **fields,
+    }
 
 
 def _series(table: pa.Table, scope: str, metric: str) -> dict[int, float]:
     """``{round: value}`` of the non-per-client rows of one scope and metric; last row wins."""
-    mask = pc.and_(pc.and_(pc.equal(table["scope"], scope), pc.equal(table["metric"], metric)),
-                   pc.is_null(table["client_id"]))
+    mask = pc.and_(
+        pc.and_(pc.equal(table["scope"], scope), pc.equal(table["metric"], metric)),
+        pc.is_null(table["client_id"]),
+    )
     picked = table.filter(mask)
     return dict(zip(picked["round"].to_pylist(), picked["value"].to_pylist()))
 

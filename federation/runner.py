@@ -24,16 +24,39 @@ from typing import Any
 
 import ray
 
-from fedmerge.clients.partition import format_label_counts, label_counts, partition, plot_label_heatmap
+from fedmerge.clients.partition import (
+    format_label_counts,
+    label_counts,
+    partition,
+    plot_label_heatmap,
+)
 from fedmerge.clients.tasks import get_task
-from fedmerge.federation.checkpoint import Checkpoint, CheckpointError, config_changes, latest_checkpoint
-from fedmerge.federation.config import AggregatorConfig, ConfigError, ExperimentConfig, load_config
 from fedmerge.federation.callbacks import resolve_callbacks
+from fedmerge.federation.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    config_changes,
+    latest_checkpoint,
+)
+from fedmerge.federation.config import AggregatorConfig, ConfigError, ExperimentConfig, load_config
 from fedmerge.federation.results import RunDir, compare_table, plot_curves
 from fedmerge.federation.server import Experiment, check_needs, partition_params
 
-__all__ = ["AddressError", "ExperimentError", "check_address", "compare", "execute_run", "finish_run", "init_ray",
-           "open_run", "partition_report", "prepare_run", "resolve_address", "resume_experiment", "run_experiment"]
+__all__ = [
+    "AddressError",
+    "ExperimentError",
+    "check_address",
+    "compare",
+    "execute_run",
+    "finish_run",
+    "init_ray",
+    "open_run",
+    "partition_report",
+    "prepare_run",
+    "resolve_address",
+    "resume_experiment",
+    "run_experiment",
+]
 
 log = logging.getLogger("fedmerge")
 
@@ -80,7 +103,9 @@ def init_ray(config: ExperimentConfig, address: str | None = None) -> str:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=config.ray.num_cpus or None, include_dashboard=False, **kwargs)
+        ray.init(
+            address="local", num_cpus=config.ray.num_cpus or None, include_dashboard=False, **kwargs
+        )
     return address
 
 
@@ -111,14 +136,19 @@ def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
     try:
         _connect(host, int(port), timeout)
     except socket.gaierror as err:
-        raise AddressError(f"cannot reach {where}: host {host!r} is not known ({err.strerror}); "
-                           "fix the address") from None
+        raise AddressError(
+            f"cannot reach {where}: host {host!r} is not known ({err.strerror}); fix the address"
+        ) from None
     except TimeoutError:
-        raise AddressError(f"cannot reach {where}: no answer within {timeout:g} s; check the address and "
-                           "that nothing (a firewall) blocks the port") from None
+        raise AddressError(
+            f"cannot reach {where}: no answer within {timeout:g} s; check the address and "
+            "that nothing (a firewall) blocks the port"
+        ) from None
     except OSError as err:
-        raise AddressError(f"cannot reach {where}: {err.strerror or err}; start the cluster there "
-                           "(`ray start --head`) or fix the address") from None
+        raise AddressError(
+            f"cannot reach {where}: {err.strerror or err}; start the cluster there "
+            "(`ray start --head`) or fix the address"
+        ) from None
 
 
 def _connect(host: str, port: int, timeout: float) -> None:
@@ -169,20 +199,37 @@ class CompareOutcome:
     runs: dict[str, RunDir]
 
 
-def run_experiment(config: ExperimentConfig, *, address: str | None = None,
-                   progress: Callable[[str], None] = print, verbose: bool = False,
-                   callbacks: Sequence[Any] = ()) -> RunOutcome:
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    address: str | None = None,
+    progress: Callable[[str], None] = print,
+    verbose: bool = False,
+    callbacks: Sequence[Any] = (),
+) -> RunOutcome:
     """Run one federated experiment end to end; returns its run directory. ``callbacks`` are round
     callbacks (``fedmerge.RoundCallback``), called after the run's own records and before those
     that ``run.callbacks`` in the config names."""
-    user = prepare_run(config, address=address, callbacks=callbacks)  # before any folder or cluster exists
-    with open_run(config, progress) as run_dir:  # locked until the run ends: a `resume` of a live run is refused
-        return execute_run(config, run_dir, None, address=address, progress=progress, callbacks=user,
-                           drive=lambda experiment: _simulate(experiment, verbose))
+    user = prepare_run(
+        config, address=address, callbacks=callbacks
+    )  # before any folder or cluster exists
+    with open_run(
+        config, progress
+    ) as run_dir:  # locked until the run ends: a `resume` of a live run is refused
+        return execute_run(
+            config,
+            run_dir,
+            None,
+            address=address,
+            progress=progress,
+            callbacks=user,
+            drive=lambda experiment: _simulate(experiment, verbose),
+        )
 
 
-def prepare_run(config: ExperimentConfig, *, address: str | None = None,
-                callbacks: Sequence[Any] = ()) -> list[Any]:
+def prepare_run(
+    config: ExperimentConfig, *, address: str | None = None, callbacks: Sequence[Any] = ()
+) -> list[Any]:
     """What every run checks before a folder or Ray exists, a simulation or a deployment: the
     aggregator and its declared needs, the callbacks (given, and ``run.callbacks`` imported here),
     the Ray address and both splits of the data. Returns the user's callbacks."""
@@ -211,9 +258,14 @@ wrote, and more rounds would change the checkpoint schedule and a learning-rate 
 extend a run by starting a new one."""
 
 
-def resume_experiment(run_dir: str | os.PathLike[str], *, address: str | None = None,
-                      progress: Callable[[str], None] = print, verbose: bool = False,
-                      callbacks: Sequence[Any] = ()) -> RunOutcome:
+def resume_experiment(
+    run_dir: str | os.PathLike[str],
+    *,
+    address: str | None = None,
+    progress: Callable[[str], None] = print,
+    verbose: bool = False,
+    callbacks: Sequence[Any] = (),
+) -> RunOutcome:
     """Continue a stopped run in its own folder, from its newest checkpoint.
 
     Reads the run's resolved ``config.toml``, takes the folder's lock (a run or resume still
@@ -235,11 +287,24 @@ def resume_experiment(run_dir: str | os.PathLike[str], *, address: str | None = 
             _check_resumable(config, run, checkpoint)
         done = checkpoint.round if checkpoint is not None else 0
         run.truncate_after(done)
-        where = f"checkpoint {checkpoint.path.name}" if checkpoint is not None else "round 1 (no checkpoint)"
+        where = (
+            f"checkpoint {checkpoint.path.name}"
+            if checkpoint is not None
+            else "round 1 (no checkpoint)"
+        )
         run.log_events(done, [(None, "resumed", f"resumed from {where}")])
-        progress(f"resuming {run.path} from {where}; rounds {done + 1}..{config.federation.num_rounds} to go")
-        return execute_run(config, run, checkpoint, address=address, progress=progress, callbacks=user,
-                           drive=lambda experiment: _simulate(experiment, verbose))
+        progress(
+            f"resuming {run.path} from {where}; rounds {done + 1}..{config.federation.num_rounds} to go"
+        )
+        return execute_run(
+            config,
+            run,
+            checkpoint,
+            address=address,
+            progress=progress,
+            callbacks=user,
+            drive=lambda experiment: _simulate(experiment, verbose),
+        )
 
 
 def _check_resumable(config: ExperimentConfig, run: RunDir, checkpoint: Checkpoint) -> None:
@@ -247,28 +312,44 @@ def _check_resumable(config: ExperimentConfig, run: RunDir, checkpoint: Checkpoi
     (outside ``RESUMABLE_CHANGES``; the seed included), a round beyond ``num_rounds`` or beyond the
     rounds in ``metrics.parquet``, weights that do not fit the task's model. Reads only."""
     meta = checkpoint.path / "checkpoint.json"
-    changes = [c for c in config_changes(checkpoint.config, config.to_dict()) if c[0] not in RESUMABLE_CHANGES]
+    changes = [
+        c
+        for c in config_changes(checkpoint.config, config.to_dict())
+        if c[0] not in RESUMABLE_CHANGES
+    ]
     if changes:
-        shown = ", ".join(f"{key} ({_short(old)} -> {_short(new)})" for key, old, new in changes[:10])
+        shown = ", ".join(
+            f"{key} ({_short(old)} -> {_short(new)})" for key, old, new in changes[:10]
+        )
         more = f" and {len(changes) - 10} more" if len(changes) > 10 else ""
-        raise CheckpointError(f"{run.config_path} differs from the run's checkpoint ({meta}) in {shown}{more}; "
-                              "a resume must use the config the run started with: undo the change, or start a "
-                              "new run with the new config")
+        raise CheckpointError(
+            f"{run.config_path} differs from the run's checkpoint ({meta}) in {shown}{more}; "
+            "a resume must use the config the run started with: undo the change, or start a "
+            "new run with the new config"
+        )
     last = config.federation.num_rounds
     if checkpoint.round > last:
-        raise CheckpointError(f"checkpoint file {meta}: field 'round' is {checkpoint.round}, beyond the run's "
-                              f"federation.num_rounds = {last}")
+        raise CheckpointError(
+            f"checkpoint file {meta}: field 'round' is {checkpoint.round}, beyond the run's "
+            f"federation.num_rounds = {last}"
+        )
     logged = run.metrics()["round"]
     reached = max(logged.to_pylist(), default=0)
     if checkpoint.round > reached:
-        raise CheckpointError(f"checkpoint file {meta}: field 'round' is {checkpoint.round}, but {run.metrics_path} "
-                              f"holds rounds up to {reached} only: the checkpoint is not this run's")
-    expected = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
-                for k, v in get_task(config.data.task).build_model().state_dict().items()}
+        raise CheckpointError(
+            f"checkpoint file {meta}: field 'round' is {checkpoint.round}, but {run.metrics_path} "
+            f"holds rounds up to {reached} only: the checkpoint is not this run's"
+        )
+    expected = {
+        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in get_task(config.data.task).build_model().state_dict().items()
+    }
     found = {k: (tuple(v.shape), str(v.dtype)) for k, v in checkpoint.global_state.items()}
     if expected != found:
-        raise CheckpointError(f"checkpoint file {checkpoint.path / 'global.safetensors'} does not fit the "
-                              f"{config.data.task} model: keys, shapes or dtypes differ")
+        raise CheckpointError(
+            f"checkpoint file {checkpoint.path / 'global.safetensors'} does not fit the "
+            f"{config.data.task} model: keys, shapes or dtypes differ"
+        )
 
 
 def _short(value: object, limit: int = 40) -> str:
@@ -285,9 +366,16 @@ def _check_data(config: ExperimentConfig) -> None:
         task.load(split, data_dir)
 
 
-def execute_run(config: ExperimentConfig, run_dir: RunDir, resume: Checkpoint | None, *,
-                address: str | None, progress: Callable[[str], None], callbacks: Sequence[Any] = (),
-                drive: Callable[[Experiment], None]) -> RunOutcome:
+def execute_run(
+    config: ExperimentConfig,
+    run_dir: RunDir,
+    resume: Checkpoint | None,
+    *,
+    address: str | None,
+    progress: Callable[[str], None],
+    callbacks: Sequence[Any] = (),
+    drive: Callable[[Experiment], None],
+) -> RunOutcome:
     """The lifecycle of a run whose folder exists, shared by simulation and deployment: start Ray,
     ``Experiment.setup``, ``drive`` the rounds (Flower's simulation engine, or a deployment's Grid:
     both end in ``Experiment.run_rounds``), stop Ray, then ``Experiment.finish``. A resume from the
@@ -302,18 +390,24 @@ def execute_run(config: ExperimentConfig, run_dir: RunDir, resume: Checkpoint | 
         finally:
             if ray.is_initialized():
                 ray.shutdown()
-        if isinstance(experiment.error, OSError):  # a run file that cannot be written: the CLI names it and the fix
+        if isinstance(
+            experiment.error, OSError
+        ):  # a run file that cannot be written: the CLI names it and the fix
             raise experiment.error
         if experiment.error is not None:
             raise ExperimentError(f"the run failed: {experiment.error!r}") from experiment.error
         if experiment.final_state is None:
-            raise ExperimentError("the server ended before it finished its rounds; see the log above")
+            raise ExperimentError(
+                "the server ended before it finished its rounds; see the log above"
+            )
     else:
         experiment.skip_rounds()
     return finish_run(experiment, time.perf_counter() - started)
 
 
-def finish_run(experiment: Experiment, wall: float, progress: Callable[[str], None] | None = None) -> RunOutcome:
+def finish_run(
+    experiment: Experiment, wall: float, progress: Callable[[str], None] | None = None
+) -> RunOutcome:
     """Save the final model, summary and plot of a run whose rounds are done and print its report
     (``Experiment.finish``: the callbacks' ``on_run_end``). ``progress`` is ignored: the
     experiment's own is used (kept for callers of earlier versions)."""
@@ -337,14 +431,23 @@ def _simulate(experiment: Experiment, verbose: bool) -> None:
         server_app=experiment.server_app(),
         client_app=client_app,
         num_supernodes=experiment.num_supernodes,
-        backend_config={"client_resources": {"num_cpus": config.ray.client_num_cpus,
-                                             "num_gpus": config.ray.client_num_gpus}},
+        backend_config={
+            "client_resources": {
+                "num_cpus": config.ray.client_num_cpus,
+                "num_gpus": config.ray.client_num_gpus,
+            }
+        },
         verbose_logging=verbose,
     )
 
 
-def compare(config: ExperimentConfig, aggregators: Sequence[str], *, address: str | None = None,
-            progress: Callable[[str], None] = print) -> CompareOutcome:
+def compare(
+    config: ExperimentConfig,
+    aggregators: Sequence[str],
+    *,
+    address: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> CompareOutcome:
     """Run the same experiment (partitions, seed, everything) once per aggregator; one table, one plot."""
     if not aggregators:
         raise ConfigError("compare needs at least one aggregator name")
@@ -353,14 +456,22 @@ def compare(config: ExperimentConfig, aggregators: Sequence[str], *, address: st
         progress(f"=== {name}")
         # The config's [aggregator] parameters belong to the aggregator it names; others use defaults.
         params = config.aggregator.params if name == config.aggregator.name else {}
-        variant = dataclasses.replace(config, name=f"{config.name}-{name}",
-                                      aggregator=AggregatorConfig(name=name, params=params))
+        variant = dataclasses.replace(
+            config,
+            name=f"{config.name}-{name}",
+            aggregator=AggregatorConfig(name=name, params=params),
+        )
         runs[name] = run_experiment(variant, address=address, progress=progress).run_dir
     out = RunDir.create(config.output.root_path, f"{config.name}-compare").path
     table = compare_table(runs)
-    (out / "compare.txt").write_text(table + "\n" + "\n".join(f"{k}: {v.path}" for k, v in runs.items()) + "\n")
-    plot_curves({name: run.server_curve("accuracy") for name, run in runs.items()}, out / "compare.png",
-                title=f"{config.name}: global test accuracy per round")
+    (out / "compare.txt").write_text(
+        table + "\n" + "\n".join(f"{k}: {v.path}" for k, v in runs.items()) + "\n"
+    )
+    plot_curves(
+        {name: run.server_curve("accuracy") for name, run in runs.items()},
+        out / "compare.png",
+        title=f"{config.name}: global test accuracy per round",
+    )
     progress(table)
     progress(f"overlay plot: {out / 'compare.png'}")
     return CompareOutcome(path=out, table=table, runs=runs)
@@ -370,8 +481,14 @@ def partition_report(config: ExperimentConfig, out: Path | None = None) -> tuple
     """Per-client label counts of the config's partition, as a table and a heat-map PNG."""
     task = get_task(config.data.task)
     train = task.load("train", Path(config.data.data_dir) if config.data.data_dir else None)
-    parts = partition(train.y, config.data.num_clients, config.data.partitioner, config.seed,
-                      groups=getattr(task, "task_index", lambda x: None)(train.x), **partition_params(config.data))
+    parts = partition(
+        train.y,
+        config.data.num_clients,
+        config.data.partitioner,
+        config.seed,
+        groups=getattr(task, "task_index", lambda x: None)(train.x),
+        **partition_params(config.data),
+    )
     counts = label_counts(parts, train.y, task.num_classes)
     out = out or config.output.root_path / f"{config.name}-partition.png"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,8 +37,15 @@ __all__ = ["ValidationScorer", "hold_out"]
 MAX_PARALLEL = 8
 
 
-def hold_out(data: ArrayData, size: int, seed: int, *, groups: np.ndarray | None = None,
-             key: str = "data.server_val_size", salt: int = 0x5E7) -> tuple[ArrayData, ArrayData]:
+def hold_out(
+    data: ArrayData,
+    size: int,
+    seed: int,
+    *,
+    groups: np.ndarray | None = None,
+    key: str = "data.server_val_size",
+    salt: int = 0x5E7,
+) -> tuple[ArrayData, ArrayData]:
     """(rest, held): ``size`` examples drawn at random (seeded) from ``data``, and the others.
 
     With ``groups`` (the task of each example in a multi-task data set) ``size`` examples are
@@ -52,8 +59,10 @@ def hold_out(data: ArrayData, size: int, seed: int, *, groups: np.ndarray | None
     rng = np.random.default_rng([seed, salt])
     if groups is None:
         if size >= len(data):
-            raise ValueError(f"{key}={size} leaves no training data: the training split "
-                             f"has only {len(data)} examples")
+            raise ValueError(
+                f"{key}={size} leaves no training data: the training split "
+                f"has only {len(data)} examples"
+            )
         order = rng.permutation(len(data))
         held = np.sort(order[:size])
     else:
@@ -64,8 +73,10 @@ def hold_out(data: ArrayData, size: int, seed: int, *, groups: np.ndarray | None
         for g in np.unique(groups):
             index = np.flatnonzero(groups == g)
             if size >= len(index):
-                raise ValueError(f"{key}={size} leaves no training data of task {g}: it has only "
-                                 f"{len(index)} training examples")
+                raise ValueError(
+                    f"{key}={size} leaves no training data of task {g}: it has only "
+                    f"{len(index)} training examples"
+                )
             picked.append(index[rng.permutation(len(index))[:size]])
         held = np.sort(np.concatenate(picked)) if picked else np.arange(0)
     rest = np.setdiff1d(np.arange(len(data)), held, assume_unique=True)
@@ -98,8 +109,16 @@ class _ScoringWorker:
 class ValidationScorer:
     """Scores state dicts of the task's model on a fixed validation set (loss and accuracy)."""
 
-    def __init__(self, task_name: str, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1000,
-                 device: torch.device | str = "cpu", parallel: int | None = None) -> None:
+    def __init__(
+        self,
+        task_name: str,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        batch_size: int = 1000,
+        device: torch.device | str = "cpu",
+        parallel: int | None = None,
+    ) -> None:
         if len(y) == 0:
             raise ValueError("the server validation set is empty")
         self.task_name = task_name
@@ -116,8 +135,9 @@ class ValidationScorer:
         if self._local is None and self.device.type == "cpu":
             self._local = _cpu_scorer(self.task_name, self.data, self.batch_size)
         elif self._local is None:
-            self._local = ModelScorer(self.task_name, self.data, batch_size=self.batch_size,
-                                      device=self.device)
+            self._local = ModelScorer(
+                self.task_name, self.data, batch_size=self.batch_size, device=self.device
+            )
         with _threads(1):
             return self._local.score(state=state)
 
@@ -132,13 +152,20 @@ class ValidationScorer:
         """Loss and accuracy of each state, in the order given: on the scoring actors when Ray is
         running and the scorer is on the CPU, else one after the other here."""
         workers = self._workers()
-        if not ray.is_initialized() or self.device.type != "cpu" or workers == 1 or len(states) <= 1:
+        if (
+            not ray.is_initialized()
+            or self.device.type != "cpu"
+            or workers == 1
+            or len(states) <= 1
+        ):
             return [self.evaluate(state) for state in states]
         if not self._pool:
             # Held while the pool lives: a restarted actor reads its constructor arguments again.
             self._data_refs = (ray.put(self.data.x), ray.put(self.data.y))
-            self._pool = [_ScoringWorker.remote(self.task_name, *self._data_refs, self.batch_size)
-                          for _ in range(workers)]
+            self._pool = [
+                _ScoringWorker.remote(self.task_name, *self._data_refs, self.batch_size)
+                for _ in range(workers)
+            ]
         results: list[dict[str, float] | None] = [None] * len(states)
         idle = list(self._pool)
         pending: dict[Any, tuple[int, Any]] = {}
@@ -153,7 +180,9 @@ class ValidationScorer:
         return [r for r in results if r is not None]
 
     @staticmethod
-    def _collect(pending: dict[Any, tuple[int, Any]], results: list[dict[str, float] | None]) -> Any:
+    def _collect(
+        pending: dict[Any, tuple[int, Any]], results: list[dict[str, float] | None]
+    ) -> Any:
         """Wait for one state's score, store it; returns the actor that is free again."""
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         index, worker = pending.pop(ref)

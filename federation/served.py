@@ -30,8 +30,16 @@ from fedmerge.aggregators.merging import count_parameters
 from fedmerge.aggregators.upscaled import describe, rebuild
 from fedmerge.clients.tasks import get_task
 
-__all__ = ["FORMAT", "ServedModelError", "build_served", "empty_served", "load_served",
-           "load_served_state", "save_served", "served_spec"]
+__all__ = [
+    "FORMAT",
+    "ServedModelError",
+    "build_served",
+    "empty_served",
+    "load_served",
+    "load_served_state",
+    "save_served",
+    "served_spec",
+]
 
 FORMAT = 1
 
@@ -43,8 +51,12 @@ class ServedModelError(ValueError):
 
 def served_spec(model: nn.Module, task_name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(spec, weights as NumPy) of a served model built on ``task_name``'s model."""
-    spec = {"format": FORMAT, "task": task_name, "structure": describe(model),
-            "params": count_parameters(model)}
+    spec = {
+        "format": FORMAT,
+        "task": task_name,
+        "structure": describe(model),
+        "params": count_parameters(model),
+    }
     state = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
     return spec, state
 
@@ -52,8 +64,9 @@ def served_spec(model: nn.Module, task_name: str) -> tuple[dict[str, Any], dict[
 def empty_served(spec: Mapping[str, Any]) -> nn.Module:
     """The module structure of ``spec``: the task's model with the swaps replayed, weights unset."""
     if spec.get("format") != FORMAT:
-        raise ServedModelError(f"served model format {spec.get('format')!r}, "
-                               f"this version reads {FORMAT}")
+        raise ServedModelError(
+            f"served model format {spec.get('format')!r}, this version reads {FORMAT}"
+        )
     model = get_task(str(spec["task"])).build_model()
     return rebuild(model, spec["structure"])
 
@@ -64,14 +77,16 @@ def load_served_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> nn.M
     return model
 
 
-def build_served(spec: Mapping[str, Any], state: Mapping[str, np.ndarray],
-                 device: torch.device | str = "cpu") -> nn.Module:
+def build_served(
+    spec: Mapping[str, Any], state: Mapping[str, np.ndarray], device: torch.device | str = "cpu"
+) -> nn.Module:
     """The served model of ``spec`` with ``state`` loaded strictly, in eval mode on ``device``."""
     return load_served_state(empty_served(spec), state).to(device).eval()
 
 
-def save_served(path: str | Path, model: nn.Module, task_name: str,
-                metadata: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+def save_served(
+    path: str | Path, model: nn.Module, task_name: str, metadata: Mapping[str, Any] | None = None
+) -> tuple[Path, Path]:
     """Write ``path`` (.safetensors, shared tensors stored once) and the spec next to it (.json)."""
     path = Path(path).with_suffix(".safetensors")
     spec, _ = served_spec(model, task_name)
@@ -92,12 +107,14 @@ def load_served(path: str | Path, device: torch.device | str = "cpu") -> nn.Modu
     try:
         spec = json.loads(spec_path.read_text())
     except (OSError, ValueError) as err:
-        raise ServedModelError(f"{spec_path}: cannot read the served model's structure "
-                               f"({err})") from None
+        raise ServedModelError(
+            f"{spec_path}: cannot read the served model's structure ({err})"
+        ) from None
     model = empty_served(spec)
     try:
         load_model(model, str(weights), strict=True)
     except (OSError, RuntimeError) as err:
-        raise ServedModelError(f"{weights} does not fit the structure in {spec_path}: "
-                               f"{err}") from None
+        raise ServedModelError(
+            f"{weights} does not fit the structure in {spec_path}: {err}"
+        ) from None
     return model.to(device).eval()

@@ -39,16 +39,24 @@ from fedmerge.clients.training import get_state
 from fedmerge.federation.actors import AggregatorActor, EvaluatorActor, actor_options
 from fedmerge.federation.arrays import state_to_record, to_numpy_state
 from fedmerge.federation.callbacks import default_callbacks
-from fedmerge.federation.proxy import proxy_inputs, proxy_split
 from fedmerge.federation.checkpoint import Checkpoint, CheckpointError
 from fedmerge.federation.config import ConfigError, DataConfig, ExperimentConfig
+from fedmerge.federation.proxy import proxy_inputs, proxy_split
 from fedmerge.federation.results import RunDir
-from fedmerge.federation.storage import RunUploader, StorageError
 from fedmerge.federation.scoring import hold_out
+from fedmerge.federation.storage import RunUploader, StorageError
 from fedmerge.federation.strategy import FedMergeStrategy, RoundReport
 
-__all__ = ["NEEDS", "Experiment", "build_aggregator", "check_needs", "checkpoint_due", "partition_params",
-           "report_events", "report_rows"]
+__all__ = [
+    "NEEDS",
+    "Experiment",
+    "build_aggregator",
+    "check_needs",
+    "checkpoint_due",
+    "partition_params",
+    "report_events",
+    "report_rows",
+]
 
 log = logging.getLogger("fedmerge")
 
@@ -81,18 +89,27 @@ def check_needs(config: ExperimentConfig, aggregator: Aggregator | None = None) 
     aggregator = build_aggregator(config) if aggregator is None else aggregator
     who = f"aggregator {config.aggregator.name!r} ({type(aggregator).__module__}.{type(aggregator).__qualname__})"
     declared = getattr(aggregator, "needs", frozenset())
-    if isinstance(declared, str) or not isinstance(declared, (set, frozenset, tuple, list)) or not all(
-            isinstance(name, str) for name in declared):
-        raise ConfigError(f"{who}: needs must be a frozenset of names from {sorted(NEEDS)}, got {declared!r}")
+    if (
+        isinstance(declared, str)
+        or not isinstance(declared, (set, frozenset, tuple, list))
+        or not all(isinstance(name, str) for name in declared)
+    ):
+        raise ConfigError(
+            f"{who}: needs must be a frozenset of names from {sorted(NEEDS)}, got {declared!r}"
+        )
     needs = frozenset(declared)
     unknown = sorted(needs - NEEDS.keys())
     if unknown:
-        raise ConfigError(f"{who} declares needs {unknown}, which no run provides; Aggregator.needs takes "
-                          f"names from {sorted(NEEDS)}")
+        raise ConfigError(
+            f"{who} declares needs {unknown}, which no run provides; Aggregator.needs takes "
+            f"names from {sorted(NEEDS)}"
+        )
     if "validation" in needs and config.data.server_val_size <= 0:
-        raise ConfigError(f"{who} needs 'validation': it scores models on a server validation set, which "
-                          f"{NEEDS['validation']} holds out of the training data; set data.server_val_size > 0 "
-                          "(e.g. 1000)")
+        raise ConfigError(
+            f"{who} needs 'validation': it scores models on a server validation set, which "
+            f"{NEEDS['validation']} holds out of the training data; set data.server_val_size > 0 "
+            "(e.g. 1000)"
+        )
     return needs
 
 
@@ -111,7 +128,9 @@ def report_rows(report: RoundReport) -> list[tuple[str, int | None, str, float]]
     rows: list[tuple[str, int | None, str, float]] = []
     rows += [("server", None, k, float(v)) for k, v in report.server_metrics.items()]
     rows += [("aggregator", None, k, float(v)) for k, v in report.aggregator_metrics.items()]
-    rows += [("client", None, f"federated_{k}", float(v)) for k, v in report.federated_metrics.items()]
+    rows += [
+        ("client", None, f"federated_{k}", float(v)) for k, v in report.federated_metrics.items()
+    ]
     for cid, metrics in sorted(report.client_metrics.items()):
         rows += [("client", cid, k, float(v)) for k, v in metrics.items()]
     rows += [("system", _client(f.client_id), "failed", 1.0) for f in report.failures]
@@ -153,9 +172,14 @@ class Experiment:
     ``callbacks`` the user's round callbacks (``fedmerge.RoundCallback``), run after the run's own
     records."""
 
-    def __init__(self, config: ExperimentConfig, run_dir: RunDir,
-                 progress: Callable[[str], None] = print, resume: Checkpoint | None = None,
-                 callbacks: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        run_dir: RunDir,
+        progress: Callable[[str], None] = print,
+        resume: Checkpoint | None = None,
+        callbacks: Sequence[Any] = (),
+    ) -> None:
         self.config = config
         self.run_dir = run_dir
         self.progress = progress
@@ -163,11 +187,17 @@ class Experiment:
         self.callbacks = default_callbacks(callbacks)
         self.error: BaseException | None = None
         self.final_state: dict[str, Any] | None = None
-        self.final_served: tuple[dict[str, Any], dict[str, Any]] | None = None  # fedmerge.federation.served spec, weights
+        self.final_served: tuple[dict[str, Any], dict[str, Any]] | None = (
+            None  # fedmerge.federation.served spec, weights
+        )
         self.placement: dict[str, dict[str, str]] = {}
         self.started = time.perf_counter()  # reset when the rounds start
         self.wall_time_s = 0.0
-        self.uploader = RunUploader(run_dir.path, config.output.upload_uri) if config.output.upload_uri else None
+        self.uploader = (
+            RunUploader(run_dir.path, config.output.upload_uri)
+            if config.output.upload_uri
+            else None
+        )
 
     @property
     def clients_per_round(self) -> int:
@@ -196,26 +226,48 @@ class Experiment:
         task = get_task(cfg.data.task)
         data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else None
         train, test = task.load("train", data_dir), task.load("test", data_dir)
-        train, test = (limit_examples(part, cap, cfg.seed, getattr(task, "task_index", lambda x: None)(part.x))
-                       for part, cap in ((train, cfg.data.max_train_examples), (test, cfg.data.max_test_examples)))
+        train, test = (
+            limit_examples(part, cap, cfg.seed, getattr(task, "task_index", lambda x: None)(part.x))
+            for part, cap in (
+                (train, cfg.data.max_train_examples),
+                (test, cfg.data.max_test_examples),
+            )
+        )
         validation = None
         if cfg.data.server_val_size > 0:  # held out before partitioning: in no client's shard
             train, held = hold_out(train, cfg.data.server_val_size, cfg.seed)
             if "validation" in needs:
-                validation = {"task": cfg.data.task, "x": held.x, "y": held.y,
-                              "batch_size": cfg.evaluation.batch_size}
+                validation = {
+                    "task": cfg.data.task,
+                    "x": held.x,
+                    "y": held.y,
+                    "batch_size": cfg.evaluation.batch_size,
+                }
         # unlabelled proxy inputs (WEMoE): the test inputs, or a slice held out here, before partitioning
         proxy = None
         if "proxy_inputs" in needs or cfg.data.proxy_inputs != "test":
-            train, proxy_source = proxy_split(task, train, test, source=cfg.data.proxy_inputs,
-                                              size=cfg.data.proxy_size, seed=cfg.seed)
+            train, proxy_source = proxy_split(
+                task,
+                train,
+                test,
+                source=cfg.data.proxy_inputs,
+                size=cfg.data.proxy_size,
+                seed=cfg.seed,
+            )
             if "proxy_inputs" in needs:
                 proxy = proxy_inputs(task, proxy_source)
         self.attack = attack_summary(cfg.attack, cfg.data.num_clients)
         (self.run_dir.path / "attack.json").write_text(json.dumps(self.attack, indent=1))
         cache_dir = Path(cfg.data.cache_dir or cfg.output.root_path / "_shards").resolve()
-        self.shard_dir = materialize_shards(task, train, cfg.data.num_clients, cfg.data.partitioner,
-                                            cfg.seed, partition_params(cfg.data), cache_dir)
+        self.shard_dir = materialize_shards(
+            task,
+            train,
+            cfg.data.num_clients,
+            cfg.data.partitioner,
+            cfg.seed,
+            partition_params(cfg.data),
+            cache_dir,
+        )
         self.shard_sizes = [int(n) for n in load_manifest(self.shard_dir)["counts"]]
         torch.manual_seed(cfg.seed)
         self.initial_state = get_state(task.build_model())
@@ -224,32 +276,56 @@ class Experiment:
 
         agg, ev = cfg.ray.aggregator, cfg.ray.evaluator
         self.aggregator = AggregatorActor.options(**actor_options(agg)).remote(
-            build_aggregator(cfg), to_numpy_state(self.initial_state), cfg.seed,
-            validation=validation, malicious=self.attack["malicious_clients"],
-            task_name=cfg.data.task, proxy=proxy)
+            build_aggregator(cfg),
+            to_numpy_state(self.initial_state),
+            cfg.seed,
+            validation=validation,
+            malicious=self.attack["malicious_clients"],
+            task_name=cfg.data.task,
+            proxy=proxy,
+        )
         self.evaluator = EvaluatorActor.options(**actor_options(ev)).remote(
-            cfg.data.task, test.x, test.y, cfg.evaluation.batch_size, int(ev.num_cpus))
+            cfg.data.task, test.x, test.y, cfg.evaluation.batch_size, int(ev.num_cpus)
+        )
         # Once, to know both are placed; after each round the placement rides on the round's results.
-        for role, actor, section in (("aggregator", self.aggregator, agg), ("evaluator", self.evaluator, ev)):
+        for role, actor, section in (
+            ("aggregator", self.aggregator, agg),
+            ("evaluator", self.evaluator, ev),
+        ):
             try:
-                self.placement[role] = ray.get(actor.placement.remote(), timeout=PLACEMENT_TIMEOUT_S)
+                self.placement[role] = ray.get(
+                    actor.placement.remote(), timeout=PLACEMENT_TIMEOUT_S
+                )
             except ray.exceptions.GetTimeoutError:
-                raise ConfigError(f"the {role} actor was not placed within {PLACEMENT_TIMEOUT_S} s: no node "
-                                  f"offers what ray.{role} asks for ({actor_options(section)})") from None
+                raise ConfigError(
+                    f"the {role} actor was not placed within {PLACEMENT_TIMEOUT_S} s: no node "
+                    f"offers what ray.{role} asks for ({actor_options(section)})"
+                ) from None
         if self.resume is not None:
-            ray.get(self.aggregator.restore.remote(self.resume.global_state, self.resume.aggregator_state,
-                                                   self.resume.round), timeout=PLACEMENT_TIMEOUT_S)
+            ray.get(
+                self.aggregator.restore.remote(
+                    self.resume.global_state, self.resume.aggregator_state, self.resume.round
+                ),
+                timeout=PLACEMENT_TIMEOUT_S,
+            )
 
     def _check_resume(self, checkpoint: Checkpoint) -> None:
         """The checkpoint must belong to this run: same seed, same model layout."""
         if checkpoint.seed != self.config.seed:
-            raise CheckpointError(f"checkpoint {checkpoint.path} was written with seed {checkpoint.seed}, "
-                                  f"but the run's config.toml says seed = {self.config.seed}")
-        expected = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in self.initial_state.items()}
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} was written with seed {checkpoint.seed}, "
+                f"but the run's config.toml says seed = {self.config.seed}"
+            )
+        expected = {
+            k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+            for k, v in self.initial_state.items()
+        }
         found = {k: (tuple(v.shape), str(v.dtype)) for k, v in checkpoint.global_state.items()}
         if expected != found:
-            raise CheckpointError(f"checkpoint file {checkpoint.path / 'global.safetensors'} does not fit the "
-                                  f"{self.config.data.task} model: keys, shapes or dtypes differ")
+            raise CheckpointError(
+                f"checkpoint file {checkpoint.path / 'global.safetensors'} does not fit the "
+                f"{self.config.data.task} model: keys, shapes or dtypes differ"
+            )
 
     def run_config(self) -> dict[str, Any]:
         """The static part of every client's message."""
@@ -285,30 +361,51 @@ class Experiment:
         first and ``on_round_end`` after each round; leaves the final weights (and served model)."""
         cfg = self.config
         strategy = FedMergeStrategy(
-            aggregator=self.aggregator, evaluator=self.evaluator, num_clients=cfg.data.num_clients,
-            fraction_train=cfg.federation.fraction_train, min_train_nodes=cfg.federation.min_train_nodes,
+            aggregator=self.aggregator,
+            evaluator=self.evaluator,
+            num_clients=cfg.data.num_clients,
+            fraction_train=cfg.federation.fraction_train,
+            min_train_nodes=cfg.federation.min_train_nodes,
             fraction_evaluate=cfg.federation.fraction_evaluate,
-            min_evaluate_nodes=cfg.federation.min_evaluate_nodes, evaluate_every=cfg.evaluation.every,
-            seed=cfg.seed, run_config=self.run_config(), expected_nodes=self.num_supernodes,
-            on_round=self.round_end, max_update_norm=cfg.federation.max_update_norm,
+            min_evaluate_nodes=cfg.federation.min_evaluate_nodes,
+            evaluate_every=cfg.evaluation.every,
+            seed=cfg.seed,
+            run_config=self.run_config(),
+            expected_nodes=self.num_supernodes,
+            on_round=self.round_end,
+            max_update_norm=cfg.federation.max_update_norm,
             max_update_norm_ratio=cfg.federation.max_update_norm_ratio,
-            shard_sizes=self.shard_sizes, aggregator_restarts=cfg.ray.aggregator.max_restarts,
+            shard_sizes=self.shard_sizes,
+            aggregator_restarts=cfg.ray.aggregator.max_restarts,
             evaluator_restarts=cfg.ray.evaluator.max_restarts,
         )
         if self.resume is None:
-            initial, first_round, aggregator_state, served = state_to_record(self.initial_state), 1, {}, None
+            initial, first_round, aggregator_state, served = (
+                state_to_record(self.initial_state),
+                1,
+                {},
+                None,
+            )
         else:
             initial = state_to_record(self.resume.global_state)
             first_round, aggregator_state = self.resume.round + 1, self.resume.aggregator_state
             served = self.resume.served
         self.callbacks.call("on_run_start", self, first_round - 1)
         self.started = time.perf_counter()
-        result = strategy.start(grid, initial, num_rounds=cfg.federation.num_rounds,
-                                timeout=cfg.federation.round_timeout_s, first_round=first_round,
-                                aggregator_state=aggregator_state, served=served)
+        result = strategy.start(
+            grid,
+            initial,
+            num_rounds=cfg.federation.num_rounds,
+            timeout=cfg.federation.round_timeout_s,
+            first_round=first_round,
+            aggregator_state=aggregator_state,
+            served=served,
+        )
         self.final_state = result.arrays.to_torch_state_dict()
         served_ref = strategy.served_model_ref()
-        self.final_served = None if served_ref is None else ray.get(served_ref, timeout=PLACEMENT_TIMEOUT_S)
+        self.final_served = (
+            None if served_ref is None else ray.get(served_ref, timeout=PLACEMENT_TIMEOUT_S)
+        )
 
     def round_end(self, report: RoundReport) -> None:
         """Take the actors' placement from the round's results, then run the callbacks' ``on_round_end``
@@ -340,7 +437,12 @@ class Experiment:
             self.uploader.sync()
         except OSError as err:
             if final:
-                raise StorageError(f"the run finished in {self.run_dir.path}, but copying it to "
-                                   f"{self.config.output.upload_uri} failed: {err}") from err
-            log.warning("copying the run folder to %s failed (retried next round): %s",
-                        self.config.output.upload_uri, err)
+                raise StorageError(
+                    f"the run finished in {self.run_dir.path}, but copying it to "
+                    f"{self.config.output.upload_uri} failed: {err}"
+                ) from err
+            log.warning(
+                "copying the run folder to %s failed (retried next round): %s",
+                self.config.output.upload_uri,
+                err,
+            )

@@ -22,8 +22,17 @@ from urllib.parse import unquote, urlparse
 
 from fedmerge.federation.config import ConfigError
 
-__all__ = ["LOCAL_SCHEMES", "REMOTE_SCHEMES", "RunUploader", "StorageError", "describe_os_error", "local_path",
-           "named_os_error", "os_errors_of", "uri_scheme"]
+__all__ = [
+    "LOCAL_SCHEMES",
+    "REMOTE_SCHEMES",
+    "RunUploader",
+    "StorageError",
+    "describe_os_error",
+    "local_path",
+    "named_os_error",
+    "os_errors_of",
+    "uri_scheme",
+]
 
 log = logging.getLogger("fedmerge")
 
@@ -42,7 +51,7 @@ _FIXES = {
     errno.EACCES: "make that folder writable for this user, or set output.root to a folder you can write",
     errno.EPERM: "make that folder writable for this user, or set output.root to a folder you can write",
     errno.EROFS: "that file system is mounted read-only: remount it writable, or set output.root to a folder on "
-                 "a writable one",
+    "a writable one",
     errno.ENOSPC: "the disk is full: free space on it, or set output.root to a folder on another disk",
     errno.EDQUOT: "the disk quota is used up: free space, or set output.root to a folder elsewhere",
     errno.ENAMETOOLONG: "a file name is too long: choose a shorter run name (name = ...)",
@@ -70,10 +79,18 @@ def describe_os_error(err: OSError) -> str:
             where += f" -> {os.fsdecode(err.filename2)}"
     else:
         where = None
-    if where is not None and len(where) > 300:  # a path built from a huge value: its ends say enough
+    if (
+        where is not None and len(where) > 300
+    ):  # a path built from a huge value: its ends say enough
         where = f"{where[:160]}...{where[-100:]} ({len(where):,} characters)"
-    said = err.strerror or (os.strerror(code) if code is not None else str(err) or type(err).__name__)
-    fix = _FIXES.get(code, "check that path, its folder and the disk it is on") if code is not None else None
+    said = err.strerror or (
+        os.strerror(code) if code is not None else str(err) or type(err).__name__
+    )
+    fix = (
+        _FIXES.get(code, "check that path, its folder and the disk it is on")
+        if code is not None
+        else None
+    )
     return "; ".join(part for part in (f"{where}: {said}" if where else said, fix) if part)
 
 
@@ -128,7 +145,9 @@ def local_path(location: str) -> Path:
     except ValueError as err:
         raise StorageError(f"{location!r} is not a valid URI: {err}") from None
     if parsed.netloc not in ("", "localhost"):
-        raise StorageError(f"{location!r} names host {parsed.netloc!r}; a file:// URI must be file:///absolute/path")
+        raise StorageError(
+            f"{location!r} names host {parsed.netloc!r}; a file:// URI must be file:///absolute/path"
+        )
     return Path(unquote(parsed.path))
 
 
@@ -153,7 +172,9 @@ class RunUploader:
         try:
             self.filesystem.create_dir(self.root, recursive=True)
         except OSError as err:
-            raise StorageError(f"cannot create {self.root!r} under output.upload_uri {uri!r}: {err}") from None
+            raise StorageError(
+                f"cannot create {self.root!r} under output.upload_uri {uri!r}: {err}"
+            ) from None
 
     def sync(self) -> int:
         """Copy what changed since the last call; returns the number of files copied."""
@@ -172,8 +193,12 @@ class RunUploader:
             target = f"{self.root}/{rel}"
             if "/" in rel:
                 self.filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
-            fs.copy_files(str(path), target, source_filesystem=fs.LocalFileSystem(),
-                          destination_filesystem=self.filesystem)
+            fs.copy_files(
+                str(path),
+                target,
+                source_filesystem=fs.LocalFileSystem(),
+                destination_filesystem=self.filesystem,
+            )
             copied += 1
         for rel in sorted(set(self._copied) - set(seen)):
             try:
@@ -194,4 +219,8 @@ class RunUploader:
         from pyarrow import fs
 
         infos = self.filesystem.get_file_info(fs.FileSelector(self.root, recursive=True))
-        return {info.path[len(self.root) + 1:]: info.size for info in infos if info.type == fs.FileType.File}
+        return {
+            info.path[len(self.root) + 1 :]: info.size
+            for info in infos
+            if info.type == fs.FileType.File
+        }

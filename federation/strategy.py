@@ -24,17 +24,36 @@ from typing import Any
 
 import numpy as np
 import ray
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedmerge.clients.app import AGGREGATOR_CONFIG_KEY, PLACEMENT_KEY, RUN_CONFIG_KEY
 from fedmerge.federation.arrays import ArrayFormatError, record_to_numpy, state_to_record
 from fedmerge.federation.recovery import ActorGuard, RoundAggregation, RoundState
-from fedmerge.federation.validation import DEFAULT_MAX_UPDATE_NORM_RATIO, UpdateRejected, UpdateValidator, validate_update
+from fedmerge.federation.validation import (
+    DEFAULT_MAX_UPDATE_NORM_RATIO,
+    UpdateRejected,
+    UpdateValidator,
+    validate_update,
+)
 
-__all__ = ["ClientFailure", "FedMergeStrategy", "RoundReport", "UpdateRejected", "client_error_text",
-           "validate_update"]
+__all__ = [
+    "ClientFailure",
+    "FedMergeStrategy",
+    "RoundReport",
+    "UpdateRejected",
+    "client_error_text",
+    "validate_update",
+]
 
 log = logging.getLogger("fedmerge")
 
@@ -66,7 +85,11 @@ MAX_REASON_CHARS = 500
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + f"... ({len(text)} characters)"
+    return (
+        text
+        if len(text) <= MAX_REASON_CHARS
+        else text[:MAX_REASON_CHARS] + f"... ({len(text)} characters)"
+    )
 
 
 def _error_reason(reply: Message) -> str:
@@ -88,7 +111,11 @@ def _reply_to(reply: Message) -> Any:
 def _evaluate_metrics(reply: Message) -> tuple[int, dict[str, float]]:
     """(num-examples, {loss, accuracy}) of an evaluate reply; ``UpdateRejected`` when they are not
     a positive integer and finite numbers in a MetricRecord."""
-    metrics = reply.content["metrics"] if isinstance(reply.content, RecordDict) and "metrics" in reply.content else None
+    metrics = (
+        reply.content["metrics"]
+        if isinstance(reply.content, RecordDict) and "metrics" in reply.content
+        else None
+    )
     if not isinstance(metrics, MetricRecord):
         raise UpdateRejected("no 'metrics' MetricRecord in the evaluate reply")
     n = metrics.get("num-examples")
@@ -97,7 +124,11 @@ def _evaluate_metrics(reply: Message) -> tuple[int, dict[str, float]]:
     values = {}
     for key in ("loss", "accuracy"):
         value = metrics.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+        ):
             raise UpdateRejected(f"{key} must be a finite number, got {_clip(repr(value))}")
         values[key] = float(value)
     return n, values
@@ -126,7 +157,9 @@ class RoundReport:
     restarts: list[str] = field(default_factory=list)
     round_time_s: float = 0.0
     state: RoundState | None = field(default=None, repr=False)
-    served: Any = field(default=None, repr=False)  # Ray ref of the last merged round's served model, or None
+    served: Any = field(
+        default=None, repr=False
+    )  # Ray ref of the last merged round's served model, or None
     client_placement: dict[int, dict[str, str]] = field(default_factory=dict)
     # Where the server actors ran, as their round calls (finalize, evaluate) reported it; a role the
     # round did not call (a skipped round, no evaluation this round) is absent.
@@ -151,14 +184,27 @@ class FedMergeStrategy(Strategy):
     ``evaluator_restarts`` times and the round replayed into it (``federation.recovery``).
     """
 
-    def __init__(self, *, aggregator: Any, evaluator: Any | None, num_clients: int,
-                 fraction_train: float = 0.5, min_train_nodes: int = 2,
-                 fraction_evaluate: float = 0.0, min_evaluate_nodes: int = 0,
-                 evaluate_every: int = 1, seed: int = 0, run_config: Mapping[str, Any] | None = None,
-                 expected_nodes: int = 1, on_round: Callable[[RoundReport], None] | None = None,
-                 max_update_norm: float = 0.0, max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO,
-                 shard_sizes: Sequence[int] | None = None,
-                 aggregator_restarts: int = 0, evaluator_restarts: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        aggregator: Any,
+        evaluator: Any | None,
+        num_clients: int,
+        fraction_train: float = 0.5,
+        min_train_nodes: int = 2,
+        fraction_evaluate: float = 0.0,
+        min_evaluate_nodes: int = 0,
+        evaluate_every: int = 1,
+        seed: int = 0,
+        run_config: Mapping[str, Any] | None = None,
+        expected_nodes: int = 1,
+        on_round: Callable[[RoundReport], None] | None = None,
+        max_update_norm: float = 0.0,
+        max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO,
+        shard_sizes: Sequence[int] | None = None,
+        aggregator_restarts: int = 0,
+        evaluator_restarts: int = 0,
+    ) -> None:
         self.aggregator = aggregator
         self.evaluator = evaluator
         self.num_clients = num_clients
@@ -171,8 +217,11 @@ class FedMergeStrategy(Strategy):
         self.run_config = json.dumps(dict(run_config or {}), sort_keys=True)
         self.expected_nodes = expected_nodes
         self.on_round = on_round
-        self.validator = UpdateValidator(max_update_norm=max_update_norm, max_update_norm_ratio=max_update_norm_ratio,
-                                         shard_sizes=shard_sizes)
+        self.validator = UpdateValidator(
+            max_update_norm=max_update_norm,
+            max_update_norm_ratio=max_update_norm_ratio,
+            shard_sizes=shard_sizes,
+        )
         self.aggregator_restarts = aggregator_restarts
         self.evaluator_restarts = evaluator_restarts
         self._aggregation: RoundAggregation | None = None
@@ -194,47 +243,66 @@ class FedMergeStrategy(Strategy):
         client), so a resumed or replayed round trains exactly as the first attempt did."""
         return int(np.random.default_rng([self.seed, server_round, client_id]).integers(2**31))
 
-    def _messages(self, server_round: int, clients: Sequence[int], arrays: ArrayRecord,
-                  extra: Mapping[str, Any], message_type: str) -> list[Message]:
+    def _messages(
+        self,
+        server_round: int,
+        clients: Sequence[int],
+        arrays: ArrayRecord,
+        extra: Mapping[str, Any],
+        message_type: str,
+    ) -> list[Message]:
         messages = []
         for slot, cid in enumerate(clients):
-            config = ConfigRecord({
-                "server-round": server_round,
-                "partition-id": cid,
-                "seed": self.client_seed(server_round, cid),
-                RUN_CONFIG_KEY: self.run_config,
-                AGGREGATOR_CONFIG_KEY: json.dumps(dict(extra), sort_keys=True),
-            })
-            messages.append(Message(
-                content=RecordDict({"arrays": arrays, "config": config}),
-                message_type=message_type,
-                dst_node_id=self._nodes[slot % len(self._nodes)],
-            ))
+            config = ConfigRecord(
+                {
+                    "server-round": server_round,
+                    "partition-id": cid,
+                    "seed": self.client_seed(server_round, cid),
+                    RUN_CONFIG_KEY: self.run_config,
+                    AGGREGATOR_CONFIG_KEY: json.dumps(dict(extra), sort_keys=True),
+                }
+            )
+            messages.append(
+                Message(
+                    content=RecordDict({"arrays": arrays, "config": config}),
+                    message_type=message_type,
+                    dst_node_id=self._nodes[slot % len(self._nodes)],
+                )
+            )
         return messages
 
     # ---- Flower's Strategy interface ---------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         clients = self.sample(server_round, self.fraction_train, self.min_train_nodes, stream=0)
         extra = self._require_aggregation().client_config(server_round)
         return self._messages(server_round, clients, arrays, extra, MessageType.TRAIN)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Non-streaming path (all of a round's replies at once); needs the state ``start`` set up."""
         report = RoundReport(round=server_round, sampled=[])
         self._begin_round(server_round)
         for reply in replies:
             self._submit(reply, report)
         new_arrays = self._finish_train(report)
-        return new_arrays, MetricRecord(report.aggregator_metrics) if report.aggregator_metrics else None
+        return new_arrays, MetricRecord(
+            report.aggregator_metrics
+        ) if report.aggregator_metrics else None
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        clients = self.sample(server_round, self.fraction_evaluate, self.min_evaluate_nodes, stream=1)
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        clients = self.sample(
+            server_round, self.fraction_evaluate, self.min_evaluate_nodes, stream=1
+        )
         return self._messages(server_round, clients, arrays, {}, MessageType.EVALUATE)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Example-weighted loss and accuracy of the evaluate replies; a failed or malformed reply
         is left out (and logged), never the end of the round."""
         totals: dict[str, float] = {}
@@ -245,26 +313,48 @@ class FedMergeStrategy(Strategy):
                     continue
                 n, values = _evaluate_metrics(reply)
             except Exception as err:
-                log.warning("round %d: evaluate reply left out: %s", server_round,
-                            _clip(str(err) if isinstance(err, UpdateRejected) else f"{type(err).__name__}: {err}"))
+                log.warning(
+                    "round %d: evaluate reply left out: %s",
+                    server_round,
+                    _clip(
+                        str(err)
+                        if isinstance(err, UpdateRejected)
+                        else f"{type(err).__name__}: {err}"
+                    ),
+                )
                 continue
             count += n
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + value * n
         if count == 0:
             return None
-        return MetricRecord({key: value / count for key, value in totals.items()} | {"num-examples": count})
+        return MetricRecord(
+            {key: value / count for key, value in totals.items()} | {"num-examples": count}
+        )
 
     def summary(self) -> None:
-        log.info("FedMergeStrategy: %d virtual clients, fraction_train=%s, min_train_nodes=%d, seed=%d",
-                 self.num_clients, self.fraction_train, self.min_train_nodes, self.seed)
+        log.info(
+            "FedMergeStrategy: %d virtual clients, fraction_train=%s, min_train_nodes=%d, seed=%d",
+            self.num_clients,
+            self.fraction_train,
+            self.min_train_nodes,
+            self.seed,
+        )
 
     # ---- the streaming round loop ------------------------------------------------------
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
-              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              first_round: int = 1, aggregator_state: Mapping[str, Any] | None = None,
-              served: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None) -> Result:
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        first_round: int = 1,
+        aggregator_state: Mapping[str, Any] | None = None,
+        served: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
+    ) -> Result:
         """Run rounds ``first_round..num_rounds`` from ``initial_arrays``.
 
         A resumed run passes the checkpoint's weights, ``first_round`` = its round + 1, the
@@ -276,8 +366,10 @@ class FedMergeStrategy(Strategy):
         self._nodes = self._wait_for_nodes(grid, timeout)
         result = Result(arrays=initial_arrays)
         arrays = initial_arrays
-        self._start_aggregation(RoundState(first_round - 1, record_to_numpy(arrays), dict(aggregator_state or {})),
-                                timeout)
+        self._start_aggregation(
+            RoundState(first_round - 1, record_to_numpy(arrays), dict(aggregator_state or {})),
+            timeout,
+        )
         if served is not None:
             self._require_aggregation().served = ray.put(served)
         for server_round in range(first_round, num_rounds + 1):
@@ -287,13 +379,19 @@ class FedMergeStrategy(Strategy):
                 arrays = result.arrays = new_arrays
             if self.fraction_evaluate > 0 and not report.skipped:
                 replies = grid.send_and_receive(
-                    self.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=timeout)
+                    self.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                    timeout=timeout,
+                )
                 federated = self.aggregate_evaluate(server_round, replies)
                 if federated is not None:
-                    report.federated_metrics = {k.replace("-", "_"): float(v) for k, v in federated.items()}
+                    report.federated_metrics = {
+                        k.replace("-", "_"): float(v) for k, v in federated.items()
+                    }
                     result.evaluate_metrics_clientapp[server_round] = federated
             if report.server_metrics:
-                result.evaluate_metrics_serverapp[server_round] = MetricRecord(report.server_metrics)
+                result.evaluate_metrics_serverapp[server_round] = MetricRecord(
+                    report.server_metrics
+                )
             report.round_time_s = time.perf_counter() - started
             report.state = self._require_aggregation().state
             report.served = self._require_aggregation().served
@@ -304,8 +402,13 @@ class FedMergeStrategy(Strategy):
 
     def _start_aggregation(self, state: RoundState, timeout: float) -> None:
         self._aggregation = RoundAggregation(
-            self.aggregator, state, ActorGuard("aggregator", max_restarts=self.aggregator_restarts, timeout=timeout))
-        self._evaluator_guard = ActorGuard("evaluator", max_restarts=self.evaluator_restarts, timeout=timeout)
+            self.aggregator,
+            state,
+            ActorGuard("aggregator", max_restarts=self.aggregator_restarts, timeout=timeout),
+        )
+        self._evaluator_guard = ActorGuard(
+            "evaluator", max_restarts=self.evaluator_restarts, timeout=timeout
+        )
 
     def served_model_ref(self) -> Any | None:
         """The Ray ref of the last merged round's served model (``fedmerge.federation.served`` spec, weights;
@@ -337,13 +440,17 @@ class FedMergeStrategy(Strategy):
             if time.monotonic() > deadline:
                 if not nodes:
                     raise RuntimeError("no Flower SuperNode connected within the round timeout")
-                log.warning("only %d of %d SuperNodes connected; going on with them",
-                            len(nodes), self.expected_nodes)
+                log.warning(
+                    "only %d of %d SuperNodes connected; going on with them",
+                    len(nodes),
+                    self.expected_nodes,
+                )
                 return nodes
             time.sleep(0.05)
 
-    def _train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
-                     ) -> tuple[RoundReport, ArrayRecord | None]:
+    def _train_round(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float
+    ) -> tuple[RoundReport, ArrayRecord | None]:
         messages = list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
         clients = [int(m.content["config"]["partition-id"]) for m in messages]
         report = RoundReport(round=server_round, sampled=clients)
@@ -361,8 +468,11 @@ class FedMergeStrategy(Strategy):
             for reply in replies:
                 mid = _reply_to(reply)
                 if mid not in outstanding:  # unknown, or answered already: never merged twice
-                    log.warning("round %d: ignored a reply to %s, which is no outstanding message of the round",
-                                server_round, _clip(repr(mid)))
+                    log.warning(
+                        "round %d: ignored a reply to %s, which is no outstanding message of the round",
+                        server_round,
+                        _clip(repr(mid)),
+                    )
                     continue
                 outstanding.discard(mid)
                 arrived[slot_of[mid]] = reply
@@ -388,8 +498,15 @@ class FedMergeStrategy(Strategy):
             failed = reply.has_error()
             reason = _error_reason(reply) if failed else ""
         except Exception as err:  # not even a readable Message
-            report.rejected.append(ClientFailure(cid, _clip(f"malformed reply ({type(err).__name__}: {err})")))
-            log.warning("round %d: reply of client %d rejected: %s", report.round, cid, report.rejected[-1].reason)
+            report.rejected.append(
+                ClientFailure(cid, _clip(f"malformed reply ({type(err).__name__}: {err})"))
+            )
+            log.warning(
+                "round %d: reply of client %d rejected: %s",
+                report.round,
+                cid,
+                report.rejected[-1].reason,
+            )
             return
         if failed:
             self._fail(report, cid, reason)
@@ -399,7 +516,9 @@ class FedMergeStrategy(Strategy):
             metrics["update_norm"] = self.validator(cid, arrays, num_examples)
         except UpdateRejected as err:
             reason = _clip(str(err))
-        except Exception as err:  # a failure nobody foresaw is still this reply's fault, not the round's
+        except (
+            Exception
+        ) as err:  # a failure nobody foresaw is still this reply's fault, not the round's
             reason = _clip(f"malformed reply ({type(err).__name__}: {err})")
         else:
             reason = ""
@@ -414,33 +533,47 @@ class FedMergeStrategy(Strategy):
             report.sampled.append(cid)
         self._require_aggregation().accumulate(cid, arrays, num_examples, metrics)
 
-    def _unpack(self, reply: Message, client_id: int | None
-                ) -> tuple[int, dict[str, np.ndarray], Any, dict[str, float], dict[str, str]]:
+    def _unpack(
+        self, reply: Message, client_id: int | None
+    ) -> tuple[int, dict[str, np.ndarray], Any, dict[str, float], dict[str, str]]:
         """(client id, arrays, example count, other metrics, placement) of a train reply;
         ``UpdateRejected`` when a record is missing or of another type, a metric is not a finite
         number, the reply speaks for another client, its arrays take more bytes than the global
         model's (checked before any is decoded) or one of them is not well-formed ``np.save`` bytes."""
         content = reply.content
         if not isinstance(content, RecordDict):
-            raise UpdateRejected(f"the reply's content is a {type(content).__name__}, not a RecordDict")
-        for name, kind, cls in (("arrays", "an ArrayRecord", ArrayRecord), ("metrics", "a MetricRecord", MetricRecord)):
+            raise UpdateRejected(
+                f"the reply's content is a {type(content).__name__}, not a RecordDict"
+            )
+        for name, kind, cls in (
+            ("arrays", "an ArrayRecord", ArrayRecord),
+            ("metrics", "a MetricRecord", MetricRecord),
+        ):
             if name not in content:
                 raise UpdateRejected(f"the reply has no {name!r} record ({kind})")
             if not isinstance(content[name], cls):
-                raise UpdateRejected(f"the reply's {name!r} record is a {type(content[name]).__name__}, not {kind}")
+                raise UpdateRejected(
+                    f"the reply's {name!r} record is a {type(content[name]).__name__}, not {kind}"
+                )
         record, metrics = content["arrays"], dict(content["metrics"])
         if len(metrics) > MAX_METRICS:
-            raise UpdateRejected(f"{len(metrics)} metrics, more than the {MAX_METRICS} a reply may carry")
+            raise UpdateRejected(
+                f"{len(metrics)} metrics, more than the {MAX_METRICS} a reply may carry"
+            )
         long = [key for key in metrics if not isinstance(key, str) or len(key) > MAX_NAME_CHARS]
         if long:
-            raise UpdateRejected(f"metric names longer than {MAX_NAME_CHARS} characters: {_clip(repr(long))}")
+            raise UpdateRejected(
+                f"metric names longer than {MAX_NAME_CHARS} characters: {_clip(repr(long))}"
+            )
         claimed = metrics.pop("partition-id", client_id)
         if not isinstance(claimed, (int, np.integer)) or isinstance(claimed, bool):
             raise UpdateRejected(f"partition-id must be an integer, got {_clip(repr(claimed))}")
         if client_id is not None and claimed != client_id:
             raise UpdateRejected(f"the reply claims to come from client {claimed!r}")
         num_examples = metrics.pop("num-examples", None)
-        bad = sorted(k for k, v in metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool))
+        bad = sorted(
+            k for k, v in metrics.items() if not isinstance(v, (int, float)) or isinstance(v, bool)
+        )
         if bad:
             raise UpdateRejected(f"metrics {_clip(repr(bad))} are not numbers")
         values = {}
@@ -456,11 +589,15 @@ class FedMergeStrategy(Strategy):
         # The bytes are in memory already (Flower received them), but nothing is decoded or copied
         # before the reply's size is known to fit the global model.
         if len(record) > self.validator.num_arrays:  # before iterating a record of a million keys
-            raise UpdateRejected(f"{len(record)} arrays where the global model has {self.validator.num_arrays}")
+            raise UpdateRejected(
+                f"{len(record)} arrays where the global model has {self.validator.num_arrays}"
+            )
         sizes = {}
         for key, array in record.items():
             if not isinstance(array, Array) or not isinstance(array.data, bytes):
-                raise UpdateRejected(f"{_clip(str(key))}: not a flwr Array of bytes ({type(array).__name__})")
+                raise UpdateRejected(
+                    f"{_clip(str(key))}: not a flwr Array of bytes ({type(array).__name__})"
+                )
             sizes[key] = len(array.data)
         self.validator.check_size(sizes)
         try:
@@ -477,14 +614,22 @@ class FedMergeStrategy(Strategy):
             return {}
         record = content[PLACEMENT_KEY]
         if not isinstance(record, ConfigRecord):
-            raise UpdateRejected(f"the reply's {PLACEMENT_KEY!r} record is a {type(record).__name__}, "
-                                 "not a ConfigRecord")
+            raise UpdateRejected(
+                f"the reply's {PLACEMENT_KEY!r} record is a {type(record).__name__}, "
+                "not a ConfigRecord"
+            )
         items = dict(record)
         if len(items) > MAX_METRICS or not all(
-                isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_NAME_CHARS and len(v) <= MAX_NAME_CHARS
-                for k, v in items.items()):
-            raise UpdateRejected(f"the reply's {PLACEMENT_KEY!r} record must hold at most {MAX_METRICS} strings "
-                                 f"of at most {MAX_NAME_CHARS} characters")
+            isinstance(k, str)
+            and isinstance(v, str)
+            and len(k) <= MAX_NAME_CHARS
+            and len(v) <= MAX_NAME_CHARS
+            for k, v in items.items()
+        ):
+            raise UpdateRejected(
+                f"the reply's {PLACEMENT_KEY!r} record must hold at most {MAX_METRICS} strings "
+                f"of at most {MAX_NAME_CHARS} characters"
+            )
         return items
 
     @staticmethod
@@ -497,22 +642,27 @@ class FedMergeStrategy(Strategy):
         accepted = aggregation.num_accepted
         if accepted < self.min_train_nodes:
             aggregation.skip_round()
-            report.skipped = (f"only {accepted} valid replies (min_train_nodes={self.min_train_nodes});"
-                              " global model kept")
+            report.skipped = (
+                f"only {accepted} valid replies (min_train_nodes={self.min_train_nodes});"
+                " global model kept"
+            )
             log.warning("round %d skipped: %s", report.round, report.skipped)
             return None
         state_ref, state, report.aggregator_metrics = aggregation.finalize()
         where = getattr(aggregation, "placement", None)  # None from a stand-in without an actor
         if where:
             report.actor_placement["aggregator"] = where
-        if self.evaluator is not None and (report.round % self.evaluate_every == 0
-                                           or report.round == self._last_round):
+        if self.evaluator is not None and (
+            report.round % self.evaluate_every == 0 or report.round == self._last_round
+        ):
             report.server_metrics, where = self._evaluate(report.round, state_ref)
             if where:
                 report.actor_placement["evaluator"] = where
         return state_to_record(state)
 
-    def _evaluate(self, server_round: int, state_ref: Any) -> tuple[dict[str, float], dict[str, str]]:
+    def _evaluate(
+        self, server_round: int, state_ref: Any
+    ) -> tuple[dict[str, float], dict[str, str]]:
         """Score the new global model on the server's held-out data, retried if the evaluator dies;
         returns the metrics and where the evaluator ran. An aggregator that serves its own model
         (SMILE, WEMoE) has that model scored instead; it goes from actor to actor through the
@@ -520,7 +670,13 @@ class FedMergeStrategy(Strategy):
         guard = self._evaluator_guard
         assert guard is not None
         what = f"the evaluation of round {server_round}"
-        served_ref = self._require_aggregation().served  # held by the driver: outlives an aggregator restart
+        served_ref = (
+            self._require_aggregation().served
+        )  # held by the driver: outlives an aggregator restart
         return guard.call(
-            what, lambda: guard.get(self.evaluator.evaluate.remote(state_ref, served_ref, with_placement=True), what),
-            lambda: guard.get(self.evaluator.placement.remote(), "its restart"))
+            what,
+            lambda: guard.get(
+                self.evaluator.evaluate.remote(state_ref, served_ref, with_placement=True), what
+            ),
+            lambda: guard.get(self.evaluator.placement.remote(), "its restart"),
+        )

@@ -55,7 +55,9 @@ class Sweep:
 
     def settings(self) -> list[dict[str, Any]]:
         keys = list(self.axes)
-        return [dict(zip(keys, values)) for values in itertools.product(*(self.axes[k] for k in keys))]
+        return [
+            dict(zip(keys, values)) for values in itertools.product(*(self.axes[k] for k in keys))
+        ]
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -75,7 +77,9 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"sweep file {path}: config {base} does not exist")
     seeds = raw.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise ConfigError(f"sweep file {path}: 'seeds' must be a non-empty list of non-negative integers")
+        raise ConfigError(
+            f"sweep file {path}: 'seeds' must be a non-empty list of non-negative integers"
+        )
     axes = raw.get("axes", {})
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
@@ -86,13 +90,23 @@ def load_sweep(path: str | Path) -> Sweep:
     for name, method in methods.items():
         extra = sorted(set(method) - {"aggregator", "set"})
         if extra or not isinstance(method.get("aggregator", {}).get("name"), str):
-            raise ConfigError(f"sweep file {path}: methods.{name} needs aggregator = {{ name = ... }} "
-                              f"and may have set = [...]" + (f"; unknown keys {extra}" if extra else ""))
+            raise ConfigError(
+                f"sweep file {path}: methods.{name} needs aggregator = {{ name = ... }} "
+                f"and may have set = [...]" + (f"; unknown keys {extra}" if extra else "")
+            )
     curves = raw.get("curves", [])
     for curve in curves:
         if curve.count("/") != 1:
             raise ConfigError(f"sweep file {path}: curve {curve!r} must be 'scope/metric'")
-    return Sweep(path, base, tuple(seeds), tuple(raw.get("set", [])), dict(axes), dict(methods), tuple(curves))
+    return Sweep(
+        path,
+        base,
+        tuple(seeds),
+        tuple(raw.get("set", [])),
+        dict(axes),
+        dict(methods),
+        tuple(curves),
+    )
 
 
 def _label(setting: Mapping[str, Any]) -> str:
@@ -111,13 +125,19 @@ def run_config(sweep: Sweep, method: str, setting: Mapping[str, Any], seed: int,
     """The experiment config of one (method, setting, seed) run."""
     raw = tomllib.loads(sweep.base.read_text(encoding="utf-8"))
     spec = sweep.methods[method]
-    overrides = [*sweep.overrides, *(_override(k, v) for k, v in setting.items()), *spec.get("set", [])]
+    overrides = [
+        *sweep.overrides,
+        *(_override(k, v) for k, v in setting.items()),
+        *spec.get("set", []),
+    ]
     raw = apply_overrides(raw, overrides)
     raw["aggregator"] = dict(spec["aggregator"])
     raw["seed"] = seed
     raw["name"] = _slug(f"{method}-{_label(setting)}-s{seed}")
     raw.setdefault("output", {})["root"] = str(root / "runs")
-    return parse_config(raw, source=f"{sweep.path} (method {method}, {_label(setting)}, seed {seed})")
+    return parse_config(
+        raw, source=f"{sweep.path} (method {method}, {_label(setting)}, seed {seed})"
+    )
 
 
 def _curve(run: RunDir, curve: str) -> list[tuple[int, float]]:
@@ -131,12 +151,21 @@ def _curve(run: RunDir, curve: str) -> list[tuple[int, float]]:
 def _load_results(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
-def run_sweep(sweep: Sweep, out: str | Path, *, seeds: Sequence[int] | None = None,
-              methods: Sequence[str] | None = None, only: Mapping[str, Any] | None = None,
-              address: str | None = None, progress: Callable[[str], None] = print) -> Path:
+def run_sweep(
+    sweep: Sweep,
+    out: str | Path,
+    *,
+    seeds: Sequence[int] | None = None,
+    methods: Sequence[str] | None = None,
+    only: Mapping[str, Any] | None = None,
+    address: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> Path:
     """Run every (setting, method, seed) not yet in ``out/results.jsonl``; returns the summary path.
 
     ``address``: a Ray cluster every run attaches to (as ``fedmerge run --address``)."""
@@ -145,22 +174,34 @@ def run_sweep(sweep: Sweep, out: str | Path, *, seeds: Sequence[int] | None = No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    done = {(r["method"], json.dumps(r["setting"], sort_keys=True), r["seed"]) for r in _load_results(results_path)}
+    done = {
+        (r["method"], json.dumps(r["setting"], sort_keys=True), r["seed"])
+        for r in _load_results(results_path)
+    }
     unknown = sorted(set(methods or ()) - set(sweep.methods))
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; the sweep has {sorted(sweep.methods)}")
-    todo = [(setting, method, seed)
-            for setting in sweep.settings() if all(setting.get(k) == v for k, v in (only or {}).items())
-            for seed in (seeds or sweep.seeds) for method in (methods or sweep.methods)
-            if (method, json.dumps(setting, sort_keys=True), seed) not in done]
+    todo = [
+        (setting, method, seed)
+        for setting in sweep.settings()
+        if all(setting.get(k) == v for k, v in (only or {}).items())
+        for seed in (seeds or sweep.seeds)
+        for method in (methods or sweep.methods)
+        if (method, json.dumps(setting, sort_keys=True), seed) not in done
+    ]
     for number, (setting, method, seed) in enumerate(todo, 1):
         progress(f"=== sweep run {number}/{len(todo)}: {method}, {_label(setting)}, seed {seed}")
         config = run_config(sweep, method, setting, seed, out)
         run = run_experiment(config, address=address, progress=progress).run_dir
         record = {
-            "method": method, "setting": setting, "seed": seed, "run_dir": str(run.path),
-            "curves": {"server/accuracy": run.server_curve("accuracy"),
-                       **{curve: _curve(run, curve) for curve in sweep.curves}},
+            "method": method,
+            "setting": setting,
+            "seed": seed,
+            "run_dir": str(run.path),
+            "curves": {
+                "server/accuracy": run.server_curve("accuracy"),
+                **{curve: _curve(run, curve) for curve in sweep.curves},
+            },
         }
         with results_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -189,8 +230,11 @@ def summarize_sweep(sweep: Sweep, out: str | Path) -> Path:
     """Write ``summary.md`` (a table per setting) and the per-setting plots from ``results.jsonl``."""
     out = Path(out)
     results = _load_results(out / "results.jsonl")
-    lines = [f"Sweep `{sweep.path.name}` over `{sweep.base.name}`: final and best test accuracy, "
-             "mean ± sample std over seeds.", ""]
+    lines = [
+        f"Sweep `{sweep.path.name}` over `{sweep.base.name}`: final and best test accuracy, "
+        "mean ± sample std over seeds.",
+        "",
+    ]
     for setting in sweep.settings():
         key = json.dumps(setting, sort_keys=True)
         mine = [r for r in results if json.dumps(r["setting"], sort_keys=True) == key]
@@ -209,14 +253,24 @@ def summarize_sweep(sweep: Sweep, out: str | Path) -> Path:
                 series = [r["curves"].get(curve, []) for r in runs]
                 if all(series):
                     curves[curve][method] = _mean_curve(series)
-        lines += [f"### {_label(setting)}", "", "```",
-                  format_table(["method", "seeds", "final accuracy", "best accuracy"], rows), "```", ""]
+        lines += [
+            f"### {_label(setting)}",
+            "",
+            "```",
+            format_table(["method", "seeds", "final accuracy", "best accuracy"], rows),
+            "```",
+            "",
+        ]
         for curve, by_method in curves.items():
             if not by_method:
                 continue
             name = _slug(f"{_label(setting)}-{curve.replace('/', '-')}") + ".png"
-            plot_curves(by_method, out / name, title=f"{_label(setting)}: {curve} (mean over seeds)",
-                        ylabel=curve.split("/")[1])
+            plot_curves(
+                by_method,
+                out / name,
+                title=f"{_label(setting)}: {curve} (mean over seeds)",
+                ylabel=curve.split("/")[1],
+            )
             lines += [f"![{curve}, {_label(setting)}]({name})", ""]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines), encoding="utf-8")

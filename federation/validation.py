@@ -67,14 +67,26 @@ def reference_of(state: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, 
 def check_num_examples(num_examples: Any, max_examples: int | None = None) -> None:
     """A reply's example count weights its update: it must be a positive integer, and no more than
     the client holds (``max_examples``, its shard size) when that is known."""
-    if not isinstance(num_examples, (int, np.integer)) or isinstance(num_examples, bool) or num_examples <= 0:
+    if (
+        not isinstance(num_examples, (int, np.integer))
+        or isinstance(num_examples, bool)
+        or num_examples <= 0
+    ):
         raise UpdateRejected(f"num-examples must be a positive integer, got {num_examples!r}")
     if max_examples is not None and num_examples > max_examples:
-        raise UpdateRejected(f"num-examples {num_examples} exceeds the {max_examples} examples of the client's shard")
+        raise UpdateRejected(
+            f"num-examples {num_examples} exceeds the {max_examples} examples of the client's shard"
+        )
 
 
-def validate_update(arrays: Mapping[str, np.ndarray], reference: Reference, num_examples: Any, *,
-                    max_examples: int | None = None, check_finite: bool = True) -> None:
+def validate_update(
+    arrays: Mapping[str, np.ndarray],
+    reference: Reference,
+    num_examples: Any,
+    *,
+    max_examples: int | None = None,
+    check_finite: bool = True,
+) -> None:
     """Refuse replies with missing or extra keys, wrong shapes or dtypes, NaN/Inf or bad counts.
 
     ``check_finite=False`` leaves NaN/Inf to the caller: ``UpdateValidator`` finds them while it
@@ -84,13 +96,17 @@ def validate_update(arrays: Mapping[str, np.ndarray], reference: Reference, num_
     missing = sorted(set(reference) - set(arrays))
     extra = sorted(set(arrays) - set(reference))
     if missing or extra:
-        raise UpdateRejected(f"keys differ from the global model: missing {missing}, unexpected {extra}")
+        raise UpdateRejected(
+            f"keys differ from the global model: missing {missing}, unexpected {extra}"
+        )
     for key, (shape, dtype) in reference.items():
         value = arrays[key]
         if not isinstance(value, np.ndarray):
             raise UpdateRejected(f"{key}: expected an array, got {type(value).__name__}")
         if value.shape != shape or value.dtype != dtype:
-            raise UpdateRejected(f"{key}: expected {dtype}{list(shape)}, got {value.dtype}{list(value.shape)}")
+            raise UpdateRejected(
+                f"{key}: expected {dtype}{list(shape)}, got {value.dtype}{list(value.shape)}"
+            )
         if check_finite and value.dtype.kind in "fc":
             _check_finite(key, value)
 
@@ -131,7 +147,9 @@ def squared_distance(value: np.ndarray, reference: np.ndarray) -> float:
             np.subtract(flat_value[start:stop], flat_reference[start:stop], out=diff, dtype=work)
             part = float(np.dot(diff, diff))
             if not math.isfinite(part) and work != np.float64:
-                wide = np.subtract(flat_value[start:stop], flat_reference[start:stop], dtype=np.float64)
+                wide = np.subtract(
+                    flat_value[start:stop], flat_reference[start:stop], dtype=np.float64
+                )
                 part = float(np.dot(wide, wide))
             total += part
     return total
@@ -142,7 +160,7 @@ def _squared_norm(value: np.ndarray) -> float:
     flat = value.reshape(-1)
     total = 0.0
     for start in range(0, flat.size, _CHUNK):
-        chunk = flat[start:start + _CHUNK].astype(np.float64)
+        chunk = flat[start : start + _CHUNK].astype(np.float64)
         total += float(np.dot(chunk, chunk))
     return total
 
@@ -159,13 +177,19 @@ class UpdateValidator:
     whose norm overflows float64 is always refused: no aggregate of it would be finite.
     """
 
-    def __init__(self, *, max_update_norm: float = 0.0,
-                 max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO,
-                 shard_sizes: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_update_norm: float = 0.0,
+        max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO,
+        shard_sizes: Sequence[int] | None = None,
+    ) -> None:
         if not max_update_norm >= 0:
             raise ValueError(f"max_update_norm must be >= 0, got {max_update_norm!r}")
         if not (max_update_norm_ratio >= 0 and math.isfinite(max_update_norm_ratio)):
-            raise ValueError(f"max_update_norm_ratio must be a finite number >= 0, got {max_update_norm_ratio!r}")
+            raise ValueError(
+                f"max_update_norm_ratio must be a finite number >= 0, got {max_update_norm_ratio!r}"
+            )
         self.max_update_norm = max_update_norm
         self.max_update_norm_ratio = max_update_norm_ratio
         self.shard_sizes = list(shard_sizes) if shard_sizes is not None else None
@@ -178,7 +202,9 @@ class UpdateValidator:
         """The model broadcast this round: replies must match its layout and stay near it."""
         self._global = state
         self._reference = reference_of(state)
-        self.global_norm = math.sqrt(sum(_squared_norm(value) for value in state.values() if value.dtype.kind == "f"))
+        self.global_norm = math.sqrt(
+            sum(_squared_norm(value) for value in state.values() if value.dtype.kind == "f")
+        )
         self.max_reply_bytes = sum(int(value.nbytes) + HEADER_ALLOWANCE for value in state.values())
 
     @property
@@ -201,20 +227,30 @@ class UpdateValidator:
         global model's arrays (with ``HEADER_ALLOWANCE`` bytes each) could: ``sizes`` maps each key
         to ``len(array.data)``, known without reading the data."""
         if len(sizes) > len(self._reference):
-            raise UpdateRejected(f"{len(sizes)} arrays where the global model has {len(self._reference)}")
+            raise UpdateRejected(
+                f"{len(sizes)} arrays where the global model has {len(self._reference)}"
+            )
         total = sum(sizes.values())
         if total > self.max_reply_bytes:
-            raise UpdateRejected(f"arrays of {total} bytes exceed the {self.max_reply_bytes} bytes "
-                                 "the global model's arrays take")
+            raise UpdateRejected(
+                f"arrays of {total} bytes exceed the {self.max_reply_bytes} bytes "
+                "the global model's arrays take"
+            )
 
-    def __call__(self, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: Any) -> float:
+    def __call__(
+        self, client_id: int, arrays: Mapping[str, np.ndarray], num_examples: Any
+    ) -> float:
         """Raise ``UpdateRejected`` for a bad reply; return its update norm otherwise."""
         max_examples = None
         if self.shard_sizes is not None:
             if not 0 <= client_id < len(self.shard_sizes):
-                raise UpdateRejected(f"client id {client_id} is not one of the {len(self.shard_sizes)} clients")
+                raise UpdateRejected(
+                    f"client id {client_id} is not one of the {len(self.shard_sizes)} clients"
+                )
             max_examples = self.shard_sizes[client_id]
-        validate_update(arrays, self._reference, num_examples, max_examples=max_examples, check_finite=False)
+        validate_update(
+            arrays, self._reference, num_examples, max_examples=max_examples, check_finite=False
+        )
         squared = 0.0
         for key, reference in self._global.items():
             value = arrays[key]
@@ -227,12 +263,16 @@ class UpdateValidator:
                 _check_finite(key, value)
         norm = math.sqrt(squared)
         if not math.isfinite(norm):
-            raise UpdateRejected("update norm overflows float64: the weights are absurdly far from the global model")
+            raise UpdateRejected(
+                "update norm overflows float64: the weights are absurdly far from the global model"
+            )
         if self.max_update_norm and norm > self.max_update_norm:
             raise UpdateRejected(
-                f"update norm {norm:.4g} exceeds federation.max_update_norm = {self.max_update_norm:g}")
+                f"update norm {norm:.4g} exceeds federation.max_update_norm = {self.max_update_norm:g}"
+            )
         if self.max_update_norm_ratio and norm > self.norm_bound:
             raise UpdateRejected(
                 f"update norm {norm:.4g} exceeds federation.max_update_norm_ratio = {self.max_update_norm_ratio:g}"
-                f" times the global model's norm {max(self.global_norm, NORM_FLOOR):.4g}")
+                f" times the global model's norm {max(self.global_norm, NORM_FLOOR):.4g}"
+            )
         return norm

@@ -25,7 +25,8 @@ from typing import Any
 _here = _os.path.dirname(_os.path.abspath(__file__))
 _root = _os.path.dirname(_here)
 if not _os.path.isdir(_os.path.join(_here, "federation")) and _os.path.isfile(
-        _os.path.join(_root, "federation", "__init__.py")):
+    _os.path.join(_root, "federation", "__init__.py")
+):
     __path__.append(_root)  # noqa: F821  (a package's __path__)
 
 from fedmerge.aggregators import (  # noqa: E402
@@ -70,8 +71,27 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AggregateResult", "Aggregator", "ClientUpdate", "ConfigError", "ExperimentConfig", "RoundCallback", "RoundContext",
-    "RunDir", "Task", "__version__", "available", "available_tasks", "compare", "create_aggregator",
-    "get_task", "load_config", "load_served", "merge_function", "parse_config", "register",
-    "register_task", "resume", "run",
+    "AggregateResult",
+    "Aggregator",
+    "ClientUpdate",
+    "ConfigError",
+    "ExperimentConfig",
+    "RoundCallback",
+    "RoundContext",
+    "RunDir",
+    "Task",
+    "__version__",
+    "available",
+    "available_tasks",
+    "compare",
+    "create_aggregator",
+    "get_task",
+    "load_config",
+    "load_served",
+    "merge_function",
+    "parse_config",
+    "register",
+    "register_task",
+    "resume",
+    "run",
 ]

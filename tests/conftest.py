@@ -26,12 +26,21 @@ def digits_overrides(tmp_path: Path, *overrides: str) -> list[str]:
     """``--set`` overrides of the default experiment for a real but tiny run: sklearn digits,
     3 clients, 2 rounds, everyone trains (later overrides win)."""
     return [
-        "name=digits-e2e", "seed=7",
-        "data.task=digits", "data.num_clients=3", "data.alpha=0.5", "data.min_partition_size=20",
+        "name=digits-e2e",
+        "seed=7",
+        "data.task=digits",
+        "data.num_clients=3",
+        "data.alpha=0.5",
+        "data.min_partition_size=20",
         f"data.cache_dir={str(tmp_path / 'shards')!r}",
-        "train.local_epochs=2", "train.batch_size=16", "train.lr=0.05",
-        "federation.num_rounds=2", "federation.fraction_train=1.0", "federation.min_train_nodes=2",
-        f"output.root={str(tmp_path / 'runs')!r}", "evaluation.batch_size=512",
+        "train.local_epochs=2",
+        "train.batch_size=16",
+        "train.lr=0.05",
+        "federation.num_rounds=2",
+        "federation.fraction_train=1.0",
+        "federation.min_train_nodes=2",
+        f"output.root={str(tmp_path / 'runs')!r}",
+        "evaluation.batch_size=512",
         *overrides,
     ]
 
@@ -101,7 +110,9 @@ def ray_address():
     does (SIGKILL and resume, the demo's path) do not use it."""
     from .ray_cluster import start_cluster
 
-    cluster = start_cluster(workers={}, head_args=["--num-cpus", "2"], dashboard=False, object_store_mb=1024)
+    cluster = start_cluster(
+        workers={}, head_args=["--num-cpus", "2"], dashboard=False, object_store_mb=1024
+    )
     try:
         yield cluster.address
     finally:
@@ -114,8 +125,11 @@ def attached_ray(ray_address):
     tests that create and kill actors themselves. Workers import the project through PYTHONPATH."""
     import ray
 
-    ray.init(address=ray_address, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+    ray.init(
+        address=ray_address,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}},
+    )
     yield ray
     ray.shutdown()
 

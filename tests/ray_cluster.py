@@ -96,8 +96,14 @@ class LocalCluster:
                 node.proc.wait(timeout=10)
 
 
-def start_cluster(workers: dict[str, list[str]], head_args: list[str] = (), timeout: float = 180,
-                  attempts: int = 2, dashboard: bool = True, object_store_mb: int = 150) -> LocalCluster:
+def start_cluster(
+    workers: dict[str, list[str]],
+    head_args: list[str] = (),
+    timeout: float = 180,
+    attempts: int = 2,
+    dashboard: bool = True,
+    object_store_mb: int = 150,
+) -> LocalCluster:
     """Start a head (with the dashboard, for Ray Jobs, unless ``dashboard`` is false) and the named
     workers, each node with an object store of ``object_store_mb``; wait until all joined.
 
@@ -113,19 +119,36 @@ def start_cluster(workers: dict[str, list[str]], head_args: list[str] = (), time
     raise AssertionError("unreachable")
 
 
-def _start_cluster(workers: dict[str, list[str]], head_args: list[str], timeout: float, dashboard: bool,
-                   object_store_mb: int) -> LocalCluster:
-    temp_dir = Path(tempfile.mkdtemp(prefix="fmray-"))  # short: Ray's socket paths must stay < 108 chars
+def _start_cluster(
+    workers: dict[str, list[str]],
+    head_args: list[str],
+    timeout: float,
+    dashboard: bool,
+    object_store_mb: int,
+) -> LocalCluster:
+    temp_dir = Path(
+        tempfile.mkdtemp(prefix="fmray-")
+    )  # short: Ray's socket paths must stay < 108 chars
     (temp_dir / "head").mkdir()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_TMPDIR": str(temp_dir / "head"), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
-           "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           # the dashboard gives each module 30 s to start, too little on a loaded 2-core machine
-           "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_TMPDIR": str(temp_dir / "head"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DEDUP_LOGS": "0",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        # the dashboard gives each module 30 s to start, too little on a loaded 2-core machine
+        "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180",
+    }
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = free_port(), free_port()
-    cluster = LocalCluster(temp_dir=temp_dir, address=f"127.0.0.1:{gcs_port}",
-                           dashboard=f"http://127.0.0.1:{dashboard_port}", env=env)
+    cluster = LocalCluster(
+        temp_dir=temp_dir,
+        address=f"127.0.0.1:{gcs_port}",
+        dashboard=f"http://127.0.0.1:{dashboard_port}",
+        env=env,
+    )
 
     def launch(name: str, args: list[str]) -> None:
         # Each node its own temp dir, as on separate machines: nodes sharing one would share the
@@ -133,30 +156,85 @@ def _start_cluster(workers: dict[str, list[str]], head_args: list[str], timeout:
         # delete the working_dir another node's job driver runs in.
         nm_port = free_port()
         (temp_dir / name).mkdir(exist_ok=True)
-        cmd = [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
-               "--temp-dir", str(temp_dir / name), "--node-manager-port", str(nm_port),
-               "--object-manager-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-               "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-               "--metrics-export-port", str(free_port()), "--object-store-memory", str(object_store_mb * 2**20), *args]
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--temp-dir",
+            str(temp_dir / name),
+            "--node-manager-port",
+            str(nm_port),
+            "--object-manager-port",
+            str(free_port()),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--dashboard-agent-grpc-port",
+            str(free_port()),
+            "--runtime-env-agent-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+            "--object-store-memory",
+            str(object_store_mb * 2**20),
+            *args,
+        ]
         log = open(temp_dir / f"{name}.log", "wb")
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         cluster.nodes[name] = Node(name, proc, nm_port)
 
     try:
-        web = (["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
-               if dashboard else ["--include-dashboard", "false"])
-        launch("head", ["--head", "--port", str(gcs_port), *web, "--ray-client-server-port", str(free_port()),
-                        *head_args])
-        _wait("the head to start", lambda: _started(temp_dir / "head.log"), timeout, [cluster.nodes["head"].proc])
+        web = (
+            [
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dashboard_port),
+            ]
+            if dashboard
+            else ["--include-dashboard", "false"]
+        )
+        launch(
+            "head",
+            [
+                "--head",
+                "--port",
+                str(gcs_port),
+                *web,
+                "--ray-client-server-port",
+                str(free_port()),
+                *head_args,
+            ],
+        )
+        _wait(
+            "the head to start",
+            lambda: _started(temp_dir / "head.log"),
+            timeout,
+            [cluster.nodes["head"].proc],
+        )
         for name, args in workers.items():
             launch(name, ["--address", cluster.address, *args])
         for name in workers:
-            _wait(f"worker {name} to start", lambda: _started(temp_dir / f"{name}.log"), timeout,
-                  [cluster.nodes[name].proc])
+            _wait(
+                f"worker {name} to start",
+                lambda: _started(temp_dir / f"{name}.log"),
+                timeout,
+                [cluster.nodes[name].proc],
+            )
         _wait_for_nodes(cluster, timeout)
         if dashboard:
-            _wait("the dashboard (Jobs API) to answer", lambda: _http_ok(f"{cluster.dashboard}/api/version"),
-                  timeout, [cluster.nodes["head"].proc])
+            _wait(
+                "the dashboard (Jobs API) to answer",
+                lambda: _http_ok(f"{cluster.dashboard}/api/version"),
+                timeout,
+                [cluster.nodes["head"].proc],
+            )
     except BaseException:
         cluster.stop()
         raise
@@ -178,13 +256,20 @@ print(json.dumps([{"id": n["NodeID"], "port": n["NodeManagerPort"], "resources":
 
 def _wait_for_nodes(cluster: LocalCluster, timeout: float) -> None:
     """Ask the cluster (from a separate driver) for its nodes; map them to ours by raylet port."""
-    out = subprocess.run([sys.executable, "-c", _LIST_NODES, cluster.address, str(timeout), str(len(cluster.nodes))],
-                         env=cluster.env, capture_output=True, text=True, timeout=timeout + 60)
+    out = subprocess.run(
+        [sys.executable, "-c", _LIST_NODES, cluster.address, str(timeout), str(len(cluster.nodes))],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"listing the cluster's nodes failed:\n{out.stderr[-3000:]}")
     by_port = {n["port"]: n for n in json.loads(out.stdout.strip().splitlines()[-1])}
     for node in cluster.nodes.values():
         if node.node_manager_port not in by_port:
-            raise RuntimeError(f"node {node.name} did not join the cluster; see {cluster.temp_dir}/{node.name}.log")
+            raise RuntimeError(
+                f"node {node.name} did not join the cluster; see {cluster.temp_dir}/{node.name}.log"
+            )
         node.node_id = by_port[node.node_manager_port]["id"]
         node.resources = by_port[node.node_manager_port]["resources"]

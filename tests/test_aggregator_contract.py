@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
+from torch import nn
+
 from fedmerge.aggregators import (
     AggregateResult,
     Aggregator,
@@ -34,7 +36,6 @@ from fedmerge.aggregators.base import declared_params
 from fedmerge.aggregators.params import HyperparameterError, check_value, field_bounds
 from fedmerge.aggregators.registry import ENTRY_POINT_GROUP, _entry_points
 from fedmerge.clients.tasks.text import MultiTaskTextClassifier
-from torch import nn
 
 VOCAB, CLIENTS = 40, 4
 

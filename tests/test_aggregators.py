@@ -46,24 +46,36 @@ def hand_updates() -> list[ClientUpdate]:
     """Three clients with 1, 2 and 5 examples (8 in all): values chosen so the mean is exact."""
     f32, f64, i64 = torch.float32, torch.float64, torch.int64
     return [
-        ClientUpdate(client_id=0, num_examples=1, state={
-            "w": torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=f32),
-            "d": torch.tensor([0.1, -1.0], dtype=f64),
-            "nbt": torch.tensor([10, 4, 12], dtype=i64),
-            "mask": torch.tensor([True, True]),
-        }),
-        ClientUpdate(client_id=1, num_examples=2, state={
-            "w": torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=f32),
-            "d": torch.tensor([0.2, 2.0], dtype=f64),
-            "nbt": torch.tensor([11, 0, 0], dtype=i64),
-            "mask": torch.tensor([False, True]),
-        }),
-        ClientUpdate(client_id=2, num_examples=5, state={
-            "w": torch.tensor([[2.0, 2.0], [2.0, 2.0]], dtype=f32),
-            "d": torch.tensor([0.3, 4.0], dtype=f64),
-            "nbt": torch.tensor([3, 0, 0], dtype=i64),
-            "mask": torch.tensor([True, False]),
-        }),
+        ClientUpdate(
+            client_id=0,
+            num_examples=1,
+            state={
+                "w": torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=f32),
+                "d": torch.tensor([0.1, -1.0], dtype=f64),
+                "nbt": torch.tensor([10, 4, 12], dtype=i64),
+                "mask": torch.tensor([True, True]),
+            },
+        ),
+        ClientUpdate(
+            client_id=1,
+            num_examples=2,
+            state={
+                "w": torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=f32),
+                "d": torch.tensor([0.2, 2.0], dtype=f64),
+                "nbt": torch.tensor([11, 0, 0], dtype=i64),
+                "mask": torch.tensor([False, True]),
+            },
+        ),
+        ClientUpdate(
+            client_id=2,
+            num_examples=5,
+            state={
+                "w": torch.tensor([[2.0, 2.0], [2.0, 2.0]], dtype=f32),
+                "d": torch.tensor([0.3, 4.0], dtype=f64),
+                "nbt": torch.tensor([3, 0, 0], dtype=i64),
+                "mask": torch.tensor([True, False]),
+            },
+        ),
     ]
 
 
@@ -80,6 +92,7 @@ def random_updates(num: int, seed: int = 0) -> list[ClientUpdate]:
 
 
 # ---- FedAvg ------------------------------------------------------------------------------------
+
 
 def test_fedavg_matches_hand_computation() -> None:
     result = run_round(FedAvg(), hand_updates())
@@ -134,8 +147,10 @@ def test_fedavg_keeps_no_client_update_alive() -> None:
     gc.collect()
     assert all(ref() is None for ref in refs)
     result = agg.finalize()
-    expected = fedavg([u.state for u in random_updates(3, seed=2)],
-                      [u.num_examples for u in random_updates(3, seed=2)])
+    expected = fedavg(
+        [u.state for u in random_updates(3, seed=2)],
+        [u.num_examples for u in random_updates(3, seed=2)],
+    )
     for key, value in expected.items():
         assert torch.equal(result.state[key], value), key
 
@@ -156,18 +171,30 @@ def _with(state, **items):
     return out
 
 
-@pytest.mark.parametrize(("make_bad", "pattern"), [
-    (lambda u: _bad(u, state=_with(u.state, d=None)), r"client 7: key 'd' is missing"),
-    (lambda u: _bad(u, state=_with(u.state, extra=torch.zeros(1))),
-     r"client 7: unexpected key 'extra'"),
-    (lambda u: _bad(u, state=_with(u.state, nbt=torch.zeros(4, dtype=torch.int64))),
-     r"client 7: 'nbt' has shape \(4,\), expected \(3,\)"),
-    (lambda u: _bad(u, state=_with(u.state, w=torch.full((2, 2), float("nan")))),
-     r"client 7: 'w' has non-finite values"),
-    (lambda u: _bad(u, num_examples=0), r"client 7: num_examples must be a positive number, got 0"),
-    (lambda u: _bad(u, num_examples=-3), r"client 7: num_examples .* got -3"),
-    (lambda u: _bad(u, num_examples=float("nan")), r"client 7: num_examples .* got nan"),
-])
+@pytest.mark.parametrize(
+    ("make_bad", "pattern"),
+    [
+        (lambda u: _bad(u, state=_with(u.state, d=None)), r"client 7: key 'd' is missing"),
+        (
+            lambda u: _bad(u, state=_with(u.state, extra=torch.zeros(1))),
+            r"client 7: unexpected key 'extra'",
+        ),
+        (
+            lambda u: _bad(u, state=_with(u.state, nbt=torch.zeros(4, dtype=torch.int64))),
+            r"client 7: 'nbt' has shape \(4,\), expected \(3,\)",
+        ),
+        (
+            lambda u: _bad(u, state=_with(u.state, w=torch.full((2, 2), float("nan")))),
+            r"client 7: 'w' has non-finite values",
+        ),
+        (
+            lambda u: _bad(u, num_examples=0),
+            r"client 7: num_examples must be a positive number, got 0",
+        ),
+        (lambda u: _bad(u, num_examples=-3), r"client 7: num_examples .* got -3"),
+        (lambda u: _bad(u, num_examples=float("nan")), r"client 7: num_examples .* got nan"),
+    ],
+)
 def test_fedavg_rejects_bad_update_naming_client_and_keeps_going(make_bad, pattern) -> None:
     first, second, third = hand_updates()
     agg = FedAvg()
@@ -189,8 +216,11 @@ def test_fedavg_first_update_is_checked_too() -> None:
     with pytest.raises(ValueError, match="client 3: num_examples"):
         agg.accumulate(ClientUpdate(client_id=3, state={"w": torch.ones(2)}, num_examples=0))
     with pytest.raises(ValueError, match="client 4: 'w' has non-finite"):
-        agg.accumulate(ClientUpdate(client_id=4, state={"w": torch.tensor([1.0, float("inf")])},
-                                    num_examples=1))
+        agg.accumulate(
+            ClientUpdate(
+                client_id=4, state={"w": torch.tensor([1.0, float("inf")])}, num_examples=1
+            )
+        )
     agg.accumulate(ClientUpdate(client_id=5, state={"w": torch.ones(3)}, num_examples=2))
     assert agg.finalize().state["w"].tolist() == [1.0, 1.0, 1.0]
 
@@ -227,13 +257,16 @@ def test_fedavg_pure_function_checks_weights() -> None:
 
 
 def test_aggregators_package_imports_neither_flwr_nor_ray() -> None:
-    code = ("import sys, fedmerge, fedmerge.aggregators; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray')); "
-            "assert not bad, bad")
+    code = (
+        "import sys, fedmerge, fedmerge.aggregators; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray')); "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 # ---- registry ----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def isolated_registry(monkeypatch):
@@ -298,10 +331,15 @@ def test_register_duplicate_name_names_both_classes(isolated_registry) -> None:
     class Other(Scaled):
         pass
 
-    with pytest.raises(ValueError, match=r"'scaled' is already registered by .*\.Scaled; "
-                                         r"cannot register .*\.Other"):
+    with pytest.raises(
+        ValueError,
+        match=r"'scaled' is already registered by .*\.Scaled; "
+        r"cannot register .*\.Other",
+    ):
         register("scaled")(Other)
-    with pytest.raises(ValueError, match="already registered by fedmerge.aggregators.fedavg.FedAvg"):
+    with pytest.raises(
+        ValueError, match="already registered by fedmerge.aggregators.fedavg.FedAvg"
+    ):
         register("fedavg")(Other)
 
 
@@ -320,25 +358,37 @@ def test_unknown_name_lists_available_and_the_ways_to_plug_in() -> None:
 def test_module_path_resolution(custom_path) -> None:
     cls = get_aggregator_class(f"{CUSTOM}:MedianOfClients")
     assert cls.__name__ == "MedianOfClients" and cls.__module__ == CUSTOM
-    updates = [ClientUpdate(client_id=i, state={"w": torch.tensor([float(i), 10.0 - i])},
-                            num_examples=1 + 100 * i) for i in range(3)]
-    assert create_aggregator(f"{CUSTOM}:MedianOfClients", {}).aggregate(
-        ctx(), updates).state["w"].tolist() == [1.0, 9.0]
+    updates = [
+        ClientUpdate(
+            client_id=i, state={"w": torch.tensor([float(i), 10.0 - i])}, num_examples=1 + 100 * i
+        )
+        for i in range(3)
+    ]
+    assert create_aggregator(f"{CUSTOM}:MedianOfClients", {}).aggregate(ctx(), updates).state[
+        "w"
+    ].tolist() == [1.0, 9.0]
 
     best = create_aggregator(f"{CUSTOM}:KeepBestByMetric", {"metric": "acc"})
-    scored = [ClientUpdate(client_id=i, state={"w": torch.tensor([float(i)])}, num_examples=1,
-                           metrics={"acc": acc}) for i, acc in enumerate([0.5, 0.9, 0.7])]
+    scored = [
+        ClientUpdate(
+            client_id=i, state={"w": torch.tensor([float(i)])}, num_examples=1, metrics={"acc": acc}
+        )
+        for i, acc in enumerate([0.5, 0.9, 0.7])
+    ]
     result = best.aggregate(ctx(), scored)
     assert result.state["w"].tolist() == [1.0] and result.metrics["best_client"] == 1
 
 
-@pytest.mark.parametrize(("spec", "pattern"), [
-    ("no_such_module_xyz:Thing", "cannot import 'no_such_module_xyz'"),
-    (f"{CUSTOM}:NoSuchClass", "'NoSuchClass' not found"),
-    (f"{CUSTOM}:torch", "not an aggregators.Aggregator subclass"),
-    ("fedmerge.aggregators.base:Aggregator", "is abstract: it does not implement aggregate"),
-    (":FedAvg", "must look like"),
-])
+@pytest.mark.parametrize(
+    ("spec", "pattern"),
+    [
+        ("no_such_module_xyz:Thing", "cannot import 'no_such_module_xyz'"),
+        (f"{CUSTOM}:NoSuchClass", "'NoSuchClass' not found"),
+        (f"{CUSTOM}:torch", "not an aggregators.Aggregator subclass"),
+        ("fedmerge.aggregators.base:Aggregator", "is abstract: it does not implement aggregate"),
+        (":FedAvg", "must look like"),
+    ],
+)
 def test_module_path_errors(custom_path, spec, pattern) -> None:
     with pytest.raises(ValueError, match=pattern):
         get_aggregator_class(spec)
@@ -351,8 +401,9 @@ def test_merge_function_route(isolated_registry) -> None:
     def scaled_mean(states, weights, *, scale: float, shift: float = 0.0):
         """Test merge: weighted mean, scaled and shifted."""
         seen["weights"] = list(weights)
-        return {k: scale * sum(w * s[k] for s, w in zip(states, weights)) + shift
-                for k in states[0]}
+        return {
+            k: scale * sum(w * s[k] for s, w in zip(states, weights)) + shift for k in states[0]
+        }
 
     # The function is still a plain function.
     assert scaled_mean.__name__ == "scaled_mean"
@@ -363,15 +414,20 @@ def test_merge_function_route(isolated_registry) -> None:
     assert issubclass(cls, Aggregator) and cls.name == "scaled_mean_test"
     assert "Test merge" in cls.__doc__
     agg = create_aggregator("scaled_mean_test", {"scale": 2.0})
-    updates = [ClientUpdate(client_id=0, state={"w": torch.tensor(4.0)}, num_examples=1),
-               ClientUpdate(client_id=1, state={"w": torch.tensor(8.0)}, num_examples=3)]
+    updates = [
+        ClientUpdate(client_id=0, state={"w": torch.tensor(4.0)}, num_examples=1),
+        ClientUpdate(client_id=1, state={"w": torch.tensor(8.0)}, num_examples=3),
+    ]
     result = run_round(agg, updates)
     assert seen["weights"] == [0.25, 0.75]
     assert result.state["w"].item() == 2.0 * (0.25 * 4 + 0.75 * 8)
     assert result.metrics == {"num_clients": 2, "num_examples": 4}
 
-    with pytest.raises(ValueError, match=r"no parameter 'scael' \(did you mean 'scale'\?\); "
-                                         r"it accepts: scale, shift"):
+    with pytest.raises(
+        ValueError,
+        match=r"no parameter 'scael' \(did you mean 'scale'\?\); "
+        r"it accepts: scale, shift",
+    ):
         create_aggregator("scaled_mean_test", {"scael": 2.0})
     with pytest.raises(ValueError, match="aggregator 'scaled_mean_test': missing .*'scale'"):
         create_aggregator("scaled_mean_test", {})
@@ -383,16 +439,22 @@ def test_entry_point_route() -> None:
     eps = {ep.name: ep for ep in entry_points(group="fedmerge.aggregators")}
     assert "example_plugin" in eps, (
         "the example plugin is not installed: "
-        "pip install --no-build-isolation -e tests/plugins/fedmerge_example_plugin")
+        "pip install --no-build-isolation -e tests/plugins/fedmerge_example_plugin"
+    )
     assert eps["example_plugin"].dist.name == "fedmerge-example-plugin"
     assert "example_plugin" in available()
 
     cls = get_aggregator_class("example_plugin")
     assert cls.__module__ == "fedmerge_example_plugin" and issubclass(cls, Aggregator)
     agg = create_aggregator("example_plugin", {"beta": 0.25})
-    updates = [ClientUpdate(client_id=i, num_examples=1, state={
-        "w": torch.tensor([v, -v]), "n": torch.tensor(i, dtype=torch.int64)})
-        for i, v in enumerate([1.0, 2.0, 4.0, 100.0])]
+    updates = [
+        ClientUpdate(
+            client_id=i,
+            num_examples=1,
+            state={"w": torch.tensor([v, -v]), "n": torch.tensor(i, dtype=torch.int64)},
+        )
+        for i, v in enumerate([1.0, 2.0, 4.0, 100.0])
+    ]
     result = agg.aggregate(ctx(), updates)
     # k = 4, beta = 0.25: one value trimmed at each end, the middle two averaged.
     assert result.state["w"].tolist() == [3.0, -3.0]
@@ -402,18 +464,22 @@ def test_entry_point_route() -> None:
 
 
 def test_broken_entry_point_names_itself(monkeypatch) -> None:
-    broken = EntryPoint(name="broken_test", value="no_such_plugin_xyz:Agg",
-                        group="fedmerge.aggregators")
+    broken = EntryPoint(
+        name="broken_test", value="no_such_plugin_xyz:Agg", group="fedmerge.aggregators"
+    )
     monkeypatch.setattr(registry, "_entry_points", lambda: {"broken_test": broken})
-    pattern = (r"cannot load entry point 'broken_test' "
-               r"\(no_such_plugin_xyz:Agg, from an unknown distribution\)")
+    pattern = (
+        r"cannot load entry point 'broken_test' "
+        r"\(no_such_plugin_xyz:Agg, from an unknown distribution\)"
+    )
     with pytest.raises(ValueError, match=pattern):
         get_aggregator_class("broken_test")
 
 
 def test_create_aggregator_parameter_errors(isolated_registry, custom_path) -> None:
-    with pytest.raises(ValueError, match="aggregator 'fedavg' has no parameter 'lr'; "
-                                         "it accepts: accumulator"):
+    with pytest.raises(
+        ValueError, match="aggregator 'fedavg' has no parameter 'lr'; it accepts: accumulator"
+    ):
         create_aggregator("fedavg", {"lr": 0.1})
     with pytest.raises(ValueError, match=r"no parameter 'metrc' \(did you mean 'metric'\?\)"):
         create_aggregator(f"{CUSTOM}:KeepBestByMetric", {"metrc": "acc"})

@@ -24,11 +24,16 @@ from .conftest import digits_config
 
 def _states() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    global_state = {"w": torch.randn(200, 50, generator=g), "b": torch.randn(50, generator=g),
-                    "steps": torch.tensor(3, dtype=torch.int64)}
-    trained = {"w": global_state["w"] + 0.01 * torch.randn(200, 50, generator=g),
-               "b": global_state["b"] + 0.01 * torch.randn(50, generator=g),
-               "steps": torch.tensor(7, dtype=torch.int64)}
+    global_state = {
+        "w": torch.randn(200, 50, generator=g),
+        "b": torch.randn(50, generator=g),
+        "steps": torch.tensor(3, dtype=torch.int64),
+    }
+    trained = {
+        "w": global_state["w"] + 0.01 * torch.randn(200, 50, generator=g),
+        "b": global_state["b"] + 0.01 * torch.randn(50, generator=g),
+        "steps": torch.tensor(7, dtype=torch.int64),
+    }
     return global_state, trained
 
 
@@ -63,7 +68,14 @@ def test_noise_replaces_the_update_with_gaussian_noise() -> None:
     out = attack_state(config, trained, global_state, seed=11)
     delta = out["w"] - global_state["w"]
     assert abs(float(delta.std()) - 0.5) < 0.02 and abs(float(delta.mean())) < 0.02
-    assert float(torch.corrcoef(torch.stack([delta.reshape(-1), (trained["w"] - global_state["w"]).reshape(-1)]))[0, 1]) < 0.05
+    assert (
+        float(
+            torch.corrcoef(
+                torch.stack([delta.reshape(-1), (trained["w"] - global_state["w"]).reshape(-1)])
+            )[0, 1]
+        )
+        < 0.05
+    )
     assert out["steps"] is trained["steps"]  # integer buffers are sent as trained
     again = attack_state(config, trained, global_state, seed=11)
     assert torch.equal(again["w"], out["w"])
@@ -72,9 +84,13 @@ def test_noise_replaces_the_update_with_gaussian_noise() -> None:
 
 def test_sign_flip_sends_the_negated_scaled_update() -> None:
     global_state, trained = _states()
-    out = attack_state(AttackConfig(kind="sign_flip", fraction=1.0, flip_scale=3.0), trained, global_state, seed=0)
+    out = attack_state(
+        AttackConfig(kind="sign_flip", fraction=1.0, flip_scale=3.0), trained, global_state, seed=0
+    )
     for key in ("w", "b"):
-        torch.testing.assert_close(out[key] - global_state[key], -3.0 * (trained[key] - global_state[key]))
+        torch.testing.assert_close(
+            out[key] - global_state[key], -3.0 * (trained[key] - global_state[key])
+        )
     assert out["steps"] is trained["steps"]
 
 
@@ -88,21 +104,43 @@ def test_data_and_count_attacks_leave_the_weights_alone(kind) -> None:
 
 def test_data_attacks_change_the_labels_or_the_size_as_specified() -> None:
     rng = np.random.default_rng(0)
-    data = ArrayData(rng.integers(0, 255, size=(1000, 4), dtype=np.uint8), rng.integers(0, 10, size=1000))
-    flipped = attack_data(AttackConfig(kind="label_flip", fraction=1.0), data, num_classes=10, client_id=2)
+    data = ArrayData(
+        rng.integers(0, 255, size=(1000, 4), dtype=np.uint8), rng.integers(0, 10, size=1000)
+    )
+    flipped = attack_data(
+        AttackConfig(kind="label_flip", fraction=1.0), data, num_classes=10, client_id=2
+    )
     assert np.array_equal(flipped.y, 9 - data.y) and flipped.x is data.x
-    noisy = attack_data(AttackConfig(kind="noisy_labels", fraction=1.0, label_noise=0.5), data,
-                        num_classes=10, client_id=2)
+    noisy = attack_data(
+        AttackConfig(kind="noisy_labels", fraction=1.0, label_noise=0.5),
+        data,
+        num_classes=10,
+        client_id=2,
+    )
     changed = float(np.mean(noisy.y != data.y))
-    assert 0.5 * 0.9 - 0.06 < changed < 0.5 * 0.9 + 0.06  # a redrawn label keeps its value 1 time in 10
+    assert (
+        0.5 * 0.9 - 0.06 < changed < 0.5 * 0.9 + 0.06
+    )  # a redrawn label keeps its value 1 time in 10
     assert np.array_equal(noisy.x, data.x) and noisy.y.min() >= 0 and noisy.y.max() <= 9
-    tiny = attack_data(AttackConfig(kind="tiny", fraction=1.0, tiny_fraction=0.05), data, num_classes=10, client_id=2)
+    tiny = attack_data(
+        AttackConfig(kind="tiny", fraction=1.0, tiny_fraction=0.05),
+        data,
+        num_classes=10,
+        client_id=2,
+    )
     assert len(tiny) == 50
     rows = {bytes(r) + bytes([int(y)]) for r, y in zip(data.x, data.y)}
     assert all(bytes(r) + bytes([int(y)]) in rows for r, y in zip(tiny.x, tiny.y))
     for kind in ("noise", "sign_flip", "inflate"):
-        assert attack_data(AttackConfig(kind=kind, fraction=1.0, count_factor=2.0), data, num_classes=10,
-                           client_id=2) is data
+        assert (
+            attack_data(
+                AttackConfig(kind=kind, fraction=1.0, count_factor=2.0),
+                data,
+                num_classes=10,
+                client_id=2,
+            )
+            is data
+        )
 
 
 def test_inflated_counts() -> None:
@@ -111,14 +149,17 @@ def test_inflated_counts() -> None:
     assert reported_count(AttackConfig(kind="tiny", fraction=1.0, count_factor=0.01), 37) == 1
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("attack.kind=\"bogus\"", "attack.kind"),
-    ("attack.fraction=1.5", "attack.fraction"),
-    ("attack.noise_std=0", "attack.noise_std"),
-    ("attack.kind=\"inflate\"", "count_factor"),
-    ("attack.wrong=1", "attack.wrong"),
-    ("data.server_val_size=-1", "data.server_val_size"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ('attack.kind="bogus"', "attack.kind"),
+        ("attack.fraction=1.5", "attack.fraction"),
+        ("attack.noise_std=0", "attack.noise_std"),
+        ('attack.kind="inflate"', "count_factor"),
+        ("attack.wrong=1", "attack.wrong"),
+        ("data.server_val_size=-1", "data.server_val_size"),
+    ],
+)
 def test_bad_attack_settings_name_the_key(tmp_path, override, key) -> None:
     with pytest.raises(ConfigError, match=key):
         digits_config(tmp_path, override)
@@ -128,7 +169,9 @@ def test_server_validation_set_is_held_out_and_seeded() -> None:
     data = ArrayData(np.arange(500).reshape(500, 1), np.arange(500) % 10)
     rest, held = hold_out(data, 100, seed=4)
     assert len(held) == 100 and len(rest) == 400
-    assert set(held.x[:, 0]).isdisjoint(rest.x[:, 0]) and set(held.x[:, 0]) | set(rest.x[:, 0]) == set(range(500))
+    assert set(held.x[:, 0]).isdisjoint(rest.x[:, 0]) and set(held.x[:, 0]) | set(
+        rest.x[:, 0]
+    ) == set(range(500))
     assert np.array_equal(hold_out(data, 100, seed=4)[1].x, held.x)
     assert not np.array_equal(hold_out(data, 100, seed=5)[1].x, held.x)
     with pytest.raises(ValueError, match="server_val_size"):

@@ -21,10 +21,20 @@ NUMBER = r"-?[\d,]+(?:\.\d+)?"
 
 
 def run_benchmark(name: str, *args: str, timeout: float = 600) -> str:
-    env = dict(os.environ, FEDMERGE_DATA_DIR=os.environ.get("FEDMERGE_DATA_DIR", str(ROOT / "data")))
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"benchmarks.{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    env = dict(
+        os.environ, FEDMERGE_DATA_DIR=os.environ.get("FEDMERGE_DATA_DIR", str(ROOT / "data"))
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (
+        f"benchmarks.{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc.stdout
 
 
@@ -91,9 +101,14 @@ def test_aggregation_quick_reports_every_path():
     out = run_benchmark("aggregation", "--quick")
     throughput, memory, breakdown = tables(out)
     header, row = throughput[0], by_first_cell(throughput)["4 x 1M"]
-    for column in ("Flower FedAvg GB/s (s)", "fedmerge GB/s (s)", "fedmerge, float32 sums GB/s (s)",
-                   "fedmerge + Ray, restarts 3 GB/s (s)",
-                   "fedmerge + Ray, restarts 0 GB/s (s)", "ceiling fp32 a*x+y GB/s"):
+    for column in (
+        "Flower FedAvg GB/s (s)",
+        "fedmerge GB/s (s)",
+        "fedmerge, float32 sums GB/s (s)",
+        "fedmerge + Ray, restarts 3 GB/s (s)",
+        "fedmerge + Ray, restarts 0 GB/s (s)",
+        "ceiling fp32 a*x+y GB/s",
+    ):
         assert numeric(row[header.index(column)]) > 0, column
     for cell in by_first_cell(memory)["4 x 1M"][1:]:
         assert numeric(cell) > 0
@@ -123,7 +138,9 @@ def test_round_quick_reports_flower_and_fedmerge(ray_address, tmp_path):
     assert positive_times(compute["client_s"]) and positive_times([data["ideal_round_s"]])
     for system in ("flower", "fedmerge"):
         result = data["results"][system]
-        assert len(result["round_s"]) == 2 and positive_times(result["round_s"]), result  # --quick: 2 rounds
+        assert len(result["round_s"]) == 2 and positive_times(result["round_s"]), (
+            result
+        )  # --quick: 2 rounds
         assert positive_times([data["steady_round_s"][system], result["wall_s"]]), result
         assert 0.0 <= result["final_accuracy"] <= 1.0, result
     assert math.isfinite(data["fedmerge_vs_flower"]) and data["fedmerge_vs_flower"] > 0
@@ -148,7 +165,9 @@ def test_smile_quick_reports_both_svds(tmp_path):
     rows = by_first_cell(table)
     assert sorted(rows) == ["1", "2"]
     assert all(len(row) == len(table[0]) for row in rows.values())
-    experts = json.loads(figures.read_text(encoding="utf-8"))["experts"]  # unrounded: 0.004 s prints 0.00
+    experts = json.loads(figures.read_text(encoding="utf-8"))[
+        "experts"
+    ]  # unrounded: 0.004 s prints 0.00
     assert sorted(experts) == ["1", "2"]
     for by_svd in experts.values():
         assert sorted(by_svd) == ["full", "randomized"]

@@ -29,7 +29,8 @@ def only_run(root: Path) -> RunDir:
 def test_actors_and_clients_land_where_the_config_places_them(ray_cluster, tmp_path):
     overrides = digits_overrides(
         tmp_path,
-        "ray.aggregator.resources={aggregator = 1}", "ray.aggregator.num_gpus=1",
+        "ray.aggregator.resources={aggregator = 1}",
+        "ray.aggregator.num_gpus=1",
         'ray.evaluator.label_selector={"fedmerge-role" = "clients"}',
         f"output.upload_uri='file://{tmp_path}/mirror'",
     )
@@ -39,7 +40,10 @@ def test_actors_and_clients_land_where_the_config_places_them(ray_cluster, tmp_p
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
 
     run = only_run(tmp_path / "runs")
-    gpu, clients = ray_cluster.node_id("head"), ray_cluster.node_id("clients")  # the head declares the GPU
+    gpu, clients = (
+        ray_cluster.node_id("head"),
+        ray_cluster.node_id("clients"),
+    )  # the head declares the GPU
     placements = run.placements()
     for rnd in (1, 2):
         this = [p for p in placements if p["round"] == rnd]
@@ -61,7 +65,12 @@ def test_actors_and_clients_land_where_the_config_places_them(ray_cluster, tmp_p
     assert run.server_curve("accuracy")[-1][1] > 0.5  # learned (chance is 0.1)
 
     mirror = tmp_path / "mirror" / run.path.name  # output.upload_uri: a complete copy
-    local = {p.relative_to(run.path): p.read_bytes() for p in run.path.rglob("*")
-             if p.is_file() and p.name != ".fedmerge.lock"}  # the writer's lock is local, never uploaded
+    local = {
+        p.relative_to(run.path): p.read_bytes()
+        for p in run.path.rglob("*")
+        if p.is_file() and p.name != ".fedmerge.lock"
+    }  # the writer's lock is local, never uploaded
     copied = {p.relative_to(mirror): p.read_bytes() for p in mirror.rglob("*") if p.is_file()}
-    assert local == copied and Path("metrics.parquet") in copied and Path("placement.jsonl") in copied
+    assert (
+        local == copied and Path("metrics.parquet") in copied and Path("placement.jsonl") in copied
+    )

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from fedmerge.federation.config import ConfigError, apply_overrides, describe_fields, load_config, parse_config
+from fedmerge.federation.config import (
+    ConfigError,
+    apply_overrides,
+    describe_fields,
+    load_config,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "experiments" / "fashion_mnist_fedavg.toml"
@@ -52,8 +58,16 @@ def test_every_experiment_file_is_valid():
 
 
 def test_overrides_are_toml_literals_or_text():
-    config = load_config(DEFAULT, ["federation.num_rounds=3", "data.alpha=0.1", "aggregator.name=fedavg",
-                                   "ray.aggregator.resources={aggregator = 1}", "output.plot=false"])
+    config = load_config(
+        DEFAULT,
+        [
+            "federation.num_rounds=3",
+            "data.alpha=0.1",
+            "aggregator.name=fedavg",
+            "ray.aggregator.resources={aggregator = 1}",
+            "output.plot=false",
+        ],
+    )
     assert config.federation.num_rounds == 3
     assert config.data.alpha == 0.1
     assert config.ray.aggregator.resources == {"aggregator": 1}
@@ -70,11 +84,14 @@ def test_round_trip_through_toml():
     assert parse_config(tomllib.loads(config.to_toml())) == config
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"dataa": {}}, "dataa"),
-    ({"data": {"alfa": 0.3}}, "data.alfa"),
-    ({"ray": {"aggregator": {"gpus": 1}}}, "ray.aggregator.gpus"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"dataa": {}}, "dataa"),
+        ({"data": {"alfa": 0.3}}, "data.alfa"),
+        ({"ray": {"aggregator": {"gpus": 1}}}, "ray.aggregator.gpus"),
+    ],
+)
 def test_unknown_keys_are_named(raw, key):
     with pytest.raises(ConfigError, match=re.escape(f"unknown key '{key}'")):
         parse_config(raw)
@@ -85,24 +102,30 @@ def test_typo_gets_a_suggestion():
         parse_config({"data": {"alfa": 0.3}})
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"data": {"alpha": -1.0}}, "data.alpha"),
-    ({"data": {"alpha": "big"}}, "data.alpha"),
-    ({"data": {"num_clients": 0}}, "data.num_clients"),
-    ({"data": {"num_clients": 2.5}}, "data.num_clients"),
-    ({"data": {"partitioner": "dirichlett"}}, "data.partitioner"),
-    ({"data": {"task": "imagenet"}}, "data.task"),
-    ({"train": {"lr": 0}}, "train.lr"),
-    ({"train": {"optimizer": "rmsprop"}}, "train.optimizer"),
-    ({"federation": {"fraction_train": 1.5}}, "federation.fraction_train"),
-    ({"federation": {"num_rounds": True}}, "federation.num_rounds"),
-    ({"federation": {"min_train_nodes": 11}}, "federation.min_train_nodes"),
-    ({"ray": {"client_num_cpus": 0}}, "ray.client_num_cpus"),
-    ({"ray": {"aggregator": {"resources": {"aggregator": -1}}}}, "ray.aggregator.resources.aggregator"),
-    ({"federation": {"fraction_evaluate": 0.5}}, "data.local_test_fraction"),
-    ({"seed": -1}, "seed"),
-    ({"output": "runs"}, "output"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"data": {"alpha": -1.0}}, "data.alpha"),
+        ({"data": {"alpha": "big"}}, "data.alpha"),
+        ({"data": {"num_clients": 0}}, "data.num_clients"),
+        ({"data": {"num_clients": 2.5}}, "data.num_clients"),
+        ({"data": {"partitioner": "dirichlett"}}, "data.partitioner"),
+        ({"data": {"task": "imagenet"}}, "data.task"),
+        ({"train": {"lr": 0}}, "train.lr"),
+        ({"train": {"optimizer": "rmsprop"}}, "train.optimizer"),
+        ({"federation": {"fraction_train": 1.5}}, "federation.fraction_train"),
+        ({"federation": {"num_rounds": True}}, "federation.num_rounds"),
+        ({"federation": {"min_train_nodes": 11}}, "federation.min_train_nodes"),
+        ({"ray": {"client_num_cpus": 0}}, "ray.client_num_cpus"),
+        (
+            {"ray": {"aggregator": {"resources": {"aggregator": -1}}}},
+            "ray.aggregator.resources.aggregator",
+        ),
+        ({"federation": {"fraction_evaluate": 0.5}}, "data.local_test_fraction"),
+        ({"seed": -1}, "seed"),
+        ({"output": "runs"}, "output"),
+    ],
+)
 def test_bad_values_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:
         parse_config(raw)

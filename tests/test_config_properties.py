@@ -17,14 +17,31 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fedmerge.federation.config import ConfigError, ExperimentConfig, apply_overrides, describe_fields, parse_config
+from fedmerge.federation.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    describe_fields,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "experiments" / "fashion_mnist_fedavg.toml"
 
 FIELDS = {key: default for key, default, _ in describe_fields() if key != "aggregator.params"}
 SECTIONS = sorted({key.rsplit(".", 1)[0] for key in FIELDS if "." in key} | {"aggregator"})
-CHOICES = ["digits", "fashion_mnist", "iid", "dirichlet", "pathological", "sgd", "adam", "fedavg", "x", ""]
+CHOICES = [
+    "digits",
+    "fashion_mnist",
+    "iid",
+    "dirichlet",
+    "pathological",
+    "sgd",
+    "adam",
+    "fedavg",
+    "x",
+    "",
+]
 
 PROFILE = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -41,10 +58,14 @@ scalars = st.one_of(
     st.none(),
     st.datetimes(min_value=datetime.datetime(2000, 1, 1), max_value=datetime.datetime(2100, 1, 1)),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3),
-    st.dictionaries(st.text(max_size=5), inner, max_size=3),
-), max_leaves=6)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    ),
+    max_leaves=6,
+)
 names = st.one_of(st.sampled_from(sorted(FIELDS) + SECTIONS), st.text(max_size=10))
 
 
@@ -65,8 +86,11 @@ def raw_configs(draw) -> dict[str, Any]:
     raw: dict[str, Any] = {}
     for key in draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=8, unique=True)):
         default = FIELDS[key]
-        fitting = st.just(default) if isinstance(default, (bool, str, dict)) else st.one_of(
-            st.just(default), st.just(type(default)(1)), st.just(type(default)(0)))
+        fitting = (
+            st.just(default)
+            if isinstance(default, (bool, str, dict))
+            else st.one_of(st.just(default), st.just(type(default)(1)), st.just(type(default)(0)))
+        )
         _set(raw, key, draw(st.one_of(fitting, values)))
     for _ in range(draw(st.integers(0, 2))):
         _set(raw, draw(names), draw(values))
@@ -90,12 +114,15 @@ def _outcome(raw: dict[str, Any], named: set[str]) -> ExperimentConfig | None:
         config = parse_config(raw)
     except ConfigError as err:
         message = str(err)
-        assert any((path and path in message) or f"'{path}'" in message for path in named) \
-            or "top level" in message, (
-            f"{message!r} names none of {sorted(named)}")
+        assert (
+            any((path and path in message) or f"'{path}'" in message for path in named)
+            or "top level" in message
+        ), f"{message!r} names none of {sorted(named)}"
         return None
     assert isinstance(config, ExperimentConfig)
-    assert parse_config(tomllib.loads(config.to_toml())) == config  # what a run dir stores, it can reload
+    assert (
+        parse_config(tomllib.loads(config.to_toml())) == config
+    )  # what a run dir stores, it can reload
     return config
 
 
@@ -111,12 +138,36 @@ def test_random_configs_are_valid_or_named_errors(raw):
 
 override_keys = st.one_of(st.sampled_from(sorted(FIELDS)), st.text(max_size=12))
 override_values = st.one_of(
-    st.sampled_from(["1", "0", "-1", "0.5", "1e400", "nan", "inf", "true", "'x'", '"digits"', "[1, 2]",
-                     "{a = 1}", "{}", "", "=", "1979-05-27", "[", "x\ny = 2"]),
+    st.sampled_from(
+        [
+            "1",
+            "0",
+            "-1",
+            "0.5",
+            "1e400",
+            "nan",
+            "inf",
+            "true",
+            "'x'",
+            '"digits"',
+            "[1, 2]",
+            "{a = 1}",
+            "{}",
+            "",
+            "=",
+            "1979-05-27",
+            "[",
+            "x\ny = 2",
+        ]
+    ),
     st.text(max_size=12),
 )
-overrides = st.lists(st.one_of(st.builds(lambda k, v: f"{k}={v}", override_keys, override_values),
-                               st.text(max_size=15)), max_size=4)
+overrides = st.lists(
+    st.one_of(
+        st.builds(lambda k, v: f"{k}={v}", override_keys, override_values), st.text(max_size=15)
+    ),
+    max_size=4,
+)
 
 
 @PROFILE
@@ -155,18 +206,30 @@ def test_every_field_is_documented_in_the_experiment_file():
             node = node[part]
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"data": {"alpha": 10**400}}, "data.alpha"),  # was an OverflowError
-    ({"name": "a/b"}, "name"),  # was accepted, then failed when the run folder was made
-    ({"name": ".."}, "name"),
-    ({"data": {"cache_dir": "runs\0x"}}, "data.cache_dir"),  # was accepted, then a ValueError from os
-    ({"ray": {"aggregator": {"resources": {"gpu_node": float("inf")}}}}, "ray.aggregator.resources.gpu_node"),
-    ({"federation": {"num_rounds": 2**40}}, "federation.num_rounds"),  # metrics store rounds as int32
-    ({"federation": {"max_update_norm": -1.0}}, "federation.max_update_norm"),
-    ({"checkpoint": {"every": -1}}, "checkpoint.every"),
-    ({"checkpoint": {"keep": 1.5}}, "checkpoint.keep"),
-    ({"ray": {"evaluator": {"max_restarts": -2}}}, "ray.evaluator.max_restarts"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"data": {"alpha": 10**400}}, "data.alpha"),  # was an OverflowError
+        ({"name": "a/b"}, "name"),  # was accepted, then failed when the run folder was made
+        ({"name": ".."}, "name"),
+        (
+            {"data": {"cache_dir": "runs\0x"}},
+            "data.cache_dir",
+        ),  # was accepted, then a ValueError from os
+        (
+            {"ray": {"aggregator": {"resources": {"gpu_node": float("inf")}}}},
+            "ray.aggregator.resources.gpu_node",
+        ),
+        (
+            {"federation": {"num_rounds": 2**40}},
+            "federation.num_rounds",
+        ),  # metrics store rounds as int32
+        ({"federation": {"max_update_norm": -1.0}}, "federation.max_update_norm"),
+        ({"checkpoint": {"every": -1}}, "checkpoint.every"),
+        ({"checkpoint": {"keep": 1.5}}, "checkpoint.keep"),
+        ({"ray": {"evaluator": {"max_restarts": -2}}}, "ray.evaluator.max_restarts"),
+    ],
+)
 def test_values_found_by_the_properties_are_named_errors(raw, key):
     with pytest.raises(ConfigError) as info:
         parse_config(raw)

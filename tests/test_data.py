@@ -20,22 +20,28 @@ REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 def _fashion_dir() -> Path | None:
     """The dir holding the Fashion-MNIST files, if this machine has them (`make data`)."""
     roots = [Path(os.environ["FEDMERGE_DATA_DIR"])] if os.environ.get("FEDMERGE_DATA_DIR") else []
-    for directory in [*(r / "fashion-mnist" for r in roots), REPO_DATA / "fashion-mnist",
-                      Path("/usr/share/datasets/fashion-mnist")]:
+    for directory in [
+        *(r / "fashion-mnist" for r in roots),
+        REPO_DATA / "fashion-mnist",
+        Path("/usr/share/datasets/fashion-mnist"),
+    ]:
         if (directory / "t10k-labels-idx1-ubyte.gz").is_file():
             return directory
     return None
 
 
-needs_fashion = pytest.mark.skipif(_fashion_dir() is None,
-                                   reason="Fashion-MNIST not present; run `make data`")
+needs_fashion = pytest.mark.skipif(
+    _fashion_dir() is None, reason="Fashion-MNIST not present; run `make data`"
+)
 
 
 @pytest.fixture
 def isolated_env(monkeypatch):
     """No $FEDMERGE_DATA_DIR, so only the explicit data_dir (and the system dir) are searched."""
     monkeypatch.delenv("FEDMERGE_DATA_DIR", raising=False)
-    monkeypatch.setattr("fedmerge.clients.tasks.fashion_mnist.SYSTEM_DIR", Path("/nonexistent/fashion-mnist"))
+    monkeypatch.setattr(
+        "fedmerge.clients.tasks.fashion_mnist.SYSTEM_DIR", Path("/nonexistent/fashion-mnist")
+    )
 
 
 def _copy_test_split(tmp_path: Path) -> Path:
@@ -89,7 +95,9 @@ def test_fashion_mnist_preprocess_and_model():
 
 
 def test_missing_dir_says_how_to_get_the_data(isolated_env, tmp_path):
-    with pytest.raises(DataError, match="not found in:.*make data.*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(
+        DataError, match="not found in:.*make data.*apt-get install dataset-fashion-mnist"
+    ):
         get_task("fashion_mnist").load("test", data_dir=tmp_path / "empty")
 
 
@@ -116,7 +124,9 @@ def test_truncated_payload_is_named(isolated_env, tmp_path):
     images = directory / "t10k-images-idx3-ubyte.gz"
     raw = gzip.decompress(images.read_bytes())
     images.write_bytes(gzip.compress(raw[:-100], compresslevel=1))
-    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz: .*expected 7840000 \(truncated\)"):
+    with pytest.raises(
+        DataError, match=r"t10k-images-idx3-ubyte\.gz: .*expected 7840000 \(truncated\)"
+    ):
         get_task("fashion_mnist").load("test", data_dir=directory)
 
 
@@ -126,7 +136,9 @@ def test_bad_magic_is_named(isolated_env, tmp_path):
     labels = directory / "t10k-labels-idx1-ubyte.gz"
     raw = gzip.decompress(labels.read_bytes())
     labels.write_bytes(gzip.compress(struct.pack(">I", 1234) + raw[4:], compresslevel=1))
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: bad IDX magic number 1234, expected 2049"):
+    with pytest.raises(
+        DataError, match=r"t10k-labels-idx1-ubyte\.gz: bad IDX magic number 1234, expected 2049"
+    ):
         get_task("fashion_mnist").load("test", data_dir=directory)
 
 

@@ -20,8 +20,17 @@ TIMING = {"round_time_s", "aggregate_s", "evaluate_s"}
 
 def _rows(run: RunDir):
     table = run.metrics().to_pylist()
-    return sorted((r["round"], r["scope"], r["client_id"] if r["client_id"] is not None else -1, r["metric"], r["value"])
-                  for r in table if r["metric"] not in TIMING)
+    return sorted(
+        (
+            r["round"],
+            r["scope"],
+            r["client_id"] if r["client_id"] is not None else -1,
+            r["metric"],
+            r["value"],
+        )
+        for r in table
+        if r["metric"] not in TIMING
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +49,12 @@ def test_digits_end_to_end(base_run):
     assert curve[-1][1] > 0.6, f"final accuracy {curve[-1][1]} is not well above chance (0.1)"
 
     table = run.metrics()
-    clients = table.filter(pc.and_(pc.equal(table["scope"], "client"), pc.equal(table["metric"], "train_loss")))
+    clients = table.filter(
+        pc.and_(pc.equal(table["scope"], "client"), pc.equal(table["metric"], "train_loss"))
+    )
     assert sorted(set(zip(clients["round"].to_pylist(), clients["client_id"].to_pylist()))) == [
-        (r, c) for r in (1, 2) for c in (0, 1, 2)]
+        (r, c) for r in (1, 2) for c in (0, 1, 2)
+    ]
     assert any("round   2/2" in line for line in lines)
 
     # The saved model is the final global model: it scores what the evaluator reported.
@@ -58,12 +70,16 @@ def test_digits_end_to_end(base_run):
 def test_same_seed_same_metrics(base_run, tmp_path, ray_address):
     """The base run started a Ray of its own; this one attaches to a running Ray: same metrics."""
     first = base_run[0].run_dir
-    second = run_experiment(digits_config(tmp_path), address=ray_address, progress=lambda _: None).run_dir
+    second = run_experiment(
+        digits_config(tmp_path), address=ray_address, progress=lambda _: None
+    ).run_dir
     assert _rows(first) == _rows(second)
     a, b = first.load_model(), second.load_model()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_other_seed_other_metrics(base_run, tmp_path, ray_address):
-    other = run_experiment(digits_config(tmp_path, "seed=8"), address=ray_address, progress=lambda _: None).run_dir
+    other = run_experiment(
+        digits_config(tmp_path, "seed=8"), address=ray_address, progress=lambda _: None
+    ).run_dir
     assert _rows(base_run[0].run_dir) != _rows(other)

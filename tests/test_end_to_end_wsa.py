@@ -28,14 +28,20 @@ def fedprox_run(tmp_path_factory, ray_address) -> RunDir:
 
 
 def _series(run: RunDir, scope: str, metric: str) -> dict[tuple[int, int | None], float]:
-    return {(r["round"], r["client_id"]): r["value"] for r in run.metrics().to_pylist()
-            if r["scope"] == scope and r["metric"] == metric}
+    return {
+        (r["round"], r["client_id"]): r["value"]
+        for r in run.metrics().to_pylist()
+        if r["scope"] == scope and r["metric"] == metric
+    }
 
 
-@pytest.mark.parametrize(("fixture", "metrics"), [
-    ("wsa_run", ["scope_sigma_spread", "scope_mu_spread", "scope_kl_to_target"]),
-    ("fedprox_run", ["scope_sigma_spread", "scope_mu_spread"]),
-])
+@pytest.mark.parametrize(
+    ("fixture", "metrics"),
+    [
+        ("wsa_run", ["scope_sigma_spread", "scope_mu_spread", "scope_kl_to_target"]),
+        ("fedprox_run", ["scope_sigma_spread", "scope_mu_spread"]),
+    ],
+)
 def test_learns_and_reports_scope_metrics_every_round(fixture, metrics, request) -> None:
     run: RunDir = request.getfixturevalue(fixture)
     curve = run.server_curve("accuracy")
@@ -51,7 +57,9 @@ def test_the_scope_term_reaches_the_clients(wsa_run, tmp_path_factory, ray_addre
     Were the term ignored, round 1's client models would be identical in both runs, and so
     would their task losses and their KL to the round-1 target (the initial model's scopes).
     """
-    strong = _run(tmp_path_factory, ray_address, "wsa-lam100", "aggregator.name=wsa", "aggregator.lam=100")
+    strong = _run(
+        tmp_path_factory, ray_address, "wsa-lam100", "aggregator.name=wsa", "aggregator.lam=100"
+    )
     kl_weak = _series(wsa_run, "aggregator", "scope_kl_to_target")[(1, None)]
     kl_strong = _series(strong, "aggregator", "scope_kl_to_target")[(1, None)]
     assert kl_strong < 0.2 * kl_weak, (kl_strong, kl_weak)

@@ -33,19 +33,32 @@ from .conftest import DEFAULT_EXPERIMENT, ROOT, digits_config, digits_overrides
 
 pytestmark = pytest.mark.slow
 
+
 def _comparable(run: RunDir) -> dict[tuple[int, str, int, str], float]:
     """Every metric of a run except wall-clock timings, keyed by (round, scope, client, metric)."""
     table = run.metrics().to_pylist()
-    return {(r["round"], r["scope"], -1 if r["client_id"] is None else r["client_id"], r["metric"]): r["value"]
-            for r in table if not r["metric"].endswith("_s")}  # seconds differ run to run
+    return {
+        (r["round"], r["scope"], -1 if r["client_id"] is None else r["client_id"], r["metric"]): r[
+            "value"
+        ]
+        for r in table
+        if not r["metric"].endswith("_s")
+    }  # seconds differ run to run
 
 
 def test_a_crashing_client_is_a_failure_with_its_error_and_the_rounds_go_on(tmp_path, ray_address):
     config = digits_config(tmp_path, "data.num_clients=4", "federation.num_rounds=2")
     task = get_task("digits")
     train = task.load("train", None)
-    shard_dir = materialize_shards(task, train, 4, config.data.partitioner, config.seed,
-                                   partition_params(config.data), Path(config.data.cache_dir).resolve())
+    shard_dir = materialize_shards(
+        task,
+        train,
+        4,
+        config.data.partitioner,
+        config.seed,
+        partition_params(config.data),
+        Path(config.data.cache_dir).resolve(),
+    )
     broken = shard_path(shard_dir, 1)
     broken.write_bytes(broken.read_bytes()[:100])  # a damaged disk at one site
 
@@ -55,7 +68,10 @@ def test_a_crashing_client_is_a_failure_with_its_error_and_the_rounds_go_on(tmp_
     failed = [e for e in events if e["kind"] == "failed"]
     assert [(e["round"], e["client_id"]) for e in failed] == [(1, 1), (2, 1)]
     for event in failed:  # the client's own message, not Ray's remote traceback
-        assert event["reason"].startswith("shard ") and "client_00001.arrow is corrupt" in event["reason"]
+        assert (
+            event["reason"].startswith("shard ")
+            and "client_00001.arrow is corrupt" in event["reason"]
+        )
         assert "Traceback" not in event["reason"] and "\x1b" not in event["reason"]
     metrics = run.metrics()
     for round in (1, 2):
@@ -122,8 +138,9 @@ class Recording:
 
 
 def test_a_client_that_never_answers_times_out_and_the_round_completes():
-    strategy = FedMergeStrategy(aggregator=None, evaluator=None, num_clients=3, fraction_train=1.0,
-                                min_train_nodes=2)
+    strategy = FedMergeStrategy(
+        aggregator=None, evaluator=None, num_clients=3, fraction_train=1.0, min_train_nodes=2
+    )
     strategy._aggregation = Recording()
     strategy._nodes = [1, 2]
     grid = SilentClientGrid(silent=2)
@@ -137,20 +154,25 @@ def test_a_client_that_never_answers_times_out_and_the_round_completes():
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path, ray_address):
-    overrides = digits_overrides(tmp_path / "killed", "federation.num_rounds=4", "checkpoint.keep=0")
+    overrides = digits_overrides(
+        tmp_path / "killed", "federation.num_rounds=4", "checkpoint.keep=0"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "fedmerge", "run", str(DEFAULT_EXPERIMENT)]
     for item in overrides:
         args += ["--set", item]
     log = tmp_path / "killed.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=out,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            args, cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
     runs = tmp_path / "killed" / "runs"
     try:
         deadline = time.monotonic() + 300
         while not list(runs.glob("*/checkpoints/round_00002")):
-            assert process.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
+            assert process.poll() is None, (
+                f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, "no checkpoint of round 2 within 300 s"
             time.sleep(0.05)
     finally:
@@ -162,8 +184,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path, ray_add
 
     # The killed run had a Ray of its own, gone with it; the resumed and the reference runs attach to one.
     assert main(["resume", str(run_path), "--address", ray_address]) == 0
-    reference = run_experiment(digits_config(tmp_path / "whole", "federation.num_rounds=4"),
-                               address=ray_address, progress=lambda _: None).run_dir
+    reference = run_experiment(
+        digits_config(tmp_path / "whole", "federation.num_rounds=4"),
+        address=ray_address,
+        progress=lambda _: None,
+    ).run_dir
 
     resumed, whole = _comparable(killed), _comparable(reference)
     assert {key[0] for key in resumed} == {1, 2, 3, 4}

@@ -8,15 +8,30 @@ import pytest
 import torch
 
 from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator
-from fedmerge.aggregators.feddrl import FEATURES, A2CAgent, A2CConfig, TD3Agent, TD3Config, client_features
+from fedmerge.aggregators.feddrl import (
+    FEATURES,
+    A2CAgent,
+    A2CConfig,
+    TD3Agent,
+    TD3Config,
+    client_features,
+)
 from fedmerge.clients.attacks import AttackConfig, attack_state
 from fedmerge.clients.tasks import get_task
 from fedmerge.clients.training import TrainConfig, get_state, set_state, train
 from fedmerge.federation.checkpoint import load_checkpoint, save_checkpoint
 from fedmerge.federation.scoring import ValidationScorer, hold_out
 
-SMALL = {"a2c_hidden": 16, "a2c_candidates": 4, "a2c_iterations": 2, "a2c_warmup_iterations": 2,
-         "td3_hidden": 32, "td3_steps": 4, "td3_updates": 8, "td3_batch_size": 8}
+SMALL = {
+    "a2c_hidden": 16,
+    "a2c_candidates": 4,
+    "a2c_iterations": 2,
+    "a2c_warmup_iterations": 2,
+    "td3_hidden": 32,
+    "td3_steps": 4,
+    "td3_updates": 8,
+    "td3_batch_size": 8,
+}
 MALICIOUS = frozenset({1, 4})
 
 
@@ -47,7 +62,13 @@ def digits_rounds():
         for cid, part in enumerate(parts):
             model = task.build_model()
             set_state(model, global_state)
-            train(model, task, rest.subset(part), TrainConfig(lr=0.05, local_epochs=2), seed=100 * rnd + cid)
+            train(
+                model,
+                task,
+                rest.subset(part),
+                TrainConfig(lr=0.05, local_epochs=2),
+                seed=100 * rnd + cid,
+            )
             state = get_state(model)
             if cid in MALICIOUS:
                 state = attack_state(attack, state, global_state, seed=100 * rnd + cid)
@@ -60,8 +81,15 @@ def digits_rounds():
 
 
 def _ctx(rnd: int, global_state, scorer: ValidationScorer) -> RoundContext:
-    return RoundContext(round=rnd, global_state=global_state, base_state=global_state, seed=5,
-                        evaluate=scorer.evaluate, evaluate_many=scorer.evaluate_many, malicious=MALICIOUS)
+    return RoundContext(
+        round=rnd,
+        global_state=global_state,
+        base_state=global_state,
+        seed=5,
+        evaluate=scorer.evaluate,
+        evaluate_many=scorer.evaluate_many,
+        malicious=MALICIOUS,
+    )
 
 
 def test_features_single_out_noise_models(digits_rounds) -> None:
@@ -80,12 +108,16 @@ def test_a2c_update_reduces_its_losses_on_a_toy_problem() -> None:
     """Clients with feature 0 = 1 are bad: the reward of a mask is the share of kept clients that
     are good (0 when none is kept). The critic's error and the policy's loss on a fixed batch fall."""
     g = torch.Generator().manual_seed(0)
-    features = torch.cat([torch.tensor([[1.0]] * 3 + [[0.0]] * 5), torch.randn(8, 5, generator=g) * 0.1], dim=1)
+    features = torch.cat(
+        [torch.tensor([[1.0]] * 3 + [[0.0]] * 5), torch.randn(8, 5, generator=g) * 0.1], dim=1
+    )
     bad = features[:, 0] == 1
 
     def reward(masks: torch.Tensor) -> torch.Tensor:
         kept = masks.sum(1)
-        return torch.where(kept > 0, (masks * (~bad).float()).sum(1) / kept.clamp(min=1), torch.zeros(len(masks)))
+        return torch.where(
+            kept > 0, (masks * (~bad).float()).sum(1) / kept.clamp(min=1), torch.zeros(len(masks))
+        )
 
     agent = A2CAgent(6, A2CConfig(hidden=16, lr=1e-2, entropy_coef=0.0), seed=0)
     fixed = agent.sample(features, 64, torch.Generator().manual_seed(1))
@@ -108,12 +140,24 @@ def test_td3_update_reduces_its_losses_on_a_toy_problem() -> None:
     """One-step episodes whose reward is −mean((a − x0)²): the critics' error falls and the actor
     learns a ≈ x0."""
     g = torch.Generator().manual_seed(0)
-    agent = TD3Agent(6, TD3Config(hidden=32, updates=1, batch_size=32, exploration_noise=0.5,
-                                  actor_lr=3e-3, critic_lr=3e-3), seed=0)
+    agent = TD3Agent(
+        6,
+        TD3Config(
+            hidden=32,
+            updates=1,
+            batch_size=32,
+            exploration_noise=0.5,
+            actor_lr=3e-3,
+            critic_lr=3e-3,
+        ),
+        seed=0,
+    )
 
     def episode() -> None:
         k = int(torch.randint(2, 6, (1,), generator=g))
-        s = torch.cat([torch.rand(k, 1, generator=g) * 1.6 - 0.8, torch.randn(k, 5, generator=g) * 0.1], dim=1)
+        s = torch.cat(
+            [torch.rand(k, 1, generator=g) * 1.6 - 0.8, torch.randn(k, 5, generator=g) * 0.1], dim=1
+        )
         a = agent.act(s, g)
         agent.buffer.add(s, a, float(-((a - s[:, 0]) ** 2).mean()), s, done=True)
 
@@ -148,8 +192,10 @@ def _support_scored_round(n: int, malicious: frozenset[int]):
     """A round of ``n`` one-hot client "models" whose FedAvg reveals the kept set, scored by a
     fake validation set: any malicious client kept -> 0.30; else 0.80 + 0.002 per client dropped,
     so smaller honest sets score slightly better (what validation noise does to a real round)."""
-    updates = [ClientUpdate(i, {"w": torch.nn.functional.one_hot(torch.tensor(i), n).double()}, 10)
-               for i in range(n)]
+    updates = [
+        ClientUpdate(i, {"w": torch.nn.functional.one_hot(torch.tensor(i), n).double()}, 10)
+        for i in range(n)
+    ]
 
     def score(states):
         out = []
@@ -160,22 +206,43 @@ def _support_scored_round(n: int, malicious: frozenset[int]):
         return out
 
     global_state = {"w": torch.zeros(n, dtype=torch.float64)}
-    ctx = RoundContext(round=1, global_state=global_state, base_state=global_state, seed=3,
-                       evaluate=lambda s: score([s])[0], evaluate_many=score, malicious=malicious)
+    ctx = RoundContext(
+        round=1,
+        global_state=global_state,
+        base_state=global_state,
+        seed=3,
+        evaluate=lambda s: score([s])[0],
+        evaluate_many=score,
+        malicious=malicious,
+    )
     return ctx, updates
 
 
 def test_stage1_tolerance_keeps_the_largest_set_within_it_of_the_best() -> None:
     params = {**SMALL, "stage2": False}
     ctx, updates = _support_scored_round(6, frozenset())
-    best = create_aggregator("feddrl", {**params, "stage1_tolerance": 0.0}).aggregate(ctx, updates).metrics
-    assert best["clients_kept"] < 6 and best["stage1_reward"] > best["fedavg_val_accuracy"] == pytest.approx(0.80)
+    best = (
+        create_aggregator("feddrl", {**params, "stage1_tolerance": 0.0})
+        .aggregate(ctx, updates)
+        .metrics
+    )
+    assert best["clients_kept"] < 6 and best["stage1_reward"] > best[
+        "fedavg_val_accuracy"
+    ] == pytest.approx(0.80)
     # Every client is honest and FedAvg of all of them is within 0.012 of the best subset: keep all.
-    tolerant = create_aggregator("feddrl", {**params, "stage1_tolerance": 0.012}).aggregate(ctx, updates).metrics
+    tolerant = (
+        create_aggregator("feddrl", {**params, "stage1_tolerance": 0.012})
+        .aggregate(ctx, updates)
+        .metrics
+    )
     assert tolerant["clients_kept"] == 6 and tolerant["stage1_reward"] == pytest.approx(0.80)
     # A malicious client costs 0.5: no tolerance below that lets it in.
     ctx, updates = _support_scored_round(6, frozenset({1, 4}))
-    attacked = create_aggregator("feddrl", {**params, "stage1_tolerance": 0.012}).aggregate(ctx, updates).metrics
+    attacked = (
+        create_aggregator("feddrl", {**params, "stage1_tolerance": 0.012})
+        .aggregate(ctx, updates)
+        .metrics
+    )
     assert attacked["detection_recall"] == 1.0 and attacked["stage1_reward"] >= 0.80
     assert attacked["fedavg_val_accuracy"] == pytest.approx(0.30)
 
@@ -188,19 +255,31 @@ def test_stage1_prefixes_recover_the_trusted_set_from_a_right_but_timid_ranking(
 
     def larger_is_better(states):
         kept = [{int(i) for i in torch.nonzero(s["w"] > 0)} for s in states]
-        return [{"accuracy": 0.30 if k & malicious else 0.80 + 0.01 * len(k), "loss": 0.5} for k in kept]
+        return [
+            {"accuracy": 0.30 if k & malicious else 0.80 + 0.01 * len(k), "loss": 0.5} for k in kept
+        ]
 
-    ctx = RoundContext(round=1, global_state=ctx.global_state, base_state=ctx.base_state, seed=3,
-                       evaluate=lambda s: larger_is_better([s])[0], evaluate_many=larger_is_better,
-                       malicious=malicious)
+    ctx = RoundContext(
+        round=1,
+        global_state=ctx.global_state,
+        base_state=ctx.base_state,
+        seed=3,
+        evaluate=lambda s: larger_is_better([s])[0],
+        evaluate_many=larger_is_better,
+        malicious=malicious,
+    )
     kept = {}
     for prefixes in (False, True):
         agg = create_aggregator("feddrl", {**SMALL, "stage2": False, "stage1_prefixes": prefixes})
         a2c, _ = agg._agents(3)
-        a2c.keep_probs = lambda features: torch.tensor([0.1 if i in malicious else 0.3 for i in range(6)])
+        a2c.keep_probs = lambda features: torch.tensor(
+            [0.1 if i in malicious else 0.3 for i in range(6)]
+        )
         kept[prefixes] = agg.aggregate(ctx, updates).metrics
     assert kept[True]["clients_kept"] == 4 and kept[True]["detection_precision"] == 1.0
-    assert kept[True]["detection_recall"] == 1.0 and kept[True]["stage1_reward"] == pytest.approx(0.84)
+    assert kept[True]["detection_recall"] == 1.0 and kept[True]["stage1_reward"] == pytest.approx(
+        0.84
+    )
     assert kept[False]["clients_kept"] < 4
 
 
@@ -219,13 +298,21 @@ def test_resumed_agents_continue_exactly(digits_rounds, tmp_path) -> None:
     assert a.metrics == b.metrics
     assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
     for net in ("policy", "critic"):
-        for (k, v), w in zip(getattr(first.a2c, net).state_dict().items(), getattr(restored.a2c, net).state_dict().values()):
+        for (k, v), w in zip(
+            getattr(first.a2c, net).state_dict().items(),
+            getattr(restored.a2c, net).state_dict().values(),
+        ):
             assert torch.equal(v, w), (net, k)
     for net in TD3Agent._NETS:
-        for v, w in zip(getattr(first.td3, net).state_dict().values(), getattr(restored.td3, net).state_dict().values()):
+        for v, w in zip(
+            getattr(first.td3, net).state_dict().values(),
+            getattr(restored.td3, net).state_dict().values(),
+        ):
             assert torch.equal(v, w), net
     with pytest.raises(ValueError, match="other hyperparameters"):
-        create_aggregator("feddrl", {**SMALL, "temperature": 2.0}).load_state_dict(first.state_dict())
+        create_aggregator("feddrl", {**SMALL, "temperature": 2.0}).load_state_dict(
+            first.state_dict()
+        )
 
 
 def test_feddrl_needs_a_validation_set_and_checks_its_parameters(digits_rounds) -> None:
@@ -234,8 +321,13 @@ def test_feddrl_needs_a_validation_set_and_checks_its_parameters(digits_rounds) 
     ctx = RoundContext(round=1, global_state=global_state, base_state=global_state)
     with pytest.raises(ValueError, match="server_val_size"):
         create_aggregator("feddrl", {}).aggregate(ctx, updates)
-    for params, name in [({"td3_tau": 0}, "td3_tau"), ({"a2c_candidates": 0}, "a2c_candidates"),
-                         ({"stage1_select": "x"}, "stage1_select"), ({"td3_horizon": "x"}, "td3_horizon"),
-                         ({"stage1_tolerance": -0.1}, "stage1_tolerance"), ({"stage1_prefixes": 1}, "stage1_prefixes")]:
+    for params, name in [
+        ({"td3_tau": 0}, "td3_tau"),
+        ({"a2c_candidates": 0}, "a2c_candidates"),
+        ({"stage1_select": "x"}, "stage1_select"),
+        ({"td3_horizon": "x"}, "td3_horizon"),
+        ({"stage1_tolerance": -0.1}, "stage1_tolerance"),
+        ({"stage1_prefixes": 1}, "stage1_prefixes"),
+    ]:
         with pytest.raises(ValueError, match=name):
             create_aggregator("feddrl", params)

@@ -22,6 +22,7 @@ def model_and_anchor() -> tuple[nn.Module, dict[str, torch.Tensor]]:
 
 # ---- the proximal term -----------------------------------------------------------------------------
 
+
 def test_proximal_term_is_zero_at_the_global_model() -> None:
     model, anchor = model_and_anchor()
     assert proximal_term(model, anchor, mu=0.5)(model).item() == 0.0
@@ -36,8 +37,9 @@ def test_proximal_term_value_and_gradient() -> None:
     mu = 0.3
     value = proximal_term(model, anchor, mu=mu)(model)
     deltas = {name: p.detach() - anchor[name] for name, p in model.named_parameters()}
-    assert value.item() == pytest.approx(mu / 2 * sum(d.pow(2).sum().item() for d in deltas.values()),
-                                         rel=1e-12)
+    assert value.item() == pytest.approx(
+        mu / 2 * sum(d.pow(2).sum().item() for d in deltas.values()), rel=1e-12
+    )
     value.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, mu * deltas[name], rtol=1e-12, atol=1e-12)
@@ -62,12 +64,20 @@ def test_proximal_term_errors() -> None:
 
 # ---- the aggregator ----------------------------------------------------------------------------------
 
+
 def updates_from(base: dict[str, torch.Tensor]) -> list[ClientUpdate]:
     gen = torch.Generator().manual_seed(2)
-    return [ClientUpdate(client_id=i, num_examples=n,
-                         state={k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) * 0.1
-                                for k, v in base.items()})
-            for i, n in enumerate([5, 15])]
+    return [
+        ClientUpdate(
+            client_id=i,
+            num_examples=n,
+            state={
+                k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) * 0.1
+                for k, v in base.items()
+            },
+        )
+        for i, n in enumerate([5, 15])
+    ]
 
 
 def test_fedprox_server_is_fedavg_plus_scope_metrics() -> None:
@@ -80,10 +90,14 @@ def test_fedprox_server_is_fedavg_plus_scope_metrics() -> None:
     result = agg.finalize()
     expected = fedavg([u.state for u in updates], [5, 15])
     assert all(torch.equal(result.state[k], v) for k, v in expected.items())
-    assert {"num_clients", "num_examples", "scope_mu_spread", "scope_sigma_spread"} == set(result.metrics)
+    assert {"num_clients", "num_examples", "scope_mu_spread", "scope_sigma_spread"} == set(
+        result.metrics
+    )
     assert result.metrics["num_clients"] == 2 and result.metrics["num_examples"] == 20
 
-    at_once = FedProx(mu=0.1).aggregate(RoundContext(round=1, global_state=base, base_state=base), updates)
+    at_once = FedProx(mu=0.1).aggregate(
+        RoundContext(round=1, global_state=base, base_state=base), updates
+    )
     assert at_once.metrics == result.metrics
     assert all(torch.equal(at_once.state[k], v) for k, v in expected.items())
 
@@ -109,16 +123,24 @@ def test_fedprox_rejects_bad_mu() -> None:
 
 # ---- the term registry -------------------------------------------------------------------------------
 
+
 def test_build_terms_names_what_is_wrong() -> None:
     model, anchor = model_and_anchor()
     assert build_terms([], model, anchor) == []
     assert {"fedprox_proximal", "wsa_scope"} <= set(available_terms())
     cases = [
-        ([{"term": "fedprox_proximall", "mu": 0.1}],
-         r"client term 0: unknown client term 'fedprox_proximall'\. Did you mean 'fedprox_proximal'\?"),
-        ([{"term": "fedprox_proximal", "mu": 0.1}, {"term": "fedprox_proximal", "nu": 0.1}],
-         r"client term 1 \('fedprox_proximal'\) has no parameter 'nu'; it accepts: mu"),
-        ([{"term": "fedprox_proximal"}], r"client term 0 \('fedprox_proximal'\) is missing parameter 'mu'"),
+        (
+            [{"term": "fedprox_proximall", "mu": 0.1}],
+            r"client term 0: unknown client term 'fedprox_proximall'\. Did you mean 'fedprox_proximal'\?",
+        ),
+        (
+            [{"term": "fedprox_proximal", "mu": 0.1}, {"term": "fedprox_proximal", "nu": 0.1}],
+            r"client term 1 \('fedprox_proximal'\) has no parameter 'nu'; it accepts: mu",
+        ),
+        (
+            [{"term": "fedprox_proximal"}],
+            r"client term 0 \('fedprox_proximal'\) is missing parameter 'mu'",
+        ),
         ([{"term": "fedprox_proximal", "mu": -2}], r"client term 0 \('fedprox_proximal'\): mu=-2"),
         ([{"mu": 0.1}], r"client term 0: a spec is a mapping"),
     ]
@@ -130,11 +152,16 @@ def test_build_terms_names_what_is_wrong() -> None:
 
 
 def test_register_term_rejects_a_taken_name_and_a_bad_signature() -> None:
-    with pytest.raises(ValueError, match="'fedprox_proximal' is already registered by fedmerge.aggregators.fedprox"):
+    with pytest.raises(
+        ValueError, match="'fedprox_proximal' is already registered by fedmerge.aggregators.fedprox"
+    ):
+
         @register_term("fedprox_proximal")
         def other(model, global_state, *, mu):  # pragma: no cover - never called
             raise AssertionError
+
     with pytest.raises(TypeError, match="must take \\(model, global_state\\)"):
+
         @register_term("no_state")
         def no_state(*, mu):  # pragma: no cover - never called
             raise AssertionError

@@ -20,19 +20,32 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common import Metadata
 
-from fedmerge.federation.arrays import ArrayFormatError, array_view, record_to_numpy
+from fedmerge.federation.arrays import ArrayFormatError, array_view
 from fedmerge.federation.recovery import RoundState
 from fedmerge.federation.strategy import FedMergeStrategy, RoundReport
-from fedmerge.federation.validation import DEFAULT_MAX_UPDATE_NORM_RATIO, HEADER_ALLOWANCE, UpdateRejected, UpdateValidator
+from fedmerge.federation.validation import (
+    DEFAULT_MAX_UPDATE_NORM_RATIO,
+    HEADER_ALLOWANCE,
+    UpdateRejected,
+    UpdateValidator,
+)
 
-GLOBAL = {"w": np.full((4, 3), 0.5, np.float32), "b": np.full(3, -0.25, np.float32),
-          "steps": np.array(4, np.int64), "h": np.linspace(-1, 1, 5)}
+GLOBAL = {
+    "w": np.full((4, 3), 0.5, np.float32),
+    "b": np.full(3, -0.25, np.float32),
+    "steps": np.array(4, np.int64),
+    "h": np.linspace(-1, 1, 5),
+}
 SHARD = 100
 
 
 def honest() -> dict[str, np.ndarray]:
-    return {"w": GLOBAL["w"] + 0.01, "b": GLOBAL["b"] - 0.02, "steps": np.array(9, np.int64),
-            "h": GLOBAL["h"] * 1.01}
+    return {
+        "w": GLOBAL["w"] + 0.01,
+        "b": GLOBAL["b"] - 0.02,
+        "steps": np.array(9, np.int64),
+        "h": GLOBAL["h"] * 1.01,
+    }
 
 
 class RecordingAggregation:
@@ -60,16 +73,31 @@ class RecordingAggregation:
 
 
 def make_strategy(**kwargs) -> FedMergeStrategy:
-    s = FedMergeStrategy(aggregator=None, evaluator=None, num_clients=4, min_train_nodes=1,
-                         shard_sizes=[SHARD] * 4, **kwargs)
+    s = FedMergeStrategy(
+        aggregator=None,
+        evaluator=None,
+        num_clients=4,
+        min_train_nodes=1,
+        shard_sizes=[SHARD] * 4,
+        **kwargs,
+    )
     s._aggregation = RecordingAggregation()
     s.validator.set_global(GLOBAL)
     return s
 
 
 def _metadata(reply_to: str = "q") -> Metadata:
-    return Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=0, reply_to_message_id=reply_to,
-                    group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    return Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=1,
+        dst_node_id=0,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=0.0,
+        ttl=60.0,
+        message_type="train",
+    )
 
 
 def npy(value: np.ndarray) -> bytes:
@@ -102,7 +130,9 @@ def reply_of(arrays=None, metrics=None, placement=None, reply_to: str = "q") -> 
 def record_of(arrays: dict[str, np.ndarray | bytes]) -> ArrayRecord:
     record = ArrayRecord()
     for key, value in arrays.items():
-        record[key] = Array.from_numpy_ndarray(value) if isinstance(value, np.ndarray) else raw_array(value)
+        record[key] = (
+            Array.from_numpy_ndarray(value) if isinstance(value, np.ndarray) else raw_array(value)
+        )
     return record
 
 
@@ -138,14 +168,19 @@ def with_header(value: np.ndarray, header: str, version: int = 1) -> bytes:
 
 # ---- each fault of issue 19, item 2 ------------------------------------------------------------
 
+
 def test_a_valid_reply_is_accepted():
     strategy = make_strategy()
-    report = submit(strategy, reply_of(record_of(honest()), good_metrics(), ConfigRecord({"hostname": "h"})))
+    report = submit(
+        strategy, reply_of(record_of(honest()), good_metrics(), ConfigRecord({"hostname": "h"}))
+    )
     assert not report.rejected and [c for c, _, _ in strategy._aggregation.accepted] == [0]
     assert report.client_placement == {0: {"hostname": "h"}}
 
 
-@pytest.mark.parametrize("record", [MetricRecord({"w": 1.0}), ConfigRecord({"w": "x"}), "arrays", None.__class__])
+@pytest.mark.parametrize(
+    "record", [MetricRecord({"w": 1.0}), ConfigRecord({"w": "x"}), "arrays", None.__class__]
+)
 def test_arrays_of_another_record_type_are_rejected(record):
     # On main: AttributeError ('MetricRecord' object has no attribute 'data') out of federation/arrays.py.
     reason = rejected_reason(make_strategy(), reply_of(record, good_metrics()))
@@ -158,38 +193,67 @@ def test_metrics_of_another_record_type_are_rejected(record):
     assert "'metrics' record is a" in reason and "not a MetricRecord" in reason
 
 
-@pytest.mark.parametrize("header, reason", [
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': ((4, 3), }", "not a Python literal"),  # TokenError on main
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 3)]}", "not a Python literal"),
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 3), 'x': 1}", "must be a dict of descr"),
-    ("[1, 2]", "must be a dict of descr"),
-    ("{'descr': '|O', 'fortran_order': False, 'shape': (4, 3)}", "only plain numeric dtypes"),
-    ("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (4, 3)}", "only plain numeric dtypes"),
-    ("{'descr': '(3,)<f4', 'fortran_order': False, 'shape': (4,)}", "only plain numeric dtypes"),
-    ("{'descr': '|V4', 'fortran_order': False, 'shape': (4, 3)}", "only plain numeric dtypes"),
-    ("{'descr': 'nope', 'fortran_order': False, 'shape': (4, 3)}", "unknown dtype"),
-    ("{'descr': '<f4', 'fortran_order': 0, 'shape': (4, 3)}", "fortran_order must be True or False"),
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, -3)}", "shape must be a tuple"),
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': [4, 3]}", "shape must be a tuple"),
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, True)}", "shape must be a tuple"),
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4611686018427387904)}", "needs"),
-    ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 2)}", "buffer of 48 bytes where float32[4, 2] needs 32"),
-])
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': ((4, 3), }",
+            "not a Python literal",
+        ),  # TokenError on main
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 3)]}", "not a Python literal"),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 3), 'x': 1}",
+            "must be a dict of descr",
+        ),
+        ("[1, 2]", "must be a dict of descr"),
+        ("{'descr': '|O', 'fortran_order': False, 'shape': (4, 3)}", "only plain numeric dtypes"),
+        (
+            "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (4, 3)}",
+            "only plain numeric dtypes",
+        ),
+        (
+            "{'descr': '(3,)<f4', 'fortran_order': False, 'shape': (4,)}",
+            "only plain numeric dtypes",
+        ),
+        ("{'descr': '|V4', 'fortran_order': False, 'shape': (4, 3)}", "only plain numeric dtypes"),
+        ("{'descr': 'nope', 'fortran_order': False, 'shape': (4, 3)}", "unknown dtype"),
+        (
+            "{'descr': '<f4', 'fortran_order': 0, 'shape': (4, 3)}",
+            "fortran_order must be True or False",
+        ),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, -3)}", "shape must be a tuple"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': [4, 3]}", "shape must be a tuple"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, True)}", "shape must be a tuple"),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4611686018427387904)}",
+            "needs",
+        ),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 2)}",
+            "buffer of 48 bytes where float32[4, 2] needs 32",
+        ),
+    ],
+)
 def test_mangled_npy_headers_are_rejected_with_the_problem(header, reason):
     data = with_header(honest()["w"], header)
     with pytest.raises(ArrayFormatError, match=reason.replace("[", r"\[").replace("(", r"\(")):
         array_view(raw_array(data))
-    got = rejected_reason(make_strategy(), reply_of(record_of({**honest(), "w": data}), good_metrics()))
+    got = rejected_reason(
+        make_strategy(), reply_of(record_of({**honest(), "w": data}), good_metrics())
+    )
     assert got.startswith("unreadable arrays: w: ") and reason.split("(")[0] in got
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "no NUMPY magic"),
-    (b"PK\x03\x04" + bytes(60), "no NUMPY magic"),
-    (b"\x93NUMPY\x09\x00" + bytes(60), "unsupported .npy format version 9.0"),
-    (b"\x93NUMPY\x01\x00\xff\xff" + bytes(60), "exceeds 4096"),
-    (b"\x93NUMPY\x01\x00\x80\x00{'descr'", "truncated .npy header"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "no NUMPY magic"),
+        (b"PK\x03\x04" + bytes(60), "no NUMPY magic"),
+        (b"\x93NUMPY\x09\x00" + bytes(60), "unsupported .npy format version 9.0"),
+        (b"\x93NUMPY\x01\x00\xff\xff" + bytes(60), "exceeds 4096"),
+        (b"\x93NUMPY\x01\x00\x80\x00{'descr'", "truncated .npy header"),
+    ],
+)
 def test_bytes_that_are_not_npy_are_rejected(data, reason):
     with pytest.raises(ArrayFormatError, match=reason):
         array_view(raw_array(data))
@@ -200,15 +264,21 @@ def test_a_buffer_longer_than_its_header_says_is_rejected():
     equal the declared array's size exactly."""
     data = npy(honest()["w"])
     for extra in (b"\x00", b"\x00" * 4, bytes(1000)):
-        reason = rejected_reason(make_strategy(), reply_of(record_of({**honest(), "w": data + extra}), good_metrics()))
+        reason = rejected_reason(
+            make_strategy(), reply_of(record_of({**honest(), "w": data + extra}), good_metrics())
+        )
         assert f"buffer of {48 + len(extra)} bytes where float32[4, 3] needs 48" in reason
-    reason = rejected_reason(make_strategy(), reply_of(record_of({**honest(), "w": data[:-1]}), good_metrics()))
+    reason = rejected_reason(
+        make_strategy(), reply_of(record_of({**honest(), "w": data[:-1]}), good_metrics())
+    )
     assert "buffer of 47 bytes" in reason
 
 
 def test_array_data_of_another_type_is_rejected():
     for data in ("not bytes", 7, bytearray(npy(honest()["w"]))):
-        reason = rejected_reason(make_strategy(), reply_of(record_of({**honest(), "w": data}), good_metrics()))
+        reason = rejected_reason(
+            make_strategy(), reply_of(record_of({**honest(), "w": data}), good_metrics())
+        )
         assert "w: not a flwr Array of bytes" in reason
     record = record_of(honest())
     put(record, "w", MetricRecord({"x": 1.0}))
@@ -216,32 +286,43 @@ def test_array_data_of_another_type_is_rejected():
     assert "w: not a flwr Array of bytes (MetricRecord)" in reason
 
 
-@pytest.mark.parametrize("metrics, reason", [
-    (good_metrics(train_loss=math.nan), "metric 'train_loss' is not finite"),
-    (good_metrics(train_loss=-math.inf), "metric 'train_loss' is not finite"),
-    (good_metrics(train_loss=1e308 * 10), "not finite"),
-    (good_metrics(**{"partition-id": 0.0}), "partition-id must be an integer, got 0.0"),
-    (good_metrics(**{"partition-id": "0"}), "partition-id must be an integer"),
-    (good_metrics(**{"partition-id": [0]}), "partition-id must be an integer"),
-    (good_metrics(**{"partition-id": True}), "partition-id must be an integer"),
-    (good_metrics(**{"num-examples": 10**30}), "num-examples"),
-    (good_metrics(**{f"m{i}": 1.0 for i in range(40)}), "more than the 32"),
-    (good_metrics(**{"x" * 300: 1.0}), "metric names longer than 200"),
-    (good_metrics(task_id=2.5), "task_id must be an integer, got 2.5"),  # on main it reached merging.task_id: ValueError
-    (good_metrics(task_id=1e300), "task_id must be an integer"),
-])
+@pytest.mark.parametrize(
+    "metrics, reason",
+    [
+        (good_metrics(train_loss=math.nan), "metric 'train_loss' is not finite"),
+        (good_metrics(train_loss=-math.inf), "metric 'train_loss' is not finite"),
+        (good_metrics(train_loss=1e308 * 10), "not finite"),
+        (good_metrics(**{"partition-id": 0.0}), "partition-id must be an integer, got 0.0"),
+        (good_metrics(**{"partition-id": "0"}), "partition-id must be an integer"),
+        (good_metrics(**{"partition-id": [0]}), "partition-id must be an integer"),
+        (good_metrics(**{"partition-id": True}), "partition-id must be an integer"),
+        (good_metrics(**{"num-examples": 10**30}), "num-examples"),
+        (good_metrics(**{f"m{i}": 1.0 for i in range(40)}), "more than the 32"),
+        (good_metrics(**{"x" * 300: 1.0}), "metric names longer than 200"),
+        (
+            good_metrics(task_id=2.5),
+            "task_id must be an integer, got 2.5",
+        ),  # on main it reached merging.task_id: ValueError
+        (good_metrics(task_id=1e300), "task_id must be an integer"),
+    ],
+)
 def test_hostile_metrics_are_rejected(metrics, reason):
     assert reason in rejected_reason(make_strategy(), reply_of(record_of(honest()), metrics))
 
 
-@pytest.mark.parametrize("placement, reason", [
-    (ArrayRecord(), "'placement' record is a ArrayRecord, not a ConfigRecord"),
-    (MetricRecord({"x": 1.0}), "not a ConfigRecord"),
-    (ConfigRecord({"hostname": "h" * 10_000}), "at most 32 strings of at most 200 characters"),
-    (ConfigRecord({"pid": 5}), "at most 32 strings"),
-])
+@pytest.mark.parametrize(
+    "placement, reason",
+    [
+        (ArrayRecord(), "'placement' record is a ArrayRecord, not a ConfigRecord"),
+        (MetricRecord({"x": 1.0}), "not a ConfigRecord"),
+        (ConfigRecord({"hostname": "h" * 10_000}), "at most 32 strings of at most 200 characters"),
+        (ConfigRecord({"pid": 5}), "at most 32 strings"),
+    ],
+)
 def test_a_hostile_placement_record_is_rejected(placement, reason):
-    assert reason in rejected_reason(make_strategy(), reply_of(record_of(honest()), good_metrics(), placement))
+    assert reason in rejected_reason(
+        make_strategy(), reply_of(record_of(honest()), good_metrics(), placement)
+    )
 
 
 def test_any_unforeseen_exception_rejects_that_reply_only(monkeypatch):
@@ -255,13 +336,16 @@ def test_any_unforeseen_exception_rejects_that_reply_only(monkeypatch):
     assert reason == "malformed reply (RuntimeError: nobody saw this coming)"
 
 
-@pytest.mark.parametrize("code, reason, expected", [
-    (2, "boom", "boom"),
-    (2, None, "error code 2"),
-    (2, 12345, "error code 2"),
-    ("x", b"bytes", "error code 'x'"),
-    (2, "\x1b[31m" + "y" * 100_000, "characters)"),
-])
+@pytest.mark.parametrize(
+    "code, reason, expected",
+    [
+        (2, "boom", "boom"),
+        (2, None, "error code 2"),
+        (2, 12345, "error code 2"),
+        ("x", b"bytes", "error code 'x'"),
+        (2, "\x1b[31m" + "y" * 100_000, "characters)"),
+    ],
+)
 def test_error_replies_with_odd_reasons_are_failures(code, reason, expected):
     strategy = make_strategy()
     message = Message(error=Error(code=0), metadata=_metadata())
@@ -273,17 +357,24 @@ def test_error_replies_with_odd_reasons_are_failures(code, reason, expected):
 
 def test_malformed_evaluate_replies_are_left_out():
     strategy = make_strategy()
-    good = Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 1.0, "accuracy": 0.5})}),
-                   metadata=_metadata())
-    bad = [reply_of(metrics=good_metrics(loss=math.nan, accuracy=0.5)),
-           reply_of(metrics=good_metrics(**{"num-examples": -1}, loss=1.0, accuracy=0.5)),
-           reply_of(arrays=ArrayRecord()),
-           reply_of(metrics=ConfigRecord({"num-examples": 5}))]
+    good = Message(
+        content=RecordDict(
+            {"metrics": MetricRecord({"num-examples": 10, "loss": 1.0, "accuracy": 0.5})}
+        ),
+        metadata=_metadata(),
+    )
+    bad = [
+        reply_of(metrics=good_metrics(loss=math.nan, accuracy=0.5)),
+        reply_of(metrics=good_metrics(**{"num-examples": -1}, loss=1.0, accuracy=0.5)),
+        reply_of(arrays=ArrayRecord()),
+        reply_of(metrics=ConfigRecord({"num-examples": 5})),
+    ]
     result = strategy.aggregate_evaluate(1, [*bad, good])
     assert dict(result) == {"loss": 1.0, "accuracy": 0.5, "num-examples": 10}
 
 
 # ---- duplicated replies and replies to unknown messages (the streaming round loop) --------------
+
 
 class ReplayingGrid:
     """A grid that answers every message twice and adds a reply to a message it never got."""
@@ -305,7 +396,9 @@ class ReplayingGrid:
 
     def pull_messages(self, ids):
         self.pulls += 1
-        out = [self._answer(mid) for mid in sorted(self.pushed)] * 2  # every answer twice, every pull
+        out = [
+            self._answer(mid) for mid in sorted(self.pushed)
+        ] * 2  # every answer twice, every pull
         out.append(reply_of(record_of(honest()), good_metrics(), reply_to="never-sent"))
         return out if self.pulls <= 3 else []
 
@@ -318,11 +411,19 @@ def test_duplicated_and_unknown_replies_are_ignored(monkeypatch):
     """On main: the unknown reply was a KeyError ending the round, and a duplicate was merged twice."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a running ServerApp sets; new Messages need it
+    monkeypatch.setattr(
+        TaskIdentity, "_run_id", 1
+    )  # what a running ServerApp sets; new Messages need it
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    strategy = FedMergeStrategy(aggregator=None, evaluator=None, num_clients=4, fraction_train=0.5,
-                                min_train_nodes=2, shard_sizes=[SHARD] * 4)
+    strategy = FedMergeStrategy(
+        aggregator=None,
+        evaluator=None,
+        num_clients=4,
+        fraction_train=0.5,
+        min_train_nodes=2,
+        shard_sizes=[SHARD] * 4,
+    )
     strategy._aggregation = RecordingAggregation()
     strategy._nodes = [1]
     report, new_arrays = strategy._train_round(ReplayingGrid(), 1, record_of(GLOBAL), timeout=60)
@@ -332,6 +433,7 @@ def test_duplicated_and_unknown_replies_are_ignored(monkeypatch):
 
 
 # ---- the byte bound before decoding (item 3) ---------------------------------------------------------
+
 
 def test_a_reply_bigger_than_the_model_is_rejected_before_decoding(monkeypatch):
     strategy = make_strategy()
@@ -352,14 +454,22 @@ def test_a_reply_bigger_than_the_model_is_rejected_before_decoding(monkeypatch):
 
 # ---- the default bound on an update's norm (item 4) --------------------------------------------------
 
+
 def test_an_absurd_update_is_rejected_by_default():
     """On main the default (max_update_norm = 0) let 3e38 weights through and the model was lost."""
     strategy = make_strategy()
     assert strategy.validator.max_update_norm_ratio == DEFAULT_MAX_UPDATE_NORM_RATIO == 100
-    absurd = {**honest(), "w": np.full((4, 3), 3e38, np.float32)}  # finite, but overflows float32 sums
+    absurd = {
+        **honest(),
+        "w": np.full((4, 3), 3e38, np.float32),
+    }  # finite, but overflows float32 sums
     reason = rejected_reason(strategy, reply_of(record_of(absurd), good_metrics()))
-    assert reason.startswith("update norm 1.039e+39 exceeds federation.max_update_norm_ratio = 100 times")
-    norm = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for k, v in GLOBAL.items() if k != "steps"))
+    assert reason.startswith(
+        "update norm 1.039e+39 exceeds federation.max_update_norm_ratio = 100 times"
+    )
+    norm = math.sqrt(
+        sum(float(np.sum(v.astype(np.float64) ** 2)) for k, v in GLOBAL.items() if k != "steps")
+    )
     assert f"the global model's norm {norm:.4g}" in reason
     # An honest update, and one just inside the bound, pass; 0 disables the bound.
     assert not submit(strategy, reply_of(record_of(honest()), good_metrics())).rejected
@@ -396,20 +506,61 @@ def test_the_config_default_turns_the_ratio_bound_on():
 # ---- the fuzz test ------------------------------------------------------------------------------
 
 FUZZ_CASES = 3000
-DTYPES = ["<f4", ">f4", "<f8", "<f2", "<i8", "<i4", "|u1", "|b1", "<c8", "|O", "|V4", "<U3", "|S2", "<M8[s]",
-          "(2,)<f4", "[('a', '<f4')]", "'<f4'", "float32", "nope"]
+DTYPES = [
+    "<f4",
+    ">f4",
+    "<f8",
+    "<f2",
+    "<i8",
+    "<i4",
+    "|u1",
+    "|b1",
+    "<c8",
+    "|O",
+    "|V4",
+    "<U3",
+    "|S2",
+    "<M8[s]",
+    "(2,)<f4",
+    "[('a', '<f4')]",
+    "'<f4'",
+    "float32",
+    "nope",
+]
 
 
 def _fuzz_reply(rng: np.random.Generator) -> tuple[Message, list[str]]:
     """A valid reply with 1-3 random mutations; returns it and the mutations' names."""
     arrays: dict[str, object] = {k: npy(v) for k, v in honest().items()}
-    metrics: dict[str, object] = {"num-examples": 40, "partition-id": 0, "train_loss": 0.5, "train_accuracy": 0.8}
-    records = {"arrays": None, "metrics": None, "placement": ConfigRecord({"hostname": "h", "pid": "1"})}
+    metrics: dict[str, object] = {
+        "num-examples": 40,
+        "partition-id": 0,
+        "train_loss": 0.5,
+        "train_accuracy": 0.8,
+    }
+    records = {
+        "arrays": None,
+        "metrics": None,
+        "placement": ConfigRecord({"hostname": "h", "pid": "1"}),
+    }
     applied = []
     keys = list(GLOBAL)
     for _ in range(int(rng.integers(1, 4))):
-        kind = str(rng.choice(["header_bytes", "header_text", "resize", "array_swap", "record_type", "keys",
-                               "metrics", "scale", "raw_value"]))
+        kind = str(
+            rng.choice(
+                [
+                    "header_bytes",
+                    "header_text",
+                    "resize",
+                    "array_swap",
+                    "record_type",
+                    "keys",
+                    "metrics",
+                    "scale",
+                    "raw_value",
+                ]
+            )
+        )
         applied.append(kind)
         key = keys[int(rng.integers(len(keys)))]
         data = arrays.get(key)
@@ -428,8 +579,11 @@ def _fuzz_reply(rng: np.random.Generator) -> tuple[Message, list[str]]:
         elif kind == "header_text":
             value = GLOBAL[key]
             descr = str(rng.choice(DTYPES)) if rng.random() < 0.5 else value.dtype.str
-            shape = tuple(int(n) for n in value.shape) if rng.random() < 0.5 else tuple(
-                int(n) for n in rng.integers(-2, 6, size=int(rng.integers(0, 4))))
+            shape = (
+                tuple(int(n) for n in value.shape)
+                if rng.random() < 0.5
+                else tuple(int(n) for n in rng.integers(-2, 6, size=int(rng.integers(0, 4))))
+            )
             fortran = rng.choice(["False", "True", "0", "None", "'no'"])
             extra = rng.choice(["", "", " 'x': 1,", " 'shape': (1,),"])
             descr_text = descr if descr.startswith(("[", "'")) else repr(descr)
@@ -443,12 +597,21 @@ def _fuzz_reply(rng: np.random.Generator) -> tuple[Message, list[str]]:
             arrays[key] = data[:cut] if cut < 0 else data + rng.bytes(cut)
         elif kind == "array_swap":
             dtype = rng.choice([np.float32, np.float64, np.int64, np.float16, np.uint8])
-            shape = GLOBAL[key].shape if rng.random() < 0.5 else tuple(int(n) for n in rng.integers(0, 5, size=2))
+            shape = (
+                GLOBAL[key].shape
+                if rng.random() < 0.5
+                else tuple(int(n) for n in rng.integers(0, 5, size=2))
+            )
             arrays[key] = npy(rng.normal(size=shape).astype(dtype))
         elif kind == "record_type":
             name = str(rng.choice(["arrays", "metrics", "placement"]))
-            records[name] = [ArrayRecord(), MetricRecord({"x": 1.0}), ConfigRecord({"x": "y"}), "text", 3][
-                int(rng.integers(5))]
+            records[name] = [
+                ArrayRecord(),
+                MetricRecord({"x": 1.0}),
+                ConfigRecord({"x": "y"}),
+                "text",
+                3,
+            ][int(rng.integers(5))]
             if name == "arrays" and rng.random() < 0.3:
                 records[name] = "missing"
         elif kind == "keys":
@@ -458,24 +621,47 @@ def _fuzz_reply(rng: np.random.Generator) -> tuple[Message, list[str]]:
                 arrays[f"extra{int(rng.integers(10))}"] = npy(np.zeros(2, np.float32))
         elif kind == "metrics":
             name = str(rng.choice(["num-examples", "partition-id", "train_loss", "new"]))
-            metrics[name] = [0, -1, 1, SHARD, SHARD + 1, 2**62, 0.0, 3.5, math.nan, math.inf, 1e300, True, "7", [1, 2],
-                             None][int(rng.integers(15))]
+            metrics[name] = [
+                0,
+                -1,
+                1,
+                SHARD,
+                SHARD + 1,
+                2**62,
+                0.0,
+                3.5,
+                math.nan,
+                math.inf,
+                1e300,
+                True,
+                "7",
+                [1, 2],
+                None,
+            ][int(rng.integers(15))]
         elif kind == "scale" and key in ("w", "b", "h"):
             factor = float(rng.choice([3e38, 1e30, 1e6, 150.0, 50.0, 1.5, -1.0, 0.0, math.nan]))
             with np.errstate(over="ignore", invalid="ignore"):
                 arrays[key] = npy((honest()[key] * factor).astype(GLOBAL[key].dtype))
         elif kind == "raw_value":
-            arrays[key] = [b"", "text", 5, bytearray(b"\x93NUMPY"), MetricRecord({"x": 1.0})][int(rng.integers(5))]
+            arrays[key] = [b"", "text", 5, bytearray(b"\x93NUMPY"), MetricRecord({"x": 1.0})][
+                int(rng.integers(5))
+            ]
     array_record = ArrayRecord()
     for key, value in arrays.items():
-        put(array_record, key, raw_array(value) if isinstance(value, (bytes, bytearray, str, int)) else value)
+        put(
+            array_record,
+            key,
+            raw_array(value) if isinstance(value, (bytes, bytearray, str, int)) else value,
+        )
     metric_record = MetricRecord()
     for key, value in metrics.items():
         if value is not None:
             put(metric_record, key, value)
-    content = {"arrays": array_record if records["arrays"] is None else records["arrays"],
-               "metrics": metric_record if records["metrics"] is None else records["metrics"],
-               "placement": records["placement"]}
+    content = {
+        "arrays": array_record if records["arrays"] is None else records["arrays"],
+        "metrics": metric_record if records["metrics"] is None else records["metrics"],
+        "placement": records["placement"],
+    }
     if content["arrays"] == "missing":
         del content["arrays"]
     return reply_of(**content), applied
@@ -486,16 +672,24 @@ def _oracle(message: Message, bound: float) -> str:
     NumPy's own ``np.load`` must read every array, to the global model's layout, with nothing left
     over; weights finite and within the bound; counts and metrics well-formed."""
     content = message.content
-    record, metrics, placement = (content.__dict__["_data"].get(k) for k in ("arrays", "metrics", "placement"))
+    record, metrics, placement = (
+        content.__dict__["_data"].get(k) for k in ("arrays", "metrics", "placement")
+    )
     if type(record) is not ArrayRecord or type(metrics) is not MetricRecord:
         return ""
-    if placement is not None and not (type(placement) is ConfigRecord and all(
-            isinstance(v, str) and len(v) <= 200 for v in placement.values())):
+    if placement is not None and not (
+        type(placement) is ConfigRecord
+        and all(isinstance(v, str) and len(v) <= 200 for v in placement.values())
+    ):
         return ""
     values = dict(metrics)
     n = values.pop("num-examples", None)
-    if type(n) is not int or not 0 < n <= SHARD or values.pop("partition-id", 0) != 0 or any(
-            type(v) not in (int, float) or not math.isfinite(v) for v in values.values()):
+    if (
+        type(n) is not int
+        or not 0 < n <= SHARD
+        or values.pop("partition-id", 0) != 0
+        or any(type(v) not in (int, float) or not math.isfinite(v) for v in values.values())
+    ):
         return ""
     if set(record) != set(GLOBAL):
         return ""
@@ -508,10 +702,16 @@ def _oracle(message: Message, bound: float) -> str:
             return ""
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error")  # NumPy's Python 2 header fix-ups: no header np.save writes today
+                warnings.simplefilter(
+                    "error"
+                )  # NumPy's Python 2 header fix-ups: no header np.save writes today
                 stream = io.BytesIO(data)
                 major, _ = np.lib.format.read_magic(stream)
-                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if major == 1
+                    else np.lib.format.read_array_header_2_0
+                )
                 read(stream)
                 stream.seek(0)
                 value = np.load(stream, allow_pickle=False)
@@ -552,13 +752,17 @@ def test_fuzzed_replies_never_crash_and_each_outcome_has_a_reason():
         why = _oracle(message, bound)
         if accepted:
             assert why, f"case {case} ({applied}) accepted, but the oracle finds it invalid"
-            (_, arrays, _), = strategy._aggregation.accepted
-            for key, array in message.content["arrays"].items():  # what reached the aggregator is what NumPy reads
+            ((_, arrays, _),) = strategy._aggregation.accepted
+            for key, array in message.content[
+                "arrays"
+            ].items():  # what reached the aggregator is what NumPy reads
                 assert np.array_equal(arrays[key], np.load(io.BytesIO(array.data)), equal_nan=True)
             outcomes["accepted: " + why] += 1
         else:
             reason = report.rejected[0].reason
-            assert reason and not why, f"case {case} ({applied}) rejected ({reason}), but the oracle finds it valid"
+            assert reason and not why, (
+                f"case {case} ({applied}) rejected ({reason}), but the oracle finds it valid"
+            )
             outcomes["rejected: " + _gist(reason)] += 1
     accepted = sum(v for k, v in outcomes.items() if k.startswith("accepted"))
     print(f"\n{FUZZ_CASES} mutated replies: {accepted} accepted, {FUZZ_CASES - accepted} rejected")

@@ -38,12 +38,15 @@ def test_the_default_is_the_test_inputs_as_in_the_paper() -> None:
     assert rest is train and source is test
 
 
-@pytest.mark.parametrize("data, named", [
-    ({"proxy_inputs": "held_out"}, "data.proxy_size"),
-    ({"proxy_size": 10}, "data.proxy_inputs"),
-    ({"proxy_inputs": "heldout", "proxy_size": 10}, "did you mean 'held_out'"),
-    ({"proxy_inputs": "held_out", "proxy_size": -1}, "data.proxy_size"),
-])
+@pytest.mark.parametrize(
+    "data, named",
+    [
+        ({"proxy_inputs": "held_out"}, "data.proxy_size"),
+        ({"proxy_size": 10}, "data.proxy_inputs"),
+        ({"proxy_inputs": "heldout", "proxy_size": 10}, "did you mean 'held_out'"),
+        ({"proxy_inputs": "held_out", "proxy_size": -1}, "data.proxy_size"),
+    ],
+)
 def test_proxy_settings_that_do_not_fit_are_named(data, named) -> None:
     with pytest.raises(ConfigError, match=named):
         parse_config({"data": data})
@@ -55,7 +58,9 @@ def test_held_out_proxy_takes_size_examples_of_each_task_seeded() -> None:
     assert np.bincount(TASK.task_index(held.x)).tolist() == [12, 12, 12]
     assert np.bincount(TASK.task_index(rest.x)).tolist() == [48, 28, 18]
     assert ids(held).isdisjoint(ids(rest)) and ids(held) | ids(rest) == ids(train)
-    assert np.all(np.diff(held.x[:, 1]) > 0) and np.all(np.diff(rest.x[:, 1]) > 0)  # original order kept
+    assert np.all(np.diff(held.x[:, 1]) > 0) and np.all(
+        np.diff(rest.x[:, 1]) > 0
+    )  # original order kept
     again = proxy_split(TASK, train, test, source="held_out", size=12, seed=3)[1]
     assert np.array_equal(again.x, held.x)
     assert ids(proxy_split(TASK, train, test, source="held_out", size=12, seed=4)[1]) != ids(held)
@@ -69,8 +74,9 @@ def test_held_out_proxy_takes_size_examples_of_each_task_seeded() -> None:
 def test_held_out_proxy_is_in_no_clients_shard(tmp_path) -> None:
     train, test = multitask_rows(), multitask_rows((5, 5, 5))
     rest, held = proxy_split(TASK, train, test, source="held_out", size=10, seed=0)
-    shard_dir = materialize_shards(TASK, rest, 6, "by_task", 0, {"alpha": 0.5, "min_partition_size": 2},
-                                   tmp_path)
+    shard_dir = materialize_shards(
+        TASK, rest, 6, "by_task", 0, {"alpha": 0.5, "min_partition_size": 2}, tmp_path
+    )
     counts = load_manifest(shard_dir)["counts"]
     in_shards: list[int] = []
     for cid in range(6):

@@ -21,7 +21,8 @@ from fedmerge.clients.tasks import get_task
 from fedmerge.federation.actors import AggregatorActor
 from fedmerge.federation.recovery import ActorGuard, RoundAggregation, RoundState
 
-from .conftest import SAFETY_NET_S, kill_actor as kill
+from .conftest import SAFETY_NET_S
+from .conftest import kill_actor as kill
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +42,14 @@ def base() -> dict[str, np.ndarray]:
     return {k: v.numpy().copy() for k, v in get_task("digits").build_model().state_dict().items()}
 
 
-def run_rounds(base: dict[str, np.ndarray], kill_at: frozenset[tuple[int, int]] = frozenset(), rounds: int = 2):
+def run_rounds(
+    base: dict[str, np.ndarray], kill_at: frozenset[tuple[int, int]] = frozenset(), rounds: int = 2
+):
     """Each round's served model (spec, weights) as the driver holds it after the round and
     after any kill; ``kill_at`` holds (round, reply): kill after that reply, reply -1 after the merge."""
     actor = AggregatorActor.options(num_cpus=0, max_restarts=2).remote(
-        create_aggregator("smile", SMILE), base, 0, task_name="digits")
+        create_aggregator("smile", SMILE), base, 0, task_name="digits"
+    )
     guard = ActorGuard("aggregator", max_restarts=2, timeout=SAFETY_NET_S)
     aggregation = RoundAggregation(actor, RoundState(0, base, {}), guard)
     served = []
@@ -53,7 +57,9 @@ def run_rounds(base: dict[str, np.ndarray], kill_at: frozenset[tuple[int, int]] 
         aggregation.begin_round(r)
         rng = np.random.default_rng(r)
         for i in range(3):
-            arrays = {k: (v + 0.1 * rng.normal(size=v.shape)).astype(v.dtype) for k, v in base.items()}
+            arrays = {
+                k: (v + 0.1 * rng.normal(size=v.shape)).astype(v.dtype) for k, v in base.items()
+            }
             aggregation.accumulate(i, arrays, 10 + i, {})
             if (r, i) in kill_at:
                 ray.get(aggregation._pending[-1])
@@ -78,12 +84,17 @@ def assert_same_served(a, b) -> None:
 def unkilled(base):
     served, restarts = run_rounds(base)
     assert restarts == 0 and all(s is not None for s in served)
-    assert any(not np.array_equal(served[0][1][k], served[1][1][k]) for k in served[0][1])  # rounds differ
+    assert any(
+        not np.array_equal(served[0][1][k], served[1][1][k]) for k in served[0][1]
+    )  # rounds differ
     return served
 
 
-@pytest.mark.parametrize("kill_at, restarts", [({(2, 1)}, 1), ({(1, -1), (2, -1)}, 1)],
-                         ids=["mid-round", "between rounds and after the last"])
+@pytest.mark.parametrize(
+    "kill_at, restarts",
+    [({(2, 1)}, 1), ({(1, -1), (2, -1)}, 1)],
+    ids=["mid-round", "between rounds and after the last"],
+)
 def test_served_model_survives_an_aggregator_restart(base, unkilled, kill_at, restarts):
     served, seen = run_rounds(base, kill_at=frozenset(kill_at))
     for got, expected in zip(served, unkilled):

@@ -50,9 +50,11 @@ def one_error_line(err: str) -> str:
 
 # ---- a read-only run folder -----------------------------------------------------------------
 
+
 def test_write_atomic_cleanup_never_masks_the_write_error(tmp_path, monkeypatch):
     """On a read-only mount the unlink of the temporary file fails as well (EROFS: Linux checks the
     mount before it looks the name up); that second error used to be the one raised."""
+
     def read_only_unlink(self, missing_ok=False):
         raise OSError(errno.EROFS, "Read-only file system", str(self))
 
@@ -63,25 +65,39 @@ def test_write_atomic_cleanup_never_masks_the_write_error(tmp_path, monkeypatch)
     with pytest.raises(OSError) as caught:
         write_atomic(tmp_path / "metrics.parquet", write)
     assert caught.value.errno == errno.EROFS
-    assert Path(caught.value.filename).name.startswith(".metrics.parquet.tmp-")  # the write's, not the unlink's
+    assert Path(caught.value.filename).name.startswith(
+        ".metrics.parquet.tmp-"
+    )  # the write's, not the unlink's
     assert caught.value.__context__ is None  # nothing else went wrong on the way out
     message = describe_os_error(caught.value)
-    assert message.startswith(f"{tmp_path / 'metrics.parquet'}: Read-only file system; ")  # the real file named
+    assert message.startswith(
+        f"{tmp_path / 'metrics.parquet'}: Read-only file system; "
+    )  # the real file named
     assert "read-only" in message.split("; ", 1)[1]
 
 
-@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),  # matplotlib's file object
-                                   OSError("Failed to write: [errno 28] No space left on device")])  # pyarrow's
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),  # matplotlib's file object
+        OSError("Failed to write: [errno 28] No space left on device"),
+    ],
+)  # pyarrow's
 def test_an_atomic_write_names_the_file_when_the_writer_does_not(tmp_path, error):
     """A writer that goes through a file object (the plot) reports a full disk without a file name;
     seen on a real 128 KiB tmpfs as 'fedmerge: error: No space left on device'."""
+
     def write(tmp: Path) -> None:
         raise error
 
     with pytest.raises(OSError) as caught:
         write_atomic(tmp_path / "accuracy.png", write)
-    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "accuracy.png")
-    assert describe_os_error(caught.value).startswith(f"{tmp_path / 'accuracy.png'}: No space left on device; ")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(
+        tmp_path / "accuracy.png"
+    )
+    assert describe_os_error(caught.value).startswith(
+        f"{tmp_path / 'accuracy.png'}: No space left on device; "
+    )
 
 
 def read_only_folder(monkeypatch, folder: Path) -> None:
@@ -112,8 +128,10 @@ def test_resume_in_a_read_only_run_folder_is_one_line(tmp_path, monkeypatch, cap
     read_only_folder(monkeypatch, run.path.resolve())
     assert main(["resume", str(run.path)]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert f"{run.path.resolve() / 'events.jsonl'}: Read-only file system" in line or \
-        f"{run.path / 'events.jsonl'}: Read-only file system" in line, line
+    assert (
+        f"{run.path.resolve() / 'events.jsonl'}: Read-only file system" in line
+        or f"{run.path / 'events.jsonl'}: Read-only file system" in line
+    ), line
     assert "writable" in line
 
 
@@ -128,12 +146,15 @@ def test_verbose_keeps_the_traceback(tmp_path, monkeypatch, capsys):
 
 # ---- a full disk ----------------------------------------------------------------------------
 
+
 def test_a_real_safetensors_io_failure_becomes_the_os_error_it_wraps(tmp_path):
     """A file-size limit (RLIMIT_FSIZE) makes the kernel refuse the write (EFBIG) as a full disk
     refuses it (ENOSPC): a real SafetensorError, with no mount needed."""
     target = tmp_path / "model.safetensors"
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing us
+    previous = signal.signal(
+        signal.SIGXFSZ, signal.SIG_IGN
+    )  # the write fails instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
     try:
         with pytest.raises(OSError) as caught, os_errors_of(target):
@@ -161,7 +182,10 @@ def test_a_full_disk_while_saving_the_model_names_the_file(tmp_path, monkeypatch
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(run.model_path)
     assert [p.name for p in run.path.iterdir()] == []  # the half-written temporary file is gone
     message = describe_os_error(caught.value)
-    assert message.startswith(f"{run.model_path}: No space left on device; ") and "disk is full" in message
+    assert (
+        message.startswith(f"{run.model_path}: No space left on device; ")
+        and "disk is full" in message
+    )
 
 
 def test_a_full_disk_while_checkpointing_names_the_file(tmp_path, monkeypatch):
@@ -186,11 +210,17 @@ def test_other_safetensors_errors_stay_what_they_are(tmp_path):
 
 # ---- a run name too long for the file system ------------------------------------------------
 
+
 def test_a_run_name_too_long_for_a_folder_is_a_config_error(tmp_path, capsys):
     root = tmp_path / "runs"
     assert main(cli(*digits_overrides(tmp_path), "name=" + "n" * 240)) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "name =" in line and "240 bytes" in line and str(MAX_NAME_BYTES) in line and "shorter" in line
+    assert (
+        "name =" in line
+        and "240 bytes" in line
+        and str(MAX_NAME_BYTES) in line
+        and "shorter" in line
+    )
     assert not root.exists()
     load_config(DEFAULT_EXPERIMENT, ["name=" + "n" * MAX_NAME_BYTES])  # the limit itself is fine
     with pytest.raises(ConfigError, match="bytes long"):  # bytes, not characters: é is two
@@ -202,10 +232,13 @@ def test_a_folder_name_the_file_system_refuses_is_one_line(tmp_path):
         RunDir.create(tmp_path, "x" * 250)
     assert caught.value.errno == errno.ENAMETOOLONG
     message = describe_os_error(caught.value)
-    assert "File name too long; " in message and "shorter run name" in message and len(message) < 400
+    assert (
+        "File name too long; " in message and "shorter run name" in message and len(message) < 400
+    )
 
 
 # ---- a non-UTF-8 experiment file -------------------------------------------------------------
+
 
 def test_a_non_utf8_experiment_file_names_the_file_and_the_byte(tmp_path, capsys):
     path = tmp_path / "latin1.toml"
@@ -218,6 +251,7 @@ def test_a_non_utf8_experiment_file_names_the_file_and_the_byte(tmp_path, capsys
 
 
 # ---- an output root that is a file ------------------------------------------------------------
+
 
 def test_an_output_root_that_is_a_file_is_one_line(tmp_path, capsys):
     root = tmp_path / "runs"
@@ -241,14 +275,19 @@ def test_an_output_root_below_a_file_is_one_line(tmp_path, capsys):
 HUGE = 20 * 2**20  # 20 MB: the 100 MB of the report, smaller, the effect the same
 
 
-@pytest.mark.parametrize("override", [
-    "name=" + "n" * HUGE,                 # too long a name
-    "data.task=" + "t" * HUGE,            # not one of the choices: used to search for a close one
-    "aggregator.name=" + "a" * HUGE,      # the registry's own search
-    "x" * HUGE + "=1",                    # an unknown key: its search
-    "data.partitioner='" + "p" * HUGE + "'",
-])
-def test_a_huge_value_is_cut_in_the_message_and_never_searched(override, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "override",
+    [
+        "name=" + "n" * HUGE,  # too long a name
+        "data.task=" + "t" * HUGE,  # not one of the choices: used to search for a close one
+        "aggregator.name=" + "a" * HUGE,  # the registry's own search
+        "x" * HUGE + "=1",  # an unknown key: its search
+        "data.partitioner='" + "p" * HUGE + "'",
+    ],
+)
+def test_a_huge_value_is_cut_in_the_message_and_never_searched(
+    override, tmp_path, monkeypatch, capsys
+):
     searched: list[int] = []
     real = difflib.get_close_matches
 
@@ -266,12 +305,22 @@ def test_a_huge_value_is_cut_in_the_message_and_never_searched(override, tmp_pat
 
 # ---- an unreachable Ray address --------------------------------------------------------------
 
+
 def test_an_unreachable_address_fails_at_once_naming_it_and_makes_no_folder(tmp_path):
     root = tmp_path / "runs"
-    args = [sys.executable, "-m", "fedmerge", *cli(*digits_overrides(tmp_path)), "--address", "127.0.0.1:1"]
+    args = [
+        sys.executable,
+        "-m",
+        "fedmerge",
+        *cli(*digits_overrides(tmp_path)),
+        "--address",
+        "127.0.0.1:1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # The timeout only keeps a regression (Ray retrying for minutes) from hanging the suite.
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SAFETY_NET_S)
+    proc = subprocess.run(
+        args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SAFETY_NET_S
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
     assert "'127.0.0.1:1'" in line and "cannot reach the Ray cluster" in line
@@ -311,10 +360,12 @@ def test_resume_with_an_unreachable_address_touches_nothing(tmp_path, capsys):
 
 # ---- an OS error inside the run itself ---------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_a_disk_that_fills_up_during_a_run_is_one_line(tmp_path, monkeypatch, capfd, ray_address):
     """The metrics are written by the ServerApp, inside Flower's simulation: its OSError used to
     come out wrapped in an ExperimentError traceback."""
+
     def full_disk(self, round, rows):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.metrics_path))
 
@@ -344,5 +395,7 @@ def test_a_full_disk_under_a_checkpoints_json_names_the_checkpoint(tmp_path, mon
     monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
     with pytest.raises(OSError) as caught:
         checkpoint.save_checkpoint(tmp_path, 3, 0, {"w": np.zeros(3, np.float32)}, {})
-    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "round_00003")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(
+        tmp_path / "round_00003"
+    )
     assert list(tmp_path.iterdir()) == []  # the temporary checkpoint folder is gone

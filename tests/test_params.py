@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fedmerge.aggregators import (
     AggregateResult,
     Aggregator,
@@ -72,8 +73,15 @@ def test_a_bad_value_names_owner_parameter_value_and_rule(values, message) -> No
 def test_the_error_survives_pickling_with_its_parts() -> None:
     import pickle
 
-    error = pickle.loads(pickle.dumps(HyperparameterError("own", "rate", 2.0, "a number in (0, 1]")))
-    assert (error.owner, error.name, error.value, error.rule) == ("own", "rate", 2.0, "a number in (0, 1]")
+    error = pickle.loads(
+        pickle.dumps(HyperparameterError("own", "rate", 2.0, "a number in (0, 1]"))
+    )
+    assert (error.owner, error.name, error.value, error.rule) == (
+        "own",
+        "rate",
+        2.0,
+        "a number in (0, 1]",
+    )
     assert str(error) == "own: rate=2.0 is invalid: must be a number in (0, 1]"
 
 

@@ -10,8 +10,17 @@ import pyarrow as pa
 import pytest
 
 from fedmerge.clients.partition import (
-    available_partitioners, format_label_counts, label_counts, load_manifest, materialize_shards,
-    open_shard, partition, partitioner_params, plot_label_heatmap, register_partitioner, shard_path,
+    available_partitioners,
+    format_label_counts,
+    label_counts,
+    load_manifest,
+    materialize_shards,
+    open_shard,
+    partition,
+    partitioner_params,
+    plot_label_heatmap,
+    register_partitioner,
+    shard_path,
     write_shards,
 )
 from fedmerge.clients.tasks import ArrayData, DataError, get_task
@@ -73,24 +82,41 @@ def test_dirichlet_min_partition_size_holds(digits):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_pathological_gives_k_classes_per_client(digits, k):
-    counts = label_counts(partition(digits.y, 10, "pathological", 0, classes_per_client=k), digits.y, 10)
+    counts = label_counts(
+        partition(digits.y, 10, "pathological", 0, classes_per_client=k), digits.y, 10
+    )
     assert np.all((counts > 0).sum(axis=1) == k)
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    ({"num_clients": 10, "scheme": "dirichlet", "alpha": 0.0}, "alpha"),
-    ({"num_clients": 10, "scheme": "dirichlet", "alpha": -1.0}, "alpha"),
-    ({"num_clients": 10, "scheme": "dirichlet", "alpha": float("nan")}, "alpha"),
-    ({"num_clients": 10, "scheme": "dirichlet", "min_partition_size": 1000}, "min_partition_size"),
-    ({"num_clients": 0, "scheme": "iid"}, "num_clients"),
-    ({"num_clients": 1438, "scheme": "iid"}, "num_clients"),
-    ({"num_clients": 10, "scheme": "pathological", "classes_per_client": 0}, "classes_per_client"),
-    ({"num_clients": 10, "scheme": "pathological", "classes_per_client": 11}, "classes_per_client"),
-    ({"num_clients": 2, "scheme": "pathological", "classes_per_client": 2}, "classes_per_client"),
-    ({"num_clients": 10, "scheme": "dirichlet", "alhpa": 0.5}, "alhpa"),
-    ({"num_clients": 10, "scheme": "iid", "alpha": 0.5}, "alpha"),
-    ({"num_clients": 10, "scheme": "shuffled"}, "shuffled"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"num_clients": 10, "scheme": "dirichlet", "alpha": 0.0}, "alpha"),
+        ({"num_clients": 10, "scheme": "dirichlet", "alpha": -1.0}, "alpha"),
+        ({"num_clients": 10, "scheme": "dirichlet", "alpha": float("nan")}, "alpha"),
+        (
+            {"num_clients": 10, "scheme": "dirichlet", "min_partition_size": 1000},
+            "min_partition_size",
+        ),
+        ({"num_clients": 0, "scheme": "iid"}, "num_clients"),
+        ({"num_clients": 1438, "scheme": "iid"}, "num_clients"),
+        (
+            {"num_clients": 10, "scheme": "pathological", "classes_per_client": 0},
+            "classes_per_client",
+        ),
+        (
+            {"num_clients": 10, "scheme": "pathological", "classes_per_client": 11},
+            "classes_per_client",
+        ),
+        (
+            {"num_clients": 2, "scheme": "pathological", "classes_per_client": 2},
+            "classes_per_client",
+        ),
+        ({"num_clients": 10, "scheme": "dirichlet", "alhpa": 0.5}, "alhpa"),
+        ({"num_clients": 10, "scheme": "iid", "alpha": 0.5}, "alpha"),
+        ({"num_clients": 10, "scheme": "shuffled"}, "shuffled"),
+    ],
+)
 def test_bad_params_are_named(digits, kwargs, name):
     kwargs = dict(kwargs)
     num_clients, scheme = kwargs.pop("num_clients"), kwargs.pop("scheme")
@@ -113,6 +139,7 @@ def test_custom_partitioner_output_is_checked(digits, monkeypatch):
 
 
 # --- shards -------------------------------------------------------------------------------------
+
 
 def _mapped_files() -> list[tuple[int, int, str]]:
     """(start, end, path) of this process's file-backed memory mappings (Linux)."""
@@ -161,8 +188,10 @@ def test_manifest_records_the_partition(digits, tmp_path):
     assert manifest["shape"] == [8, 8] and manifest["dtype"] == "|u1"
     assert np.array_equal(label_counts(manifest), label_counts(parts, digits.y, 10))
     assert np.array_equal(label_counts(out), label_counts(out / "manifest.json"))
-    assert sorted(p.name for p in out.iterdir()) == [*(f"client_{i:05d}.arrow" for i in range(5)),
-                                                      "manifest.json"]  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == [
+        *(f"client_{i:05d}.arrow" for i in range(5)),
+        "manifest.json",
+    ]  # no temporary files left
 
 
 def test_corrupt_or_missing_shard_names_the_file(digits, tmp_path):
@@ -186,7 +215,9 @@ def _mtimes(directory: Path) -> dict[str, int]:
 
 def test_materialize_reuses_the_cache(digits, tmp_path):
     task = get_task("digits")
-    args = dict(task=task, data=digits, num_clients=5, scheme="dirichlet", seed=1, cache_dir=tmp_path)
+    args = dict(
+        task=task, data=digits, num_clients=5, scheme="dirichlet", seed=1, cache_dir=tmp_path
+    )
     first = materialize_shards(params={"alpha": 0.5}, **args)
     before = _mtimes(first)
     again = materialize_shards(params={"alpha": np.float64(0.5)}, **args)
@@ -200,17 +231,22 @@ def test_materialize_reuses_the_cache(digits, tmp_path):
 
 def test_materialize_rewrites_an_incomplete_set(digits, tmp_path):
     task = get_task("digits")
-    args = dict(task=task, data=digits, num_clients=3, scheme="iid", seed=0, params={}, cache_dir=tmp_path)
+    args = dict(
+        task=task, data=digits, num_clients=3, scheme="iid", seed=0, params={}, cache_dir=tmp_path
+    )
     first = materialize_shards(**args)
     shard_path(first, 1).unlink()
     again = materialize_shards(**args)
     assert again == first and shard_path(again, 1).is_file()
-    assert np.array_equal(open_shard(shard_path(again, 1)).y,
-                          digits.y[partition(digits.y, 3, "iid", 0)[1]])
+    assert np.array_equal(
+        open_shard(shard_path(again, 1)).y, digits.y[partition(digits.y, 3, "iid", 0)[1]]
+    )
 
 
 def test_label_count_table_and_heatmap(digits, tmp_path):
-    counts = label_counts(partition(digits.y, 5, "pathological", 0, classes_per_client=6), digits.y, 10)
+    counts = label_counts(
+        partition(digits.y, 5, "pathological", 0, classes_per_client=6), digits.y, 10
+    )
     table = format_label_counts(counts).splitlines()
     assert table[0].split() == ["client", *map(str, range(10)), "total"]
     assert len(table) == 1 + 5 + 1  # header, clients, all

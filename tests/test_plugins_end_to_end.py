@@ -15,13 +15,19 @@ pytestmark = pytest.mark.slow
 
 def _aggregator_metric(run, metric):
     table = run.metrics()
-    rows = table.filter(pc.and_(pc.equal(table["scope"], "aggregator"), pc.equal(table["metric"], metric)))
+    rows = table.filter(
+        pc.and_(pc.equal(table["scope"], "aggregator"), pc.equal(table["metric"], metric))
+    )
     return rows["value"].to_pylist()
 
 
 def test_registered_class_with_federated_evaluation(tmp_path, ray_address):
-    config = digits_config(tmp_path, "aggregator.name=mean_of_two_best",
-                           "data.local_test_fraction=0.25", "federation.fraction_evaluate=1.0")
+    config = digits_config(
+        tmp_path,
+        "aggregator.name=mean_of_two_best",
+        "data.local_test_fraction=0.25",
+        "federation.fraction_evaluate=1.0",
+    )
     run = run_experiment(config, address=ray_address, progress=lambda _: None).run_dir
     assert _aggregator_metric(run, "dropped_clients") == [1.0, 1.0]  # 3 clients, the two best kept
     assert run.server_curve()[-1][1] > 0.5
@@ -31,14 +37,20 @@ def test_registered_class_with_federated_evaluation(tmp_path, ray_address):
     federated = table.filter(pc.equal(table["metric"], "federated_accuracy"))
     assert federated["round"].to_pylist() == [1, 2]
     assert all(0.3 < acc <= 1.0 for acc in federated["value"].to_pylist())
-    examples = table.filter(pc.equal(table["metric"], "federated_num_examples"))["value"].to_pylist()
+    examples = table.filter(pc.equal(table["metric"], "federated_num_examples"))[
+        "value"
+    ].to_pylist()
     assert 0.2 * 1437 < examples[0] < 0.3 * 1437  # about a quarter of digits' 1,437 training rows
 
 
 def test_import_path_and_entry_point_through_compare(tmp_path, ray_address):
     path_route = "tests.plugins.custom_aggregators:KeepBestByMetric"
-    outcome = compare(digits_config(tmp_path), [path_route, "example_plugin"], address=ray_address,
-                      progress=lambda _: None)
+    outcome = compare(
+        digits_config(tmp_path),
+        [path_route, "example_plugin"],
+        address=ray_address,
+        progress=lambda _: None,
+    )
     assert path_route in outcome.table and "example_plugin" in outcome.table
     assert (outcome.path / "compare.png").stat().st_size > 0
     best = _aggregator_metric(outcome.runs[path_route], "best_client")

@@ -16,12 +16,19 @@ import pytest
 import ray
 import torch
 
-from fedmerge.aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators import (
+    AggregateResult,
+    Aggregator,
+    ClientUpdate,
+    RoundContext,
+    create_aggregator,
+)
 from fedmerge.clients.tasks import get_task
 from fedmerge.federation.actors import ActorStateLost, AggregatorActor, EvaluatorActor
 from fedmerge.federation.recovery import ActorGuard, RoundAggregation, RoundState, ServerActorError
 
-from .conftest import SAFETY_NET_S, kill_actor as kill
+from .conftest import SAFETY_NET_S
+from .conftest import kill_actor as kill
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +51,9 @@ class DriftingMean(Aggregator):
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         mean = {k: torch.stack([u.state[k] for u in updates]).mean(dim=0) for k in updates[0].state}
         for key, value in mean.items():
-            self.drift[key] = self.drift.get(key, torch.zeros_like(value)) + (value - ctx.global_state[key])
+            self.drift[key] = self.drift.get(key, torch.zeros_like(value)) + (
+                value - ctx.global_state[key]
+            )
         self.rounds += 1
         state = {k: v + 0.1 * self.drift[k] for k, v in mean.items()}
         return AggregateResult(state=state, metrics={"rounds": self.rounds})
@@ -64,14 +73,22 @@ def _driver(attached_ray):
 
 def client_updates(server_round: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(server_round)
-    return [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in BASE.items()} for _ in range(3)]
+    return [
+        {k: rng.normal(size=v.shape).astype(np.float32) for k, v in BASE.items()} for _ in range(3)
+    ]
 
 
-def run_rounds(aggregator: Aggregator, rounds: int = 2, kill_at: tuple[int, int] | None = None,
-               max_restarts: int = 2) -> tuple[list[dict[str, np.ndarray]], list[dict], ActorGuard]:
+def run_rounds(
+    aggregator: Aggregator,
+    rounds: int = 2,
+    kill_at: tuple[int, int] | None = None,
+    max_restarts: int = 2,
+) -> tuple[list[dict[str, np.ndarray]], list[dict], ActorGuard]:
     """Drive ``rounds`` rounds through a fresh actor; ``kill_at = (round, reply)`` kills it right
     after that reply was accumulated (reply -1: right after the round was merged)."""
-    actor = AggregatorActor.options(num_cpus=0, max_restarts=max_restarts).remote(aggregator, BASE, 0)
+    actor = AggregatorActor.options(num_cpus=0, max_restarts=max_restarts).remote(
+        aggregator, BASE, 0
+    )
     guard = ActorGuard("aggregator", max_restarts=max_restarts, timeout=SAFETY_NET_S)
     aggregation = RoundAggregation(actor, RoundState(0, BASE, {}), guard)
     states, metrics = [], []
@@ -109,8 +126,11 @@ def test_aggregator_killed_mid_round_is_replayed_exactly(unkilled):
     assert metrics == unkilled[1]
     notes = guard.take_notes()
     assert guard.restarts == 1 and len(notes) == 1
-    assert re.fullmatch(r"aggregator actor (died|had lost its state in a restart) during the aggregation of "
-                        r"round 2; restored in \d+\.\d s", notes[0]), notes
+    assert re.fullmatch(
+        r"aggregator actor (died|had lost its state in a restart) during the aggregation of "
+        r"round 2; restored in \d+\.\d s",
+        notes[0],
+    ), notes
 
 
 def test_aggregator_killed_between_rounds_gets_its_state_back(unkilled):
@@ -119,8 +139,9 @@ def test_aggregator_killed_between_rounds_gets_its_state_back(unkilled):
     assert [m["rounds"] for m in metrics] == [1, 2]  # the counter survived the restart
     assert guard.restarts == 1
     # No call failed: the new actor was caught holding the initial state instead of round 1's.
-    assert guard.take_notes()[0].startswith("aggregator actor had lost its state in a restart during the "
-                                            "start of round 2")
+    assert guard.take_notes()[0].startswith(
+        "aggregator actor had lost its state in a restart during the start of round 2"
+    )
 
 
 def test_stale_calls_never_reach_the_aggregator():
@@ -128,7 +149,9 @@ def test_stale_calls_never_reach_the_aggregator():
     ray.get(actor.begin_round.remote(1, 5, 0))
     with pytest.raises(ActorStateLost, match="attempt 4, but the open one is 5"):
         ray.get(actor.accumulate.remote(4, 0, BASE, 1, {}))
-    with pytest.raises(ActorStateLost, match="state after round 3"):  # a restarted actor holds round 0
+    with pytest.raises(
+        ActorStateLost, match="state after round 3"
+    ):  # a restarted actor holds round 0
         ray.get(actor.begin_round.remote(4, 6, 3))
     ray.kill(actor)
 
@@ -176,19 +199,27 @@ def test_evaluator_killed_is_restarted_and_the_evaluation_retried(tmp_path):
         torch.set_num_threads(threads)
     expected.pop("evaluate_s")
     marker = tmp_path / "died"
-    evaluator = ray.remote(DiesInItsFirstEvaluation).options(num_cpus=0, max_restarts=4).remote(
-        str(marker), "digits", test.x, test.y, 512, 1)
+    evaluator = (
+        ray.remote(DiesInItsFirstEvaluation)
+        .options(num_cpus=0, max_restarts=4)
+        .remote(str(marker), "digits", test.x, test.y, 512, 1)
+    )
     guard = ActorGuard("evaluator", max_restarts=4, timeout=SAFETY_NET_S)
     first_pid = ray.get(evaluator.placement.remote(), timeout=SAFETY_NET_S)["pid"]
     state_ref = ray.put(state)
 
-    got = guard.call("an evaluation", lambda: guard.get(evaluator.evaluate.remote(state_ref), "it"),
-                     lambda: guard.get(evaluator.placement.remote(), "its restart"))
+    got = guard.call(
+        "an evaluation",
+        lambda: guard.get(evaluator.evaluate.remote(state_ref), "it"),
+        lambda: guard.get(evaluator.placement.remote(), "its restart"),
+    )
     got.pop("evaluate_s")
     assert marker.read_text() == first_pid  # the first process died inside the call
     assert got == expected
     assert guard.restarts == 1
     (note,) = guard.take_notes()
-    assert re.fullmatch(r"evaluator actor died during an evaluation; restored in \d+\.\d s", note), note
+    assert re.fullmatch(
+        r"evaluator actor died during an evaluation; restored in \d+\.\d s", note
+    ), note
     assert ray.get(evaluator.placement.remote(), timeout=SAFETY_NET_S)["pid"] != first_pid
     ray.kill(evaluator, no_restart=True)

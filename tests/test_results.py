@@ -41,7 +41,9 @@ def round_rows(r: int) -> list[tuple[str, int | None, str, float]]:
 def logged_run(tmp_path, name: str = "exp", accuracy_shift: float = 0.0) -> RunDir:
     run = RunDir.create(tmp_path, name)
     for r in (3, 1, 2):  # out of order: curves must still come back sorted
-        rows = [(s, c, m, v + accuracy_shift if m == "accuracy" else v) for s, c, m, v in round_rows(r)]
+        rows = [
+            (s, c, m, v + accuracy_shift if m == "accuracy" else v) for s, c, m, v in round_rows(r)
+        ]
         run.log_round(r, rows)
     return run
 
@@ -76,8 +78,20 @@ def test_metrics_round_trip_through_disk(tmp_path):
     assert table.equals(run.metrics())
     assert table.num_rows == 3 * len(round_rows(1))
     rows = table.to_pylist()
-    assert {"round": 3, "scope": "server", "client_id": None, "metric": "accuracy", "value": 0.72} in rows
-    assert {"round": 2, "scope": "client", "client_id": 7, "metric": "train_loss", "value": 1.0} in rows
+    assert {
+        "round": 3,
+        "scope": "server",
+        "client_id": None,
+        "metric": "accuracy",
+        "value": 0.72,
+    } in rows
+    assert {
+        "round": 2,
+        "scope": "client",
+        "client_id": 7,
+        "metric": "train_loss",
+        "value": 1.0,
+    } in rows
     for row in rows:
         assert (row["client_id"] is None) == (row["scope"] != "client")
     assert reopened.server_curve() == sorted(ACCURACY.items())
@@ -103,13 +117,16 @@ def test_reopened_run_appends_to_existing_rounds(tmp_path):
     assert RunDir(run.path).server_curve() == [(1, ACCURACY[1]), (2, ACCURACY[2])]
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([("global", None, "accuracy", 0.5)], "scope"),
-    ([("server", None, "", 0.5)], "metric name"),
-    ([("server", None, "accuracy", "high")], "must be a number"),
-    ([("client", -1, "train_loss", 0.5)], "client_id"),
-    ([("server", "accuracy", 0.5)], "a row is"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([("global", None, "accuracy", 0.5)], "scope"),
+        ([("server", None, "", 0.5)], "metric name"),
+        ([("server", None, "accuracy", "high")], "must be a number"),
+        ([("client", -1, "train_loss", 0.5)], "client_id"),
+        ([("server", "accuracy", 0.5)], "a row is"),
+    ],
+)
 def test_bad_rows_are_refused_before_writing(tmp_path, rows, match):
     run = RunDir.create(tmp_path, "exp")
     with pytest.raises(ValueError, match=match):
@@ -172,14 +189,23 @@ def test_summary_and_report(tmp_path):
 
 def test_summary_of_empty_run(tmp_path):
     run = RunDir.create(tmp_path, "exp")
-    assert summarize(run) == {"run": run.path.name, "rounds_completed": 0, "final_accuracy": None,
-                              "final_loss": None, "best_accuracy": None, "best_round": None,
-                              "wall_time_s": None}
+    assert summarize(run) == {
+        "run": run.path.name,
+        "rounds_completed": 0,
+        "final_accuracy": None,
+        "final_loss": None,
+        "best_accuracy": None,
+        "best_round": None,
+        "wall_time_s": None,
+    }
     assert "rounds completed: 0" in format_run_report(run)
 
 
 def test_compare_table_lists_every_label(tmp_path):
-    runs = {"fedavg": logged_run(tmp_path, "a"), "wsa": logged_run(tmp_path, "b", accuracy_shift=0.1)}
+    runs = {
+        "fedavg": logged_run(tmp_path, "a"),
+        "wsa": logged_run(tmp_path, "b", accuracy_shift=0.1),
+    }
     table = compare_table(runs)
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["run", "rounds", "final"]

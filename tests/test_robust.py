@@ -12,7 +12,9 @@ from fedmerge.aggregators.trimmed_mean import trimmed_mean
 
 
 def _states(*rows: list[float]) -> list[dict[str, torch.Tensor]]:
-    return [{"w": torch.tensor(r), "n": torch.tensor(i, dtype=torch.int64)} for i, r in enumerate(rows)]
+    return [
+        {"w": torch.tensor(r), "n": torch.tensor(i, dtype=torch.int64)} for i, r in enumerate(rows)
+    ]
 
 
 def _ctx(malicious: frozenset[int] = frozenset()) -> RoundContext:
@@ -33,7 +35,9 @@ def test_trimmed_mean_drops_the_extremes_of_each_coordinate() -> None:
     out = trimmed_mean(states, beta=0.2)  # k = 1 of 5 at each end
     assert torch.allclose(out["w"], torch.tensor([3.0, 1.0]))
     assert torch.allclose(trimmed_mean(states, beta=0.0)["w"], torch.tensor([202.0, -8.8]))
-    assert torch.allclose(trimmed_mean(states, beta=0.1)["w"], trimmed_mean(states, beta=0.0)["w"])  # k = 0
+    assert torch.allclose(
+        trimmed_mean(states, beta=0.1)["w"], trimmed_mean(states, beta=0.0)["w"]
+    )  # k = 0
     with pytest.raises(ValueError, match="beta"):
         trimmed_mean(states, beta=0.5)
 
@@ -53,8 +57,12 @@ def test_krum_scores_and_selection_by_hand() -> None:
 
 
 def test_krum_aggregator_reports_what_it_dropped() -> None:
-    updates = [ClientUpdate(cid, s, 10) for cid, s in zip([7, 8, 9, 10, 11], _states(
-        [0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [10.0, 10.0]))]
+    updates = [
+        ClientUpdate(cid, s, 10)
+        for cid, s in zip(
+            [7, 8, 9, 10, 11], _states([0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [10.0, 10.0])
+        )
+    ]
     result = create_aggregator("krum", {"multi": 4}).aggregate(_ctx(frozenset({11})), updates)
     assert result.metrics["clients_dropped"] == 1 and result.metrics["detection_precision"] == 1.0
     assert result.metrics["detection_recall"] == 1.0 and result.metrics["krum_f"] == 1

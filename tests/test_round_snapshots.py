@@ -10,7 +10,6 @@ against the float64 mean and its documented error bound.
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 from collections.abc import Sequence
@@ -19,19 +18,35 @@ import numpy as np
 import pytest
 import torch
 
-from fedmerge.aggregators import AggregateResult, Aggregator, ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators import (
+    AggregateResult,
+    Aggregator,
+    ClientUpdate,
+    RoundContext,
+    create_aggregator,
+)
 from fedmerge.aggregators.fedavg import FedAvg
 from fedmerge.federation.actors import _numpy_to_tensors, _tensors_to_numpy
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
-BASE = {"w": np.zeros((6, 5), np.float32), "b": np.zeros(5, np.float32), "steps": np.array(0, np.int64)}
+BASE = {
+    "w": np.zeros((6, 5), np.float32),
+    "b": np.zeros(5, np.float32),
+    "steps": np.array(0, np.int64),
+}
 
 
 def replies(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [{"w": rng.normal(size=(6, 5)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32),
-             "steps": np.array(rng.integers(0, 100), np.int64)} for _ in range(count)]
+    return [
+        {
+            "w": rng.normal(size=(6, 5)).astype(np.float32),
+            "b": rng.normal(size=5).astype(np.float32),
+            "steps": np.array(rng.integers(0, 100), np.int64),
+        }
+        for _ in range(count)
+    ]
 
 
 def torch_state(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -48,8 +63,9 @@ def through_ray(snapshot):
     return _numpy_to_tensors(pickle.loads(pickle.dumps(_tensors_to_numpy(snapshot))))
 
 
-def run(aggregator: Aggregator, updates: Sequence[dict[str, np.ndarray]], *, cut: int | None = None
-        ) -> AggregateResult:
+def run(
+    aggregator: Aggregator, updates: Sequence[dict[str, np.ndarray]], *, cut: int | None = None
+) -> AggregateResult:
     """One round; with ``cut``, a snapshot after ``cut`` replies goes to a fresh copy of the
     aggregator (as to a restarted actor), which merges the rest."""
     fresh = pickle.loads(pickle.dumps(aggregator))
@@ -60,8 +76,14 @@ def run(aggregator: Aggregator, updates: Sequence[dict[str, np.ndarray]], *, cut
             aggregator = fresh
             aggregator.begin_round(context())
             aggregator.load_round_state(snapshot)
-        aggregator.accumulate(ClientUpdate(client_id=i, state=torch_state(arrays), num_examples=10 + 7 * i,
-                                           metrics={"train_loss": 0.5}))
+        aggregator.accumulate(
+            ClientUpdate(
+                client_id=i,
+                state=torch_state(arrays),
+                num_examples=10 + 7 * i,
+                metrics={"train_loss": 0.5},
+            )
+        )
     return aggregator.finalize()
 
 
@@ -72,8 +94,12 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert a[key].numpy().tobytes() == b[key].numpy().tobytes(), key
 
 
-AGGREGATORS = [("fedavg", {}), ("fedavg", {"accumulator": "float32"}), ("fedprox", {"mu": 0.1}),
-               ("wsa", {"lam": 0.1})]
+AGGREGATORS = [
+    ("fedavg", {}),
+    ("fedavg", {"accumulator": "float32"}),
+    ("fedprox", {"mu": 0.1}),
+    ("wsa", {"lam": 0.1}),
+]
 
 
 @pytest.mark.parametrize(("name", "params"), AGGREGATORS)
@@ -115,7 +141,9 @@ def test_a_foreign_or_broken_snapshot_is_refused_clearly():
     with pytest.raises(ValueError, match="round state has the keys"):
         target.load_round_state({"sums": {}})
     with pytest.raises(ValueError, match="the sum of 'w' is torch.float32, expected torch.float64"):
-        target.load_round_state({**snapshot, "sums": {**snapshot["sums"], "w": snapshot["sums"]["w"].float()}})
+        target.load_round_state(
+            {**snapshot, "sums": {**snapshot["sums"], "w": snapshot["sums"]["w"].float()}}
+        )
     target.load_round_state(snapshot)
     with pytest.raises(RuntimeError, match="only be loaded into an empty sum"):
         target.load_round_state(snapshot)
@@ -129,8 +157,14 @@ class KeepAll(Aggregator):
     name = "keep_all_mean"
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        return AggregateResult(state={k: torch.stack([u.state[k].double() for u in updates]).mean(0).to(
-            updates[0].state[k].dtype) for k in updates[0].state})
+        return AggregateResult(
+            state={
+                k: torch.stack([u.state[k].double() for u in updates])
+                .mean(0)
+                .to(updates[0].state[k].dtype)
+                for k in updates[0].state
+            }
+        )
 
 
 def test_an_aggregator_without_round_state_says_so():
@@ -154,8 +188,13 @@ def test_float32_accumulation_is_within_its_error_bound_and_deterministic(one_th
     """FedAvg(accumulator="float32") against the exact float64 mean, on 60 replies with unequal
     counts: every element within gamma * (weighted mean of |theta|), gamma = (N+1)u / (1-(N+1)u)."""
     gen = torch.Generator().manual_seed(1)
-    states = [{"w": torch.randn(50_000, generator=gen) * 3 + 1, "h": torch.randn(300, generator=gen).half()}
-              for _ in range(60)]
+    states = [
+        {
+            "w": torch.randn(50_000, generator=gen) * 3 + 1,
+            "h": torch.randn(300, generator=gen).half(),
+        }
+        for _ in range(60)
+    ]
     counts = [int(c) for c in torch.randint(1, 500, (60,), generator=gen)]
 
     def merged(accumulator: str) -> dict[str, torch.Tensor]:
@@ -167,35 +206,46 @@ def test_float32_accumulation_is_within_its_error_bound_and_deterministic(one_th
 
     fast, again, exact64 = merged("float32"), merged("float32"), merged("float64")
     assert_bitwise_equal(fast, again)
-    u, n, total = 2.0 ** -24, len(states), sum(counts)
+    u, n, total = 2.0**-24, len(states), sum(counts)
     gamma = (n + 1) * u / (1 - (n + 1) * u)
     for key in ("w", "h"):
         exact = sum(c * s[key].double() for s, c in zip(states, counts)) / total
         scale = sum(c * s[key].double().abs() for s, c in zip(states, counts)) / total
         error = (fast[key].double() - exact).abs()
         # float16 keys: also the final cast to float16 (half a float16 unit of the result)
-        cast = exact.abs() * 2.0 ** -11 if fast[key].dtype == torch.float16 else 0.0
+        cast = exact.abs() * 2.0**-11 if fast[key].dtype == torch.float16 else 0.0
         assert bool((error <= gamma * scale + cast).all()), key
         assert fast[key].dtype == exact64[key].dtype == states[0][key].dtype
     # float32 summation is measurably less exact than float64 here, or the test would prove nothing
     exact = sum(c * s["w"].double() for s, c in zip(states, counts)) / total
-    assert float((fast["w"].double() - exact).abs().max()) > float((exact64["w"].double() - exact).abs().max())
+    assert float((fast["w"].double() - exact).abs().max()) > float(
+        (exact64["w"].double() - exact).abs().max()
+    )
 
 
 def test_the_accumulator_parameter_is_checked():
-    with pytest.raises(ValueError, match="accumulator='float16' is invalid: must be one of float64, float32"):
+    with pytest.raises(
+        ValueError, match="accumulator='float16' is invalid: must be one of float64, float32"
+    ):
         create_aggregator("fedavg", {"accumulator": "float16"})
 
 
 # ---- real actors ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def local_ray(attached_ray):
     return attached_ray
 
 
-def actor_rounds(ray, aggregator: Aggregator, rounds: Sequence[Sequence[dict[str, np.ndarray]]], *,
-                 snapshot_every: int, kill_after: int | None = None):
+def actor_rounds(
+    ray,
+    aggregator: Aggregator,
+    rounds: Sequence[Sequence[dict[str, np.ndarray]]],
+    *,
+    snapshot_every: int,
+    kill_after: int | None = None,
+):
     """Rounds through one fresh ``AggregatorActor`` (restarts allowed): (merged states,
     RoundAggregation, per round the number of replies kept after each hand-over). ``kill_after =
     i`` kills the actor in the first round once reply ``i`` was merged, after a snapshot was taken."""
@@ -205,9 +255,12 @@ def actor_rounds(ray, aggregator: Aggregator, rounds: Sequence[Sequence[dict[str
     from tests.test_reliability_actors import kill
 
     actor = AggregatorActor.options(num_cpus=0, max_restarts=2).remote(aggregator, BASE, 0)
-    aggregation = RoundAggregation(actor, RoundState(0, BASE, {}),
-                                   ActorGuard("aggregator", max_restarts=2, timeout=SAFETY_NET_S),
-                                   snapshot_every=snapshot_every)
+    aggregation = RoundAggregation(
+        actor,
+        RoundState(0, BASE, {}),
+        ActorGuard("aggregator", max_restarts=2, timeout=SAFETY_NET_S),
+        snapshot_every=snapshot_every,
+    )
     states, kept = [], []
     for server_round, updates in enumerate(rounds, start=1):
         aggregation.begin_round(server_round)
@@ -215,7 +268,9 @@ def actor_rounds(ray, aggregator: Aggregator, rounds: Sequence[Sequence[dict[str
         for i, arrays in enumerate(updates):
             killing = server_round == 1 and i == kill_after
             if killing and aggregation._asked is not None:
-                ray.wait([aggregation._asked[0]], timeout=SAFETY_NET_S)  # so that this hand-over takes the snapshot
+                ray.wait(
+                    [aggregation._asked[0]], timeout=SAFETY_NET_S
+                )  # so that this hand-over takes the snapshot
             aggregation.accumulate(i, arrays, 10 + 7 * i, {"train_loss": 0.5})
             kept[-1].append(aggregation.num_kept)
             if killing:
@@ -237,8 +292,9 @@ def assert_same_bytes(arrays: dict[str, np.ndarray], tensors: dict[str, torch.Te
 @pytest.mark.parametrize(("name", "params"), [("fedavg", {}), ("wsa", {"lam": 0.1})])
 def test_an_actor_killed_after_a_snapshot_resumes_from_it_exactly(local_ray, name, params):
     updates = replies(11, seed=4)
-    states, aggregation, _ = actor_rounds(local_ray, create_aggregator(name, params), [updates],
-                                          snapshot_every=3, kill_after=7)
+    states, aggregation, _ = actor_rounds(
+        local_ray, create_aggregator(name, params), [updates], snapshot_every=3, kill_after=7
+    )
     assert aggregation.guard.restarts == 1
     # Only the replies after the snapshot were sent again (a snapshot covers at least 3), not all 11.
     assert 0 < aggregation.replayed <= 11 - 3
@@ -253,7 +309,9 @@ def test_the_replies_kept_stay_bounded_as_the_round_grows(local_ray):
     rounds = [replies(count, seed=count) for count in (6, 30)]
     states, aggregation, kept = actor_rounds(local_ray, FedAvg(), rounds, snapshot_every=2)
     assert all(max(k) <= bound for k in kept), kept
-    assert aggregation.snapshots >= (6 + 30 - 2 * bound) // bound  # each covers at most `bound` replies
+    assert (
+        aggregation.snapshots >= (6 + 30 - 2 * bound) // bound
+    )  # each covers at most `bound` replies
     for state, updates in zip(states, rounds):  # the snapshots changed nothing in the result
         assert_same_bytes(state, run(FedAvg(), updates).state)
     # Without round state (the fallback), the round keeps every reply, as before snapshots.

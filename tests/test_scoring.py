@@ -3,7 +3,6 @@ and its actor pool is built once and survives a killed actor."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from fedmerge.clients.tasks import get_task

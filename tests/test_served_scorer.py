@@ -37,8 +37,11 @@ def _served(seed: int, **smile) -> tuple[dict, dict[str, np.ndarray]]:
     updates = []
     for i in range(3):
         g = torch.Generator().manual_seed(100 * seed + i)
-        updates.append(ClientUpdate(i, {k: v + 0.1 * torch.randn(v.shape, generator=g)
-                                        for k, v in base.items()}, 10))
+        updates.append(
+            ClientUpdate(
+                i, {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, 10
+            )
+        )
     ctx = RoundContext(round=1, global_state=base, base_state=base, build_model=task.build_model)
     params = {"k_gate": 4, "k": 8, "top_k": 2, **smile}
     model = create_aggregator("smile", params).aggregate(ctx, updates).served_model
@@ -108,8 +111,9 @@ def test_a_served_model_that_does_not_fit_its_spec_is_refused() -> None:
         scorer.score(served=(spec, other))  # weights of another structure under the same spec
     with pytest.raises(ValueError, match="either state .* or served"):
         scorer.score()
-    assert scorer.score(served=(spec, weights)) == _fresh(build_served(spec, weights), task, test,
-                                                          batch_size=256)
+    assert scorer.score(served=(spec, weights)) == _fresh(
+        build_served(spec, weights), task, test, batch_size=256
+    )
 
 
 class _TwoDigitTasks(Digits):
@@ -166,14 +170,22 @@ def test_the_validation_scorer_builds_one_model_and_scores_like_a_fresh_one() ->
 def test_moe_still_offers_its_names_and_serving_needs_neither_ray_nor_flower() -> None:
     from fedmerge.federation import evaluation, moe, proxy, served
 
-    for name in ("FORMAT", "ServedModelError", "build_served", "load_served", "save_served",
-                 "served_spec"):
+    for name in (
+        "FORMAT",
+        "ServedModelError",
+        "build_served",
+        "load_served",
+        "save_served",
+        "served_spec",
+    ):
         assert getattr(moe, name) is getattr(served, name)
     for name in ("PROXY_SALT", "proxy_inputs", "proxy_split"):
         assert getattr(moe, name) is getattr(proxy, name)
     assert moe.evaluate_per_task is evaluation.evaluate_per_task
-    code = ("import sys, fedmerge.federation.served, fedmerge.federation.evaluation, "
-            "fedmerge.federation.proxy; print(sorted(m for m in sys.modules "
-            "if m in ('ray', 'flwr') or m.startswith(('ray.', 'flwr.'))))")
+    code = (
+        "import sys, fedmerge.federation.served, fedmerge.federation.evaluation, "
+        "fedmerge.federation.proxy; print(sorted(m for m in sys.modules "
+        "if m in ('ray', 'flwr') or m.startswith(('ray.', 'flwr.'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -13,10 +13,15 @@ from fedmerge.federation.results import RunDir, RunFileError
 from fedmerge.federation.storage import RunUploader, StorageError, local_path, uri_scheme
 
 
-@pytest.mark.parametrize("location, expected", [
-    ("runs", "runs"), ("/shared/runs", "/shared/runs"), ("file:///shared/runs", "/shared/runs"),
-    ("file://localhost/shared/my%20runs", "/shared/my runs"),
-])
+@pytest.mark.parametrize(
+    "location, expected",
+    [
+        ("runs", "runs"),
+        ("/shared/runs", "/shared/runs"),
+        ("file:///shared/runs", "/shared/runs"),
+        ("file://localhost/shared/my%20runs", "/shared/my runs"),
+    ],
+)
 def test_local_paths_and_file_uris(location, expected):
     assert str(local_path(location)) == expected
 
@@ -31,15 +36,27 @@ def test_uri_scheme_only_reads_real_schemes():
     assert (uri_scheme("S3://b/k"), uri_scheme("/a://b"), uri_scheme("runs")) == ("s3", "", "")
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"output": {"root": "s3://bucket/runs"}}, "output.root"),
-    ({"output": {"root": "file://host/runs"}}, "output.root"),
-    ({"output": {"upload_uri": "ftp://host/runs"}}, "output.upload_uri"),
-    ({"output": {"upload_uri": "/no/scheme"}}, "output.upload_uri"),
-    ({"ray": {"aggregator": {"scheduling_strategy": "spread"}}}, "ray.aggregator.scheduling_strategy"),
-    ({"ray": {"evaluator": {"label_selector": {"bad key!": "x"}}}}, "ray.evaluator.label_selector.bad key!"),
-    ({"ray": {"evaluator": {"label_selector": {"role": 1}}}}, "ray.evaluator.label_selector.role"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"output": {"root": "s3://bucket/runs"}}, "output.root"),
+        ({"output": {"root": "file://host/runs"}}, "output.root"),
+        ({"output": {"upload_uri": "ftp://host/runs"}}, "output.upload_uri"),
+        ({"output": {"upload_uri": "/no/scheme"}}, "output.upload_uri"),
+        (
+            {"ray": {"aggregator": {"scheduling_strategy": "spread"}}},
+            "ray.aggregator.scheduling_strategy",
+        ),
+        (
+            {"ray": {"evaluator": {"label_selector": {"bad key!": "x"}}}},
+            "ray.evaluator.label_selector.bad key!",
+        ),
+        (
+            {"ray": {"evaluator": {"label_selector": {"role": 1}}}},
+            "ray.evaluator.label_selector.role",
+        ),
+    ],
+)
 def test_bad_storage_and_placement_settings_are_named(raw, key):
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
@@ -47,9 +64,17 @@ def test_bad_storage_and_placement_settings_are_named(raw, key):
 
 
 def test_file_uri_root_and_placement_options_are_accepted():
-    config = parse_config({"output": {"root": "file:///shared/runs", "upload_uri": "s3://bucket/runs"},
-                           "ray": {"aggregator": {"label_selector": {"fedmerge-role": "in(aggregator,gpu)"},
-                                                  "scheduling_strategy": "SPREAD"}}})
+    config = parse_config(
+        {
+            "output": {"root": "file:///shared/runs", "upload_uri": "s3://bucket/runs"},
+            "ray": {
+                "aggregator": {
+                    "label_selector": {"fedmerge-role": "in(aggregator,gpu)"},
+                    "scheduling_strategy": "SPREAD",
+                }
+            },
+        }
+    )
     assert str(config.output.root_path) == "/shared/runs"
     options = actor_options(config.ray.aggregator)
     assert options["label_selector"] == {"fedmerge-role": "in(aggregator,gpu)"}
@@ -95,11 +120,21 @@ def test_uploader_reaches_non_local_file_systems(tmp_path):
 
 def test_placement_records_round_trip_and_truncate(tmp_path):
     run = RunDir.create(tmp_path, "placed")
-    run.log_placement(1, [{"role": "aggregator", "client_id": None, "node_id": "a", "device": "cpu"},
-                          {"role": "client", "client_id": 3, "node_id": "b"}])
-    run.log_placement(2, [{"role": "aggregator", "client_id": None, "node_id": "c", "device": "cuda"}])
+    run.log_placement(
+        1,
+        [
+            {"role": "aggregator", "client_id": None, "node_id": "a", "device": "cpu"},
+            {"role": "client", "client_id": 3, "node_id": "b"},
+        ],
+    )
+    run.log_placement(
+        2, [{"role": "aggregator", "client_id": None, "node_id": "c", "device": "cuda"}]
+    )
     assert [(p["round"], p["role"], p["client_id"], p["node_id"]) for p in run.placements()] == [
-        (1, "aggregator", None, "a"), (1, "client", 3, "b"), (2, "aggregator", None, "c")]
+        (1, "aggregator", None, "a"),
+        (1, "client", 3, "b"),
+        (2, "aggregator", None, "c"),
+    ]
     run.truncate_after(1)
     assert [p["round"] for p in run.placements()] == [1, 1]
     with pytest.raises(ValueError, match="role"):

@@ -22,7 +22,9 @@ def train_data(multitask):
     return multitask.load("train")
 
 
-@pytest.mark.parametrize(("name", "classes"), [("wordnet_nouns", 26), ("wordnet_verbs", 15), ("rotten_tomatoes", 2)])
+@pytest.mark.parametrize(
+    ("name", "classes"), [("wordnet_nouns", 26), ("wordnet_verbs", 15), ("rotten_tomatoes", 2)]
+)
 def test_single_tasks_load_token_ids_deterministically(name: str, classes: int) -> None:
     task = get_task(name)
     train, test = task.load("train"), task.load("test")
@@ -65,7 +67,9 @@ def test_limit_examples_caps_each_task(multitask, train_data) -> None:
     assert limit_examples(train_data, 0, seed=1) is train_data
 
 
-def test_multitask_model_pads_other_classes_and_trains_only_the_rows_head(multitask, train_data) -> None:
+def test_multitask_model_pads_other_classes_and_trains_only_the_rows_head(
+    multitask, train_data
+) -> None:
     torch.manual_seed(0)
     model = multitask.build_model()
     assert isinstance(model, MultiTaskTextClassifier)
@@ -79,8 +83,10 @@ def test_multitask_model_pads_other_classes_and_trains_only_the_rows_head(multit
     assert not torch.equal(before["heads.2.weight"], after["heads.2.weight"])
     for t in (0, 1):
         assert torch.equal(before[f"heads.{t}.weight"], after[f"heads.{t}.weight"])
-    assert not torch.equal(before["encoder.encoder.layer.5.output.dense.weight"],
-                           after["encoder.encoder.layer.5.output.dense.weight"])
+    assert not torch.equal(
+        before["encoder.encoder.layer.5.output.dense.weight"],
+        after["encoder.encoder.layer.5.output.dense.weight"],
+    )
 
 
 def test_trainable_regex_freezes_the_rest(multitask, train_data) -> None:
@@ -88,7 +94,13 @@ def test_trainable_regex_freezes_the_rest(multitask, train_data) -> None:
     model = multitask.build_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     part = train_data.subset(np.arange(8))  # nouns
-    train(model, multitask, part, TrainConfig(batch_size=8, lr=1e-2, optimizer="adam", trainable=r"^heads\."), seed=0)
+    train(
+        model,
+        multitask,
+        part,
+        TrainConfig(batch_size=8, lr=1e-2, optimizer="adam", trainable=r"^heads\."),
+        seed=0,
+    )
     changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
     assert changed == ["heads.0.weight", "heads.0.bias"]
     with pytest.raises(ValueError, match="matches no parameter"):
@@ -104,7 +116,7 @@ def test_trimming_padding_does_not_change_a_rows_output(multitask, train_data) -
     lengths = (x[:, 1:] != 0).sum(dim=1)
     short = int(lengths.argmin())
     with torch.no_grad():
-        alone, together = model(x[short:short + 1]), model(x)[short:short + 1]
+        alone, together = model(x[short : short + 1]), model(x)[short : short + 1]
     torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)
 
 

@@ -74,7 +74,7 @@ def test_loss_term_changes_the_result(digits):
     train(plain, task, train_data, TrainConfig(), seed=0)
 
     def l2(model: torch.nn.Module) -> torch.Tensor:
-        return 0.05 * sum((p ** 2).sum() for p in model.parameters())
+        return 0.05 * sum((p**2).sum() for p in model.parameters())
 
     train(pulled, task, train_data, TrainConfig(), seed=0, loss_terms=[l2])
     norm = lambda m: sum(p.detach().pow(2).sum().item() for p in m.parameters())  # noqa: E731
@@ -112,10 +112,17 @@ def test_set_state_names_every_problem(digits):
     assert "2.weight: shape (3, 3), model has (10, 64)" in message
 
 
-@pytest.mark.parametrize("field,value", [
-    ("local_epochs", 0), ("batch_size", 0), ("lr", 0.0), ("momentum", 1.0),
-    ("weight_decay", -1.0), ("optimizer", "lbfgs"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("local_epochs", 0),
+        ("batch_size", 0),
+        ("lr", 0.0),
+        ("momentum", 1.0),
+        ("weight_decay", -1.0),
+        ("optimizer", "lbfgs"),
+    ],
+)
 def test_train_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"^{field}="):
         TrainConfig(**{field: value})
@@ -137,7 +144,9 @@ def test_channels_last_evaluation_gives_the_same_scores():
 
     task = get_task("fashion_mnist")
     rng = np.random.default_rng(0)
-    data = ArrayData(rng.integers(0, 256, size=(300, 28, 28), dtype=np.uint8), rng.integers(0, 10, size=300))
+    data = ArrayData(
+        rng.integers(0, 256, size=(300, 28, 28), dtype=np.uint8), rng.integers(0, 10, size=300)
+    )
     torch.manual_seed(0)
     state = get_state(task.build_model())
     scores = []

@@ -40,6 +40,7 @@ def hand_scope(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- the regulariser ---------------------------------------------------------------------------
 
+
 def test_regulariser_is_the_closed_form_gaussian_kl_and_torchs() -> None:
     model = mlp()
     targets = {"0.weight": [0.05, 0.3], "2.weight": [-0.1, 0.2]}
@@ -49,10 +50,20 @@ def test_regulariser_is_the_closed_form_gaussian_kl_and_torchs() -> None:
     closed, torch_kl = [], []
     for name, (mu_t, sigma_t) in targets.items():
         mu, sigma = hand_scope(model.get_parameter(name))
-        closed.append(math.log(sigma_t / sigma.item())
-                      + (sigma.item() ** 2 + (mu.item() - mu_t) ** 2) / (2 * sigma_t ** 2) - 0.5)
-        torch_kl.append(kl_divergence(Normal(mu, sigma), Normal(torch.tensor(mu_t, dtype=torch.float64),
-                                                                torch.tensor(sigma_t, dtype=torch.float64))))
+        closed.append(
+            math.log(sigma_t / sigma.item())
+            + (sigma.item() ** 2 + (mu.item() - mu_t) ** 2) / (2 * sigma_t**2)
+            - 0.5
+        )
+        torch_kl.append(
+            kl_divergence(
+                Normal(mu, sigma),
+                Normal(
+                    torch.tensor(mu_t, dtype=torch.float64),
+                    torch.tensor(sigma_t, dtype=torch.float64),
+                ),
+            )
+        )
     assert value.item() == pytest.approx(0.5 * sum(closed) / 2, rel=1e-12)
     assert value.item() == pytest.approx(0.5 * torch.stack(torch_kl).mean().item(), rel=1e-12)
     assert value.requires_grad
@@ -61,16 +72,20 @@ def test_regulariser_is_the_closed_form_gaussian_kl_and_torchs() -> None:
 def test_gaussian_kl_floats_tensors_and_zero_at_the_target() -> None:
     assert gaussian_kl(0.3, 0.2, 0.3, 0.2) == 0.0
     as_float = gaussian_kl(0.1, 0.5, -0.2, 0.25)
-    as_tensor = gaussian_kl(torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64),
-                            -0.2, 0.25)
+    as_tensor = gaussian_kl(
+        torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64), -0.2, 0.25
+    )
     assert isinstance(as_float, float) and as_tensor.item() == pytest.approx(as_float, rel=1e-15)
     assert as_float == pytest.approx(math.log(0.5) + (0.25 + 0.09) / (2 * 0.0625) - 0.5)
 
 
-@pytest.mark.parametrize(("mean", "std", "target"), [
-    (0.3, 0.5, (0.0, 0.1)),   # shift down, shrink
-    (-0.2, 0.05, (0.1, 0.4)),  # shift up, widen
-])
+@pytest.mark.parametrize(
+    ("mean", "std", "target"),
+    [
+        (0.3, 0.5, (0.0, 0.1)),  # shift down, shrink
+        (-0.2, 0.05, (0.1, 0.4)),  # shift up, widen
+    ],
+)
 def test_gradient_pulls_mean_and_std_toward_the_target(mean, std, target) -> None:
     layer = nn.Linear(40, 30, bias=False).double()
     with torch.no_grad():
@@ -92,25 +107,36 @@ def test_term_without_targets_aims_at_the_received_model_or_a_prior() -> None:
     own = scope_term(model, state_of(model), lam=1.0)
     assert own(model).item() == pytest.approx(0.0, abs=1e-12)  # KL of each layer to itself
     prior = scope_term(model, state_of(model), lam=1.0, prior_sigma=0.05)
-    expected = scope_term(model, state_of(model), lam=1.0,
-                          targets={"0.weight": [0.0, 0.05], "2.weight": [0.0, 0.05]})
+    expected = scope_term(
+        model, state_of(model), lam=1.0, targets={"0.weight": [0.0, 0.05], "2.weight": [0.0, 0.05]}
+    )
     assert prior(model).item() == pytest.approx(expected(model).item(), rel=1e-12)
 
 
 def test_term_rejects_targets_that_do_not_fit() -> None:
     model = mlp()
     with pytest.raises(ValueError, match=r"missing \['2.weight'\], unexpected \['3.weight'\]"):
-        scope_term(model, state_of(model), lam=1.0, targets={"0.weight": [0, 1], "3.weight": [0, 1]})
+        scope_term(
+            model, state_of(model), lam=1.0, targets={"0.weight": [0, 1], "3.weight": [0, 1]}
+        )
     with pytest.raises(ValueError, match="target of layer '2.weight' must be \\[mu, sigma\\]"):
-        scope_term(model, state_of(model), lam=1.0, targets={"0.weight": [0, 1], "2.weight": [0, 0]})
+        scope_term(
+            model, state_of(model), lam=1.0, targets={"0.weight": [0, 1], "2.weight": [0, 0]}
+        )
     with pytest.raises(ValueError, match="either targets or prior_sigma"):
-        scope_term(model, state_of(model), lam=1.0, prior_sigma=0.1,
-                   targets={"0.weight": [0, 1], "2.weight": [0, 1]})
+        scope_term(
+            model,
+            state_of(model),
+            lam=1.0,
+            prior_sigma=0.1,
+            targets={"0.weight": [0, 1], "2.weight": [0, 1]},
+        )
     with pytest.raises(ValueError, match="lam=-1"):
         scope_term(model, state_of(model), lam=-1)
 
 
 # ---- layers and scopes ---------------------------------------------------------------------------
+
 
 class ConvNet(nn.Module):
     def __init__(self) -> None:
@@ -124,7 +150,12 @@ class ConvNet(nn.Module):
 def test_scope_layers_selects_weight_matrices_and_optionally_their_biases() -> None:
     state = ConvNet().state_dict()
     assert scope_layers(state) == ["conv.weight", "fc.weight"]
-    assert scope_layers(state, include_bias=True) == ["conv.weight", "conv.bias", "fc.weight", "fc.bias"]
+    assert scope_layers(state, include_bias=True) == [
+        "conv.weight",
+        "conv.bias",
+        "fc.weight",
+        "fc.bias",
+    ]
 
 
 def test_layer_scopes_are_population_mean_and_std() -> None:
@@ -169,12 +200,15 @@ def test_fusion_errors() -> None:
 
 # ---- the aggregator --------------------------------------------------------------------------------
 
+
 def client_updates(base: dict[str, torch.Tensor], counts=(10, 30, 60)) -> list[ClientUpdate]:
     gen = torch.Generator().manual_seed(3)
     updates = []
     for i, n in enumerate(counts):
-        state = {k: v + (i + 1) * 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-                 for k, v in base.items()}
+        state = {
+            k: v + (i + 1) * 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+            for k, v in base.items()
+        }
         updates.append(ClientUpdate(client_id=i, state=state, num_examples=n))
     return updates
 
@@ -246,8 +280,9 @@ def test_aggregate_is_a_whole_round() -> None:
     base = state_of(mlp())
     streamed, at_once = WSA(), WSA()
     expected = round_of(streamed, base, client_updates(base))
-    result = at_once.aggregate(RoundContext(round=1, global_state=base, base_state=base),
-                               client_updates(base))
+    result = at_once.aggregate(
+        RoundContext(round=1, global_state=base, base_state=base), client_updates(base)
+    )
     assert result.metrics == expected.metrics and at_once.target == streamed.target
     assert all(torch.equal(result.state[k], v) for k, v in expected.state.items())
 
@@ -283,9 +318,13 @@ def test_lam_zero_sends_no_term() -> None:
 
 
 def test_wsa_rejects_bad_hyperparameters_and_state() -> None:
-    for params, pattern in [({"fusion": "max"}, "fusion='max'"), ({"lam": -0.1}, "lam=-0.1"),
-                            ({"initial_target": "zero"}, "initial_target='zero'"),
-                            ({"prior_sigma": 0}, "prior_sigma=0"), ({"lamda": 1}, "'lamda'")]:
+    for params, pattern in [
+        ({"fusion": "max"}, "fusion='max'"),
+        ({"lam": -0.1}, "lam=-0.1"),
+        ({"initial_target": "zero"}, "initial_target='zero'"),
+        ({"prior_sigma": 0}, "prior_sigma=0"),
+        ({"lamda": 1}, "'lamda'"),
+    ]:
         with pytest.raises(ValueError, match=pattern):
             create_aggregator("wsa", params)
     with pytest.raises(ValueError, match="unexpected key 'targets'"):

@@ -28,6 +28,7 @@ _STREAMS = {"init": 1, "a2c": 2, "td3": 3}
 # Networks
 # ---------------------------------------------------------------------------------------------
 
+
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
@@ -57,9 +58,16 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     copied: torch's own shares the live moments, and an optimiser loaded from it (which keeps
     tensors of the right dtype and device as they are) would then step the same tensors."""
     raw = optimizer.state_dict()
-    return {"state": {str(k): {name: value.detach().clone() if isinstance(value, torch.Tensor) else value
-                               for name, value in v.items()} for k, v in raw["state"].items()},
-            "param_groups": [dict(g) for g in raw["param_groups"]]}
+    return {
+        "state": {
+            str(k): {
+                name: value.detach().clone() if isinstance(value, torch.Tensor) else value
+                for name, value in v.items()
+            }
+            for k, v in raw["state"].items()
+        },
+        "param_groups": [dict(g) for g in raw["param_groups"]],
+    }
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], where: str) -> None:
@@ -68,8 +76,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], 
         for group in groups:
             if "betas" in group:
                 group["betas"] = tuple(group["betas"])
-        optimizer.load_state_dict({"state": {int(k): dict(v) for k, v in state["state"].items()},
-                                   "param_groups": groups})
+        optimizer.load_state_dict(
+            {"state": {int(k): dict(v) for k, v in state["state"].items()}, "param_groups": groups}
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"FedDRL state {where}: not an optimiser state ({exc})") from exc
 
@@ -98,7 +107,9 @@ class _one_thread:
 
 
 def _seeded(seed: int, *stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.default_rng([seed, *stream]).integers(2**63)))
+    return torch.Generator().manual_seed(
+        int(np.random.default_rng([seed, *stream]).integers(2**63))
+    )
 
 
 def _init_seed(seed: int, *stream: int) -> int:
@@ -108,6 +119,7 @@ def _init_seed(seed: int, *stream: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Stage 1: A2C keep/drop policy
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class A2CConfig:
@@ -144,7 +156,9 @@ class A2CAgent:
         probs = self.keep_probs(features)
         return (torch.rand((k, len(probs)), generator=generator) < probs).float()
 
-    def update(self, features: torch.Tensor, masks: torch.Tensor, rewards: torch.Tensor) -> dict[str, float]:
+    def update(
+        self, features: torch.Tensor, masks: torch.Tensor, rewards: torch.Tensor
+    ) -> dict[str, float]:
         """One advantage actor-critic step on the round's sampled masks and their rewards.
 
         Actor loss = −mean_k A_k Σ_i log π(m_ki | x_i) − β · mean_i H(π(· | x_i)) with
@@ -167,12 +181,20 @@ class A2CAgent:
         critic_loss.backward()
         self.critic_opt.step()
         self.updates += 1
-        return {"actor_loss": actor_loss.item(), "critic_loss": critic_loss.item(), "entropy": entropy.item()}
+        return {
+            "actor_loss": actor_loss.item(),
+            "critic_loss": critic_loss.item(),
+            "entropy": entropy.item(),
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"policy": _module_state(self.policy), "critic": _module_state(self.critic),
-                "policy_opt": _optimizer_state(self.policy_opt), "critic_opt": _optimizer_state(self.critic_opt),
-                "updates": self.updates}
+        return {
+            "policy": _module_state(self.policy),
+            "critic": _module_state(self.critic),
+            "policy_opt": _optimizer_state(self.policy_opt),
+            "critic_opt": _optimizer_state(self.critic_opt),
+            "updates": self.updates,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         _load_module(self.policy, state["policy"], "a2c/policy")
@@ -185,6 +207,7 @@ class A2CAgent:
 # ---------------------------------------------------------------------------------------------
 # Stage 2: TD3 weights
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TD3Config:
@@ -222,8 +245,9 @@ class TD3Agent:
         self.critic1_target = _copy(self.critic1)
         self.critic2_target = _copy(self.critic2)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr)
-        self.critic_opt = torch.optim.Adam([*self.critic1.parameters(), *self.critic2.parameters()],
-                                           lr=config.critic_lr)
+        self.critic_opt = torch.optim.Adam(
+            [*self.critic1.parameters(), *self.critic2.parameters()], lr=config.critic_lr
+        )
         self.buffer = ReplayBuffer(config.buffer_size, num_features)
         self.updates = 0
 
@@ -232,14 +256,20 @@ class TD3Agent:
         with torch.no_grad():
             action = torch.tanh(self.actor(features).squeeze(-1))
             if generator is not None:
-                noise = torch.randn(action.shape, generator=generator) * self.config.exploration_noise
+                noise = (
+                    torch.randn(action.shape, generator=generator) * self.config.exploration_noise
+                )
                 action = (action + noise).clamp(-1.0, 1.0)
         return action
 
-    def _q(self, critic: nn.Module, s: torch.Tensor, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _q(
+        self, critic: nn.Module, s: torch.Tensor, a: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         return critic(torch.cat([s, a.unsqueeze(-1)], dim=-1), mask)
 
-    def update(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, float]:
+    def update(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator
+    ) -> dict[str, float]:
         """One TD3 step on a batch: both critics regress on r + γ(1 − done) min Q'(s', ã'), and
         every ``policy_delay`` steps the actor ascends Q1 and the targets move by τ."""
         cfg = self.config
@@ -247,13 +277,17 @@ class TD3Agent:
         with torch.no_grad():
             s2, mask2 = batch["s2"], batch["mask2"]
             noise = (torch.randn(mask2.shape, generator=generator) * cfg.policy_noise).clamp(
-                -cfg.noise_clip, cfg.noise_clip)
+                -cfg.noise_clip, cfg.noise_clip
+            )
             a2 = (torch.tanh(self.actor_target(s2).squeeze(-1)) + noise).clamp(-1.0, 1.0) * mask2
-            q_next = torch.min(self._q(self.critic1_target, s2, a2, mask2),
-                               self._q(self.critic2_target, s2, a2, mask2))
+            q_next = torch.min(
+                self._q(self.critic1_target, s2, a2, mask2),
+                self._q(self.critic2_target, s2, a2, mask2),
+            )
             target = r + cfg.gamma * (1 - batch["done"]) * q_next
-        critic_loss = (nn.functional.mse_loss(self._q(self.critic1, s, a, mask), target)
-                       + nn.functional.mse_loss(self._q(self.critic2, s, a, mask), target))
+        critic_loss = nn.functional.mse_loss(
+            self._q(self.critic1, s, a, mask), target
+        ) + nn.functional.mse_loss(self._q(self.critic2, s, a, mask), target)
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_opt.step()
@@ -266,8 +300,11 @@ class TD3Agent:
             actor_loss.backward()
             self.actor_opt.step()
             out["actor_loss"] = actor_loss.item()
-            for net, target_net in ((self.actor, self.actor_target), (self.critic1, self.critic1_target),
-                                    (self.critic2, self.critic2_target)):
+            for net, target_net in (
+                (self.actor, self.actor_target),
+                (self.critic1, self.critic1_target),
+                (self.critic2, self.critic2_target),
+            ):
                 with torch.no_grad():
                     for p, tp in zip(net.parameters(), target_net.parameters()):
                         tp.mul_(1 - cfg.tau).add_(p, alpha=cfg.tau)
@@ -279,7 +316,9 @@ class TD3Agent:
             return {}
         sums: dict[str, list[float]] = {}
         for _ in range(self.config.updates):
-            for key, value in self.update(self.buffer.sample(self.config.batch_size, generator), generator).items():
+            for key, value in self.update(
+                self.buffer.sample(self.config.batch_size, generator), generator
+            ).items():
                 sums.setdefault(key, []).append(value)
         return {key: sum(values) / len(values) for key, values in sums.items()}
 
@@ -287,8 +326,12 @@ class TD3Agent:
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: _module_state(getattr(self, name)) for name in self._NETS}
-        out.update(actor_opt=_optimizer_state(self.actor_opt), critic_opt=_optimizer_state(self.critic_opt),
-                   buffer=self.buffer.state_dict(), updates=self.updates)
+        out.update(
+            actor_opt=_optimizer_state(self.actor_opt),
+            critic_opt=_optimizer_state(self.critic_opt),
+            buffer=self.buffer.state_dict(),
+            updates=self.updates,
+        )
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

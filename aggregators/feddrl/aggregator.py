@@ -28,7 +28,15 @@ from fedmerge.aggregators.base import (
 )
 from fedmerge.aggregators.detection import detection_metrics, weight_entropy
 from fedmerge.aggregators.fedavg import fedavg
-from fedmerge.aggregators.feddrl.agents import _STREAMS, A2CAgent, A2CConfig, TD3Agent, TD3Config, _one_thread, _seeded
+from fedmerge.aggregators.feddrl.agents import (
+    _STREAMS,
+    A2CAgent,
+    A2CConfig,
+    TD3Agent,
+    TD3Config,
+    _one_thread,
+    _seeded,
+)
 from fedmerge.aggregators.feddrl.features import FEATURES, client_features
 from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
@@ -97,48 +105,81 @@ class FedDRL(Aggregator):
         a2c_entropy_coef: float = hyperparameter(0.01, "A2C: entropy bonus weight β", ge=0)
         a2c_candidates: int = hyperparameter(8, "A2C: keep/drop masks sampled per iteration", ge=1)
         a2c_iterations: int = hyperparameter(2, "A2C: policy steps per round", ge=1)
-        a2c_warmup_iterations: int = hyperparameter(4, "A2C: extra steps the first round the agent sees",
-                                                    ge=0)
-        stage1_select: str = hyperparameter("best", "kept set: best (most clients within stage1_tolerance "
-                                            "of the best score) | greedy (keep prob >= 0.5)",
-                                            choices=SELECT_STAGE1)
-        stage1_tolerance: float = hyperparameter(0.01, "stage 1: validation accuracy a larger kept set may "
-                                                 "lose to the best", ge=0, le=1)
-        stage1_prefixes: bool = hyperparameter(True, "stage 1: also score the k most trusted clients, "
-                                               "k = 1 … N − 1")
-        stage2: bool = hyperparameter(True, "run stage 2 (TD3 weights); false = FedAvg over the kept set")
+        a2c_warmup_iterations: int = hyperparameter(
+            4, "A2C: extra steps the first round the agent sees", ge=0
+        )
+        stage1_select: str = hyperparameter(
+            "best",
+            "kept set: best (most clients within stage1_tolerance "
+            "of the best score) | greedy (keep prob >= 0.5)",
+            choices=SELECT_STAGE1,
+        )
+        stage1_tolerance: float = hyperparameter(
+            0.01, "stage 1: validation accuracy a larger kept set may lose to the best", ge=0, le=1
+        )
+        stage1_prefixes: bool = hyperparameter(
+            True, "stage 1: also score the k most trusted clients, k = 1 … N − 1"
+        )
+        stage2: bool = hyperparameter(
+            True, "run stage 2 (TD3 weights); false = FedAvg over the kept set"
+        )
         td3_hidden: int = hyperparameter(256, "TD3: hidden units of the actor and critics", ge=1)
         td3_actor_lr: float = hyperparameter(3e-4, "TD3: actor learning rate", gt=0)
         td3_critic_lr: float = hyperparameter(3e-4, "TD3: critic learning rate", gt=0)
         td3_gamma: float = hyperparameter(0.99, "TD3: discount γ (td3_horizon = round)", ge=0, le=1)
         td3_tau: float = hyperparameter(0.005, "TD3: target-network step τ", gt=0, le=1)
-        td3_policy_noise: float = hyperparameter(0.2, "TD3: target policy smoothing noise std", ge=0)
+        td3_policy_noise: float = hyperparameter(
+            0.2, "TD3: target policy smoothing noise std", ge=0
+        )
         td3_noise_clip: float = hyperparameter(0.5, "TD3: clip of the smoothing noise", ge=0)
         td3_policy_delay: int = hyperparameter(2, "TD3: critic steps per actor step", ge=1)
-        td3_exploration_noise: float = hyperparameter(0.1, "TD3: std of the exploration actions' noise", ge=0)
+        td3_exploration_noise: float = hyperparameter(
+            0.1, "TD3: std of the exploration actions' noise", ge=0
+        )
         td3_steps: int = hyperparameter(8, "TD3: exploration actions scored per round", ge=1)
         td3_updates: int = hyperparameter(32, "TD3: training steps per round", ge=1)
         td3_batch_size: int = hyperparameter(32, "TD3: transitions per training step", ge=1)
         td3_buffer_size: int = hyperparameter(10_000, "TD3: replay buffer capacity", ge=1)
-        td3_horizon: str = hyperparameter("round", "round (transitions lead to the next round's kept set) | "
-                                          "step (one-step episodes)", choices=HORIZONS)
+        td3_horizon: str = hyperparameter(
+            "round",
+            "round (transitions lead to the next round's kept set) | step (one-step episodes)",
+            choices=HORIZONS,
+        )
         temperature: float = hyperparameter(0.5, "weights = softmax(action / temperature)", gt=0)
-        stage2_select: str = hyperparameter("best", "round weights: best (best-scoring candidate, never below "
-                                            "FedAvg over the kept set) | actor (the actor's)",
-                                            choices=SELECT_STAGE2)
+        stage2_select: str = hyperparameter(
+            "best",
+            "round weights: best (best-scoring candidate, never below "
+            "FedAvg over the kept set) | actor (the actor's)",
+            choices=SELECT_STAGE2,
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
         p = self.set_hyperparameters(params)
         self.a2c_config = A2CConfig(
-            hidden=p.a2c_hidden, lr=p.a2c_lr, entropy_coef=p.a2c_entropy_coef, num_candidates=p.a2c_candidates,
-            iterations=p.a2c_iterations, warmup_iterations=p.a2c_warmup_iterations)
+            hidden=p.a2c_hidden,
+            lr=p.a2c_lr,
+            entropy_coef=p.a2c_entropy_coef,
+            num_candidates=p.a2c_candidates,
+            iterations=p.a2c_iterations,
+            warmup_iterations=p.a2c_warmup_iterations,
+        )
         self.td3_config = TD3Config(
-            hidden=p.td3_hidden, actor_lr=p.td3_actor_lr, critic_lr=p.td3_critic_lr, gamma=p.td3_gamma,
-            tau=p.td3_tau, policy_noise=p.td3_policy_noise, noise_clip=p.td3_noise_clip,
-            policy_delay=p.td3_policy_delay, exploration_noise=p.td3_exploration_noise, steps=p.td3_steps,
-            updates=p.td3_updates, batch_size=p.td3_batch_size, buffer_size=p.td3_buffer_size,
-            horizon=p.td3_horizon)
+            hidden=p.td3_hidden,
+            actor_lr=p.td3_actor_lr,
+            critic_lr=p.td3_critic_lr,
+            gamma=p.td3_gamma,
+            tau=p.td3_tau,
+            policy_noise=p.td3_policy_noise,
+            noise_clip=p.td3_noise_clip,
+            policy_delay=p.td3_policy_delay,
+            exploration_noise=p.td3_exploration_noise,
+            steps=p.td3_steps,
+            updates=p.td3_updates,
+            batch_size=p.td3_batch_size,
+            buffer_size=p.td3_buffer_size,
+            horizon=p.td3_horizon,
+        )
         self.seed: int | None = None
         self.a2c: A2CAgent | None = None
         self.td3: TD3Agent | None = None
@@ -157,8 +198,10 @@ class FedDRL(Aggregator):
     # ---- one round --------------------------------------------------------------------
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         if ctx.evaluate_many is None:
-            raise ValueError("feddrl scores models on the server validation set, but this run has none: "
-                             "set data.server_val_size > 0 (e.g. 1000)")
+            raise ValueError(
+                "feddrl scores models on the server validation set, but this run has none: "
+                "set data.server_val_size > 0 (e.g. 1000)"
+            )
         a2c, td3 = self._agents(ctx.seed if self.seed is None else self.seed)
         evaluations = 0
 
@@ -179,14 +222,18 @@ class FedDRL(Aggregator):
         # Stage 1: A2C keep/drop.
         gen1 = _seeded(self.seed or 0, _STREAMS["a2c"], ctx.round)
         metrics: dict[str, float] = {}
-        iterations = self.a2c_config.iterations + (self.a2c_config.warmup_iterations if self.rounds_seen == 0 else 0)
+        iterations = self.a2c_config.iterations + (
+            self.a2c_config.warmup_iterations if self.rounds_seen == 0 else 0
+        )
         scored: dict[tuple[int, ...], float] = {}
         losses: list[dict[str, float]] = []
         for _ in range(iterations):
             masks = a2c.sample(features, self.a2c_config.num_candidates, gen1)
             keys = [tuple(int(v) for v in m) for m in masks]
             todo = [k for k in dict.fromkeys(keys) if k not in scored and any(k)]
-            for key, result in zip(todo, score([merge([c * m for c, m in zip(counts, key)]) for key in todo])):
+            for key, result in zip(
+                todo, score([merge([c * m for c, m in zip(counts, key)]) for key in todo])
+            ):
                 scored[key] = float(result["accuracy"])
             rewards = torch.tensor([scored.get(k, 0.0) for k in keys])
             with _one_thread():
@@ -199,21 +246,34 @@ class FedDRL(Aggregator):
         extra = [greedy, everyone]
         if self.stage1_prefixes:
             ranked = sorted(range(len(ids)), key=lambda i: (-float(probs[i]), i))
-            extra += [tuple(int(i in ranked[:k]) for i in range(len(ids))) for k in range(1, len(ids))]
+            extra += [
+                tuple(int(i in ranked[:k]) for i in range(len(ids))) for k in range(1, len(ids))
+            ]
         todo = [k for k in dict.fromkeys(extra) if k not in scored]
-        for key, result in zip(todo, score([merge([c * m for c, m in zip(counts, key)]) for key in todo])):
+        for key, result in zip(
+            todo, score([merge([c * m for c, m in zip(counts, key)]) for key in todo])
+        ):
             scored[key] = float(result["accuracy"])
         if self.stage1_select == "greedy":
             kept_mask = greedy
         else:
-            floor = max(scored.values()) - self.stage1_tolerance - 1e-9  # accuracies are k / n: no float slack
-            kept_mask = max((k for k in scored if scored[k] >= floor), key=lambda k: (sum(k), scored[k], k == greedy))
+            floor = (
+                max(scored.values()) - self.stage1_tolerance - 1e-9
+            )  # accuracies are k / n: no float slack
+            kept_mask = max(
+                (k for k in scored if scored[k] >= floor),
+                key=lambda k: (sum(k), scored[k], k == greedy),
+            )
         kept = [i for i, m in enumerate(kept_mask) if m]
         stage1_reward = scored[kept_mask]
-        metrics.update(stage1_reward=stage1_reward, fedavg_val_accuracy=scored[everyone],
-                       keep_prob_mean=float(probs.mean()),
-                       a2c_actor_loss=losses[-1]["actor_loss"], a2c_critic_loss=losses[-1]["critic_loss"],
-                       a2c_entropy=losses[-1]["entropy"])
+        metrics.update(
+            stage1_reward=stage1_reward,
+            fedavg_val_accuracy=scored[everyone],
+            keep_prob_mean=float(probs.mean()),
+            a2c_actor_loss=losses[-1]["actor_loss"],
+            a2c_critic_loss=losses[-1]["critic_loss"],
+            a2c_entropy=losses[-1]["entropy"],
+        )
 
         # Stage 2: TD3 weights over the kept clients.
         kept_features = features[kept]
@@ -227,7 +287,9 @@ class FedDRL(Aggregator):
         reward = 0.0
         final_accuracy = stage1_reward
         if self.stage2 and len(kept) > 1:
-            actions = [td3.act(kept_features)] + [td3.act(kept_features, gen2) for _ in range(self.td3_config.steps)]
+            actions = [td3.act(kept_features)] + [
+                td3.act(kept_features, gen2) for _ in range(self.td3_config.steps)
+            ]
             candidate_weights = [torch.softmax(a / self.temperature, dim=0) for a in actions]
             results = score([merge(self._spread(w, kept, len(ids))) for w in candidate_weights])
             rewards = [float(r["accuracy"]) - stage1_reward for r in results]
@@ -250,9 +312,14 @@ class FedDRL(Aggregator):
         state = merge(weights)
         self.rounds_seen += 1
         metrics.update(
-            num_clients=float(len(ids)), clients_kept=float(len(kept)), validation_reward=reward,
-            val_accuracy=final_accuracy, weight_entropy=weight_entropy(weights), evaluations=float(evaluations),
-            replay_size=float(len(td3.buffer)))
+            num_clients=float(len(ids)),
+            clients_kept=float(len(kept)),
+            validation_reward=reward,
+            val_accuracy=final_accuracy,
+            weight_entropy=weight_entropy(weights),
+            evaluations=float(evaluations),
+            replay_size=float(len(td3.buffer)),
+        )
         metrics.update(detection_metrics(ids, [ids[i] for i in kept], ctx.malicious))
         return AggregateResult(state=state, metrics=metrics)
 
@@ -266,17 +333,28 @@ class FedDRL(Aggregator):
     # ---- persistence -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters (checked on load), the agents, the replay buffer and pending transitions."""
-        config = {"a2c": asdict(self.a2c_config), "td3": asdict(self.td3_config), "temperature": self.temperature,
-                  "stage1_select": self.stage1_select, "stage1_tolerance": self.stage1_tolerance,
-                  "stage1_prefixes": self.stage1_prefixes,
-                  "stage2_select": self.stage2_select, "stage2": self.stage2}
+        config = {
+            "a2c": asdict(self.a2c_config),
+            "td3": asdict(self.td3_config),
+            "temperature": self.temperature,
+            "stage1_select": self.stage1_select,
+            "stage1_tolerance": self.stage1_tolerance,
+            "stage1_prefixes": self.stage1_prefixes,
+            "stage2_select": self.stage2_select,
+            "stage2": self.stage2,
+        }
         if self.a2c is None or self.td3 is None:
             return {"config": config, "agents": None}
         return {
-            "config": config, "seed": self.seed, "rounds_seen": self.rounds_seen,
+            "config": config,
+            "seed": self.seed,
+            "rounds_seen": self.rounds_seen,
             "agents": {"a2c": self.a2c.state_dict(), "td3": self.td3.state_dict()},
-            "pending": {"states": [s for s, _, _ in self.pending], "actions": [a for _, a, _ in self.pending],
-                        "rewards": [r for _, _, r in self.pending]},
+            "pending": {
+                "states": [s for s, _, _ in self.pending],
+                "actions": [a for _, a, _ in self.pending],
+                "rewards": [r for _, _, r in self.pending],
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -285,7 +363,9 @@ class FedDRL(Aggregator):
         mine = self.state_dict()["config"]
         theirs = _plain(state.get("config"))
         if theirs != _plain(mine):
-            raise ValueError(f"FedDRL state was saved with other hyperparameters: {theirs} != {mine}")
+            raise ValueError(
+                f"FedDRL state was saved with other hyperparameters: {theirs} != {mine}"
+            )
         if state.get("agents") is None:
             self.a2c = self.td3 = None
             self.seed, self.rounds_seen, self.pending = None, 0, []
@@ -297,8 +377,10 @@ class FedDRL(Aggregator):
         td3.load_state_dict(state["agents"]["td3"])
         self.rounds_seen = int(state["rounds_seen"])
         pending = state["pending"]
-        self.pending = [(torch.as_tensor(s).clone(), torch.as_tensor(a).clone(), float(r))
-                        for s, a, r in zip(pending["states"], pending["actions"], pending["rewards"])]
+        self.pending = [
+            (torch.as_tensor(s).clone(), torch.as_tensor(a).clone(), float(r))
+            for s, a, r in zip(pending["states"], pending["actions"], pending["rewards"])
+        ]
 
 
 def _plain(value: Any) -> Any:

@@ -25,10 +25,23 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return len(self.items)
 
-    def add(self, state: torch.Tensor, action: torch.Tensor, reward: float, next_state: torch.Tensor,
-            done: bool) -> None:
-        self.items.append((state.detach().float().clone(), action.detach().float().clone(), float(reward),
-                           next_state.detach().float().clone(), float(done)))
+    def add(
+        self,
+        state: torch.Tensor,
+        action: torch.Tensor,
+        reward: float,
+        next_state: torch.Tensor,
+        done: bool,
+    ) -> None:
+        self.items.append(
+            (
+                state.detach().float().clone(),
+                action.detach().float().clone(),
+                float(reward),
+                next_state.detach().float().clone(),
+                float(done),
+            )
+        )
         if len(self.items) > self.capacity:
             del self.items[: len(self.items) - self.capacity]
 
@@ -48,12 +61,21 @@ class ReplayBuffer:
         s, mask = self._pad([b[0] for b in batch], self.num_features)
         a, _ = self._pad([b[1] for b in batch], 1)
         s2, mask2 = self._pad([b[3] for b in batch], self.num_features)
-        return {"s": s, "mask": mask, "a": a.squeeze(-1), "r": torch.tensor([b[2] for b in batch]),
-                "s2": s2, "mask2": mask2, "done": torch.tensor([b[4] for b in batch])}
+        return {
+            "s": s,
+            "mask": mask,
+            "a": a.squeeze(-1),
+            "r": torch.tensor([b[2] for b in batch]),
+            "s2": s2,
+            "mask2": mask2,
+            "done": torch.tensor([b[4] for b in batch]),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         def cat(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-            return torch.cat([r.reshape(-1, width) for r in rows]) if rows else torch.zeros(0, width)
+            return (
+                torch.cat([r.reshape(-1, width) for r in rows]) if rows else torch.zeros(0, width)
+            )
 
         return {
             "capacity": self.capacity,
@@ -74,7 +96,17 @@ class ReplayBuffer:
         next_states = torch.as_tensor(state["next_states"]).split(next_sizes) if next_sizes else []
         rewards, dones = torch.as_tensor(state["rewards"]), torch.as_tensor(state["dones"])
         if not (len(sizes) == len(next_sizes) == len(rewards) == len(dones)):
-            raise ValueError("FedDRL state td3/buffer: its arrays disagree on the number of transitions")
+            raise ValueError(
+                "FedDRL state td3/buffer: its arrays disagree on the number of transitions"
+            )
         self.capacity = int(state["capacity"])
-        self.items = [(states[i].clone(), actions[i].clone(), float(rewards[i]), next_states[i].clone(),
-                       float(dones[i])) for i in range(len(sizes))]
+        self.items = [
+            (
+                states[i].clone(),
+                actions[i].clone(),
+                float(rewards[i]),
+                next_states[i].clone(),
+                float(dones[i]),
+            )
+            for i in range(len(sizes))
+        ]

@@ -12,7 +12,12 @@ from fedmerge.clients.tasks.fashion_mnist import FashionMNIST
 from fedmerge.clients.tasks.text import RottenTomatoes, TextMultiTask, WordNetNouns, WordNetVerbs
 
 __all__ = [
-    "ArrayData", "DataError", "Task", "available_tasks", "get_task", "register_task",
+    "ArrayData",
+    "DataError",
+    "Task",
+    "available_tasks",
+    "get_task",
+    "register_task",
 ]
 
 _REGISTRY: dict[str, type[Task]] = {}
@@ -38,7 +43,9 @@ def get_task(name: str) -> Task:
     try:
         return _REGISTRY[name]()
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(available_tasks())}") from None
+        raise ValueError(
+            f"unknown task {name!r}; available: {', '.join(available_tasks())}"
+        ) from None
 
 
 def available_tasks() -> list[str]:

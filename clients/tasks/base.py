@@ -37,7 +37,7 @@ class ArrayData:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, index: np.ndarray) -> "ArrayData":
+    def subset(self, index: np.ndarray) -> ArrayData:
         return ArrayData(self.x[index], self.y[index])
 
 

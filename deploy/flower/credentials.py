@@ -37,8 +37,12 @@ VALID_DAYS = 365
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmerge"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmerge"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -61,54 +65,99 @@ def make_credentials(out: Path, hosts: list[str], supernodes: int) -> dict[str, 
     if supernodes < 0:
         raise ValueError(f"--supernodes must be >= 0, got {supernodes}")
     out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     not_after = now + datetime.timedelta(days=VALID_DAYS)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_cert = (x509.CertificateBuilder()
-               .subject_name(_name("fedmerge federation CA")).issuer_name(_name("fedmerge federation CA"))
-               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(not_after)
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                            content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=False,
-                                            encipher_only=False, decipher_only=False), critical=True)
-               .sign(ca_key, hashes.SHA384()))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("fedmerge federation CA"))
+        .issuer_name(_name("fedmerge federation CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
 
     server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (x509.CertificateBuilder()
-                   .subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
-                   .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(not_after)
-                   .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-                   .sign(ca_key, hashes.SHA384()))
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
 
-    paths = {"ca": out / "ca.crt", "server_cert": out / "server.pem", "server_key": out / "server.key"}
+    paths = {
+        "ca": out / "ca.crt",
+        "server_cert": out / "server.pem",
+        "server_key": out / "server.key",
+    }
     pem = serialization.Encoding.PEM
     _write(paths["ca"], ca_cert.public_bytes(pem))
     _write(paths["server_cert"], server_cert.public_bytes(pem))
-    _write(paths["server_key"], server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()), private=True)
+    _write(
+        paths["server_key"],
+        server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        private=True,
+    )
     for i in range(supernodes):
         key = ec.generate_private_key(ec.SECP384R1())
         paths[f"supernode_{i}"] = out / f"supernode-{i}"
         paths[f"supernode_{i}_pub"] = out / f"supernode-{i}.pub"
-        _write(paths[f"supernode_{i}"], key.private_bytes(pem, serialization.PrivateFormat.OpenSSH,
-                                                          serialization.NoEncryption()), private=True)
-        _write(paths[f"supernode_{i}_pub"], key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+        _write(
+            paths[f"supernode_{i}"],
+            key.private_bytes(
+                pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+            private=True,
+        )
+        _write(
+            paths[f"supernode_{i}_pub"],
+            key.public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            )
+            + b"\n",
+        )
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write the files into")
-    parser.add_argument("--host", action="append", default=[],
-                        help="a DNS name or IP address SuperNodes and flwr reach the SuperLink at (repeatable)")
-    parser.add_argument("--supernodes", type=int, default=2, help="how many SuperNode key pairs to make")
+    parser.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a DNS name or IP address SuperNodes and flwr reach the SuperLink at (repeatable)",
+    )
+    parser.add_argument(
+        "--supernodes", type=int, default=2, help="how many SuperNode key pairs to make"
+    )
     args = parser.parse_args(argv)
     try:
         paths = make_credentials(args.out, args.host, args.supernodes)

@@ -24,7 +24,9 @@ import re
 import ssl
 import sys
 
-FLEET_PATH = re.compile(rb"/v1/fleet/[a-z][a-z-]*")  # the whole target: no query, no dot segments, no %
+FLEET_PATH = re.compile(
+    rb"/v1/fleet/[a-z][a-z-]*"
+)  # the whole target: no query, no dot segments, no %
 MAX_HEAD = 64 * 1024
 READ_TIMEOUT_S = 60.0  # a client silent this long while sending its request is dropped
 
@@ -38,8 +40,10 @@ def _split(address: str) -> tuple[str, int]:
 
 async def _refuse(writer: asyncio.StreamWriter, code: int, reason: str) -> None:
     body = f"{reason}\n".encode()
-    writer.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
-                 b"connection: close\r\n\r\n%s" % (code, reason.encode(), len(body), body))
+    writer.write(
+        b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%s" % (code, reason.encode(), len(body), body)
+    )
     await writer.drain()
 
 
@@ -61,15 +65,26 @@ def _parse_head(head: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]] |
 class FleetGateway:
     """Accepts TLS connections and relays Fleet API requests, and only those, to the SuperLink."""
 
-    def __init__(self, upstream: tuple[str, int], server_ctx: ssl.SSLContext, upstream_ctx: ssl.SSLContext,
-                 upstream_name: str | None = None) -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        server_ctx: ssl.SSLContext,
+        upstream_ctx: ssl.SSLContext,
+        upstream_name: str | None = None,
+    ) -> None:
         self.upstream, self.server_ctx, self.upstream_ctx = upstream, server_ctx, upstream_ctx
         self.upstream_name = upstream_name or upstream[0]
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._handle(reader, writer)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError, TimeoutError):
+        except (
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ssl.SSLError,
+            TimeoutError,
+        ):
             pass
         finally:
             writer.close()
@@ -81,18 +96,33 @@ class FleetGateway:
             return await _refuse(writer, 400, "Bad Request")
         method, target, headers = parsed
         if method != b"POST" or not FLEET_PATH.fullmatch(target):
-            return await _refuse(writer, 403, "Forbidden")  # Control, Runtime, docs: never forwarded
+            return await _refuse(
+                writer, 403, "Forbidden"
+            )  # Control, Runtime, docs: never forwarded
         names = [n for n, _ in headers]
         lengths = [v for n, v in headers if n == b"content-length"]
         if b"transfer-encoding" in names or len(lengths) != 1 or not lengths[0].isdigit():
             return await _refuse(writer, 411, "Length Required")
         length = int(lengths[0])
-        kept = [(n, v) for n, v in headers if n not in (b"connection", b"keep-alive", b"proxy-connection")]
-        out_head = b"".join([b"POST %s HTTP/1.1\r\n" % target,
-                             *(b"%s: %s\r\n" % (n, v) for n, v in kept), b"connection: close\r\n\r\n"])
+        kept = [
+            (n, v)
+            for n, v in headers
+            if n not in (b"connection", b"keep-alive", b"proxy-connection")
+        ]
+        out_head = b"".join(
+            [
+                b"POST %s HTTP/1.1\r\n" % target,
+                *(b"%s: %s\r\n" % (n, v) for n, v in kept),
+                b"connection: close\r\n\r\n",
+            ]
+        )
 
         up_reader, up_writer = await asyncio.open_connection(
-            *self.upstream, ssl=self.upstream_ctx, server_hostname=self.upstream_name, limit=MAX_HEAD)
+            *self.upstream,
+            ssl=self.upstream_ctx,
+            server_hostname=self.upstream_name,
+            limit=MAX_HEAD,
+        )
         try:
             up_writer.write(out_head)
             remaining = length
@@ -124,21 +154,35 @@ def contexts(certfile: str, keyfile: str, cafile: str) -> tuple[ssl.SSLContext, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--listen", type=_split, required=True, help="public HOST:PORT SuperNodes connect to")
-    parser.add_argument("--upstream", type=_split, default=("127.0.0.1", 9093),
-                        help="the SuperLink's loopback HOST:PORT (default 127.0.0.1:9093)")
-    parser.add_argument("--upstream-name", help="name to verify the SuperLink's certificate for (default: upstream host)")
+    parser.add_argument(
+        "--listen", type=_split, required=True, help="public HOST:PORT SuperNodes connect to"
+    )
+    parser.add_argument(
+        "--upstream",
+        type=_split,
+        default=("127.0.0.1", 9093),
+        help="the SuperLink's loopback HOST:PORT (default 127.0.0.1:9093)",
+    )
+    parser.add_argument(
+        "--upstream-name",
+        help="name to verify the SuperLink's certificate for (default: upstream host)",
+    )
     parser.add_argument("--certfile", required=True, help="the SuperLink's TLS certificate (PEM)")
     parser.add_argument("--keyfile", required=True, help="its private key")
-    parser.add_argument("--cafile", required=True, help="the CA that signed the SuperLink's certificate")
+    parser.add_argument(
+        "--cafile", required=True, help="the CA that signed the SuperLink's certificate"
+    )
     args = parser.parse_args(argv)
     server_ctx, upstream_ctx = contexts(args.certfile, args.keyfile, args.cafile)
     gateway = FleetGateway(args.upstream, server_ctx, upstream_ctx, args.upstream_name)
 
     async def run() -> None:
         server = await gateway.serve(args.listen)
-        print(f"Fleet gateway listening on {args.listen[0]}:{args.listen[1]} -> "
-              f"{args.upstream[0]}:{args.upstream[1]} (POST /v1/fleet/* only)", flush=True)
+        print(
+            f"Fleet gateway listening on {args.listen[0]}:{args.listen[1]} -> "
+            f"{args.upstream[0]}:{args.upstream[1]} (POST /v1/fleet/* only)",
+            flush=True,
+        )
         async with server:
             await server.serve_forever()
 

@@ -52,6 +52,11 @@ class KeepBestByMetric(Aggregator):
         scores = [u.metrics.get(self.metric, float("-inf")) for u in updates]
         best = max(range(len(updates)), key=scores.__getitem__)
         state = {k: v.to(ctx.device, copy=True) for k, v in updates[best].state.items()}
-        return AggregateResult(state=state, metrics={"num_clients": len(updates),
-                                                     "best_client": updates[best].client_id,
-                                                     f"best_{self.metric}": scores[best]})
+        return AggregateResult(
+            state=state,
+            metrics={
+                "num_clients": len(updates),
+                "best_client": updates[best].client_id,
+                f"best_{self.metric}": scores[best],
+            },
+        )

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedmerge.aggregators import AggregateResult, ClientUpdate, RoundContext, register
-from fedmerge.aggregators.fedavg import fedavg
 from fedmerge.aggregators.base import Aggregator
+from fedmerge.aggregators.fedavg import fedavg
 
 
 @register("mean_of_two_best")
@@ -15,6 +15,10 @@ class MeanOfTwoBest(Aggregator):
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         ranked = sorted(updates, key=lambda u: u.metrics.get("train_loss", float("inf")))[:2]
-        state = fedavg([u.state for u in ranked], [u.num_examples for u in ranked], device=ctx.device)
-        return AggregateResult(state=state, metrics={"num_clients": len(ranked),
-                                                     "dropped_clients": len(updates) - len(ranked)})
+        state = fedavg(
+            [u.state for u in ranked], [u.num_examples for u in ranked], device=ctx.device
+        )
+        return AggregateResult(
+            state=state,
+            metrics={"num_clients": len(ranked), "dropped_clients": len(updates) - len(ranked)},
+        )

@@ -40,7 +40,7 @@ class TrimmedMean(Aggregator):
         state = {}
         for key, first in updates[0].state.items():
             stacked = torch.stack([u.state[key].to(ctx.device, torch.float64) for u in updates])
-            kept = stacked.sort(dim=0).values[trim:k - trim]
+            kept = stacked.sort(dim=0).values[trim : k - trim]
             mean = kept.mean(dim=0)
             state[key] = (mean if first.is_floating_point() else mean.round()).to(first.dtype)
         return AggregateResult(state=state, metrics={"num_clients": k, "trimmed_each_side": trim})
