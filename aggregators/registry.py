@@ -60,8 +60,8 @@ MergeFn = Callable[..., Mapping[str, torch.Tensor]]
 F = TypeVar("F", bound=MergeFn)
 
 _HOW_TO_PLUG_IN = (
-    'To plug one in: (1) decorate an Aggregator subclass with @aggregators.register("name") '
-    '(or a function over state dicts with @aggregators.merge_function("name")) in a module that '
+    'To plug one in: (1) decorate an Aggregator subclass with @fedmerge.register("name") '
+    '(or a function over state dicts with @fedmerge.merge_function("name")) in a module that '
     'gets imported; (2) give its import path, "package.module:ClassName"; or (3) expose it from '
     f'an installed package under the entry-point group "{ENTRY_POINT_GROUP}".'
 )

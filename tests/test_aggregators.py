@@ -350,7 +350,7 @@ def test_unknown_name_lists_available_and_the_ways_to_plug_in() -> None:
     assert "unknown aggregator 'fedvag'" in message
     assert "Did you mean 'fedavg'?" in message
     assert "Available: " in message and "fedavg" in message
-    assert "@aggregators.register" in message
+    assert "@fedmerge.register" in message
     assert "package.module:ClassName" in message
     assert '"fedmerge.aggregators"' in message
 
