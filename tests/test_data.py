@@ -179,3 +179,14 @@ def test_digits_split_is_deterministic_disjoint_and_stratified():
     again = task.load("test")
     assert again is not test and np.array_equal(again.x, test.x) and np.array_equal(again.y, test.y)
     assert test.y[:12].tolist() == [1, 4, 8, 6, 5, 9, 9, 1, 3, 2, 2, 2]
+
+
+def test_without_the_variable_the_checkout_data_folder_is_searched(monkeypatch, tmp_path):
+    # A README command run from a new shell has no FEDMERGE_DATA_DIR: `make data`'s folder counts.
+    from fedmerge.clients.tasks.base import data_roots
+
+    monkeypatch.delenv("FEDMERGE_DATA_DIR", raising=False)
+    assert data_roots(None) == [REPO_DATA]
+    monkeypatch.setenv("FEDMERGE_DATA_DIR", str(tmp_path))
+    assert data_roots(None) == [tmp_path, REPO_DATA]
+    assert data_roots(tmp_path / "mine") == [tmp_path / "mine"]

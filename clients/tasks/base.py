@@ -7,6 +7,7 @@ A Task is what a client trains and what the server evaluates. Data come as plain
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,20 @@ __all__ = ["ArrayData", "DataError", "Task"]
 
 class DataError(RuntimeError):
     """A data set is missing, corrupt or inconsistent; the message says how to fix it."""
+
+
+# Where `make data` puts the data sets in a checkout (the repository's data/).
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"
+
+
+def data_roots(data_dir: Path | None) -> list[Path]:
+    """The folders a task looks in: only ``data_dir`` when one is configured, else
+    $FEDMERGE_DATA_DIR (when set), then the checkout's data/ (so commands run from a new shell
+    find what `make data` fetched)."""
+    if data_dir:
+        return [Path(data_dir)]
+    env = os.environ.get("FEDMERGE_DATA_DIR")
+    return [*([Path(env)] if env else []), REPO_DATA]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmerge.clients.tasks.base import ArrayData, DataError, Task
+from fedmerge.clients.tasks.base import ArrayData, DataError, Task, data_roots
 
 __all__ = ["FashionMNIST"]
 
@@ -39,15 +38,10 @@ MEAN, STD = 0.2860, 0.3530
 
 def _candidate_dirs(data_dir: Path | None) -> list[Path]:
     """Where to look: only the argument when one is given (the files' dir or a root holding
-    fashion-mnist/), else $FEDMERGE_DATA_DIR/fashion-mnist, then Debian's install location."""
+    fashion-mnist/), else fashion-mnist/ under each of ``data_roots``, then Debian's location."""
     if data_dir:
         return [Path(data_dir), Path(data_dir) / "fashion-mnist"]
-    dirs: list[Path] = []
-    env = os.environ.get("FEDMERGE_DATA_DIR")
-    if env:
-        dirs.append(Path(env) / "fashion-mnist")
-    dirs.append(SYSTEM_DIR)
-    return dirs
+    return [root / "fashion-mnist" for root in data_roots(None)] + [SYSTEM_DIR]
 
 
 def _existing(directory: Path, stem: str) -> Path | None:

