@@ -124,6 +124,28 @@ def _start_superlink_behind_gateway(procs, creds: dict, port: int, gateway_port:
     procs.wait_for("gateway", "Fleet gateway listening", timeout=60)
 
 
+def _start_supernode(procs, creds: dict, i: int, gateway_port: int) -> None:
+    """SuperNode ``i`` with its own authentication key, dialling the Fleet gateway over TLS."""
+    procs.start(
+        f"supernode-{i}",
+        [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"{PUBLIC}:{gateway_port}",
+            "--root-certificates",
+            str(creds["ca"]),
+            "--auth-supernode-private-key",
+            str(creds[f"supernode_{i}"]),
+            "--port",
+            str(free_port()),
+            "--max-retries",
+            "2",
+            "--max-wait-time",
+            "60",
+        ],
+    )
+
+
 def _tls_handshake(port: int, cafile: str | None) -> dict:
     context = ssl.create_default_context(cafile=cafile)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -187,29 +209,9 @@ def test_superlink_and_two_authenticated_supernodes_over_tls(tmp_path):
             )
             assert out.returncode == 0, out.stdout + out.stderr
             node_ids.append(int(json.loads(out.stdout[out.stdout.index("{") :])["node-id"]))
-        for i in (
-            0,
-            1,
-            2,
-        ):  # as deploy/README.md: SuperNodes reach the Fleet gateway, never the SuperLink port
-            procs.start(
-                f"supernode-{i}",
-                [
-                    str(BIN / "flower-supernode"),
-                    "--superlink",
-                    f"{PUBLIC}:{gateway_port}",
-                    "--root-certificates",
-                    str(creds["ca"]),
-                    "--auth-supernode-private-key",
-                    str(creds[f"supernode_{i}"]),
-                    "--port",
-                    str(free_port()),
-                    "--max-retries",
-                    "2",
-                    "--max-wait-time",
-                    "60",
-                ],
-            )
+        # As deploy/README.md: SuperNodes reach the Fleet gateway, never the SuperLink port.
+        for i in (0, 1, 2):
+            _start_supernode(procs, creds, i, gateway_port)
 
         overrides = ";".join(
             [
@@ -412,24 +414,7 @@ def test_an_outsider_at_the_public_address_cannot_register_a_key_or_run_code(tmp
         assert out.returncode == 0, out.stdout + out.stderr
         node_id = json.loads(out.stdout[out.stdout.index("{") :])["node-id"]
         for i in (0, 1):
-            procs.start(
-                f"supernode-{i}",
-                [
-                    str(BIN / "flower-supernode"),
-                    "--superlink",
-                    f"{PUBLIC}:{gateway_port}",
-                    "--root-certificates",
-                    str(creds["ca"]),
-                    "--auth-supernode-private-key",
-                    str(creds[f"supernode_{i}"]),
-                    "--port",
-                    str(free_port()),
-                    "--max-retries",
-                    "2",
-                    "--max-wait-time",
-                    "60",
-                ],
-            )
+            _start_supernode(procs, creds, i, gateway_port)
         rogue = procs.procs["supernode-1"]
         rogue.wait(timeout=120)
         assert rogue.returncode != 0 and "Failed to activate SuperNode" in procs.log("supernode-1")
