@@ -144,8 +144,21 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+def _element_type(tp: Any) -> Any | None:
+    """The element type of a ``tuple[X, ...]`` field (a list of values in a config), else None."""
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+    return None
+
+
 def _type_name(tp: Any, optional: bool) -> str:
-    name = "any" if tp is Any else getattr(tp, "__name__", str(tp))
+    element = _element_type(tp)
+    if element is not None:
+        name = f"list of {_type_name(element, False)}"
+    else:
+        name = "any" if tp is Any else getattr(tp, "__name__", str(tp))
     return f"{name} | None" if optional else name
 
 
@@ -169,6 +182,10 @@ def _num(x: float) -> str:
 
 def _rule(tp: Any, optional: bool, b: Bounds) -> str:
     """What a field allows, as the end of "must be ..."."""
+    element = _element_type(tp)
+    if element is not None:
+        text = "a list whose items are each " + _rule(element, False, b)
+        return text + (", or None (unset)" if optional else "")
     if b.choices is not None:
         text = "one of " + ", ".join(str(c) for c in b.choices)
     elif tp is bool:
@@ -214,6 +231,13 @@ def _checked(owner: str, name: str, tp: Any, optional: bool, b: Bounds, value: A
     """``value`` as the field's type (an int given for a float becomes a float), or the error."""
     if value is None and optional:
         return None
+    element = _element_type(tp)
+    if element is not None:  # a list in TOML: each item checked against the element type
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise HyperparameterError(owner, name, value, _rule(tp, optional, b))
+        return tuple(
+            _checked(owner, f"{name}[{i}]", element, False, b, item) for i, item in enumerate(value)
+        )
     if any(value == v and type(value) is type(v) for v in b.also):
         return value
     rule = _rule(tp, optional, b)

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
 import torch
@@ -40,8 +38,10 @@ from fedmerge.aggregators.params import (
     hyperparameter,
     is_declaration,
 )
+from fedmerge.plugins import PluginError, Registry, qualified
 
 __all__ = [
+    "AGGREGATORS",
     "ENTRY_POINT_GROUP",
     "aggregator_params",
     "available",
@@ -53,8 +53,6 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "fedmerge.aggregators"
 
-_REGISTRY: dict[str, type[Aggregator]] = {}
-
 A = TypeVar("A", bound=type[Aggregator])
 MergeFn = Callable[..., Mapping[str, torch.Tensor]]
 F = TypeVar("F", bound=MergeFn)
@@ -62,13 +60,26 @@ F = TypeVar("F", bound=MergeFn)
 _HOW_TO_PLUG_IN = (
     'To plug one in: (1) decorate an Aggregator subclass with @fedmerge.register("name") '
     '(or a function over state dicts with @fedmerge.merge_function("name")) in a module that '
-    'gets imported; (2) give its import path, "package.module:ClassName"; or (3) expose it from '
-    f'an installed package under the entry-point group "{ENTRY_POINT_GROUP}".'
+    'gets imported (list it in [run] plugins); (2) give its import path, "package.module:ClassName"; '
+    f'or (3) expose it from an installed package under the entry-point group "{ENTRY_POINT_GROUP}".'
 )
 
 
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+def _checked_class(obj: Any, where: str) -> type[Aggregator]:
+    if not (isinstance(obj, type) and issubclass(obj, Aggregator)):
+        raise PluginError(f"{where} is {obj!r}, not an aggregators.Aggregator subclass")
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(obj.__abstractmethods__))
+        raise PluginError(
+            f"{where} ({qualified(obj)}) is abstract: it does not implement {missing}"
+        )
+    return obj
+
+
+AGGREGATORS: Registry[type[Aggregator]] = Registry(
+    "aggregator", ENTRY_POINT_GROUP, accept=_checked_class, how_to=_HOW_TO_PLUG_IN
+)
+"""Every aggregator by name: the built-ins register when ``fedmerge.aggregators`` is imported."""
 
 
 def register(name: str | None = None) -> Callable[[A], A]:
@@ -85,18 +96,12 @@ def register(name: str | None = None) -> Callable[[A], A]:
         key = cls.name if name is None else name
         if not isinstance(key, str) or not key.strip() or ":" in key:
             raise ValueError(
-                f"cannot register {_qualified(cls)} under {key!r}: a name is a non-empty string "
+                f"cannot register {qualified(cls)} under {key!r}: a name is a non-empty string "
                 "without ':' (given to @register or as the class attribute `name`)"
             )
-        taken = _REGISTRY.get(key)
-        if taken is not None and _qualified(taken) != _qualified(cls):
-            raise ValueError(
-                f"aggregator name {key!r} is already registered by {_qualified(taken)}; "
-                f"cannot register {_qualified(cls)} under it"
-            )
+        AGGREGATORS.add(key, cls)
         if not cls.name:
             cls.name = key
-        _REGISTRY[key] = cls
         return cls
 
     return decorator
@@ -190,70 +195,14 @@ def _declaration_from(fn: Callable[..., Any], keywords: Sequence[inspect.Paramet
     return dataclasses.make_dataclass(f"{fn.__name__}_params", spec, frozen=True, kw_only=True)
 
 
-def _entry_points() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def available() -> list[str]:
     """Registered names and installed entry-point names, sorted (import paths are open-ended)."""
-    return sorted(set(_REGISTRY) | set(_entry_points()))
-
-
-def _checked_class(obj: Any, where: str) -> type[Aggregator]:
-    if not (isinstance(obj, type) and issubclass(obj, Aggregator)):
-        raise ValueError(f"{where} is {obj!r}, not an aggregators.Aggregator subclass")
-    if inspect.isabstract(obj):
-        missing = ", ".join(sorted(obj.__abstractmethods__))
-        raise ValueError(
-            f"{where} ({_qualified(obj)}) is abstract: it does not implement {missing}"
-        )
-    return obj
-
-
-def _from_path(spec: str) -> type[Aggregator]:
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path:
-        raise ValueError(f'aggregator path {spec!r} must look like "package.module:ClassName"')
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"aggregator path {spec!r}: cannot import {module_name!r}: {exc}") from exc
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as exc:
-            raise ValueError(f"aggregator path {spec!r}: {part!r} not found in {obj!r}") from exc
-    return _checked_class(obj, f"aggregator path {spec!r}")
-
-
-def _from_entry_point(ep: EntryPoint) -> type[Aggregator]:
-    dist = ep.dist.name if ep.dist is not None else "an unknown distribution"
-    where = f"entry point {ep.name!r} ({ep.value}, from {dist})"
-    try:
-        obj = ep.load()
-    except Exception as exc:  # a broken plugin must name itself, whatever it raised
-        raise ValueError(f"cannot load {where}: {type(exc).__name__}: {exc}") from exc
-    return _checked_class(obj, where)
+    return AGGREGATORS.available()
 
 
 def get_aggregator_class(spec: str) -> type[Aggregator]:
     """Resolve ``spec``: a registered name, then a ``module:Class`` path, then an entry point."""
-    if spec in _REGISTRY:
-        return _REGISTRY[spec]
-    if ":" in spec:
-        return _from_path(spec)
-    eps = _entry_points()
-    if spec in eps:
-        return _from_entry_point(eps[spec])
-    names = sorted(set(_REGISTRY) | set(eps))
-    # difflib's cost is the product of the lengths: a huge name is no typo and is not searched.
-    close = difflib.get_close_matches(spec, names, n=1) if len(spec) <= 100 else []
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    shown = repr(spec) if len(spec) <= 80 else f"{spec[:80]!r}... ({len(spec):,} characters)"
-    raise ValueError(
-        f"unknown aggregator {shown}.{hint} Available: {', '.join(names) or '(none)'}. "
-        + _HOW_TO_PLUG_IN
-    )
+    return AGGREGATORS.resolve(spec)
 
 
 def create_aggregator(spec: str, params: Mapping[str, Any]) -> Aggregator:

@@ -15,7 +15,6 @@ Pure torch: no flwr or ray.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -23,7 +22,17 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["LossTerm", "TermFactory", "available_terms", "build_terms", "register_term"]
+from fedmerge.plugins import PluginError, Registry, qualified
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "TERMS",
+    "LossTerm",
+    "TermFactory",
+    "available_terms",
+    "build_terms",
+    "register_term",
+]
 
 # The same contract as fedmerge.clients.training.LossTerm: a differentiable scalar computed from the model.
 LossTerm = Callable[[nn.Module], torch.Tensor]
@@ -31,16 +40,36 @@ TermFactory = Callable[..., LossTerm]
 
 F = TypeVar("F", bound=TermFactory)
 
-_TERMS: dict[str, TermFactory] = {}
-
-
-def _qualified(fn: Callable[..., Any]) -> str:
-    return f"{fn.__module__}.{fn.__qualname__}"
+ENTRY_POINT_GROUP = "fedmerge.loss_terms"
 
 
 def _hyperparameters(factory: TermFactory) -> dict[str, inspect.Parameter]:
     """The factory's parameters after (model, global_state): what a spec may set."""
     return dict(list(inspect.signature(factory).parameters.items())[2:])
+
+
+def _checked_factory(obj: Any, where: str) -> TermFactory:
+    if not callable(obj):
+        raise PluginError(f"{where} is {obj!r}, not a factory(model, global_state, **params)")
+    params = list(inspect.signature(obj).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) < 2 or any(p.kind not in positional for p in params[:2]):
+        raise PluginError(
+            f"{where} must take (model, global_state) positionally, then its parameters"
+        )
+    return obj
+
+
+TERMS: Registry[TermFactory] = Registry(
+    "client term",
+    ENTRY_POINT_GROUP,
+    accept=_checked_factory,
+    how_to=(
+        'To plug one in: decorate factory(model, global_state, **params) with @register_term("name") '
+        "in the module of the aggregator that asks for it (or one listed in [run] plugins), or "
+        f'expose it under the entry-point group "{ENTRY_POINT_GROUP}".'
+    ),
+)
 
 
 def register_term(name: str) -> Callable[[F], F]:
@@ -53,31 +82,21 @@ def register_term(name: str) -> Callable[[F], F]:
     def decorator(factory: F) -> F:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(
-                f"cannot register {_qualified(factory)} under {name!r}: "
+                f"cannot register {qualified(factory)} under {name!r}: "
                 "a term name is a non-empty string"
             )
-        params = list(inspect.signature(factory).parameters.values())
-        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        if len(params) < 2 or any(p.kind not in positional for p in params[:2]):
-            raise TypeError(
-                f"@register_term({name!r}): {_qualified(factory)} must take "
-                "(model, global_state) positionally, then its parameters"
-            )
-        taken = _TERMS.get(name)
-        if taken is not None and _qualified(taken) != _qualified(factory):
-            raise ValueError(
-                f"client term {name!r} is already registered by {_qualified(taken)}; "
-                f"cannot register {_qualified(factory)} under it"
-            )
-        _TERMS[name] = factory
+        try:
+            TERMS.add(name, factory)
+        except PluginError as exc:
+            raise TypeError(f"@register_term({name!r}): {exc}") from None
         return factory
 
     return decorator
 
 
 def available_terms() -> list[str]:
-    """The registered term names, sorted."""
-    return sorted(_TERMS)
+    """The registered and installed term names, sorted."""
+    return TERMS.available()
 
 
 def _build(
@@ -87,14 +106,10 @@ def _build(
     if not isinstance(spec, Mapping) or "term" not in spec:
         raise ValueError(f'{where}: a spec is a mapping {{"term": name, **params}}, got {spec!r}')
     name = spec["term"]
-    factory = _TERMS.get(name) if isinstance(name, str) else None
-    if factory is None:
-        close = difflib.get_close_matches(str(name), list(_TERMS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"{where}: unknown client term {name!r}.{hint} "
-            f"Available: {', '.join(available_terms()) or '(none)'}"
-        )
+    try:
+        factory = TERMS.resolve(name)
+    except PluginError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     params = {k: v for k, v in spec.items() if k != "term"}
     accepted = _hyperparameters(factory)
     label = f"{where} ({name!r})"

@@ -121,11 +121,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                     "num-examples": num_examples,
                     "partition-id": partition,
                     # A multi-task client names its task, so merges keep each task's head per task.
-                    **(
-                        {"task_id": task.client_task_id(train_part)}
-                        if hasattr(task, "client_task_id")
-                        else {}
-                    ),
+                    **({"task_id": task.client_task_id(train_part)} if task.is_multi_task else {}),
                 }
             ),
             PLACEMENT_KEY: ConfigRecord({**where_am_i(), "flower_node_id": str(context.node_id)}),

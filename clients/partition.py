@@ -26,8 +26,11 @@ import numpy as np
 import pyarrow as pa
 
 from fedmerge.clients.tasks.base import ArrayData, DataError, Task
+from fedmerge.plugins import PluginError, Registry
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
+    "PARTITIONERS",
     "available_partitioners",
     "format_label_counts",
     "get_partitioner",
@@ -57,7 +60,35 @@ SHARD_FORMAT = 1  # bump when the shard layout or a built-in scheme's output cha
 MANIFEST = "manifest.json"
 _META_SHAPE, _META_DTYPE = b"fedmerge.x_shape", b"fedmerge.x_dtype"
 
-_PARTITIONERS: dict[str, Partitioner] = {}
+
+def _checked_partitioner(obj: Any, where: str) -> Partitioner:
+    if not callable(obj) or isinstance(obj, type):
+        raise PluginError(
+            f"{where} is {obj!r}, not a function fn(labels, num_clients, seed, *, param=...)"
+        )
+    params = list(inspect.signature(obj).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) != 3 or any(p.kind is p.VAR_KEYWORD for p in params):
+        raise PluginError(
+            f"{where}: a partitioner takes (labels, num_clients, seed) positionally and its "
+            "parameters as keyword-only arguments (no **kwargs)"
+        )
+    return obj
+
+
+ENTRY_POINT_GROUP = "fedmerge.partitioners"
+
+PARTITIONERS: Registry[Partitioner] = Registry(
+    "partitioner",
+    ENTRY_POINT_GROUP,
+    accept=_checked_partitioner,
+    how_to=(
+        "To plug one in: decorate fn(labels, num_clients, seed, *, param=default) with "
+        '@register_partitioner("name") in a module listed in [run] plugins, give its import path '
+        f'"package.module:function", or expose it under the entry-point group "{ENTRY_POINT_GROUP}"; '
+        "its keyword-only parameters are set in [data.partitioner_params]."
+    ),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,28 +103,19 @@ def register_partitioner(name: str) -> Callable[[Partitioner], Partitioner]:
     """
 
     def decorate(fn: Partitioner) -> Partitioner:
-        existing = _PARTITIONERS.get(name)
-        if existing is not None and existing is not fn:
-            raise ValueError(
-                f"partitioner name {name!r} is already taken by {existing.__qualname__}"
-            )
-        _PARTITIONERS[name] = fn
+        PARTITIONERS.add(name, fn)
         return fn
 
     return decorate
 
 
 def get_partitioner(name: str) -> Partitioner:
-    try:
-        return _PARTITIONERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown partitioning scheme {name!r}; available: {', '.join(available_partitioners())}"
-        ) from None
+    """The partitioner ``name`` names: registered, ``module:function`` or an entry point."""
+    return PARTITIONERS.resolve(name)
 
 
 def available_partitioners() -> list[str]:
-    return sorted(_PARTITIONERS)
+    return PARTITIONERS.available()
 
 
 def partitioner_params(name: str) -> list[str]:
@@ -614,8 +636,7 @@ def materialize_shards(
     task_name = task if isinstance(task, str) else task.name
     num_classes = None if isinstance(task, str) else task.num_classes
     cache_dir = Path(cache_dir)
-    task_index = getattr(task, "task_index", None)
-    groups = task_index(data.x) if task_index is not None and uses_groups(scheme) else None
+    groups = None if isinstance(task, str) or not uses_groups(scheme) else task.task_index(data.x)
     key = _shards_key(task_name, scheme, params, num_clients, seed, data, groups)
     target = cache_dir / key
     if _complete(target, key):

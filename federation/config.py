@@ -79,7 +79,16 @@ def _f(default: Any, doc: str) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    task: str = _f("fashion_mnist", "task name (`fedmerge list`): data, model, loss and metrics")
+    task: str = _f(
+        "fashion_mnist",
+        "the task (data, model, loss, metrics): a name (`fedmerge list`), a "
+        "`module:Class` path or a `fedmerge.tasks` entry point",
+    )
+    task_params: dict[str, Any] = _f(
+        {},
+        "the task's own settings, checked against its declared Params "
+        "(`fedmerge list --task NAME`), e.g. the file and columns of `tabular`",
+    )
     data_dir: str = _f(
         "", "where the task's data lie; empty = $FEDMERGE_DATA_DIR, then system paths"
     )
@@ -93,6 +102,11 @@ class DataConfig:
         0.5, "Dirichlet concentration; smaller = stronger label skew (dirichlet only)"
     )
     classes_per_client: int = _f(2, "classes each client holds (pathological only)")
+    partitioner_params: dict[str, Any] = _f(
+        {},
+        "keyword arguments of the partitioner, over the fields above it takes (alpha, ...); "
+        "a plug-in partitioner's own settings go here",
+    )
     min_partition_size: int = _f(
         10, "resample until every client has at least this many examples (dirichlet)"
     )
@@ -152,11 +166,31 @@ class DataConfig:
         )
         _check(self.max_train_examples >= 0, "data.max_train_examples", "must be >= 0 (0 = all)")
         _check(self.max_test_examples >= 0, "data.max_test_examples", "must be >= 0 (0 = all)")
-        from fedmerge.clients.partition import available_partitioners
-        from fedmerge.clients.tasks import available_tasks
+        from fedmerge.clients.partition import PARTITIONERS, partitioner_params
+        from fedmerge.clients.tasks import create_task
+        from fedmerge.plugins import PluginError
 
-        _check_choice(self.task, available_tasks(), "data.task")
-        _check_choice(self.partitioner, available_partitioners(), "data.partitioner")
+        _check(bool(self.task.strip()), "data.task", "must not be empty")
+        try:
+            create_task(self.task, self.task_params)
+        except PluginError as err:
+            raise ConfigError(f"data.task: {err}") from None
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        try:
+            PARTITIONERS.resolve(self.partitioner)
+        except PluginError as err:
+            raise ConfigError(f"data.partitioner: {err}") from None
+        accepted = partitioner_params(self.partitioner)
+        for key in self.partitioner_params:
+            hint = _close_match(str(key), accepted)
+            _check(
+                key in accepted,
+                f"data.partitioner_params.{_cut(str(key))}",
+                f"is not a parameter of partitioner {self.partitioner!r}"
+                + (f" (did you mean {hint!r}?)" if hint else "")
+                + f"; it takes: {', '.join(accepted) or '(none)'}",
+            )
 
 
 @dataclass(frozen=True)
@@ -382,6 +416,12 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    plugins: tuple[str, ...] = _f(
+        (),
+        'modules (or .py files) that register plug-ins, e.g. ["mypkg.tasks"]: '
+        "imported before the config's names are resolved, on the driver and in every "
+        "Ray worker; a run adds the modules its registered plug-ins came from",
+    )
     callbacks: tuple[str, ...] = _f(
         (),
         'round callbacks by import path, e.g. ["mypkg.logs:MyLogger"] (a class '
@@ -390,6 +430,12 @@ class RunConfig:
     )
 
     def validate(self) -> None:
+        from fedmerge.plugins import PluginError, import_plugins
+
+        try:
+            import_plugins(self.plugins)
+        except PluginError as err:
+            raise ConfigError(str(err)) from None
         for path in self.callbacks:
             module, sep, attr = path.partition(":")
             _check(
@@ -434,6 +480,7 @@ class ExperimentConfig:
         )
         _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
         for section in (
+            self.run,  # first: it imports the plug-ins the other sections name
             self.data,
             self.federation,
             self.aggregator,
@@ -441,7 +488,6 @@ class ExperimentConfig:
             self.evaluation,
             self.checkpoint,
             self.output,
-            self.run,
         ):  # [train] checks itself on construction
             section.validate()
         _check(
@@ -465,11 +511,26 @@ class ExperimentConfig:
         raw = dataclasses.asdict(self)
         agg = raw.pop("aggregator")
         raw["aggregator"] = {"name": agg["name"], **agg["params"]}
-        if raw["run"] == {
-            "callbacks": ()
-        }:  # the default: config.toml and checkpoints of older runs stay as they were
+        # Keys added after the first release are left out while they hold their default, so
+        # config.toml and the checkpoints of older runs stay as they were.
+        for section, key in (
+            ("run", "plugins"),
+            ("run", "callbacks"),
+            ("data", "task_params"),
+            ("data", "partitioner_params"),
+        ):
+            if not raw[section][key]:
+                del raw[section][key]
+        if not raw["run"]:
             del raw["run"]
         return raw
+
+    @property
+    def task_spec(self):
+        """The run's task as it crosses processes: spec, parameters, plug-in modules."""
+        from fedmerge.clients.tasks import TaskSpec
+
+        return TaskSpec(self.data.task, dict(self.data.task_params), tuple(self.run.plugins))
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())

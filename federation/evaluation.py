@@ -37,12 +37,11 @@ Served = tuple[Mapping[str, Any], Mapping[str, np.ndarray]]
 def _per_task(model: nn.Module, task: Task, data: ArrayData, **options: Any) -> dict[str, float]:
     """``loss``/``accuracy`` over all of ``data`` and, for a multi-task task, per task
     (``options`` go to ``evaluate``)."""
-    task_index = getattr(task, "task_index", None)
-    if task_index is None:
+    groups = task.task_index(data.x)
+    if groups is None:
         metrics = evaluate(model, task, data, **options)
     else:
-        groups = task_index(data.x)
-        names = list(getattr(task, "task_names", []))
+        names = list(task.task_names)
         metrics, total, loss_sum, correct = {}, 0, 0.0, 0.0
         for t in np.unique(groups):
             part = data.subset(np.flatnonzero(groups == t))

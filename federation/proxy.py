@@ -36,15 +36,13 @@ def proxy_split(
         )
     from fedmerge.federation.scoring import hold_out  # imports Ray, which the rest does not need
 
-    task_index = getattr(task, "task_index", None)
-    groups = None if task_index is None else task_index(train.x)
+    groups = task.task_index(train.x)
     return hold_out(train, size, seed, groups=groups, key="data.proxy_size", salt=PROXY_SALT)
 
 
 def proxy_inputs(task: Task, data: ArrayData) -> dict[int, np.ndarray]:
     """The server's unlabelled inputs per task index (one task: all under 0)."""
-    task_index = getattr(task, "task_index", None)
-    if task_index is None:
+    groups = task.task_index(data.x)
+    if groups is None:
         return {0: data.x}
-    groups = task_index(data.x)
     return {int(t): data.x[groups == t] for t in np.unique(groups)}

@@ -486,7 +486,7 @@ def partition_report(config: ExperimentConfig, out: Path | None = None) -> tuple
         config.data.num_clients,
         config.data.partitioner,
         config.seed,
-        groups=getattr(task, "task_index", lambda x: None)(train.x),
+        groups=task.task_index(train.x),
         **partition_params(config.data),
     )
     counts = label_counts(parts, train.y, task.num_classes)

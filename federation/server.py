@@ -227,7 +227,7 @@ class Experiment:
         data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else None
         train, test = task.load("train", data_dir), task.load("test", data_dir)
         train, test = (
-            limit_examples(part, cap, cfg.seed, getattr(task, "task_index", lambda x: None)(part.x))
+            limit_examples(part, cap, cfg.seed, task.task_index(part.x))
             for part, cap in (
                 (train, cfg.data.max_train_examples),
                 (test, cfg.data.max_test_examples),

@@ -34,7 +34,7 @@ from fedmerge.aggregators import (
 )
 from fedmerge.aggregators.base import declared_params
 from fedmerge.aggregators.params import HyperparameterError, check_value, field_bounds
-from fedmerge.aggregators.registry import ENTRY_POINT_GROUP, _entry_points
+from fedmerge.aggregators.registry import AGGREGATORS, ENTRY_POINT_GROUP
 from fedmerge.clients.tasks.text import MultiTaskTextClassifier
 
 VOCAB, CLIENTS = 40, 4
@@ -57,7 +57,7 @@ def test_every_registered_name_is_covered() -> None:
         timeout=120,
         check=True,
     ).stdout.split()
-    plugins = set(_entry_points())
+    plugins = set(AGGREGATORS._entry_points())
     assert set(fresh) == set(BUILTINS) | plugins, ENTRY_POINT_GROUP
     assert not plugins & set(BUILTINS)
     assert len(BUILTINS) >= 12

@@ -271,7 +271,7 @@ def test_aggregators_package_imports_neither_flwr_nor_ray() -> None:
 @pytest.fixture
 def isolated_registry(monkeypatch):
     """Registrations made by a test vanish after it."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.AGGREGATORS, "_entries", dict(registry.AGGREGATORS._entries))
 
 
 @pytest.fixture
@@ -467,9 +467,9 @@ def test_broken_entry_point_names_itself(monkeypatch) -> None:
     broken = EntryPoint(
         name="broken_test", value="no_such_plugin_xyz:Agg", group="fedmerge.aggregators"
     )
-    monkeypatch.setattr(registry, "_entry_points", lambda: {"broken_test": broken})
+    monkeypatch.setattr(registry.AGGREGATORS, "_entry_points", lambda: {"broken_test": broken})
     pattern = (
-        r"cannot load entry point 'broken_test' "
+        r"cannot load aggregator entry point 'broken_test' "
         r"\(no_such_plugin_xyz:Agg, from an unknown distribution\)"
     )
     with pytest.raises(ValueError, match=pattern):

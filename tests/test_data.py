@@ -64,7 +64,7 @@ def test_registry_rejects_a_taken_name():
     class Impostor(Task):
         name = "digits"
 
-    with pytest.raises(ValueError, match="already taken"):
+    with pytest.raises(ValueError, match="already registered by"):
         register_task(Impostor)
 
 

@@ -130,7 +130,7 @@ def test_hyperparameter_refuses_two_lower_bounds() -> None:
 def isolated_registry(monkeypatch):
     from fedmerge.aggregators import registry
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.AGGREGATORS, "_entries", dict(registry.AGGREGATORS._entries))
 
 
 def _readme_plugin_example() -> str:

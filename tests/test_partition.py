@@ -127,7 +127,9 @@ def test_bad_params_are_named(digits, kwargs, name):
 def test_custom_partitioner_output_is_checked(digits, monkeypatch):
     import fedmerge.clients.partition as partition_module
 
-    monkeypatch.setattr(partition_module, "_PARTITIONERS", dict(partition_module._PARTITIONERS))
+    monkeypatch.setattr(
+        partition_module.PARTITIONERS, "_entries", dict(partition_module.PARTITIONERS._entries)
+    )
 
     @register_partitioner("test_overlapping")
     def overlapping(labels, num_clients, seed):

@@ -1,55 +1,156 @@
 """Tasks by name: ``get_task("fashion_mnist")`` returns a fresh Task instance.
 
-A new task is a ``Task`` subclass with a unique ``name``, registered with ``@register_task``;
-importing this package registers the built-in ones.
+A task spec resolves like any plug-in (``fedmerge.plugins``): a name registered with
+``@register_task``, an import path ``package.module:TaskClass``, or an entry point of the
+``fedmerge.tasks`` group. ``TaskSpec`` is how a run carries its task to other processes (Flower
+clients in Ray workers, the evaluator and scoring actors, ``fedmerge resume``): the spec, the
+checked ``[data.task_params]`` and the ``[run] plugins`` modules to import first.
 """
 
 from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fedmerge.clients.tasks.base import ArrayData, DataError, Task
 from fedmerge.clients.tasks.digits import Digits
 from fedmerge.clients.tasks.fashion_mnist import FashionMNIST
 from fedmerge.clients.tasks.text import RottenTomatoes, TextMultiTask, WordNetNouns, WordNetVerbs
+from fedmerge.plugins import PluginError, Registry, import_plugins, qualified
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
+    "TASKS",
     "ArrayData",
     "DataError",
     "Task",
+    "TaskSpec",
     "available_tasks",
+    "create_task",
     "get_task",
     "register_task",
+    "task_params",
 ]
 
-_REGISTRY: dict[str, type[Task]] = {}
+ENTRY_POINT_GROUP = "fedmerge.tasks"
+
+T = TypeVar("T", bound=type[Task])
 
 
-def register_task(cls: type[Task]) -> type[Task]:
-    """Class decorator: make ``cls`` available as ``get_task(cls.name)``."""
-    if not (isinstance(cls, type) and issubclass(cls, Task)):
-        raise TypeError(f"register_task expects a Task subclass, got {cls!r}")
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no `name`; set the class attribute `name`")
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ValueError(
-            f"task name {cls.name!r} is already taken by {existing.__module__}.{existing.__qualname__}"
+def _checked_task(obj: Any, where: str) -> type[Task]:
+    if not (isinstance(obj, type) and issubclass(obj, Task)):
+        raise PluginError(f"{where} is {obj!r}, not a fedmerge Task subclass")
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(obj.__abstractmethods__))
+        raise PluginError(
+            f"{where} ({qualified(obj)}) is abstract: it does not implement {missing}"
         )
-    _REGISTRY[cls.name] = cls
-    return cls
+    return obj
 
 
-def get_task(name: str) -> Task:
-    """A new instance of the task registered as ``name``."""
+TASKS: Registry[type[Task]] = Registry(
+    "task",
+    ENTRY_POINT_GROUP,
+    accept=_checked_task,
+    how_to=(
+        "To plug one in: (1) decorate a Task subclass with @fedmerge.register_task in a module "
+        'listed in [run] plugins; (2) give its import path, "package.module:TaskClass"; or (3) '
+        f'expose it from an installed package under the entry-point group "{ENTRY_POINT_GROUP}". '
+        "No code: the tabular, hf_text_classification and hf_image_classification tasks read "
+        "your own files (see [data.task_params])."
+    ),
+)
+
+
+def register_task(cls: T | str | None = None) -> Any:
+    """Class decorator: make a Task subclass available as ``get_task(name)``.
+
+    ``@register_task`` uses the class attribute ``name``; ``@register_task("name")`` sets it.
+    """
+
+    def decorator(klass: T, key: str | None = None) -> T:
+        if not (isinstance(klass, type) and issubclass(klass, Task)):
+            raise TypeError(f"register_task expects a Task subclass, got {klass!r}")
+        key = key or klass.name
+        if not key:
+            raise ValueError(
+                f"{klass.__qualname__} has no `name`; set the class attribute `name` or use "
+                '@register_task("name")'
+            )
+        TASKS.add(key, klass)
+        if not klass.name:
+            klass.name = key
+        return klass
+
+    if cls is None or isinstance(cls, str):
+        return lambda klass: decorator(klass, cls)
+    return decorator(cls)
+
+
+def create_task(spec: str, params: Mapping[str, Any] | None = None) -> Task:
+    """A new instance of the task ``spec`` names, built with ``params`` (checked against its
+    ``Params``): a bad or unknown parameter is a ValueError naming the task and the parameter."""
+    from fedmerge.aggregators.params import HyperparameterError
+
+    cls = TASKS.resolve(spec)
     try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown task {name!r}; available: {', '.join(available_tasks())}"
-        ) from None
+        return cls(**dict(params or {}))
+    except HyperparameterError as exc:
+        raise ValueError(f"data.task_params: {exc}") from exc
+    except TypeError as exc:
+        raise ValueError(f"data.task_params: {exc}") from exc
+
+
+def get_task(spec: str, params: Mapping[str, Any] | None = None) -> Task:
+    """A new instance of the task ``spec`` names (``create_task``)."""
+    return create_task(spec, params)
 
 
 def available_tasks() -> list[str]:
-    return sorted(_REGISTRY)
+    """Registered and installed (entry-point) task names, sorted."""
+    return TASKS.available()
+
+
+def task_params(spec: str):
+    """The declared parameters of the task ``spec`` names (``fedmerge list --task NAME``)."""
+    from fedmerge.aggregators.params import describe
+
+    cls = TASKS.resolve(spec)
+    return [] if cls.Params is None else describe(cls.Params)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as a run names it, in a form that crosses processes: the spec, its parameters and
+    the plug-in modules that must be imported before the spec resolves."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()
+
+    def build(self) -> Task:
+        import_plugins(self.plugins)
+        return create_task(self.name, self.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params), "plugins": list(self.plugins)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | str) -> TaskSpec:
+        """From ``to_dict`` output (or a bare task name, as older runs stored it)."""
+        if isinstance(raw, str):
+            return cls(raw)
+        return cls(
+            name=str(raw["name"]),
+            params=dict(raw.get("params") or {}),
+            plugins=tuple(raw.get("plugins") or ()),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 register_task(FashionMNIST)

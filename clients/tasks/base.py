@@ -7,11 +7,13 @@ A Task is what a client trains and what the server evaluates. Data come as plain
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -57,10 +59,58 @@ class ArrayData:
 
 
 class Task(ABC):
-    """One learning problem. Subclasses are registered by name in ``fedmerge.clients.tasks``."""
+    """One learning problem. Subclasses are registered by name in ``fedmerge.clients.tasks``.
+
+    What the server needs to know is declared, never guessed: ``num_classes`` (the model's
+    output width), and for a multi-task problem ``task_names`` (one name per task, in task-index
+    order), ``task_index`` (the task of each stored row) and a model that keeps task t's
+    classification head under ``heads.<t>.`` (the merging aggregators merge everything else and
+    keep each head per task). A task with settings declares them as a frozen ``Params``
+    dataclass of ``fedmerge.aggregators.params.hyperparameter`` fields; the config's
+    ``[data.task_params]`` table is checked against it and the checked values are
+    ``self.params``. ``num_classes`` and ``task_names`` may be properties computed from them.
+    """
 
     name: ClassVar[str] = ""
-    num_classes: ClassVar[int] = 0
+    num_classes: int = 0
+    task_names: tuple[str, ...] | list[str] = ()
+    Params: ClassVar[type | None] = None
+
+    def __init__(self, **params: Any) -> None:
+        from fedmerge.aggregators.params import check
+
+        declaration = type(self).Params
+        label = f"task {self.name or type(self).__qualname__!r}"
+        if declaration is None:
+            if params:
+                raise TypeError(
+                    f"{label} takes no parameters (it declares no Params); got "
+                    f"{', '.join(sorted(map(str, params)))}"
+                )
+            self.params: Any = None
+        else:
+            self.params = check(label, declaration, params)
+
+    @property
+    def is_multi_task(self) -> bool:
+        """Whether rows belong to several tasks (``task_names`` has more than one entry)."""
+        return len(self.task_names) > 1
+
+    def task_index(self, x: np.ndarray) -> np.ndarray | None:
+        """The task (0..len(task_names)-1, int64) of each stored row; None for one task."""
+        return None
+
+    def client_task_id(self, data: ArrayData) -> int:
+        """The one task a client's rows belong to, or -1 when they mix tasks (or are empty)."""
+        index = self.task_index(data.x) if len(data) else None
+        tasks = np.unique(index) if index is not None else np.array([])
+        return int(tasks[0]) if len(tasks) == 1 else -1
+
+    def fingerprint(self) -> str:
+        """What, besides the examples themselves, makes this task's shards differ: its name and
+        checked parameters (the shard cache hashes the examples too)."""
+        values = {} if self.params is None else dataclasses.asdict(self.params)
+        return json.dumps({"task": self.name, "params": values}, sort_keys=True, default=repr)
 
     @abstractmethod
     def load(self, split: str, data_dir: Path | None = None) -> ArrayData:

@@ -335,8 +335,7 @@ def parse_rotten_tomatoes(path: Path) -> tuple[list[str], np.ndarray]:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_split(task: str, path: str, split: str, _stamp: tuple[int, int]) -> ArrayData:
-    cls = _TASKS[task]
+def _load_split(cls: type[TextTask], path: str, split: str, _stamp: tuple[int, int]) -> ArrayData:
     texts, labels = cls.read(Path(path))
     order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
     test, train = order[: cls.test_cap], order[cls.test_cap : cls.test_cap + cls.train_cap]
@@ -357,11 +356,18 @@ class TextTask(Task):
 
     @classmethod
     def data_file(cls, data_dir: Path | None) -> Path:
-        raise NotImplementedError
+        """The one file this task's examples are read from."""
+        raise NotImplementedError(
+            f"{cls.__qualname__} must implement the classmethod data_file(data_dir) -> Path "
+            "(or use the hf_text_classification task, which reads a CSV/Parquet/JSON file)"
+        )
 
     @classmethod
     def read(cls, path: Path) -> tuple[list[str], np.ndarray]:
-        raise NotImplementedError
+        """(texts, integer labels) of every example in ``path``."""
+        raise NotImplementedError(
+            f"{cls.__qualname__} must implement the classmethod read(path) -> (texts, labels)"
+        )
 
     def load(self, split: str, data_dir: Path | None = None) -> ArrayData:
         """x: int32 (N, MAX_LEN) token ids, y: int64 (N,); deterministic, cached per process."""
@@ -371,7 +377,7 @@ class TextTask(Task):
             )
         path = self.data_file(data_dir).resolve()
         stat = path.stat()
-        return _load_split(self.name, str(path), split, (stat.st_size, stat.st_mtime_ns))
+        return _load_split(type(self), str(path), split, (stat.st_size, stat.st_mtime_ns))
 
     def build_model(self) -> nn.Module:
         return build_text_model(self.num_classes)
@@ -428,12 +434,6 @@ class RottenTomatoes(TextTask):
         return parse_rotten_tomatoes(path)
 
 
-_TASKS: dict[str, type[TextTask]] = {
-    c.name: c for c in (WordNetNouns, WordNetVerbs, RottenTomatoes)
-}
-TEXT_TASKS = tuple(_TASKS)
-
-
 class TextMultiTask(Task):
     """The three text tasks as one multi-task problem over one encoder with a head per task.
 
@@ -462,15 +462,9 @@ class TextMultiTask(Task):
         y.setflags(write=False)
         return ArrayData(x, y)
 
-    @staticmethod
-    def task_index(x: np.ndarray) -> np.ndarray:
+    def task_index(self, x: np.ndarray) -> np.ndarray:
         """The task of each stored row (column 0), as int64."""
         return np.asarray(x[:, 0], dtype=np.int64)
-
-    def client_task_id(self, data: ArrayData) -> int:
-        """The one task a client's rows belong to, or -1 when they mix tasks (or are empty)."""
-        tasks = np.unique(self.task_index(data.x)) if len(data) else np.array([])
-        return int(tasks[0]) if len(tasks) == 1 else -1
 
     def build_model(self) -> nn.Module:
         return MultiTaskTextClassifier(load_encoder(), [t.num_classes for t in self.tasks])
