@@ -106,6 +106,12 @@ class Task(ABC):
         tasks = np.unique(index) if index is not None else np.array([])
         return int(tasks[0]) if len(tasks) == 1 else -1
 
+    def portable_params(self) -> dict[str, Any]:
+        """The parameters as another process needs them (Ray workers, ``fedmerge resume`` from
+        another folder): a task with file parameters makes relative paths absolute here. The
+        driver calls it once and ships the result; the default is the checked values as given."""
+        return {} if self.params is None else dataclasses.asdict(self.params)
+
     def fingerprint(self) -> str:
         """What, besides the examples themselves, makes this task's shards differ: its name and
         checked parameters (the shard cache hashes the examples too)."""
