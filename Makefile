@@ -22,13 +22,14 @@ help:
 	@echo "make test   run ruff and the test suite (creates .venv, fetches data)"
 	@echo "make lint   ruff check + ruff format --check"
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml tests/plugins/fedmerge_example_plugin/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel first: a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
-	# An installed plug-in package: the tests find its aggregator through the entry-point group.
+	# An installed plug-in package: the tests find its aggregator and its task through their
+	# entry-point groups.
 	$(BIN)/pip install -q --no-build-isolation -e tests/plugins/fedmerge_example_plugin
 	touch $@
 

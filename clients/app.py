@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from fedmerge.aggregators.terms import build_terms
 from fedmerge.clients.attacks import attack_data, attack_state, client_attack, reported_count
 from fedmerge.clients.partition import open_shard
-from fedmerge.clients.tasks import get_task
+from fedmerge.clients.tasks import TaskSpec
 from fedmerge.clients.tasks.base import ArrayData
 from fedmerge.clients.training import TrainConfig, evaluate, get_state, set_state, train
 
@@ -75,7 +75,7 @@ def _setup(
         else int(context.node_config["partition-id"])
     )
     torch.set_num_threads(max(1, int(run.get("num_threads", 1))))
-    task = get_task(run["task"])
+    task = TaskSpec.from_dict(run["task"]).build()
     shard = _shard(str(Path(run["shard_dir"]) / f"client_{partition:05d}.arrow"))
     train_part, test_part = local_split(
         shard,

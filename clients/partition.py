@@ -46,6 +46,7 @@ __all__ = [
     "write_atomic",
     "write_shards",
     "by_task",
+    "content_digest",
     "limit_examples",
     "uses_groups",
 ]
@@ -567,6 +568,18 @@ def load_manifest(shard_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def content_digest(array: np.ndarray) -> str:
+    """A hash of an array's dtype, shape and every byte: two data sets share a shard folder only
+    when their examples are the same. BLAKE2b reads about 1 GB/s, so 47 MB of Fashion-MNIST costs
+    tens of milliseconds; the array is hashed in 64 MiB slices, never copied whole."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    digest = hashlib.blake2b(f"{array.dtype.str}{array.shape}".encode(), digest_size=20)
+    step = 64 << 20
+    for start in range(0, len(flat), step):
+        digest.update(memoryview(flat[start : start + step]))
+    return digest.hexdigest()
+
+
 def _shards_key(
     task_name: str,
     scheme: str,
@@ -575,8 +588,10 @@ def _shards_key(
     seed: int,
     data: ArrayData,
     groups: np.ndarray | None = None,
+    fingerprint: str = "",
 ) -> str:
-    """Everything that determines the shards, hashed; readable prefix for humans."""
+    """Everything that determines the shards, hashed (the examples' content included); readable
+    prefix for humans."""
     labels = np.ascontiguousarray(data.y, dtype=np.int64)
     spec = json.dumps(
         {
@@ -590,6 +605,8 @@ def _shards_key(
             "shape": list(data.x.shape[1:]),
             "dtype": data.x.dtype.str,
             "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
+            "examples": content_digest(data.x),
+            "task_params": fingerprint,
             **(
                 {}
                 if groups is None
@@ -629,15 +646,17 @@ def materialize_shards(
 ) -> Path:
     """Partition ``data`` and write its shards once under ``cache_dir/<key>``; reuse them after.
 
-    The key hashes the task name, scheme, params, client count, seed, data size and labels. A
+    The key hashes the task (name and parameters), scheme, params, client count, seed, and the
+    examples themselves (features and labels: ``content_digest``). A
     new set is written in a temporary directory and renamed into place, so concurrent callers
     (several Ray workers, say) never see a half-written set. Returns the shard directory.
     """
     task_name = task if isinstance(task, str) else task.name
+    fingerprint = "" if isinstance(task, str) else task.fingerprint()
     num_classes = None if isinstance(task, str) else task.num_classes
     cache_dir = Path(cache_dir)
     groups = None if isinstance(task, str) or not uses_groups(scheme) else task.task_index(data.x)
-    key = _shards_key(task_name, scheme, params, num_clients, seed, data, groups)
+    key = _shards_key(task_name, scheme, params, num_clients, seed, data, groups, fingerprint)
     target = cache_dir / key
     if _complete(target, key):
         return target

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from fedmerge.aggregators import Aggregator, ClientUpdate, RoundContext
-from fedmerge.clients.tasks import get_task
+from fedmerge.clients.tasks import TaskSpec, as_task
 from fedmerge.clients.tasks.base import ArrayData
 from fedmerge.federation.arrays import to_numpy_state, to_torch_state
 from fedmerge.federation.config import ActorConfig
@@ -98,12 +98,13 @@ class AggregatorActor:
         *,
         validation: Mapping[str, Any] | None = None,
         malicious: Sequence[int] = (),
-        task_name: str | None = None,
+        task_name: str | Mapping[str, Any] | None = None,
         proxy: Mapping[int, np.ndarray] | None = None,
     ) -> None:
         """``validation`` (task name, x, y, batch size) is the server's validation set, scored through
         the RoundContext (``federation.scoring``); ``malicious`` the attack's ground truth.
-        ``task_name`` lets upscaling aggregators build the run's model (``RoundContext.build_model``);
+        ``task_name`` (a name, or a ``TaskSpec.to_dict()`` for a task with parameters or
+        plug-in modules) lets upscaling aggregators build the run's model (``RoundContext.build_model``);
         ``proxy`` holds the server's unlabelled inputs per task (``RoundContext.proxy_inputs``)."""
         self.task_name = task_name
         self.device = _device()
@@ -123,7 +124,7 @@ class AggregatorActor:
         self.malicious = frozenset(int(i) for i in malicious)
         self.proxy = None
         if proxy is not None and task_name is not None:
-            task = get_task(task_name)
+            task = as_task(task_name)
             self.proxy = {int(t): task.preprocess(np.asarray(x)) for t, x in proxy.items()}
         self.base_state = self._to_device(base_state)
         self.global_state = dict(self.base_state)
@@ -159,7 +160,7 @@ class AggregatorActor:
                 malicious=self.malicious,
                 build_model=None
                 if self.task_name is None
-                else get_task(self.task_name).build_model,
+                else TaskSpec.from_dict(self.task_name).build().build_model,
                 proxy_inputs=self.proxy,
             )
         )
@@ -313,7 +314,12 @@ class EvaluatorActor:
     task's model and the last served model stay built between rounds, each round loads weights."""
 
     def __init__(
-        self, task_name: str, x: np.ndarray, y: np.ndarray, batch_size: int, num_threads: int = 0
+        self,
+        task_name: str | Mapping[str, Any],
+        x: np.ndarray,
+        y: np.ndarray,
+        batch_size: int,
+        num_threads: int = 0,
     ) -> None:
         # Evaluation runs between rounds, when the clients are idle: 0 means every core of the node.
         torch.set_num_threads(num_threads if num_threads > 0 else (os.cpu_count() or 1))

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.federation.config import ConfigError, ExperimentConfig, load_config
 from fedmerge.federation.results import RunDir
-from fedmerge.federation.runner import execute_run, open_run, prepare_run
+from fedmerge.federation.runner import execute_run, open_run, pin_plugins, prepare_run
 
 __all__ = ["app", "config_from_run_config", "run_deployment"]
 
@@ -60,6 +60,7 @@ def run_deployment(
     aggregator's needs and imports ``run.callbacks`` here, in the ServerApp, before Ray starts;
     ``execute_run`` sets up the actors, drives ``Experiment.run_rounds`` over ``grid`` and finishes.
     """
+    config = pin_plugins(config)
     user = prepare_run(config, address=address or None, callbacks=callbacks)
     with open_run(
         config, progress=print

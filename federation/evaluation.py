@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmerge.clients.tasks import get_task
+from fedmerge.clients.tasks import TaskSpec, as_task
 from fedmerge.clients.tasks.base import ArrayData, Task
 from fedmerge.clients.training import evaluate, set_state
 from fedmerge.federation.served import empty_served, load_served_state
@@ -95,7 +95,7 @@ class ModelScorer:
 
     def __init__(
         self,
-        task: str | Task,
+        task: str | TaskSpec | Mapping[str, Any] | Task,
         data: ArrayData,
         *,
         batch_size: int,
@@ -103,7 +103,7 @@ class ModelScorer:
         channels_last: bool = False,
         per_task: bool = False,
     ) -> None:
-        self.task = get_task(task) if isinstance(task, str) else task
+        self.task = as_task(task)
         self.data = data
         self.batch_size = batch_size
         self.device = torch.device(device)

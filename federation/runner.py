@@ -30,7 +30,6 @@ from fedmerge.clients.partition import (
     partition,
     plot_label_heatmap,
 )
-from fedmerge.clients.tasks import get_task
 from fedmerge.federation.callbacks import resolve_callbacks
 from fedmerge.federation.checkpoint import (
     Checkpoint,
@@ -210,6 +209,7 @@ def run_experiment(
     """Run one federated experiment end to end; returns its run directory. ``callbacks`` are round
     callbacks (``fedmerge.RoundCallback``), called after the run's own records and before those
     that ``run.callbacks`` in the config names."""
+    config = pin_plugins(config)
     user = prepare_run(
         config, address=address, callbacks=callbacks
     )  # before any folder or cluster exists
@@ -225,6 +225,39 @@ def run_experiment(
             callbacks=user,
             drive=lambda experiment: _simulate(experiment, verbose),
         )
+
+
+def pin_plugins(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` with ``run.plugins`` extended by the modules that registered the plug-ins it
+    names by name (task, aggregator, partitioner), so that Ray workers and ``fedmerge resume``,
+    fresh processes, import them too. A top-level module is listed by its file (it need not be on
+    the path elsewhere), a module inside a package by name. A plug-in registered by the script
+    being run is a ConfigError saying how to move it."""
+    from fedmerge.aggregators.registry import AGGREGATORS
+    from fedmerge.clients.partition import PARTITIONERS
+    from fedmerge.clients.tasks import TASKS
+    from fedmerge.plugins import PluginError
+
+    plugins = list(config.run.plugins)
+    for key, registry, spec in (
+        ("data.task", TASKS, config.data.task),
+        ("aggregator.name", AGGREGATORS, config.aggregator.name),
+        ("data.partitioner", PARTITIONERS, config.data.partitioner),
+    ):
+        try:
+            module = registry.origin(spec)
+        except PluginError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        if module is None or module in plugins:
+            continue
+        loaded = sys.modules.get(module)
+        path = getattr(loaded, "__file__", None)
+        entry = str(Path(path).resolve()) if "." not in module and path else module
+        if entry not in plugins:
+            plugins.append(entry)
+    if plugins == list(config.run.plugins):
+        return config
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, plugins=tuple(plugins)))
 
 
 def prepare_run(
@@ -342,7 +375,7 @@ def _check_resumable(config: ExperimentConfig, run: RunDir, checkpoint: Checkpoi
         )
     expected = {
         k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
-        for k, v in get_task(config.data.task).build_model().state_dict().items()
+        for k, v in config.task_spec.build().build_model().state_dict().items()
     }
     found = {k: (tuple(v.shape), str(v.dtype)) for k, v in checkpoint.global_state.items()}
     if expected != found:
@@ -360,7 +393,7 @@ def _short(value: object, limit: int = 40) -> str:
 def _check_data(config: ExperimentConfig) -> None:
     """Read both splits of the task's data (a ``DataError`` names what is missing) before a run folder
     or Ray exists; the task caches what it read, so the run's setup does not read it twice."""
-    task = get_task(config.data.task)
+    task = config.task_spec.build()
     data_dir = Path(config.data.data_dir) if config.data.data_dir else None
     for split in ("train", "test"):
         task.load(split, data_dir)
@@ -479,7 +512,7 @@ def compare(
 
 def partition_report(config: ExperimentConfig, out: Path | None = None) -> tuple[str, Path]:
     """Per-client label counts of the config's partition, as a table and a heat-map PNG."""
-    task = get_task(config.data.task)
+    task = config.task_spec.build()
     train = task.load("train", Path(config.data.data_dir) if config.data.data_dir else None)
     parts = partition(
         train.y,

@@ -28,7 +28,7 @@ from torch import nn
 
 from fedmerge.aggregators.merging import count_parameters
 from fedmerge.aggregators.upscaled import describe, rebuild
-from fedmerge.clients.tasks import get_task
+from fedmerge.clients.tasks import TaskSpec
 
 __all__ = [
     "FORMAT",
@@ -49,11 +49,14 @@ class ServedModelError(ValueError):
     which file."""
 
 
-def served_spec(model: nn.Module, task_name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(spec, weights as NumPy) of a served model built on ``task_name``'s model."""
+def served_spec(
+    model: nn.Module, task_name: str | Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(spec, weights as NumPy) of a served model built on the model of ``task_name`` (a name,
+    or a ``TaskSpec.to_dict()`` for a task with parameters or plug-in modules)."""
     spec = {
         "format": FORMAT,
-        "task": task_name,
+        "task": task_name if isinstance(task_name, str) else dict(task_name),
         "structure": describe(model),
         "params": count_parameters(model),
     }
@@ -67,7 +70,10 @@ def empty_served(spec: Mapping[str, Any]) -> nn.Module:
         raise ServedModelError(
             f"served model format {spec.get('format')!r}, this version reads {FORMAT}"
         )
-    model = get_task(str(spec["task"])).build_model()
+    task = spec["task"]
+    model = (
+        TaskSpec.from_dict(task if isinstance(task, Mapping) else str(task)).build().build_model()
+    )
     return rebuild(model, spec["structure"])
 
 
@@ -85,7 +91,10 @@ def build_served(
 
 
 def save_served(
-    path: str | Path, model: nn.Module, task_name: str, metadata: Mapping[str, Any] | None = None
+    path: str | Path,
+    model: nn.Module,
+    task_name: str | Mapping[str, Any],
+    metadata: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``path`` (.safetensors, shared tensors stored once) and the spec next to it (.json)."""
     path = Path(path).with_suffix(".safetensors")

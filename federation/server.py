@@ -34,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmerge.aggregators import Aggregator, create_aggregator
 from fedmerge.clients.attacks import summary as attack_summary
 from fedmerge.clients.partition import limit_examples, load_manifest, materialize_shards
-from fedmerge.clients.tasks import get_task
+from fedmerge.clients.tasks import TaskSpec
 from fedmerge.clients.training import get_state
 from fedmerge.federation.actors import AggregatorActor, EvaluatorActor, actor_options
 from fedmerge.federation.arrays import state_to_record, to_numpy_state
@@ -114,13 +114,15 @@ def check_needs(config: ExperimentConfig, aggregator: Aggregator | None = None) 
 
 
 def partition_params(data: DataConfig) -> dict[str, Any]:
-    """The config fields that the chosen partitioner takes."""
-    return {
-        "iid": {},
-        "dirichlet": {"alpha": data.alpha, "min_partition_size": data.min_partition_size},
-        "pathological": {"classes_per_client": data.classes_per_client},
-        "by_task": {"alpha": data.alpha, "min_partition_size": data.min_partition_size},
-    }.get(data.partitioner, {})
+    """The keyword arguments of the chosen partitioner: the ``[data]`` fields it takes (``alpha``,
+    ``classes_per_client``, ``min_partition_size``), then ``data.partitioner_params`` over them."""
+    from fedmerge.clients.partition import partitioner_params
+
+    accepted = partitioner_params(data.partitioner)
+    fields = {"alpha", "classes_per_client", "min_partition_size"}
+    params = {name: getattr(data, name) for name in accepted if name in fields}
+    params.update(data.partitioner_params)
+    return params
 
 
 def report_rows(report: RoundReport) -> list[tuple[str, int | None, str, float]]:
@@ -223,7 +225,12 @@ class Experiment:
         """
         cfg = self.config
         needs = check_needs(cfg)
-        task = get_task(cfg.data.task)
+        task = cfg.task_spec.build()
+        # What other processes build the task from: the plug-in modules to import, and the
+        # parameters with relative paths made absolute (a Ray worker's cwd may differ).
+        self.task_ref = TaskSpec(
+            cfg.data.task, task.portable_params(), tuple(cfg.run.plugins)
+        ).to_dict()
         data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else None
         train, test = task.load("train", data_dir), task.load("test", data_dir)
         train, test = (
@@ -238,7 +245,7 @@ class Experiment:
             train, held = hold_out(train, cfg.data.server_val_size, cfg.seed)
             if "validation" in needs:
                 validation = {
-                    "task": cfg.data.task,
+                    "task": self.task_ref,
                     "x": held.x,
                     "y": held.y,
                     "batch_size": cfg.evaluation.batch_size,
@@ -281,11 +288,11 @@ class Experiment:
             cfg.seed,
             validation=validation,
             malicious=self.attack["malicious_clients"],
-            task_name=cfg.data.task,
+            task_name=self.task_ref,
             proxy=proxy,
         )
         self.evaluator = EvaluatorActor.options(**actor_options(ev)).remote(
-            cfg.data.task, test.x, test.y, cfg.evaluation.batch_size, int(ev.num_cpus)
+            self.task_ref, test.x, test.y, cfg.evaluation.batch_size, int(ev.num_cpus)
         )
         # Once, to know both are placed; after each round the placement rides on the round's results.
         for role, actor, section in (
@@ -331,7 +338,7 @@ class Experiment:
         """The static part of every client's message."""
         cfg = self.config
         return {
-            "task": cfg.data.task,
+            "task": self.task_ref,
             "shard_dir": str(self.shard_dir),
             "seed": cfg.seed,
             "local_test_fraction": cfg.data.local_test_fraction,

@@ -150,15 +150,19 @@ class Registry(Generic[T]):
         return self._accept(obj, where)
 
     def origin(self, spec: str) -> str | None:
-        """The module a fresh process must import for ``spec`` to resolve there, or None when it
-        resolves anyway (a built-in, an import path, an entry point).
+        """The module a fresh process must import for ``spec`` to resolve there (a name this
+        process registered, or the module of an import path), or None when nothing needs
+        importing (a built-in, an entry point).
 
         A name registered from ``__main__`` (the script being run) cannot be imported by another
         process: that is a PluginError saying how to fix it.
         """
-        if spec not in self._entries or spec in self._entry_points():
+        if ":" in spec:
+            module = spec.partition(":")[0]
+        elif spec not in self._entries or spec in self._entry_points():
             return None
-        module = getattr(self._entries[spec], "__module__", None) or ""
+        else:
+            module = getattr(self._entries[spec], "__module__", None) or ""
         if module.startswith(BUILTIN_PREFIX) or module == "fedmerge":
             return None
         if module == "__main__":

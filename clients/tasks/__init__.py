@@ -28,6 +28,7 @@ __all__ = [
     "DataError",
     "Task",
     "TaskSpec",
+    "as_task",
     "available_tasks",
     "create_task",
     "get_task",
@@ -151,6 +152,18 @@ class TaskSpec:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def as_task(task: Task | TaskSpec | Mapping[str, Any] | str) -> Task:
+    """A Task from what crosses processes: a Task as is, a TaskSpec or its ``to_dict`` output
+    built (plug-in modules imported first), a bare name created without parameters."""
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, TaskSpec):
+        return task.build()
+    if isinstance(task, (Mapping, str)):
+        return TaskSpec.from_dict(task).build()
+    raise TypeError(f"expected a Task, a TaskSpec or a task name, got {type(task).__name__}")
 
 
 register_task(FashionMNIST)
