@@ -21,24 +21,34 @@ Two families, applied by ``fedmerge.clients.app`` to the chosen clients only:
 (``federation.validation``) refuses a count above the client's shard size, so an inflation that
 exceeds the shard is rejected there rather than reaching the aggregator.
 
+A kind of one's own is an ``Attack`` subclass found like any plug-in (``fedmerge.plugins``): a
+name registered with ``@register_attack``, a ``module:Class`` path, or an entry point of the
+``fedmerge.attacks`` group; its own settings go in ``[attack.params]``, checked against its
+``Params``. The built-in kinds keep their fields of ``[attack]``.
+
 Everything random is seeded from the attack seed and the client (its id, or its seed of the
 round), so the same run config gives the same attack. Pure NumPy and torch: no flwr or ray.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from fedmerge.aggregators.params import ParamSpec, check_fields, describe, hyperparameter
+from fedmerge.aggregators.params import ParamSpec, check, check_fields, describe, hyperparameter
 from fedmerge.clients.tasks.base import ArrayData
+from fedmerge.plugins import PluginError, Registry
 
 __all__ = [
+    "ATTACKS",
     "ATTACK_KINDS",
+    "Attack",
     "DATA_ATTACKS",
     "MODEL_ATTACKS",
     "AttackConfig",
@@ -48,6 +58,7 @@ __all__ = [
     "client_attack",
     "is_malicious",
     "malicious_clients",
+    "register_attack",
     "reported_count",
     "summary",
 ]
@@ -60,14 +71,93 @@ ATTACK_KINDS = ("none", *MODEL_ATTACKS, *DATA_ATTACKS, "inflate")
 _STREAM_CHOICE, _STREAM_DATA, _STREAM_MODEL = 0xA77AC, 0xDA7A, 0x30DE1
 
 
+class Attack:
+    """A kind of misbehaviour of one's own. A malicious client calls ``poison_data`` on its
+    training data before it trains and ``poison_state`` on its weights after (each leaves its
+    input alone unless overridden). ``rng`` / ``generator`` are seeded from the attack seed and
+    the client (data: its id; weights: its seed of the round). Settings are a frozen ``Params``
+    dataclass of ``hyperparameter`` fields, set in ``[attack.params]`` and checked into
+    ``self.params``."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type | None] = None
+
+    def __init__(self, **params: Any) -> None:
+        label = f"attack {self.name or type(self).__qualname__!r}"
+        if type(self).Params is None:
+            if params:
+                raise TypeError(f"{label} takes no parameters; got {', '.join(sorted(params))}")
+            self.params: Any = None
+        else:
+            self.params = check(label, type(self).Params, params)
+
+    def poison_data(
+        self, data: ArrayData, *, num_classes: int, rng: np.random.Generator
+    ) -> ArrayData:
+        return data
+
+    def poison_state(
+        self,
+        state: Mapping[str, torch.Tensor],
+        global_state: Mapping[str, torch.Tensor],
+        *,
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor]:
+        return dict(state)
+
+
+def _checked_attack(obj: Any, where: str) -> type[Attack]:
+    if not (isinstance(obj, type) and issubclass(obj, Attack)) or inspect.isabstract(obj):
+        raise PluginError(f"{where} is {obj!r}, not a concrete fedmerge.clients.attacks.Attack")
+    return obj
+
+
+ATTACKS: Registry[type[Attack]] = Registry(
+    "attack",
+    "fedmerge.attacks",
+    accept=_checked_attack,
+    how_to=(
+        "Built-in kinds: " + ", ".join(ATTACK_KINDS) + ". To plug one in: decorate an Attack "
+        'subclass with @register_attack("name") in a module listed in [run] plugins, give its '
+        'import path "package.module:Class", or expose it under the entry-point group '
+        '"fedmerge.attacks"; its settings go in [attack.params].'
+    ),
+)
+
+
+def register_attack(name: str):
+    """Class decorator: make an ``Attack`` subclass the attack kind ``name``."""
+
+    def decorator(cls: type[Attack]) -> type[Attack]:
+        if name in ATTACK_KINDS:
+            raise ValueError(f"attack kind {name!r} is built in; choose another name")
+        ATTACKS.add(name, cls)
+        if not cls.name:
+            cls.name = name
+        return cls
+
+    return decorator
+
+
+def plugin_attack(config: AttackConfig) -> Attack | None:
+    """The ``Attack`` a plug-in kind names, built with ``[attack.params]``; None for a built-in."""
+    if config.kind in ATTACK_KINDS:
+        return None
+    cls = ATTACKS.resolve(config.kind)
+    try:
+        return cls(**config.params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"params: {exc}") from None
+
+
 @dataclass(frozen=True)
 class AttackConfig:
     """Which clients misbehave and how; ``kind = "none"`` (the default) simulates no attack."""
 
     kind: str = hyperparameter(
         "none",
-        "none | noise | sign_flip | label_flip | noisy_labels | tiny | inflate",
-        choices=ATTACK_KINDS,
+        "none | noise | sign_flip | label_flip | noisy_labels | tiny | inflate, or a plug-in "
+        "Attack (registered name, module:Class, fedmerge.attacks entry point)",
     )
     fraction: float = hyperparameter(
         0.0,
@@ -93,11 +183,29 @@ class AttackConfig:
     count_factor: float = hyperparameter(
         1.0, "malicious clients report this many times their example count (any kind)", gt=0
     )
+    params: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"doc": "a plug-in kind's own settings, checked against its Params"},
+    )
 
     def __post_init__(self) -> None:
         # The message starts with the field's name: the config parser puts "attack." before it.
         for name, value in check_fields("", self).items():
             object.__setattr__(self, name, value)
+        if not isinstance(self.params, Mapping):
+            raise ValueError(f"params must be a table, got {type(self.params).__name__}")
+        object.__setattr__(self, "params", dict(self.params))
+        if self.kind in ATTACK_KINDS:
+            if self.params:
+                raise ValueError(
+                    f"params is only for a plug-in attack kind; {self.kind!r} is built in "
+                    "(its settings are fields of [attack])"
+                )
+        else:
+            try:
+                plugin_attack(self)  # resolves the kind and checks its params
+            except PluginError as exc:
+                raise ValueError(f"kind: {exc}") from None
         if self.kind == "inflate" and self.count_factor == 1.0:
             raise ValueError(
                 "count_factor=1.0 is invalid for kind 'inflate': it must differ from 1 "
@@ -133,15 +241,27 @@ def attack_params(kind: str | None = None) -> list[ParamSpec]:
     specs = describe(AttackConfig)
     if kind is None:
         return specs
+    specific = {name for names in ATTACK_SPECIFIC.values() for name in names}
+    if kind not in ATTACK_SPECIFIC and kind in ATTACKS.available() or ":" in kind:
+        cls = ATTACKS.resolve(kind)
+        own = [] if cls.Params is None else describe(cls.Params)
+        common = [s for s in specs if s.name not in specific and s.name != "params"]
+        return common + [dataclasses.replace(s, name=f"params.{s.name}") for s in own]
     if kind not in ATTACK_SPECIFIC:
         import difflib
 
         close = difflib.get_close_matches(kind, ATTACK_KINDS, n=1) if len(kind) <= 100 else []
         hint = f" Did you mean {close[0]!r}?" if close else ""
         shown = repr(kind) if len(kind) <= 80 else f"{kind[:80]!r}... ({len(kind):,} characters)"
-        raise ValueError(f"unknown attack kind {shown}.{hint} Available: {', '.join(ATTACK_KINDS)}")
-    specific = {name for names in ATTACK_SPECIFIC.values() for name in names}
-    return [s for s in specs if s.name not in specific or s.name in ATTACK_SPECIFIC[kind]]
+        raise ValueError(
+            f"unknown attack kind {shown}.{hint} Available: "
+            f"{', '.join([*ATTACK_KINDS, *ATTACKS.available()])}"
+        )
+    return [
+        s
+        for s in specs
+        if (s.name not in specific or s.name in ATTACK_SPECIFIC[kind]) and s.name != "params"
+    ]
 
 
 def malicious_clients(seed: int, num_clients: int, fraction: float) -> list[int]:
@@ -171,6 +291,10 @@ def attack_data(
 
     Seeded by (attack seed, client id) only, so a client's poisoned data are the same every round.
     """
+    plugin = plugin_attack(config)
+    if plugin is not None:
+        rng = np.random.default_rng([config.seed, _STREAM_DATA, client_id])
+        return plugin.poison_data(data, num_classes=num_classes, rng=rng)
     if config.kind not in DATA_ATTACKS:
         return data
     if num_classes < 2:
@@ -200,6 +324,12 @@ def attack_state(
     Only floating tensors change; integer buffers (step counters) are sent as trained. ``seed``
     is the client's seed for the round, so the noise differs between rounds and clients.
     """
+    plugin = plugin_attack(config)
+    if plugin is not None:
+        generator = torch.Generator().manual_seed(
+            int(np.random.default_rng([config.seed, _STREAM_MODEL, seed]).integers(2**63))
+        )
+        return dict(plugin.poison_state(state, global_state, generator=generator))
     out = dict(state)
     if config.kind not in MODEL_ATTACKS:
         return out

@@ -119,6 +119,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KIND",
         help="list the [attack] parameters a kind reads (see attack.kind)",
     )
+    p.add_argument(
+        "--task",
+        default=None,
+        metavar="NAME",
+        help="list one task's parameters ([data.task_params] keys): type, default, meaning",
+    )
+    p.add_argument(
+        "--plugins",
+        default="",
+        metavar="MODULES",
+        help="comma-separated modules or .py files to import first (as [run] plugins), so the "
+        "names they register are listed",
+    )
     return parser
 
 
@@ -159,11 +172,17 @@ def _fail(message: str, args: argparse.Namespace) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from fedmerge.federation.config import load_config
+    from fedmerge.federation.config import ConfigError, load_config
 
     if args.command == "list":
-        if args.aggregator is not None or args.attack is not None:
-            return _list_params(args.aggregator, args.attack)
+        from fedmerge.plugins import PluginError, import_plugins
+
+        try:
+            import_plugins([p.strip() for p in args.plugins.split(",") if p.strip()])
+        except PluginError as err:
+            raise ConfigError(str(err)) from None
+        if args.aggregator is not None or args.attack is not None or args.task is not None:
+            return _list_params(args.aggregator, args.attack, args.task)
         return _list(args.fields)
     if args.command == "report":
         from fedmerge.federation.results import RunDir, format_run_report, plot_curves
@@ -251,8 +270,8 @@ def _list(fields: bool) -> int:
     return 0
 
 
-def _list_params(aggregator: str | None, attack: str | None) -> int:
-    """Print the declared hyperparameters of an aggregator and/or an attack kind, one a line."""
+def _list_params(aggregator: str | None, attack: str | None, task: str | None = None) -> int:
+    """Print the declared parameters of an aggregator, an attack kind and/or a task, one a line."""
     from fedmerge.aggregators.params import format_specs
     from fedmerge.aggregators.registry import aggregator_params
     from fedmerge.clients.attacks import attack_params
@@ -266,6 +285,10 @@ def _list_params(aggregator: str | None, attack: str | None) -> int:
             )
         if attack is not None:
             blocks.append((f"attack {attack!r} ([attack] keys)", attack_params(attack)))
+        if task is not None:
+            from fedmerge.clients.tasks import task_params
+
+            blocks.append((f"task {task!r} ([data.task_params] keys)", task_params(task)))
     except ValueError as err:  # an unknown name: one line with its "did you mean", exit status 2
         raise ConfigError(str(err)) from None
     for i, (title, specs) in enumerate(blocks):

@@ -518,6 +518,7 @@ class ExperimentConfig:
             ("run", "callbacks"),
             ("data", "task_params"),
             ("data", "partitioner_params"),
+            ("attack", "params"),
         ):
             if not raw[section][key]:
                 del raw[section][key]
@@ -588,6 +589,10 @@ def parse_config(raw: Mapping[str, Any], source: str = "config") -> ExperimentCo
     """Build and validate an ExperimentConfig from plain data (e.g. parsed TOML)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a table of settings, got {type(raw).__name__}")
+    if (
+        "run" in raw
+    ):  # the plug-ins first: sections that check themselves may name what they register
+        _build(RunConfig, raw["run"], prefix="run.").validate()
     config = _build(ExperimentConfig, raw, prefix="")
     config.validate()
     return config

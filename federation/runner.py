@@ -234,6 +234,7 @@ def pin_plugins(config: ExperimentConfig) -> ExperimentConfig:
     the path elsewhere), a module inside a package by name. A plug-in registered by the script
     being run is a ConfigError saying how to move it."""
     from fedmerge.aggregators.registry import AGGREGATORS
+    from fedmerge.clients.attacks import ATTACK_KINDS, ATTACKS
     from fedmerge.clients.partition import PARTITIONERS
     from fedmerge.clients.tasks import TASKS
     from fedmerge.plugins import PluginError
@@ -243,6 +244,11 @@ def pin_plugins(config: ExperimentConfig) -> ExperimentConfig:
         ("data.task", TASKS, config.data.task),
         ("aggregator.name", AGGREGATORS, config.aggregator.name),
         ("data.partitioner", PARTITIONERS, config.data.partitioner),
+        *(
+            [("attack.kind", ATTACKS, config.attack.kind)]
+            if config.attack.kind not in ATTACK_KINDS
+            else []
+        ),
     ):
         try:
             module = registry.origin(spec)

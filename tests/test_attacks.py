@@ -176,3 +176,33 @@ def test_server_validation_set_is_held_out_and_seeded() -> None:
     assert not np.array_equal(hold_out(data, 100, seed=5)[1].x, held.x)
     with pytest.raises(ValueError, match="server_val_size"):
         hold_out(data, 500, seed=0)
+
+
+# ---- an attack of one's own -----------------------------------------------------------------
+
+
+def test_a_plug_in_attack_poisons_data_and_state_with_its_checked_params():
+    import tests.plugins.user_attack  # noqa: F401  (registers "one_class_boost")
+    from fedmerge.clients.attacks import attack_params
+
+    config = AttackConfig(kind="one_class_boost", fraction=0.5, params={"label": 2, "scale": 2})
+    data = ArrayData(np.zeros((6, 3), np.float32), np.arange(6) % 3)
+    poisoned = attack_data(config, data, num_classes=3, client_id=1)
+    assert poisoned.y.tolist() == [2] * 6 and poisoned.x is data.x
+    received = {"w": torch.ones(2), "n": torch.tensor(4)}
+    sent = attack_state(
+        config, {"w": torch.tensor([2.0, 0.0]), "n": torch.tensor(5)}, received, seed=3
+    )
+    assert sent["w"].tolist() == [3.0, -1.0] and sent["n"].item() == 5  # 1 + 2 * (w - 1)
+    names = [s.name for s in attack_params("one_class_boost")]
+    assert "params.label" in names and "params.scale" in names and "noise_std" not in names
+    with pytest.raises(ValueError, match=r"params: attack 'one_class_boost': scale=0 is invalid"):
+        AttackConfig(kind="one_class_boost", params={"scale": 0})
+    with pytest.raises(ValueError, match="params is only for a plug-in attack kind"):
+        AttackConfig(kind="noise", params={"scale": 2})
+    with pytest.raises(ValueError, match=r"kind: unknown attack 'one_class_bost'\. Did you mean"):
+        AttackConfig(kind="one_class_bost")
+    with pytest.raises(ValueError, match="is built in"):
+        from fedmerge.clients.attacks import Attack, register_attack
+
+        register_attack("noise")(type("Shadow", (Attack,), {}))

@@ -231,6 +231,46 @@ def test_materialize_reuses_the_cache(digits, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
+def test_the_cache_keys_on_the_examples_not_only_their_labels(digits, tmp_path):
+    """Two data sets with the same labels, size and shape but other features get their own
+    shards: the second never trains on the first's (the key hashes every byte of x)."""
+    task = get_task("digits")
+    args = dict(
+        task=task,
+        num_clients=4,
+        scheme="dirichlet",
+        seed=3,
+        params={"alpha": 0.5},
+        cache_dir=tmp_path,
+    )
+    first = materialize_shards(data=digits, **args)
+    other = ArrayData(
+        np.ascontiguousarray(digits.x[:, ::-1]), digits.y
+    )  # same labels, new features
+    second = materialize_shards(data=other, **args)
+    assert second != first
+    nudged = digits.x.copy()
+    nudged.reshape(-1)[-1] += 1  # one byte of the last example
+    assert materialize_shards(data=ArrayData(nudged, digits.y), **args) not in (first, second)
+    parts = partition(digits.y, 4, "dirichlet", 3, alpha=0.5)
+    for i, rows in enumerate(parts):
+        assert np.array_equal(open_shard(shard_path(second, i)).x, other.x[rows])
+        assert np.array_equal(open_shard(shard_path(first, i)).x, digits.x[rows])
+
+
+def test_task_parameters_are_part_of_the_cache_key(digits, tmp_path):
+    from fedmerge.clients.partition import _shards_key
+
+    base = dict(scheme="iid", params={}, num_clients=3, seed=0, data=digits)
+    a = _shards_key(
+        "example_iris", fingerprint=get_task("example_iris", {"hidden": 4}).fingerprint(), **base
+    )
+    b = _shards_key(
+        "example_iris", fingerprint=get_task("example_iris", {"hidden": 5}).fingerprint(), **base
+    )
+    assert a != b and a.startswith("example_iris-iid-3c-s0-")
+
+
 def test_materialize_rewrites_an_incomplete_set(digits, tmp_path):
     task = get_task("digits")
     args = dict(

@@ -56,3 +56,36 @@ def test_import_path_and_entry_point_through_compare(tmp_path, ray_address):
     best = _aggregator_metric(outcome.runs[path_route], "best_client")
     assert len(best) == 2 and all(c in (0.0, 1.0, 2.0) for c in best)
     assert len(_aggregator_metric(outcome.runs["example_plugin"], "trimmed_each_side")) == 2
+
+
+def test_a_registered_attack_of_ones_own_runs_in_every_malicious_client(tmp_path, ray_address):
+    """A user's Attack, named by the name it registers and found by the clients through
+    run.plugins: the malicious clients' updates are ten times an honest one's (their
+    update_norm says so in round 1) and their labels all 0 (so they fit their data perfectly)."""
+    config = digits_config(
+        tmp_path,
+        "run.plugins=['tests.plugins.user_attack']",
+        "attack.kind=one_class_boost",
+        "attack.fraction=0.34",
+        "attack.params={label = 0, scale = 10.0}",
+        "federation.max_update_norm_ratio=0",
+    )
+    run = run_experiment(config, address=ray_address, progress=lambda _: None).run_dir
+    (bad,) = _malicious(run)
+    table = run.metrics().to_pylist()
+    norms = {
+        (r["round"], r["client_id"]): r["value"] for r in table if r["metric"] == "update_norm"
+    }
+    accuracy = {
+        (r["round"], r["client_id"]): r["value"] for r in table if r["metric"] == "train_accuracy"
+    }
+    # Round 1 starts from the same model for everyone: the boosted update stands out.
+    honest = [v for (r, c), v in norms.items() if r == 1 and c != bad]
+    assert norms[(1, bad)] > 3 * max(honest), norms
+    assert accuracy[(1, bad)] == accuracy[(2, bad)] == 1.0  # one label: trivially fit
+
+
+def _malicious(run):
+    import json
+
+    return json.loads((run.path / "attack.json").read_text())["malicious_clients"]

@@ -284,3 +284,18 @@ def test_an_installed_packages_task_runs_through_its_entry_point(tmp_path):
     accuracy = _accuracy(outcome.run_dir.path)
     assert len(accuracy) == 2 and accuracy[-1] > 0.6, accuracy
     assert np.isfinite(accuracy).all()
+
+
+def test_fedmerge_list_shows_a_tasks_parameters_and_imports_plugins_first(
+    tmp_path, capsys, isolated_tasks
+):
+    from fedmerge.federation.cli import main
+
+    assert main(["list", "--task", "example_iris"]) == 0
+    out = capsys.readouterr().out
+    assert "[data.task_params] keys" in out and "hidden" in out and ">= 1" in out
+    path = _write_task(tmp_path, "wine_user_f")
+    assert main(["list", "--plugins", str(path)]) == 0
+    assert "wine_user" in capsys.readouterr().out.split("tasks:")[1].splitlines()[0]
+    assert main(["list", "--plugins", str(tmp_path / "none.py")]) == 2
+    assert "none.py' is not a file" in capsys.readouterr().err
