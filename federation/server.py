@@ -278,6 +278,7 @@ class Experiment:
         self.shard_sizes = [int(n) for n in load_manifest(self.shard_dir)["counts"]]
         torch.manual_seed(cfg.seed)
         self.initial_state = get_state(task.build_model())
+        task.check_model(list(self.initial_state))
         if self.resume is not None:
             self._check_resume(self.resume)
 

@@ -299,3 +299,16 @@ def test_fedmerge_list_shows_a_tasks_parameters_and_imports_plugins_first(
     assert "wine_user" in capsys.readouterr().out.split("tasks:")[1].splitlines()[0]
     assert main(["list", "--plugins", str(tmp_path / "none.py")]) == 2
     assert "none.py' is not a file" in capsys.readouterr().err
+
+
+def test_a_models_heads_must_match_the_tasks_it_declares():
+    from fedmerge.clients.tasks import DataError
+
+    multi = create_task("text_multitask")
+    multi.check_model(["encoder.w", "heads.0.weight", "heads.1.weight", "heads.2.bias"])
+    with pytest.raises(DataError, match=r"declares 3 tasks .* no parameters under heads\.1\."):
+        multi.check_model(["encoder.w", "heads.0.weight", "heads.2.weight"])
+    single = create_task("digits")
+    single.check_model(["conv.weight", "head.weight"])
+    with pytest.raises(DataError, match=r"declares no task_names but its model has per-task heads"):
+        single.check_model(["heads.0.weight"])

@@ -106,6 +106,32 @@ class Task(ABC):
         tasks = np.unique(index) if index is not None else np.array([])
         return int(tasks[0]) if len(tasks) == 1 else -1
 
+    def check_model(self, keys: list[str] | tuple[str, ...]) -> None:
+        """Check the model's parameter names (``keys``) against the declarations above: a
+        multi-task model needs a ``heads.<t>.`` head for every task t, and a one-task model must
+        not have ``heads.<t>.`` keys (merges would keep them apart per task id it never sends).
+        A DataError names the task and the fix."""
+        heads = {
+            int(k.split(".")[1])
+            for k in keys
+            if k.startswith("heads.") and k.split(".")[1].isdigit()
+        }
+        label = f"task {self.name or type(self).__qualname__!r}"
+        if self.is_multi_task:
+            missing = [t for t in range(len(self.task_names)) if t not in heads]
+            if missing:
+                raise DataError(
+                    f"{label} declares {len(self.task_names)} tasks ({', '.join(self.task_names)}) "
+                    f"but its model has no parameters under heads.{missing[0]}.: a multi-task model "
+                    "keeps task t's head as heads.<t> (an nn.ModuleList named heads), so merges "
+                    "keep each head per task"
+                )
+        elif heads:
+            raise DataError(
+                f"{label} declares no task_names but its model has per-task heads "
+                f"(heads.{min(heads)}.*): declare task_names and task_index, or rename the module"
+            )
+
     def portable_params(self) -> dict[str, Any]:
         """The parameters as another process needs them (Ray workers, ``fedmerge resume`` from
         another folder): a task with file parameters makes relative paths absolute here. The
