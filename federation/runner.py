@@ -239,7 +239,10 @@ def pin_plugins(config: ExperimentConfig) -> ExperimentConfig:
     from fedmerge.clients.tasks import TASKS
     from fedmerge.plugins import PluginError
 
-    plugins = list(config.run.plugins)
+    # A file is listed by its absolute path: a resume may start from another folder.
+    plugins = [
+        str(Path(p).expanduser().resolve()) if p.endswith(".py") else p for p in config.run.plugins
+    ]
     for key, registry, spec in (
         ("data.task", TASKS, config.data.task),
         ("aggregator.name", AGGREGATORS, config.aggregator.name),

@@ -266,15 +266,22 @@ class Experiment:
         self.attack = attack_summary(cfg.attack, cfg.data.num_clients)
         (self.run_dir.path / "attack.json").write_text(json.dumps(self.attack, indent=1))
         cache_dir = Path(cfg.data.cache_dir or cfg.output.root_path / "_shards").resolve()
-        self.shard_dir = materialize_shards(
-            task,
-            train,
-            cfg.data.num_clients,
-            cfg.data.partitioner,
-            cfg.seed,
-            partition_params(cfg.data),
-            cache_dir,
-        )
+        try:
+            self.shard_dir = materialize_shards(
+                task,
+                train,
+                cfg.data.num_clients,
+                cfg.data.partitioner,
+                cfg.seed,
+                partition_params(cfg.data),
+                cache_dir,
+            )
+        except ValueError as err:  # the data cannot be split as configured: a config problem
+            raise ConfigError(
+                f"data.partitioner = {cfg.data.partitioner!r} cannot split the "
+                f"{len(train):,} training examples over data.num_clients = {cfg.data.num_clients}: "
+                f"{err}"
+            ) from err
         self.shard_sizes = [int(n) for n in load_manifest(self.shard_dir)["counts"]]
         torch.manual_seed(cfg.seed)
         self.initial_state = get_state(task.build_model())
