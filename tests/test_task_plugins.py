@@ -254,11 +254,15 @@ def test_a_users_task_by_import_path_runs_everywhere_and_resumes_in_a_fresh_proc
 
 
 @pytest.mark.slow
-def test_a_registered_task_listed_in_run_plugins_runs_from_the_command_line(tmp_path):
-    """No code at all on the user's side beyond the task file: `fedmerge run` with the file in
-    run.plugins and the task's registered name."""
-    path = _write_task(tmp_path, "wine_user_e")
-    sets = _overrides(tmp_path, "data.task=wine_user", f"run.plugins=[{str(path)!r}]")
+def test_the_documented_task_file_runs_from_the_command_line_through_run_plugins(tmp_path):
+    """No code on the user's side beyond the task file: `fedmerge run` with
+    experiments/wine_task.py in run.plugins and the name it registers (the README's command)."""
+    sets = _overrides(
+        tmp_path,
+        f"run.plugins=[{str(ROOT / 'experiments' / 'wine_task.py')!r}]",
+        "data.task=wine",
+        "data.task_params.hidden=32",
+    )
     command = [
         sys.executable,
         "-m",
@@ -273,6 +277,19 @@ def test_a_registered_task_listed_in_run_plugins_runs_from_the_command_line(tmp_
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("digits-e2e")]
     accuracy = _accuracy(run)
     assert len(accuracy) == 2 and accuracy[-1] > 0.6, accuracy
+
+
+def test_the_documented_task_is_the_shipped_file():
+    import re
+
+    shipped = (ROOT / "experiments" / "wine_task.py").read_text()
+    (block,) = [
+        b
+        for b in re.findall(
+            r"```python\n(.*?)```", (ROOT / "docs" / "plugins.md").read_text(), re.S
+        )
+    ]
+    assert shipped.endswith(block) and "class Wine(Task)" in block
 
 
 @pytest.mark.slow
