@@ -329,3 +329,29 @@ def test_a_models_heads_must_match_the_tasks_it_declares():
     single.check_model(["conv.weight", "head.weight"])
     with pytest.raises(DataError, match=r"declares no task_names but its model has per-task heads"):
         single.check_model(["heads.0.weight"])
+
+
+def test_a_partitioner_by_import_path_takes_its_own_params(tmp_path):
+    from fedmerge.federation.server import partition_params
+
+    spec = "tests.plugins.user_partitioner:sorted_blocks"
+    config = parse_config_with(
+        tmp_path, f"data.partitioner={spec!r}", "data.partitioner_params.overlap=0"
+    )
+    assert partition_params(config.data) == {"overlap": 0}
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.partitioner_params\.overlab is not a parameter .*did you mean 'overlap'",
+    ):
+        parse_config_with(
+            tmp_path, f"data.partitioner={spec!r}", "data.partitioner_params.overlab=1"
+        )
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.partitioner: unknown partitioner 'dirichelt'\. Did you mean 'dirichlet'",
+    ):
+        parse_config_with(tmp_path, "data.partitioner=dirichelt")
+    dirichlet = parse_config_with(
+        tmp_path, "data.alpha=0.3", "data.partitioner_params.min_partition_size=7"
+    )
+    assert partition_params(dirichlet.data) == {"alpha": 0.3, "min_partition_size": 7}
