@@ -570,8 +570,8 @@ def load_manifest(shard_dir: Path) -> dict[str, Any]:
 
 def content_digest(array: np.ndarray) -> str:
     """A hash of an array's dtype, shape and every byte: two data sets share a shard folder only
-    when their examples are the same. BLAKE2b reads about 1 GB/s, so 47 MB of Fashion-MNIST costs
-    tens of milliseconds; the array is hashed in 64 MiB slices, never copied whole."""
+    when their examples are the same. Fashion-MNIST's 47 MB hash in about 0.1 s on a 2-core
+    machine, once a run; a contiguous array is hashed in 64 MiB slices, never copied whole."""
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     digest = hashlib.blake2b(f"{array.dtype.str}{array.shape}".encode(), digest_size=20)
     step = 64 << 20
