@@ -18,6 +18,7 @@ One run's lifecycle, the same in a simulation and a Flower deployment:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -226,11 +227,6 @@ class Experiment:
         cfg = self.config
         needs = check_needs(cfg)
         task = cfg.task_spec.build()
-        # What other processes build the task from: the plug-in modules to import, and the
-        # parameters with relative paths made absolute (a Ray worker's cwd may differ).
-        self.task_ref = TaskSpec(
-            cfg.data.task, task.portable_params(), tuple(cfg.run.plugins)
-        ).to_dict()
         data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else None
         train, test = task.load("train", data_dir), task.load("test", data_dir)
         train, test = (
@@ -341,6 +337,15 @@ class Experiment:
                 f"checkpoint file {checkpoint.path / 'global.safetensors'} does not fit the "
                 f"{self.config.data.task} model: keys, shapes or dtypes differ"
             )
+
+    @functools.cached_property
+    def task_ref(self) -> dict[str, Any]:
+        """What other processes build the task from (``TaskSpec.to_dict()``): the plug-in modules
+        to import, and the parameters with relative paths made absolute (a Ray worker's cwd may
+        differ from the driver's)."""
+        cfg = self.config
+        task = cfg.task_spec.build()
+        return TaskSpec(cfg.data.task, task.portable_params(), tuple(cfg.run.plugins)).to_dict()
 
     def run_config(self) -> dict[str, Any]:
         """The static part of every client's message."""
