@@ -157,3 +157,8 @@ register_task(FashionMNIST)
 register_task(Digits)
 for _text_task in (WordNetNouns, WordNetVerbs, RottenTomatoes, TextMultiTask):
     register_task(_text_task)
+
+# The generic tasks: your own files, configured in [data.task_params].
+from fedmerge.clients.tasks.tabular import Tabular  # noqa: E402
+
+register_task(Tabular)
