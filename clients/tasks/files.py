@@ -146,6 +146,13 @@ def stamp(path: Path) -> tuple[int, int, int]:
     )
 
 
+def _unreadable(path: str, format: str, exc: Exception) -> str:
+    return (
+        f"{path} cannot be read as {format} ({type(exc).__name__}: {exc}); check the file, "
+        "or set format if its suffix misleads"
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def read_source(path: str, format: str, _stamp: tuple[int, int, int]) -> dict[str, Any]:
     """The splits of a source as ``datasets.Dataset`` objects by name, cached per process
@@ -175,11 +182,12 @@ def read_source(path: str, format: str, _stamp: tuple[int, int, int]) -> dict[st
                 )
     except DataError:
         raise
+    except ValueError as exc:
+        if "corresponds to no data" not in str(exc):  # datasets' word for a file of no rows
+            raise DataError(_unreadable(path, format, exc)) from exc
+        raise DataError(f"{path}: the train split has no rows (the file holds none)") from exc
     except Exception as exc:  # any parser error: the file is not what its format says
-        raise DataError(
-            f"{path} cannot be read as {format} ({type(exc).__name__}: {exc}); check the file, "
-            "or set format if its suffix misleads"
-        ) from exc
+        raise DataError(_unreadable(path, format, exc)) from exc
     finally:
         if bars_were_on:
             datasets.utils.enable_progress_bars()
@@ -242,7 +250,7 @@ def _raw_labels(dataset: Any, name: str, path: Path, split: str) -> np.ndarray:
         bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
         if len(bad):
             raise DataError(
-                f"{path}: label column {name!r} holds the non-integer value {values[bad[0]]!r} "
+                f"{path}: label column {name!r} holds the non-integer value {float(values[bad[0]])!r} "
                 f"(row {int(bad[0])} of the {split} split); labels must be integers 0..C-1 or "
                 "strings (class names)"
             )

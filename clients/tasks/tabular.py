@@ -98,6 +98,7 @@ def _numeric(source: LabeledSource, split: str, name: str) -> np.ndarray:
     kind = column.type
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
         example = next((v for v in column.to_pylist() if v is not None), None)
+        kind = "string" if pa.types.is_large_string(kind) else kind
         raise DataError(
             f"{source.path}: feature column {name!r} has type {kind} (e.g. {example!r}); tabular "
             "takes numbers only: encode it as numbers, or leave it out of feature_columns"
