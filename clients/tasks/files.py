@@ -480,8 +480,7 @@ class FileTask(Task):
     multi-task when there are several (rows then carry their task index in column 0)."""
 
     Params: Any = FileParams
-    feature_columns_param: str = ""
-    multi_task_ok: bool = True
+    multi_task_ok: bool = True  # False: one file only (hf_image_classification)
 
     def __init__(self, **params: Any) -> None:
         if isinstance(params.get("files"), str):  # a single path given as a string
