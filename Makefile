@@ -8,6 +8,7 @@ DATA_DIR ?= data
 FMNIST   := $(DATA_DIR)/fashion-mnist
 WORDNET  := $(DATA_DIR)/wordnet
 ROTTEN   := $(DATA_DIR)/rotten_tomatoes
+OWN      := $(DATA_DIR)/own
 PYTEST_ARGS ?=
 
 export FLWR_TELEMETRY_ENABLED=0
@@ -74,7 +75,22 @@ $(ROTTEN)/.fetched:
 	  && rm -rf $$tmp
 	touch $@
 
-data: $(FMNIST)/.fetched $(WORDNET)/.fetched $(ROTTEN)/.fetched
+# Files "of your own" for the generic tasks (experiments/tabular_csv.toml, hf_text_csv.toml):
+# scikit-learn's bundled wine table and 3,000 of the Rotten Tomatoes snippets above, as CSVs.
+$(OWN)/.made: $(BIN)/.installed $(ROTTEN)/.fetched
+	mkdir -p $(OWN)
+	$(BIN)/python -c "import csv, sys; from sklearn.datasets import load_wine; w = load_wine(); \
+	  out = csv.writer(open(sys.argv[1], 'w', newline='')); out.writerow([*w.feature_names, 'cultivar']); \
+	  out.writerows([*map(float, x), w.target_names[t]] for x, t in zip(w.data, w.target))" \
+	  $(OWN)/wine.csv
+	$(BIN)/python -c "import bz2, csv, sys; rows = csv.DictReader(bz2.open(sys.argv[1], 'rt', encoding='utf-8')); \
+	  rows = [r for r in rows if r['category'] in ('fresh', 'rotten')][:3000]; \
+	  out = csv.writer(open(sys.argv[2], 'w', newline='', encoding='utf-8')); out.writerow(['text', 'label']); \
+	  out.writerows([' '.join(r['text'].split()), r['category']] for r in rows)" \
+	  $(ROTTEN)/rotten_tomatoes_corpus.csv.bz2 $(OWN)/rotten.csv
+	touch $@
+
+data: $(FMNIST)/.fetched $(WORDNET)/.fetched $(ROTTEN)/.fetched $(OWN)/.made
 
 demo: install data
 	$(BIN)/fedmerge run experiments/fashion_mnist_fedavg.toml

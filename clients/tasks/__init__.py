@@ -170,3 +170,12 @@ register_task(FashionMNIST)
 register_task(Digits)
 for _text_task in (WordNetNouns, WordNetVerbs, RottenTomatoes, TextMultiTask):
     register_task(_text_task)
+
+# The generic tasks: your own files, configured in [data.task_params].
+from fedmerge.clients.tasks.hf_image import HFImageClassification  # noqa: E402
+from fedmerge.clients.tasks.hf_text import HFTextClassification  # noqa: E402
+from fedmerge.clients.tasks.tabular import Tabular  # noqa: E402
+
+register_task(Tabular)
+register_task(HFTextClassification)
+register_task(HFImageClassification)

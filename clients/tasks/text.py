@@ -33,6 +33,7 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from fedmerge.clients.tasks.base import ArrayData, DataError, Task, data_roots
 __all__ = [
     "MAX_LEN",
     "NEG",
+    "POOLINGS",
     "MultiTaskTextClassifier",
     "RottenTomatoes",
     "TextClassifier",
@@ -199,27 +201,46 @@ def token_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
             module.token_mask = None
 
 
-class TextClassifier(nn.Module):
-    """encoder (BERT) -> mean over non-padding tokens -> linear head. Input: token ids (B, L)."""
+POOLINGS = ("mean", "cls")
 
-    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+
+def _takes_token_types(encoder: nn.Module) -> bool:
+    return "token_type_ids" in inspect.signature(encoder.forward).parameters
+
+
+class TextClassifier(nn.Module):
+    """encoder -> pooling (mean over non-padding tokens, or the first token) -> linear head.
+    Input: right-padded token ids (B, L); ``pad_id`` is the tokenizer's padding id (0 for
+    MiniLM). Encoders that take ``token_type_ids`` (BERT) get zeros."""
+
+    def __init__(
+        self, encoder: nn.Module, num_classes: int, *, pad_id: int = 0, pooling: str = "mean"
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+        self._configure(pad_id, pooling)
+
+    def _configure(self, pad_id: int, pooling: str) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r} is unknown; choose from {', '.join(POOLINGS)}")
+        self.pad_id, self.pooling = int(pad_id), pooling
+        self.token_types = _takes_token_types(self.encoder)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mean of the last hidden states over the non-padding tokens. Columns after the batch's
+        """The pooled last hidden states of the non-padding tokens. Columns after the batch's
         longest sequence are dropped first: they are padding, masked out of attention and of the
         mean, so the result is the same and the encoder runs on fewer positions."""
-        length = int((ids != 0).sum(dim=1).max().clamp_min(1))
+        length = int((ids != self.pad_id).sum(dim=1).max().clamp_min(1))
         ids = ids[:, :length]
-        mask = (ids != 0).long()
+        mask = (ids != self.pad_id).long()
+        extra = {"token_type_ids": torch.zeros_like(ids)} if self.token_types else {}
         with token_mask(
             self.encoder, mask
         ):  # modules that pool over tokens inside (WEMoE) skip padding too
-            hidden = self.encoder(
-                input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)
-            ).last_hidden_state
+            hidden = self.encoder(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
@@ -239,11 +260,19 @@ class MultiTaskTextClassifier(TextClassifier):
     logits, then ``NEG`` for the classes its task lacks. A head sees only its task's rows, so
     training on one task leaves the other heads' gradients None and their weights untouched."""
 
-    def __init__(self, encoder: nn.Module, num_classes: list[int]) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_classes: list[int],
+        *,
+        pad_id: int = 0,
+        pooling: str = "mean",
+    ) -> None:
         nn.Module.__init__(self)
         self.encoder = encoder
         self.num_classes = list(num_classes)
         self.heads = nn.ModuleList(nn.Linear(encoder.config.hidden_size, n) for n in num_classes)
+        self._configure(pad_id, pooling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         task = x[:, 0]
