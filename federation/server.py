@@ -18,7 +18,6 @@ One run's lifecycle, the same in a simulation and a Flower deployment:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -35,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmerge.aggregators import Aggregator, create_aggregator
 from fedmerge.clients.attacks import summary as attack_summary
 from fedmerge.clients.partition import limit_examples, load_manifest, materialize_shards
-from fedmerge.clients.tasks import TaskSpec
+from fedmerge.clients.tasks import Task, TaskSpec
 from fedmerge.clients.training import get_state
 from fedmerge.federation.actors import AggregatorActor, EvaluatorActor, actor_options
 from fedmerge.federation.arrays import state_to_record, to_numpy_state
@@ -189,6 +188,7 @@ class Experiment:
         self.resume = resume
         self.callbacks = default_callbacks(callbacks)
         self.error: BaseException | None = None
+        self._task_spec: dict[str, Any] | None = None
         self.final_state: dict[str, Any] | None = None
         self.final_served: tuple[dict[str, Any], dict[str, Any]] | None = (
             None  # fedmerge.federation.served spec, weights
@@ -229,6 +229,7 @@ class Experiment:
         task = cfg.task_spec.build()
         data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else None
         train, test = task.load("train", data_dir), task.load("test", data_dir)
+        self._task_spec = self._task_ref(task)
         train, test = (
             limit_examples(part, cap, cfg.seed, task.task_index(part.x))
             for part, cap in (
@@ -338,14 +339,23 @@ class Experiment:
                 f"{self.config.data.task} model: keys, shapes or dtypes differ"
             )
 
-    @functools.cached_property
-    def task_ref(self) -> dict[str, Any]:
-        """What other processes build the task from (``TaskSpec.to_dict()``): the plug-in modules
+    def _task_ref(self, task: Task) -> dict[str, Any]:
+        """What other processes build ``task`` from (``TaskSpec.to_dict()``): the plug-in modules
         to import, and the parameters with relative paths made absolute (a Ray worker's cwd may
-        differ from the driver's)."""
+        differ from the driver's; a task learns ``data.data_dir`` when it loads)."""
         cfg = self.config
-        task = cfg.task_spec.build()
         return TaskSpec(cfg.data.task, task.portable_params(), tuple(cfg.run.plugins)).to_dict()
+
+    @property
+    def task_ref(self) -> dict[str, Any]:
+        """The run's task as other processes build it (set by ``setup``; computed here for a
+        caller that builds run configs without one, as the benchmarks do)."""
+        if self._task_spec is None:
+            task = self.config.task_spec.build()
+            data_dir = Path(self.config.data.data_dir) if self.config.data.data_dir else None
+            task.load("train", data_dir)
+            self._task_spec = self._task_ref(task)
+        return self._task_spec
 
     def run_config(self) -> dict[str, Any]:
         """The static part of every client's message."""
