@@ -38,7 +38,7 @@ from fedmerge.aggregators.params import (
     hyperparameter,
     is_declaration,
 )
-from fedmerge.plugins import PluginError, Registry, qualified
+from fedmerge.plugins import Registry, concrete_subclass, qualified
 
 __all__ = [
     "AGGREGATORS",
@@ -65,19 +65,11 @@ _HOW_TO_PLUG_IN = (
 )
 
 
-def _checked_class(obj: Any, where: str) -> type[Aggregator]:
-    if not (isinstance(obj, type) and issubclass(obj, Aggregator)):
-        raise PluginError(f"{where} is {obj!r}, not an aggregators.Aggregator subclass")
-    if inspect.isabstract(obj):
-        missing = ", ".join(sorted(obj.__abstractmethods__))
-        raise PluginError(
-            f"{where} ({qualified(obj)}) is abstract: it does not implement {missing}"
-        )
-    return obj
-
-
 AGGREGATORS: Registry[type[Aggregator]] = Registry(
-    "aggregator", ENTRY_POINT_GROUP, accept=_checked_class, how_to=_HOW_TO_PLUG_IN
+    "aggregator",
+    ENTRY_POINT_GROUP,
+    accept=concrete_subclass(Aggregator, "an aggregators.Aggregator subclass"),
+    how_to=_HOW_TO_PLUG_IN,
 )
 """Every aggregator by name: the built-ins register when ``fedmerge.aggregators`` is imported."""
 

@@ -33,7 +33,6 @@ round), so the same run config gives the same attack. Pure NumPy and torch: no f
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -43,7 +42,7 @@ import torch
 
 from fedmerge.aggregators.params import ParamSpec, check, check_fields, describe, hyperparameter
 from fedmerge.clients.tasks.base import ArrayData
-from fedmerge.plugins import PluginError, Registry
+from fedmerge.plugins import PluginError, Registry, concrete_subclass
 
 __all__ = [
     "ATTACKS",
@@ -106,16 +105,10 @@ class Attack:
         return dict(state)
 
 
-def _checked_attack(obj: Any, where: str) -> type[Attack]:
-    if not (isinstance(obj, type) and issubclass(obj, Attack)) or inspect.isabstract(obj):
-        raise PluginError(f"{where} is {obj!r}, not a concrete fedmerge.clients.attacks.Attack")
-    return obj
-
-
 ATTACKS: Registry[type[Attack]] = Registry(
     "attack",
     "fedmerge.attacks",
-    accept=_checked_attack,
+    accept=concrete_subclass(Attack, "a fedmerge.clients.attacks.Attack subclass"),
     how_to=(
         "Built-in kinds: " + ", ".join(ATTACK_KINDS) + ". To plug one in: decorate an Attack "
         'subclass with @register_attack("name") in a module listed in [run] plugins, give its '

@@ -23,13 +23,21 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable, Iterable
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-__all__ = ["BUILTIN_PREFIX", "PluginError", "Registry", "import_plugins", "qualified"]
+__all__ = [
+    "BUILTIN_PREFIX",
+    "PluginError",
+    "Registry",
+    "concrete_subclass",
+    "import_plugins",
+    "qualified",
+]
 
 T = TypeVar("T")
 
@@ -47,6 +55,23 @@ def qualified(obj: Any) -> str:
 
 def _shown(spec: str) -> str:
     return repr(spec) if len(spec) <= 80 else f"{spec[:80]!r}... ({len(spec):,} characters)"
+
+
+def concrete_subclass(base: type, noun: str) -> Callable[[Any, str], Any]:
+    """An ``accept`` for a Registry of classes: ``obj`` must be a subclass of ``base`` that
+    implements every abstract method (``noun`` names the base in the error)."""
+
+    def accept(obj: Any, where: str) -> Any:
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            raise PluginError(f"{where} is {obj!r}, not {noun}")
+        if inspect.isabstract(obj):
+            missing = ", ".join(sorted(obj.__abstractmethods__))
+            raise PluginError(
+                f"{where} ({qualified(obj)}) is abstract: it does not implement {missing}"
+            )
+        return obj
+
+    return accept
 
 
 class Registry(Generic[T]):

@@ -9,7 +9,6 @@ checked ``[data.task_params]`` and the ``[run] plugins`` modules to import first
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from fedmerge.clients.tasks.base import ArrayData, DataError, Task
 from fedmerge.clients.tasks.digits import Digits
 from fedmerge.clients.tasks.fashion_mnist import FashionMNIST
 from fedmerge.clients.tasks.text import RottenTomatoes, TextMultiTask, WordNetNouns, WordNetVerbs
-from fedmerge.plugins import PluginError, Registry, import_plugins, qualified
+from fedmerge.plugins import Registry, concrete_subclass, import_plugins
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -41,21 +40,10 @@ ENTRY_POINT_GROUP = "fedmerge.tasks"
 T = TypeVar("T", bound=type[Task])
 
 
-def _checked_task(obj: Any, where: str) -> type[Task]:
-    if not (isinstance(obj, type) and issubclass(obj, Task)):
-        raise PluginError(f"{where} is {obj!r}, not a fedmerge Task subclass")
-    if inspect.isabstract(obj):
-        missing = ", ".join(sorted(obj.__abstractmethods__))
-        raise PluginError(
-            f"{where} ({qualified(obj)}) is abstract: it does not implement {missing}"
-        )
-    return obj
-
-
 TASKS: Registry[type[Task]] = Registry(
     "task",
     ENTRY_POINT_GROUP,
-    accept=_checked_task,
+    accept=concrete_subclass(Task, "a fedmerge Task subclass"),
     how_to=(
         "To plug one in: (1) decorate a Task subclass with @fedmerge.register_task in a module "
         'listed in [run] plugins; (2) give its import path, "package.module:TaskClass"; or (3) '
