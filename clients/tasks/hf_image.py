@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +26,8 @@ from torch import nn
 
 from fedmerge.aggregators.params import hyperparameter
 from fedmerge.clients.tasks.base import DataError
-from fedmerge.clients.tasks.files import FileParams, FileTask, LabeledSource, stamp
-from fedmerge.clients.tasks.hf_text import local_model_dir, portable_model, pretrained_copy
+from fedmerge.clients.tasks.files import FileParams, LabeledSource, stamp
+from fedmerge.clients.tasks.hf_text import CheckpointTask, pretrained_copy
 
 __all__ = ["HFImageClassification", "HFImageClassifier", "HFImageParams", "ImageSettings"]
 
@@ -101,39 +100,24 @@ class HFImageParams(FileParams):
     image_column: str = hyperparameter("image", "the column holding the images")
 
 
-class HFImageClassification(FileTask):
+class HFImageClassification(CheckpointTask):
     """Image -> class on a local checkpoint; see the module docstring."""
 
     name = "hf_image_classification"
     Params: Any = HFImageParams
     multi_task_ok = False
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        if not self.params.model.strip():
-            raise ValueError(
-                "data.task_params: task 'hf_image_classification' needs model: a local "
-                "image-classification checkpoint folder (save_pretrained of a model and its "
-                "image processor)"
-            )
+    model_hint = (
+        "a local image-classification checkpoint folder (save_pretrained of a model and its "
+        "image processor)"
+    )
 
     def columns(self) -> tuple[str, ...]:
         return (self.params.image_column,)
 
-    def model_dir(self) -> Path:
-        return local_model_dir(self.params.model, self._data_dir)
-
     def settings(self) -> ImageSettings:
         folder = self.model_dir()
         return _settings(str(folder), stamp(folder))
-
-    def portable_params(self) -> dict[str, Any]:
-        values = super().portable_params()
-        values["model"] = portable_model(self.params.model, self._data_dir)
-        return values
-
-    def _stamps(self) -> tuple:
-        return (*super()._stamps(), stamp(self.model_dir()))
 
     def rows(self, source: LabeledSource, split: str) -> np.ndarray:
         from PIL import Image

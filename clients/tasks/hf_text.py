@@ -155,29 +155,20 @@ class HFTextParams(FileParams):
     )
 
 
-class HFTextClassification(FileTask):
-    """Text -> class on a local encoder checkpoint; see the module docstring."""
+class CheckpointTask(FileTask):
+    """A file task on a local Hugging Face checkpoint (the ``model`` parameter): where it is,
+    shipped as an absolute path, and its files' stamp in the load cache key."""
 
-    name = "hf_text_classification"
-    Params: Any = HFTextParams
+    model_hint = 'a local checkpoint folder or "package:<module>"'
+    """What ``model`` must name, for the error when it is empty."""
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         if not self.params.model.strip():
-            raise ValueError(
-                "data.task_params: task 'hf_text_classification' needs model: a local checkpoint "
-                'folder or "package:<module>"'
-            )
-
-    def columns(self) -> tuple[str, ...]:
-        return (self.params.text_column,)
+            raise ValueError(f"data.task_params: task {self.name!r} needs model: {self.model_hint}")
 
     def model_dir(self) -> Path:
         return local_model_dir(self.params.model, self._data_dir)
-
-    def tokenizer(self):
-        folder = self.model_dir()
-        return _tokenizer(str(folder), stamp(folder))
 
     def portable_params(self) -> dict[str, Any]:
         values = super().portable_params()
@@ -186,6 +177,20 @@ class HFTextClassification(FileTask):
 
     def _stamps(self) -> tuple:
         return (*super()._stamps(), stamp(self.model_dir()))
+
+
+class HFTextClassification(CheckpointTask):
+    """Text -> class on a local encoder checkpoint; see the module docstring."""
+
+    name = "hf_text_classification"
+    Params: Any = HFTextParams
+
+    def columns(self) -> tuple[str, ...]:
+        return (self.params.text_column,)
+
+    def tokenizer(self):
+        folder = self.model_dir()
+        return _tokenizer(str(folder), stamp(folder))
 
     def rows(self, source: LabeledSource, split: str) -> np.ndarray:
         name = self.params.text_column
