@@ -280,7 +280,9 @@ def upscale_model(
     linears = [
         (name, m)
         for name, m in model.named_modules()
-        if type(m) is nn.Linear and not (exclude is not None and exclude.match(name + "."))
+        if type(m) is nn.Linear
+        and f"{name}.weight" in base_state  # not a layer LoRA keeps frozen
+        and not (exclude is not None and exclude.match(name + "."))
     ]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -290,7 +292,10 @@ def upscale_model(
             biases = [s.get(f"{name}.bias") for s in expert_states]
             changed = any(bool((w.to(w0.device, torch.float32) != w0).any()) for w in weights)
             if linear.bias is not None:
-                b0 = base_state[f"{name}.bias"].to(w0.device, torch.float32)
+                # A bias the states do not carry is frozen (LoRA): the model's own, every expert's.
+                frozen = linear.bias.detach().clone()
+                b0 = base_state.get(f"{name}.bias", frozen).to(w0.device, torch.float32)
+                biases = [frozen if b is None else b for b in biases]
                 changed = changed or any(
                     bool((b.to(w0.device, torch.float32) != b0).any()) for b in biases
                 )
@@ -407,7 +412,12 @@ class Smile(Aggregator):
         for key, value in base_state.items():
             use_average = self.nonlinear == "average" and key not in linear_keys
             served[key] = average[key] if use_average or head_task(key) is not None else value
-        model.load_state_dict({k: v.to(device) for k, v in served.items()})
+        # Under LoRA the states hold the tensors that travel only; the rest keeps its build.
+        _, unexpected = model.load_state_dict(
+            {k: v.to(device) for k, v in served.items()}, strict=False
+        )
+        if unexpected:
+            raise ValueError(f"smile: state keys the model does not have: {unexpected[:3]}")
         report = upscale_model(
             model,
             base_state,

@@ -29,7 +29,7 @@ from fedmerge.clients.attacks import attack_data, attack_state, client_attack, r
 from fedmerge.clients.partition import open_shard
 from fedmerge.clients.tasks import TaskSpec
 from fedmerge.clients.tasks.base import ArrayData
-from fedmerge.clients.training import TrainConfig, evaluate, get_state, set_state, train
+from fedmerge.clients.training import TrainConfig, evaluate, train
 
 __all__ = ["app", "local_split", "where_am_i"]
 
@@ -82,9 +82,25 @@ def _setup(
         float(run.get("local_test_fraction", 0.0)),
         seed=int(run["seed"]) * 1_000_003 + partition,
     )
-    model = task.build_model()
-    set_state(model, msg.content["arrays"].to_torch_state_dict())
+    model = task.build_federated_model()
+    received = msg.content["arrays"].to_torch_state_dict()
+    task.load_weights(model, received)
+    if task.adapter is not None:
+        _check_frozen_base(model, received, str(run.get("frozen_digest", "")))
     return run, partition, task, model, train_part, test_part
+
+
+def _check_frozen_base(model: torch.nn.Module, received: dict, expected: str) -> None:
+    """A LoRA client trains against the base it built itself: it must be the server's."""
+    from fedmerge.clients.adapters import frozen_digest
+
+    found = frozen_digest(model, received)
+    if expected and found != expected:
+        raise ValueError(
+            f"this client's frozen base model (digest {found}) differs from the server's "
+            f"({expected}): the node builds the task's model from other weights or another "
+            "library version; install the same model files and versions on every node"
+        )
 
 
 @app.train()
@@ -93,7 +109,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     seed = int(config["seed"])
     torch.manual_seed(seed)
-    received = get_state(model)
+    received = task.shared_state(model)
     # A simulated malicious client (robustness experiments): poisoned data before training.
     attack = client_attack(run, partition)
     if attack is not None:
@@ -107,7 +123,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     metrics = train(
         model, task, train_part, TrainConfig(**run["train"]), seed=seed, loss_terms=terms
     )
-    state, num_examples = get_state(model), len(train_part)
+    state, num_examples = task.shared_state(model), len(train_part)
     if attack is not None:  # ... and a poisoned reply after it
         state = attack_state(attack, state, received, seed=seed)
         num_examples = reported_count(attack, num_examples)

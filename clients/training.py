@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmerge.clients.adapters import PeftConfig
 from fedmerge.clients.tasks.base import ArrayData, Task
 
 __all__ = ["LossTerm", "TrainConfig", "evaluate", "get_state", "set_state", "train"]
@@ -48,8 +49,14 @@ class TrainConfig:
             "empty = all"
         },
     )
+    peft: PeftConfig = field(
+        default_factory=PeftConfig,
+        metadata={"doc": "LoRA adapters instead of full fine-tuning (peft)"},
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.peft, Mapping):  # as it crosses processes, in the run config
+            object.__setattr__(self, "peft", PeftConfig.from_dict(self.peft))
         try:
             re.compile(self.trainable)
         except re.error as err:
@@ -81,7 +88,11 @@ class TrainConfig:
 
 def _trainable_parameters(model: nn.Module, cfg: TrainConfig) -> list[nn.Parameter]:
     """The parameters ``cfg.trainable`` selects (all when empty); the others get requires_grad
-    False, so they keep their weights exactly. Selecting none is a ValueError."""
+    False, so they keep their weights exactly. Selecting none is a ValueError. Under
+    ``[train.peft]`` the adapted model says what trains (``requires_grad``, set when the adapters
+    were injected)."""
+    if cfg.peft.enabled:
+        return [p for p in model.parameters() if p.requires_grad]
     if not cfg.trainable:
         return list(model.parameters())
     pattern = re.compile(cfg.trainable)

@@ -160,7 +160,7 @@ class AggregatorActor:
                 malicious=self.malicious,
                 build_model=None
                 if self.task_name is None
-                else TaskSpec.from_dict(self.task_name).build().build_model,
+                else TaskSpec.from_dict(self.task_name).build().build_federated_model,
                 proxy_inputs=self.proxy,
             )
         )
@@ -204,7 +204,11 @@ class AggregatorActor:
         self._token = None
         start = time.perf_counter()
         result = self.aggregator.finalize()
-        self.global_state = {k: v.detach() for k, v in result.state.items()}
+        # Keys a merge leaves out (a LoRA products merge's untouched layers) keep their values.
+        self.global_state = {
+            k: result.state[k].detach() if k in result.state else v
+            for k, v in self.global_state.items()
+        }
         self.state_round = self._round
         metrics = dict(result.metrics)
         served = None

@@ -21,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from fedmerge.aggregators.lora import ADAPTER_MERGES
 from fedmerge.clients.attacks import AttackConfig
 from fedmerge.clients.training import TrainConfig
 from fedmerge.federation.validation import DEFAULT_MAX_UPDATE_NORM_RATIO
@@ -255,9 +256,16 @@ class AggregatorConfig:
     params: dict[str, Any] = _f(
         {}, "every other key of [aggregator]: keyword arguments of the aggregator"
     )
+    adapters: str = _f(
+        "auto",
+        "with [train.peft]: factors (merge A and B as tensors: FedIT under fedavg) | products "
+        "(merge the B·A they stand for, folded into the base: FLoRA's exact merge) | auto "
+        "(products for task-vector methods, factors otherwise)",
+    )
 
     def validate(self) -> None:
         _check(bool(self.name.strip()), "aggregator.name", "must not be empty")
+        _check_choice(self.adapters, ADAPTER_MERGES, "aggregator.adapters")
         _check(
             len(self.name) <= MAX_AGGREGATOR_NAME_CHARS,
             "aggregator.name",
@@ -510,7 +518,7 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
         agg = raw.pop("aggregator")
-        raw["aggregator"] = {"name": agg["name"], **agg["params"]}
+        raw["aggregator"] = {"name": agg["name"], "adapters": agg["adapters"], **agg["params"]}
         # Keys added after the first release are left out while they hold their default, so
         # config.toml and the checkpoints of older runs stay as they were.
         for section, key in (
@@ -522,6 +530,10 @@ class ExperimentConfig:
         ):
             if not raw[section][key]:
                 del raw[section][key]
+        if not self.train.peft.enabled:
+            del raw["train"]["peft"]
+        if self.aggregator.adapters == "auto":
+            del raw["aggregator"]["adapters"]
         if not raw["run"]:
             del raw["run"]
         return raw
@@ -531,7 +543,12 @@ class ExperimentConfig:
         """The run's task as it crosses processes: spec, parameters, plug-in modules."""
         from fedmerge.clients.tasks import TaskSpec
 
-        return TaskSpec(self.data.task, dict(self.data.task_params), tuple(self.run.plugins))
+        adapter = (
+            {**self.train.peft.to_dict(), "seed": self.seed} if self.train.peft.enabled else None
+        )
+        return TaskSpec(
+            self.data.task, dict(self.data.task_params), tuple(self.run.plugins), adapter
+        )
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
@@ -623,14 +640,17 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     if cls is AggregatorConfig:
-        params = {k: v for k, v in raw.items() if k != "name"}
+        params = {k: v for k, v in raw.items() if k not in ("name", "adapters")}
         for key in params:
             if not isinstance(key, str) or not key.isidentifier():
                 raise ConfigError(f"aggregator.{_cut(str(key))} is not a valid parameter name")
         name = raw.get("name", AggregatorConfig.name)
         if not isinstance(name, str):
             raise ConfigError(f"aggregator.name must be a string, got {_type_name(name)}")
-        return AggregatorConfig(name=name, params=params)
+        adapters = raw.get("adapters", AggregatorConfig.adapters)
+        if not isinstance(adapters, str):
+            raise ConfigError(f"aggregator.adapters must be a string, got {_type_name(adapters)}")
+        return AggregatorConfig(name=name, params=params, adapters=adapters)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in names:

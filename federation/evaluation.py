@@ -25,7 +25,7 @@ from torch import nn
 
 from fedmerge.clients.tasks import TaskSpec, as_task
 from fedmerge.clients.tasks.base import ArrayData, Task
-from fedmerge.clients.training import evaluate, set_state
+from fedmerge.clients.training import evaluate
 from fedmerge.federation.served import empty_served, load_served_state
 
 __all__ = ["ModelScorer", "evaluate_per_task"]
@@ -131,9 +131,9 @@ class ModelScorer:
                 self.builds += 1
             return load_served_state(self._served[1], weights).eval()
         if self._model is None:
-            self._model = self.task.build_model().to(self.device)
+            self._model = self.task.build_federated_model().to(self.device)
             self.builds += 1
-        set_state(self._model, _tensors(state))
+        self.task.load_weights(self._model, _tensors(state))
         return self._model
 
     def score(

@@ -39,7 +39,14 @@ from fedmerge.federation.checkpoint import (
 )
 from fedmerge.federation.config import AggregatorConfig, ConfigError, ExperimentConfig, load_config
 from fedmerge.federation.results import RunDir, compare_table, plot_curves
-from fedmerge.federation.server import Experiment, check_needs, partition_params
+from fedmerge.federation.server import (
+    Experiment,
+    build_aggregator,
+    check_needs,
+    federated_model,
+    merges_products,
+    partition_params,
+)
 
 __all__ = [
     "AddressError",
@@ -382,10 +389,12 @@ def _check_resumable(config: ExperimentConfig, run: RunDir, checkpoint: Checkpoi
             f"checkpoint file {meta}: field 'round' is {checkpoint.round}, but {run.metrics_path} "
             f"holds rounds up to {reached} only: the checkpoint is not this run's"
         )
-    expected = {
-        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
-        for k, v in config.task_spec.build().build_model().state_dict().items()
-    }
+    shared = federated_model(
+        config.task_spec.build(),
+        seed=config.seed,
+        products=merges_products(config, build_aggregator(config)),
+    ).initial_state
+    expected = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in shared.items()}
     found = {k: (tuple(v.shape), str(v.dtype)) for k, v in checkpoint.global_state.items()}
     if expected != found:
         raise CheckpointError(

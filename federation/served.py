@@ -72,7 +72,9 @@ def empty_served(spec: Mapping[str, Any]) -> nn.Module:
         )
     task = spec["task"]
     model = (
-        TaskSpec.from_dict(task if isinstance(task, Mapping) else str(task)).build().build_model()
+        TaskSpec.from_dict(task if isinstance(task, Mapping) else str(task))
+        .build()
+        .build_federated_model()
     )
     return rebuild(model, spec["structure"])
 

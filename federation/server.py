@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.aggregators import Aggregator, create_aggregator
+from fedmerge.aggregators.lora import LoraModule, LoraProducts
+from fedmerge.clients.adapters import adapter_layout, frozen_digest
 from fedmerge.clients.attacks import summary as attack_summary
 from fedmerge.clients.partition import limit_examples, load_manifest, materialize_shards
 from fedmerge.clients.tasks import Task, TaskSpec
@@ -80,6 +82,43 @@ def build_aggregator(config: ExperimentConfig) -> Aggregator:
         return create_aggregator(config.aggregator.name, config.aggregator.params)
     except (ValueError, TypeError, ImportError) as err:
         raise ConfigError(f"aggregator: {err}") from None
+
+
+def merges_products(config: ExperimentConfig, aggregator: Aggregator) -> bool:
+    """Whether a LoRA run merges the adapters' products B·A (``[aggregator] adapters``; ``auto``:
+    for the task-vector methods, which declare the ``base_model`` need) rather than the factors."""
+    if not config.train.peft.enabled:
+        return False
+    if config.aggregator.adapters == "auto":
+        return "base_model" in getattr(aggregator, "needs", frozenset())
+    return config.aggregator.adapters == "products"
+
+
+@dataclass(frozen=True)
+class FederatedModel:
+    """What a run shares of its model: the initial global state (every tensor, or under
+    ``[train.peft]`` the adapters and heads, plus the adapted layers' base weights when the
+    products are merged), the keys a reply carries, the adapted layers and the frozen base's
+    digest ("" without adapters)."""
+
+    initial_state: dict[str, torch.Tensor]
+    reply_keys: tuple[str, ...]
+    layout: tuple[LoraModule, ...] = ()
+    frozen_digest: str = ""
+
+
+def federated_model(task: Task, *, seed: int, products: bool) -> FederatedModel:
+    """The run's initial model as it is shared (see ``FederatedModel``), seeded by ``seed``."""
+    torch.manual_seed(seed)
+    model = task.build_federated_model()
+    if task.adapter is None:
+        state = get_state(model)
+        return FederatedModel(state, tuple(state))
+    reply = task.shared_state(model)
+    layout = adapter_layout(model) if products else ()
+    full = get_state(model)
+    state = {k: v for k, v in full.items() if k in reply or k in {m.base_key for m in layout}}
+    return FederatedModel(state, tuple(reply), layout, frozen_digest(model, state))
 
 
 def check_needs(config: ExperimentConfig, aggregator: Aggregator | None = None) -> frozenset[str]:
@@ -143,6 +182,8 @@ def report_rows(report: RoundReport) -> list[tuple[str, int | None, str, float]]
         ("system", None, "clients_failed", float(len(report.failures))),
         ("system", None, "clients_rejected", float(len(report.rejected))),
         ("system", None, "round_skipped", float(bool(report.skipped))),
+        ("system", None, "bytes_sent", float(report.bytes_sent)),
+        ("system", None, "bytes_received", float(report.bytes_received)),
     ]
     return rows
 
@@ -189,6 +230,7 @@ class Experiment:
         self.callbacks = default_callbacks(callbacks)
         self.error: BaseException | None = None
         self._task_spec: dict[str, Any] | None = None
+        self.model: FederatedModel | None = None  # set by setup
         self.final_state: dict[str, Any] | None = None
         self.final_served: tuple[dict[str, Any], dict[str, Any]] | None = (
             None  # fedmerge.federation.served spec, weights
@@ -280,15 +322,23 @@ class Experiment:
                 f"{err}"
             ) from err
         self.shard_sizes = [int(n) for n in load_manifest(self.shard_dir)["counts"]]
-        torch.manual_seed(cfg.seed)
-        self.initial_state = get_state(task.build_model())
+        aggregator = build_aggregator(cfg)
+        try:
+            self.model = federated_model(
+                task, seed=cfg.seed, products=merges_products(cfg, aggregator)
+            )
+        except (ValueError, ImportError) as err:  # target modules that fit nothing, no peft
+            raise ConfigError(f"train.peft: {err}") from None
+        if self.model.layout:
+            aggregator = LoraProducts(aggregator, self.model.layout)
+        self.initial_state = self.model.initial_state
         task.check_model(list(self.initial_state))
         if self.resume is not None:
             self._check_resume(self.resume)
 
         agg, ev = cfg.ray.aggregator, cfg.ray.evaluator
         self.aggregator = AggregatorActor.options(**actor_options(agg)).remote(
-            build_aggregator(cfg),
+            aggregator,
             to_numpy_state(self.initial_state),
             cfg.seed,
             validation=validation,
@@ -344,7 +394,9 @@ class Experiment:
         to import, and the parameters with relative paths made absolute (a Ray worker's cwd may
         differ from the driver's; a task learns ``data.data_dir`` when it loads)."""
         cfg = self.config
-        return TaskSpec(cfg.data.task, task.portable_params(), tuple(cfg.run.plugins)).to_dict()
+        return TaskSpec(
+            cfg.data.task, task.portable_params(), tuple(cfg.run.plugins), cfg.task_spec.adapter
+        ).to_dict()
 
     @property
     def task_ref(self) -> dict[str, Any]:
@@ -369,6 +421,7 @@ class Experiment:
             "train": asdict(cfg.train),
             "num_clients": cfg.data.num_clients,
             "attack": asdict(cfg.attack) if cfg.attack.active else None,
+            **({"frozen_digest": self.model.frozen_digest} if self.model else {}),
         }
 
     def server_app(self) -> ServerApp:
@@ -408,6 +461,7 @@ class Experiment:
             shard_sizes=self.shard_sizes,
             aggregator_restarts=cfg.ray.aggregator.max_restarts,
             evaluator_restarts=cfg.ray.evaluator.max_restarts,
+            reply_keys=None if self.model is None else self.model.reply_keys,
         )
         if self.resume is None:
             initial, first_round, aggregator_state, served = (

@@ -156,6 +156,10 @@ class RoundReport:
     skipped: str = ""
     restarts: list[str] = field(default_factory=list)
     round_time_s: float = 0.0
+    # Array bytes on the wire: the global model to every message (train and evaluate), and the
+    # train replies that arrived (``np.save`` bytes as Flower carries them).
+    bytes_sent: int = 0
+    bytes_received: int = 0
     state: RoundState | None = field(default=None, repr=False)
     served: Any = field(
         default=None, repr=False
@@ -182,6 +186,8 @@ class FedMergeStrategy(Strategy):
     round; a reply to a message this round never sent, or a second reply to one, is ignored; a
     dead actor is restarted up to ``aggregator_restarts`` /
     ``evaluator_restarts`` times and the round replayed into it (``federation.recovery``).
+    ``reply_keys`` are the keys a train reply holds when they are fewer than the global model's
+    (LoRA: the adapters and heads; None: all of them).
     """
 
     def __init__(
@@ -204,6 +210,7 @@ class FedMergeStrategy(Strategy):
         shard_sizes: Sequence[int] | None = None,
         aggregator_restarts: int = 0,
         evaluator_restarts: int = 0,
+        reply_keys: Sequence[str] | None = None,
     ) -> None:
         self.aggregator = aggregator
         self.evaluator = evaluator
@@ -224,6 +231,8 @@ class FedMergeStrategy(Strategy):
         )
         self.aggregator_restarts = aggregator_restarts
         self.evaluator_restarts = evaluator_restarts
+        self.reply_keys = None if reply_keys is None else tuple(reply_keys)
+        self._bytes_sent = 0
         self._aggregation: RoundAggregation | None = None
         self._evaluator_guard: ActorGuard | None = None
         self._nodes: list[int] = []
@@ -252,6 +261,7 @@ class FedMergeStrategy(Strategy):
         message_type: str,
     ) -> list[Message]:
         messages = []
+        self._bytes_sent += len(clients) * sum(len(a.data) for a in arrays.values())
         for slot, cid in enumerate(clients):
             config = ConfigRecord(
                 {
@@ -383,6 +393,7 @@ class FedMergeStrategy(Strategy):
                     timeout=timeout,
                 )
                 federated = self.aggregate_evaluate(server_round, replies)
+                report.bytes_sent += self._take_bytes_sent()
                 if federated is not None:
                     report.federated_metrics = {
                         k.replace("-", "_"): float(v) for k, v in federated.items()
@@ -424,7 +435,11 @@ class FedMergeStrategy(Strategy):
         """Open the round on the aggregator; replies are checked against the model it broadcasts."""
         aggregation = self._require_aggregation()
         aggregation.begin_round(server_round)
-        self.validator.set_global(aggregation.state.global_state)
+        self.validator.set_global(aggregation.state.global_state, keys=self.reply_keys)
+
+    def _take_bytes_sent(self) -> int:
+        sent, self._bytes_sent = self._bytes_sent, 0
+        return sent
 
     def _take_restart_notes(self) -> list[str]:
         guards = [self._require_aggregation().guard, self._evaluator_guard]
@@ -485,6 +500,7 @@ class FedMergeStrategy(Strategy):
             self._fail(report, clients[slot_of[mid]], f"no reply within {timeout:g} s")
         for slot in sorted(arrived):
             self._submit(arrived[slot], report, clients[slot])
+        report.bytes_sent += self._take_bytes_sent()
         return report, self._finish_train(report)
 
     def _submit(self, reply: Message, report: RoundReport, client_id: int | None = None) -> None:
@@ -512,7 +528,7 @@ class FedMergeStrategy(Strategy):
             self._fail(report, cid, reason)
             return
         try:
-            cid, arrays, num_examples, metrics, placement = self._unpack(reply, client_id)
+            cid, arrays, num_examples, metrics, placement = self._unpack(reply, client_id, report)
             metrics["update_norm"] = self.validator(cid, arrays, num_examples)
         except UpdateRejected as err:
             reason = _clip(str(err))
@@ -534,7 +550,7 @@ class FedMergeStrategy(Strategy):
         self._require_aggregation().accumulate(cid, arrays, num_examples, metrics)
 
     def _unpack(
-        self, reply: Message, client_id: int | None
+        self, reply: Message, client_id: int | None, report: RoundReport
     ) -> tuple[int, dict[str, np.ndarray], Any, dict[str, float], dict[str, str]]:
         """(client id, arrays, example count, other metrics, placement) of a train reply;
         ``UpdateRejected`` when a record is missing or of another type, a metric is not a finite
@@ -600,6 +616,7 @@ class FedMergeStrategy(Strategy):
                 )
             sizes[key] = len(array.data)
         self.validator.check_size(sizes)
+        report.bytes_received += sum(sizes.values())
         try:
             arrays = record_to_numpy(record)
         except ArrayFormatError as err:

@@ -198,8 +198,13 @@ class UpdateValidator:
         self.global_norm = 0.0
         self.max_reply_bytes = 0
 
-    def set_global(self, state: Mapping[str, np.ndarray]) -> None:
-        """The model broadcast this round: replies must match its layout and stay near it."""
+    def set_global(
+        self, state: Mapping[str, np.ndarray], keys: Sequence[str] | None = None
+    ) -> None:
+        """The model broadcast this round: replies must match its layout (its ``keys`` only, when
+        replies carry fewer tensors than it, as LoRA's do) and stay near it."""
+        if keys is not None:
+            state = {key: state[key] for key in keys}
         self._global = state
         self._reference = reference_of(state)
         self.global_norm = math.sqrt(

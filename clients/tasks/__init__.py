@@ -119,13 +119,24 @@ class TaskSpec:
     name: str
     params: Mapping[str, Any] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()
+    adapter: Mapping[str, Any] | None = None
+    """``[train.peft]`` as a dict with the run's ``seed``, when the run trains adapters."""
 
     def build(self) -> Task:
         import_plugins(self.plugins)
-        return create_task(self.name, self.params)
+        task = create_task(self.name, self.params)
+        if self.adapter:
+            from fedmerge.clients.adapters import PeftConfig
+
+            task.adapter = PeftConfig.from_dict(self.adapter)
+            task.adapter_seed = int(self.adapter.get("seed", 0))
+        return task
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "params": dict(self.params), "plugins": list(self.plugins)}
+        raw = {"name": self.name, "params": dict(self.params), "plugins": list(self.plugins)}
+        if self.adapter:
+            raw["adapter"] = dict(self.adapter)
+        return raw
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | str) -> TaskSpec:
@@ -136,6 +147,7 @@ class TaskSpec:
             name=str(raw["name"]),
             params=dict(raw.get("params") or {}),
             plugins=tuple(raw.get("plugins") or ()),
+            adapter=dict(raw["adapter"]) if raw.get("adapter") else None,
         )
 
     def to_json(self) -> str:

@@ -75,6 +75,10 @@ class Task(ABC):
     num_classes: int = 0
     task_names: tuple[str, ...] | list[str] = ()
     Params: ClassVar[type | None] = None
+    adapter: Any = None
+    """The run's ``[train.peft]`` settings (a ``PeftConfig``) with its ``seed``, set by
+    ``TaskSpec.build``; None for full fine-tuning."""
+    adapter_seed: int = 0
 
     def __init__(self, **params: Any) -> None:
         from fedmerge.aggregators.params import check
@@ -151,6 +155,41 @@ class Task(ABC):
     @abstractmethod
     def build_model(self) -> nn.Module:
         """A fresh model; its initial weights follow torch's global RNG (the caller seeds it)."""
+
+    def build_federated_model(self) -> nn.Module:
+        """The model a run trains, merges and scores: ``build_model()``, and under
+        ``[train.peft]`` with LoRA adapters injected, built from the run's seed so that the frozen
+        base and the adapters' initial values are the same in every process."""
+        if self.adapter is None:
+            return self.build_model()
+        from fedmerge.clients.adapters import inject
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.adapter_seed)
+            model = self.build_model()
+        return inject(model, self.adapter, seed=self.adapter_seed)
+
+    def load_weights(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load a run's weights into ``build_federated_model()``'s model: every tensor strictly,
+        or under ``[train.peft]`` the tensors that travel (the rest keeps its build)."""
+        if self.adapter is None:
+            from fedmerge.clients.training import set_state
+
+            set_state(model, state)
+        else:
+            from fedmerge.clients.adapters import load_received
+
+            load_received(model, state)
+
+    def shared_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a client sends back: every tensor, or under ``[train.peft]`` the trainable ones."""
+        if self.adapter is None:
+            from fedmerge.clients.training import get_state
+
+            return get_state(model)
+        from fedmerge.clients.adapters import reply_state
+
+        return reply_state(model)
 
     @abstractmethod
     def preprocess(self, x: np.ndarray) -> torch.Tensor:
