@@ -355,9 +355,16 @@ def find_mlps(model: nn.Module) -> list[MLPSite]:
                 )
             )
     if not sites:
+        adapted = any(hasattr(m, "base_layer") for m in model.modules())
         raise ValueError(
             f"WEMoE: no transformer MLP (BERT layout: intermediate.dense -> output.dense) "
             f"found in {type(model).__name__}"
+            + (
+                " (its linear layers carry LoRA adapters: merge LoRA runs with smile, "
+                "task_arithmetic or ties)"
+                if adapted
+                else ""
+            )
         )
     return sites
 
@@ -397,6 +404,13 @@ def upscale_mlps(
     if storage not in STORAGE:
         raise ValueError(f"storage={storage!r} is invalid: must be one of {', '.join(STORAGE)}")
     sites = list(sites) if sites is not None else find_mlps(model)
+    absent = [key for site in sites for key in site.keys if key not in base_state]
+    if absent:
+        raise ValueError(
+            f"WEMoE upscales the MLPs' own weights, which the merged states do not carry "
+            f"({absent[0]}...): LoRA runs keep them frozen; merge LoRA adapters with smile, "
+            "task_arithmetic or ties"
+        )
     device = next(model.parameters()).device
     n = len(expert_states)
     router = (

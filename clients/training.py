@@ -63,6 +63,11 @@ class TrainConfig:
             raise ValueError(
                 f"trainable={self.trainable!r} is invalid: not a regular expression ({err})"
             ) from None
+        if self.peft.enabled and self.trainable:
+            raise ValueError(
+                f"trainable={self.trainable!r} is invalid with [train.peft]: the adapters train, "
+                "and peft.trainable names what else does (the heads by default)"
+            )
         checks = {
             "local_epochs": self.local_epochs >= 1,
             "batch_size": self.batch_size >= 1,

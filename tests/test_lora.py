@@ -283,3 +283,26 @@ def test_smile_over_lora_deltas_equals_smile_over_the_dense_deltas_they_stand_fo
         torch.testing.assert_close(
             lora.served_model(x), reference.served_model(x), rtol=0, atol=1e-5
         )
+
+
+def test_full_fine_tuning_settings_that_mean_nothing_under_lora_are_refused():
+    with pytest.raises(ConfigError, match=r"train.trainable='\^2' is invalid with \[train.peft\]"):
+        parse_config(
+            {"train": {"trainable": "^2", "peft": {"method": "lora", "target_modules": ["0"]}}}
+        )
+
+
+def test_wemoe_says_it_cannot_merge_lora_runs():
+    from fedmerge.aggregators.wemoe import upscale_mlps
+
+    config = parse_config(
+        {
+            "data": {"task": "rotten_tomatoes"},
+            "train": {"peft": {"method": "lora", "target_modules": ["query", "value"]}},
+        }
+    )
+    task = config.task_spec.build()
+    model = task.build_federated_model()
+    state = federated_model(task, seed=0, products=True).initial_state
+    with pytest.raises(ValueError, match="merge LoRA adapters with smile, task_arithmetic or ties"):
+        upscale_mlps(model, state, [state])
