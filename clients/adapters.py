@@ -207,7 +207,8 @@ def frozen_digest(model: nn.Module, shared: Iterable[str]) -> str:
             continue
         tensor = value.detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer, no copy
     return digest.hexdigest()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pytest
 import torch
+from flwr.app import Array
 
 from fedmerge.clients.tasks import get_task
 from fedmerge.clients.training import evaluate, set_state
@@ -56,6 +57,12 @@ def test_digits_end_to_end(base_run):
         (r, c) for r in (1, 2) for c in (0, 1, 2)
     ]
     assert any("round   2/2" in line for line in lines)
+    # Every run counts the bytes on the wire: the whole model to each of the three clients and
+    # back from each (np.save bytes, as Flower carries them).
+    wire = sum(len(Array(v.numpy()).data) for v in run.load_model().values())
+    for metric in ("bytes_sent", "bytes_received"):
+        rows = table.filter(pc.equal(table["metric"], metric))
+        assert rows["value"].to_pylist() == [3.0 * wire] * 2, metric
 
     # The saved model is the final global model: it scores what the evaluator reported.
     task = get_task("digits")
