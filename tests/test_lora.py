@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -306,3 +308,69 @@ def test_wemoe_says_it_cannot_merge_lora_runs():
     state = federated_model(task, seed=0, products=True).initial_state
     with pytest.raises(ValueError, match="merge LoRA adapters with smile, task_arithmetic or ties"):
         upscale_mlps(model, state, [state])
+
+
+def test_a_minilm_client_replies_with_its_adapters_and_head_only(tmp_path, monkeypatch):
+    """The real ClientApp handler on a MiniLM LoRA run set up as `fedmerge run` sets it up: the
+    reply's arrays are the adapters and the head, under 5 % of the model's bytes."""
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import fedmerge.federation.server as server
+    from fedmerge.clients.app import AGGREGATOR_CONFIG_KEY, RUN_CONFIG_KEY, train_handler
+    from fedmerge.federation.arrays import state_to_record
+    from fedmerge.federation.results import RunDir
+
+    from .conftest import digits_config
+    from .test_callbacks import FakeActorClass
+
+    # Messages are made inside a Flower process, which knows its run: here, run 1 on node 1.
+    for attribute in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    monkeypatch.setattr(server, "AggregatorActor", FakeActorClass())
+    monkeypatch.setattr(server, "EvaluatorActor", FakeActorClass())
+    monkeypatch.setattr(server.ray, "get", lambda value, timeout=None: value)
+    config = digits_config(
+        tmp_path,
+        "data.task='rotten_tomatoes'",
+        "data.max_train_examples=60",
+        "data.max_test_examples=20",
+        "data.partitioner='iid'",
+        "train.local_epochs=1",
+        "train.optimizer='adam'",
+        "train.lr=0.001",
+        "train.peft.method='lora'",
+        "train.peft.target_modules=['query', 'value']",
+    )
+    experiment = server.Experiment(config, RunDir.create(config.output.root_path, config.name))
+    experiment.setup()
+    run_config = experiment.run_config()
+    assert run_config["frozen_digest"] == experiment.model.frozen_digest
+    message = Message(
+        content=RecordDict(
+            {
+                "arrays": state_to_record(experiment.initial_state),
+                "config": ConfigRecord(
+                    {
+                        "server-round": 1,
+                        "partition-id": 0,
+                        "seed": 11,
+                        RUN_CONFIG_KEY: json.dumps(run_config),
+                        AGGREGATOR_CONFIG_KEY: "{}",
+                    }
+                ),
+            }
+        ),
+        message_type=MessageType.TRAIN,
+        dst_node_id=1,
+    )
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = train_handler(message, context).content["arrays"]
+    keys = list(reply.keys())
+    assert keys and all(".lora_" in k or k.startswith("head.") for k in keys), keys
+    assert sorted(keys) == sorted(experiment.model.reply_keys)
+    sent = sum(len(a.data) for a in reply.values())
+    whole = sum(v.nbytes for v in get_state(config.task_spec.build().build_model()).values())
+    assert sent < 0.05 * whole, (sent, whole)
+    trained = reply.to_torch_state_dict()
+    assert any(not torch.equal(trained[k], experiment.initial_state[k]) for k in keys)
