@@ -41,7 +41,6 @@ from fedmerge.federation.config import AggregatorConfig, ConfigError, Experiment
 from fedmerge.federation.results import RunDir, compare_table, plot_curves
 from fedmerge.federation.server import (
     Experiment,
-    build_aggregator,
     check_needs,
     federated_model,
     merges_products,
@@ -392,7 +391,7 @@ def _check_resumable(config: ExperimentConfig, run: RunDir, checkpoint: Checkpoi
     shared = federated_model(
         config.task_spec.build(),
         seed=config.seed,
-        products=merges_products(config, build_aggregator(config)),
+        products=merges_products(config, check_needs(config)),
     ).initial_state
     expected = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in shared.items()}
     found = {k: (tuple(v.shape), str(v.dtype)) for k, v in checkpoint.global_state.items()}

@@ -84,13 +84,13 @@ def build_aggregator(config: ExperimentConfig) -> Aggregator:
         raise ConfigError(f"aggregator: {err}") from None
 
 
-def merges_products(config: ExperimentConfig, aggregator: Aggregator) -> bool:
+def merges_products(config: ExperimentConfig, needs: frozenset[str]) -> bool:
     """Whether a LoRA run merges the adapters' products B·A (``[aggregator] adapters``; ``auto``:
-    for the task-vector methods, which declare the ``base_model`` need) rather than the factors."""
+    for the task-vector methods, whose ``needs`` include ``base_model``) rather than the factors."""
     if not config.train.peft.enabled:
         return False
     if config.aggregator.adapters == "auto":
-        return "base_model" in getattr(aggregator, "needs", frozenset())
+        return "base_model" in needs
     return config.aggregator.adapters == "products"
 
 
@@ -322,19 +322,17 @@ class Experiment:
                 f"{err}"
             ) from err
         self.shard_sizes = [int(n) for n in load_manifest(self.shard_dir)["counts"]]
-        aggregator = build_aggregator(cfg)
         try:
-            self.model = federated_model(
-                task, seed=cfg.seed, products=merges_products(cfg, aggregator)
-            )
+            self.model = federated_model(task, seed=cfg.seed, products=merges_products(cfg, needs))
         except (ValueError, ImportError) as err:  # target modules that fit nothing, no peft
             raise ConfigError(f"train.peft: {err}") from None
-        if self.model.layout:
-            aggregator = LoraProducts(aggregator, self.model.layout)
         self.initial_state = self.model.initial_state
         task.check_model(list(self.initial_state))
         if self.resume is not None:
             self._check_resume(self.resume)
+        aggregator = build_aggregator(cfg)  # after the model: its own init draws on torch's RNG
+        if self.model.layout:
+            aggregator = LoraProducts(aggregator, self.model.layout)
 
         agg, ev = cfg.ray.aggregator, cfg.ray.evaluator
         self.aggregator = AggregatorActor.options(**actor_options(agg)).remote(

@@ -233,11 +233,11 @@ def test_task_vector_methods_merge_products_by_default_and_averages_merge_factor
     lora = {"peft": {"method": "lora", "target_modules": ["q"]}}
     for name, products in (("task_arithmetic", True), ("ties", True), ("fedavg", False)):
         config = parse_config({"train": lora, "aggregator": {"name": name}})
-        assert merges_products(config, create_aggregator(name, {})) is products, name
+        assert merges_products(config, create_aggregator(name, {}).needs) is products, name
     config = parse_config({"train": lora, "aggregator": {"name": "fedavg", "adapters": "products"}})
-    assert merges_products(config, create_aggregator("fedavg", {}))
+    assert merges_products(config, create_aggregator("fedavg", {}).needs)
     plain = parse_config({"aggregator": {"name": "task_arithmetic"}})
-    assert not merges_products(plain, create_aggregator("task_arithmetic", {}))
+    assert not merges_products(plain, create_aggregator("task_arithmetic", {}).needs)
 
 
 def test_task_arithmetic_over_lora_adds_the_scaled_products_to_the_base():

@@ -9,7 +9,7 @@ import torch
 from flwr.app import Array
 
 from fedmerge.federation.runner import resume_experiment, run_experiment
-from fedmerge.federation.server import build_aggregator, federated_model, merges_products
+from fedmerge.federation.server import check_needs, federated_model, merges_products
 
 from .conftest import digits_config
 
@@ -49,7 +49,7 @@ def test_a_lora_run_sends_adapters_only_and_resumes_exactly(tmp_path, adapters):
 
     task = config.task_spec.build()
     shared = federated_model(
-        task, seed=config.seed, products=merges_products(config, build_aggregator(config))
+        task, seed=config.seed, products=merges_products(config, check_needs(config))
     )
     reply = {k: shared.initial_state[k] for k in shared.reply_keys}
     assert set(reply) == {
