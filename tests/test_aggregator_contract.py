@@ -319,6 +319,8 @@ SAME_MODEL = {
     "task_arithmetic": {"lam": 1 / CLIENTS},
     # TIES averages the agreeing entries (τ itself here) and scales by λ; keep = 1 trims nothing.
     "ties": {"lam": 1.0, "keep": 1.0},
+    # TSV-M keeping every singular triple of N copies of τ rebuilds τ (α = 1).
+    "tsv_m": {"share": 1.0},
     # SMILE's linears are θ0 plus a routed mix of N copies of τ (full rank: k is capped at the
     # layer's size), so θ; its other parameters are θ only when taken from the clients' average.
     "smile": {"nonlinear": "average"},
