@@ -331,6 +331,11 @@ SAME_MODEL = {
 """Per method, the settings under which merging N copies of θ means θ; the others (averages,
 robust statistics, FedDRL's kept-and-weighted averages) give θ back at any setting (defaults)."""
 
+ISOTROPIC = {"iso_c", "iso_cts"}
+"""Iso-C and Iso-CTS give every shared 2-D task vector one singular value, so N copies of θ are
+θ there only when τ's spectrum is flat: they must give θ back on every other key (their closed
+forms on 2-D keys are tested in test_merge_methods.py)."""
+
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_d_identical_updates_merge_back_to_the_same_model(name: str) -> None:
@@ -343,6 +348,8 @@ def test_d_identical_updates_merge_back_to_the_same_model(name: str) -> None:
     assert set(result.state) == set(theta)
     for key, value in theta.items():
         assert result.state[key].dtype == value.dtype, key
+        if name in ISOTROPIC and value.dim() == 2 and not key.startswith("heads."):
+            continue
         assert torch.allclose(result.state[key].double(), value.double(), rtol=0, atol=1e-6), key
     if result.served_model is not None:  # the upscaled model computes what θ computes
         single = tiny_model(2)

@@ -1,4 +1,4 @@
-"""DARE and TSV-M on hand-made inputs with known results."""
+"""DARE, TSV-M, Iso-C and Iso-CTS on hand-made inputs with known results; one real run of each."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator
+from fedmerge.aggregators.isotropic import iso_c_merge, iso_cts_merge, subspace_sizes
 from fedmerge.aggregators.merging import dare_generator, dare_states, drop_and_rescale, group_states
 from fedmerge.aggregators.task_arithmetic import task_arithmetic
 from fedmerge.aggregators.ties import ties_merge
@@ -212,13 +213,96 @@ def test_orthogonal_factor_is_the_nearest_partial_isometry() -> None:
     assert torch.equal(orthogonal_factor(torch.zeros(3, 2)), torch.zeros(3, 2))
 
 
+# ---- Iso-C and Iso-CTS --------------------------------------------------------------------------
+
+
+def test_iso_c_of_one_rank_one_task_vector_is_that_vector() -> None:
+    """Its one non-zero singular value is its own mean: nothing changes (α = 1)."""
+    u, v = _orthonormal(6, 7)[:, :1], _orthonormal(4, 8)[:, :1]
+    base = {"w": torch.ones(6, 4), "b": torch.zeros(2)}
+    state = {"w": base["w"] + 2.5 * u @ v.T, "b": torch.tensor([1.0, -1.0])}
+    out = iso_c_merge(base, [state], alpha=1.0)
+    torch.testing.assert_close(out["w"], state["w"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["b"], state["b"])
+    torch.testing.assert_close(iso_c_merge(base, [state], alpha=0.4)["b"], 0.4 * state["b"])
+
+
+def test_iso_c_gives_the_summed_task_vector_one_singular_value_its_mean() -> None:
+    g = torch.Generator().manual_seed(9)
+    base = {"w": torch.randn(7, 5, generator=g)}
+    taus = [torch.randn(7, 5, generator=g) * scale for scale in (1.0, 0.3, 2.0)]
+    out = iso_c_merge(base, [{"w": base["w"] + t} for t in taus], alpha=1.0)
+    delta = out["w"] - base["w"]
+    total = sum(taus)
+    s = torch.linalg.svdvals(total)
+    torch.testing.assert_close(torch.linalg.svdvals(delta), torch.full((5,), float(s.mean())))
+    # the sum's singular vectors: Δ = σ̄ U Vᵀ, so Δ Σᵀ = σ̄ U Σ Uᵀ is symmetric positive
+    sym = delta @ total.T
+    torch.testing.assert_close(sym, sym.T, rtol=0, atol=1e-4)
+    assert torch.linalg.eigvalsh(delta.T @ total).min() > 0
+
+
+def test_iso_cts_with_all_the_rank_common_is_iso_c() -> None:
+    g = torch.Generator().manual_seed(10)
+    base = {"w": torch.randn(6, 8, generator=g), "b": torch.randn(3, generator=g)}
+    states = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    cts = iso_cts_merge(base, states, alpha=0.7, common_fraction=1.0)
+    c = iso_c_merge(base, states, alpha=0.7)
+    for key in base:
+        torch.testing.assert_close(cts[key], c[key], rtol=0, atol=1e-5)
+
+
+def test_iso_cts_swaps_the_weakest_common_directions_for_task_specific_ones() -> None:
+    """Task 1 lives on e1..e3 (σ 5, 4, 3), task 2 on e4..e6 (σ 0.5, 0.4, 0.3), the right vectors
+    likewise. On rank 6 with two tasks and a common fraction of 1/2 the common space is the sum's
+    top 2 (e1, e2) and each task adds its top 2 outside it: task 1 only e3 (nothing else is left),
+    task 2 e4 and e5. So e6 is dropped and Δ = mean(5, 4, 3, 0.5, 0.4) · Σ_{i ≤ 5} ei fiᵀ."""
+    e, f = _orthonormal(6, 11), _orthonormal(6, 12)
+    assert subspace_sizes(6, 2, 0.5) == (2, 2)
+    base = {"w": torch.zeros(6, 6)}
+    tau1 = _low_rank(e[:, :3], [5.0, 4.0, 3.0], f[:, :3])
+    tau2 = _low_rank(e[:, 3:], [0.5, 0.4, 0.3], f[:, 3:])
+    out = iso_cts_merge(base, [{"w": tau1}, {"w": tau2}], alpha=1.0, common_fraction=0.5)
+    expected = (12.9 / 5) * e[:, :5] @ f[:, :5].T
+    torch.testing.assert_close(out["w"], expected, rtol=0, atol=1e-5)
+    iso_c = iso_c_merge(base, [{"w": tau1}, {"w": tau2}], alpha=1.0)["w"]
+    torch.testing.assert_close(iso_c, (13.2 / 6) * e @ f.T, rtol=0, atol=1e-5)
+
+
+def test_iso_cts_result_is_isotropic_on_real_looking_task_vectors() -> None:
+    g = torch.Generator().manual_seed(13)
+    base = {"w": torch.zeros(12, 10)}
+    states = [{"w": torch.randn(12, 10, generator=g)} for _ in range(3)]
+    delta = iso_cts_merge(base, states, alpha=1.0, common_fraction=0.8)["w"]
+    s = torch.linalg.svdvals(delta)
+    torch.testing.assert_close(s, torch.full_like(s, float(s[0])), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("k", "tasks", "fraction", "sizes"),
+    [
+        (384, 6, 0.8, (306, 13)),  # all-MiniLM-L6-v2's attention weights, six tasks
+        (16, 4, 0.8, (12, 1)),
+        (16, 32, 0.8, (16, 0)),  # more tasks than directions left: Iso-C
+        (3, 2, 0.0, (1, 1)),  # rounding up would overfill the layer
+        (10, 3, 1.0, (10, 0)),
+    ],
+)
+def test_subspace_sizes(k, tasks, fraction, sizes) -> None:
+    assert subspace_sizes(k, tasks, fraction) == sizes
+
+
 # ---- per-task heads -----------------------------------------------------------------------------
 
 # Task 0's model body is 3.25 everywhere (its clients' weighted mean), task 1's -2: constant 2 × 2
 # task vectors, all along the one direction J = 1 1ᵀ. TSV-M takes their mean along a shared
-# direction, 0.625; the bias is the mean task vector in every method.
+# direction, 0.625; Iso-C and Iso-CTS keep the sum's one singular value, 2 · 0.625; the bias
+# is the mean task vector in every method.
 HEADS_CASES = [
     ("tsv_m", {}, 0.625, 0.625, 2),
+    ("iso_c", {}, 1.25, 0.625, 2),
+    ("iso_cts", {}, 1.25, 0.625, 2),
+    ("iso_c", {"alpha": 0.5}, 0.625, 0.3125, 2),
     ("tsv_m", {"group_by": "client"}, (1 + 4 - 2) / 3, (1 + 4 - 2) / 3, 3),
 ]
 
@@ -238,10 +322,13 @@ def test_new_merges_keep_heads_per_task(name, params, weight, bias, models) -> N
 
 # ---- real runs ----------------------------------------------------------------------------------
 
-# digits: 3 clients, 2 rounds, one model per client (no task ids); each reply's task vector
-# counts in full, so α (λ) = 1/3 makes the merges average-like and the rounds converge.
+# digits: 3 clients, 2 rounds, one model per client (no task ids). Task arithmetic and TSV-M add
+# each reply's task vector in full, so λ = α = 1/3 makes them average-like; Iso-C and Iso-CTS
+# run at their defaults (α = 1: the flattened spectrum has a smaller norm than the sum's).
 REAL_RUNS = {
     "tsv_m": ["aggregator.name=tsv_m", "aggregator.alpha=0.3333"],
+    "iso_c": ["aggregator.name=iso_c"],
+    "iso_cts": ["aggregator.name=iso_cts"],
 }
 
 
@@ -260,3 +347,8 @@ def test_a_real_run_merges_every_round_and_learns(label, tmp_path, ray_address) 
     rows = [r for r in run.metrics().to_pylist() if r["scope"] == "aggregator"]
     models = {r["round"]: r["value"] for r in rows if r["metric"] == "num_models"}
     assert models == {1: 3.0, 2: 3.0}
+    kept = {r["round"]: r["value"] for r in rows if r["metric"] == "dare_kept"}
+    if label == "dare":  # about 70 % of some 4,000 entries per model kept, every round
+        assert sorted(kept) == [1, 2] and all(abs(v - 0.7) < 0.02 for v in kept.values()), kept
+    else:
+        assert kept == {}
