@@ -329,6 +329,7 @@ REAL_RUNS = {
     "tsv_m": ["aggregator.name=tsv_m", "aggregator.alpha=0.3333"],
     "iso_c": ["aggregator.name=iso_c"],
     "iso_cts": ["aggregator.name=iso_cts"],
+    "dare": ["aggregator.name=task_arithmetic", "aggregator.lam=0.3333", "aggregator.dare=0.3"],
 }
 
 
