@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,7 @@ def _merge(
     base: Mapping[str, torch.Tensor],
     states: Sequence[Mapping[str, torch.Tensor]],
     alpha: float,
-    matrix: Any,
+    matrix: Callable[[Sequence[torch.Tensor]], torch.Tensor],
     who: str,
 ) -> StateDict:
     if not states:
