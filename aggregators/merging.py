@@ -10,6 +10,9 @@ model such as the Fashion-MNIST CNN) every client is its own group and there are
 (``"client"``) or, with ``"task"``, the example-weighted mean of each task's clients (clients
 without a task id stay on their own), so several clients of one task count as one fine-tuned
 model, as in the papers' one-model-per-task setting.
+
+``dare_states`` is DARE's drop-and-rescale of each model's task vector, the option the task-vector
+methods share (``dare`` = the drop rate; 0 leaves the models untouched).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedmerge.aggregators.base import ClientUpdate, StateDict, checked_num_examples
@@ -27,6 +31,9 @@ __all__ = [
     "HEAD_PATTERN",
     "Group",
     "count_parameters",
+    "dare_generator",
+    "dare_states",
+    "drop_and_rescale",
     "group_states",
     "head_task",
     "merged_heads",
@@ -172,3 +179,74 @@ def stored_bytes(module: torch.nn.Module) -> int:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+_DARE_STREAM = 0xDA7E
+"""Keeps DARE's masks apart from any other random stream derived from the run's seed."""
+
+
+def drop_and_rescale(tau: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE on one task-vector tensor: each entry is dropped (set to 0) with probability ``p``
+    and the kept ones are scaled by 1/(1 - p), so the expectation is ``tau`` itself.
+
+    The mask is drawn on the CPU from ``generator`` (the same masks on any device), one uniform
+    number per entry in row-major order. ``p`` = 0 returns ``tau`` unchanged.
+    """
+    if p == 0:
+        return tau
+    return _dropped(tau, _dare_mask(tau, p, generator), p)
+
+
+def _dare_mask(tau: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Which entries DARE keeps (True with probability 1 - ``p``), on ``tau``'s device."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dare: drop rate p={p!r} is invalid: must be in [0, 1)")
+    return (torch.rand(tau.shape, generator=generator, dtype=torch.float32) >= p).to(tau.device)
+
+
+def _dropped(tau: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.where(keep, tau / (1 - p), torch.zeros_like(tau))
+
+
+def dare_generator(seed: int, round_: int, clients: Sequence[int]) -> torch.Generator:
+    """The CPU generator of one model's DARE masks in one round: a function of the run's seed,
+    the round and the clients behind the model, so a run is reproducible and no two models (nor
+    two rounds) share a mask."""
+    entropy = [seed, round_, _DARE_STREAM, len(clients), *clients]  # the count: no id is lost
+    return torch.Generator().manual_seed(int(np.random.default_rng(entropy).integers(2**63)))
+
+
+def dare_states(
+    base: Mapping[str, torch.Tensor],
+    groups: Sequence[Group],
+    p: float,
+    *,
+    seed: int,
+    round_: int,
+) -> tuple[list[Mapping[str, torch.Tensor]], dict[str, float]]:
+    """Each group's weights with DARE applied to its task vector θ − θ0 on the floating keys of
+    ``base`` (computed in float32, cast back), and the metric ``dare_kept`` (the share of the
+    masks' entries kept, over all models). Yu, Yu, Yu, Huang, Li, "Language Models are Super Mario: Absorbing
+    Abilities from Homologous Models as a Free Lunch", ICML 2024, https://arxiv.org/abs/2311.03099.
+
+    With ``p`` = 0 the groups' states come back as they are and there is no metric, so a merge
+    without DARE is bit for bit what it was. Keys are visited in ``base``'s order.
+    """
+    if p == 0:
+        return [g.state for g in groups], {}
+    kept = total = 0
+    out: list[Mapping[str, torch.Tensor]] = []
+    for group in groups:
+        generator = dare_generator(seed, round_, group.clients)
+        state = dict(group.state)
+        for key, theta0 in base.items():
+            if not theta0.is_floating_point():
+                continue
+            base32 = theta0.float()
+            tau = state[key].to(base32.device, torch.float32) - base32
+            keep = _dare_mask(tau, p, generator)
+            kept += int(keep.sum())
+            total += keep.numel()
+            state[key] = (base32 + _dropped(tau, keep, p)).to(theta0.dtype)
+        out.append(state)
+    return out, {"dare_kept": kept / total if total else 1.0}

@@ -15,7 +15,13 @@ from fedmerge.aggregators.base import (
     RoundContext,
     StateDict,
 )
-from fedmerge.aggregators.merging import GROUP_BY, group_states, mergeable, merged_heads
+from fedmerge.aggregators.merging import (
+    GROUP_BY,
+    dare_states,
+    group_states,
+    mergeable,
+    merged_heads,
+)
 from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 
@@ -52,6 +58,9 @@ class TaskArithmetic(Aggregator):
     θ0 is the run's initial (pretrained) model. With ``group_by = "task"`` the clients of one task
     are averaged into one task model first (several clients of a task count once); per-task heads
     are each task's clients' mean. The merged model is both broadcast and served. ``lam`` = 0.3.
+    ``dare`` = p > 0 first drops each task vector's entries with probability p and rescales the
+    kept ones (DARE, ``merging.dare_states``; masks seeded by the run's seed, the round and the
+    model's clients).
     """
 
     name = "task_arithmetic"
@@ -63,6 +72,12 @@ class TaskArithmetic(Aggregator):
         group_by: str = hyperparameter(
             "task", "one model per task (its clients averaged) or one per client", choices=GROUP_BY
         )
+        dare: float = hyperparameter(
+            0.0,
+            "DARE drop rate p of each task vector's entries (kept ones x 1/(1-p)); 0 = off",
+            ge=0,
+            lt=1,
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -72,7 +87,10 @@ class TaskArithmetic(Aggregator):
         groups = group_states(updates, self.group_by, ctx.device)
         base = {k: v.to(ctx.device) for k, v in ctx.base_state.items()}
         shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
-        state = task_arithmetic(shared, [g.state for g in groups], lam=self.lam)
+        states, dare_metrics = dare_states(
+            shared, groups, self.dare, seed=ctx.seed, round_=ctx.round
+        )
+        state = task_arithmetic(shared, states, lam=self.lam)
         state.update(merged_heads(base, updates, ctx.device))
         return AggregateResult(
             state={k: state[k] for k in base},
@@ -80,5 +98,6 @@ class TaskArithmetic(Aggregator):
                 "num_clients": float(len(updates)),
                 "num_models": float(len(groups)),
                 "num_examples": float(sum(u.num_examples for u in updates)),
+                **dare_metrics,
             },
         )

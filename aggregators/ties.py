@@ -16,7 +16,13 @@ from fedmerge.aggregators.base import (
     RoundContext,
     StateDict,
 )
-from fedmerge.aggregators.merging import GROUP_BY, group_states, mergeable, merged_heads
+from fedmerge.aggregators.merging import (
+    GROUP_BY,
+    dare_states,
+    group_states,
+    mergeable,
+    merged_heads,
+)
 from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
 
@@ -79,6 +85,8 @@ class Ties(Aggregator):
     ``keep`` = 0.2 (top 20 % of |τ| per model, over the whole model), ``lam`` = 0.3. As in
     task arithmetic, ``group_by = "task"`` merges one model per task and per-task heads are each
     task's clients' mean. The merged model is both broadcast and served.
+    ``dare`` = p > 0 applies DARE to each task vector before the trim (DARE-TIES; see
+    ``merging.dare_states``).
     """
 
     name = "ties"
@@ -93,6 +101,12 @@ class Ties(Aggregator):
         group_by: str = hyperparameter(
             "task", "one model per task (its clients averaged) or one per client", choices=GROUP_BY
         )
+        dare: float = hyperparameter(
+            0.0,
+            "DARE drop rate p of each task vector's entries (kept ones x 1/(1-p)); 0 = off",
+            ge=0,
+            lt=1,
+        )
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -102,7 +116,10 @@ class Ties(Aggregator):
         groups = group_states(updates, self.group_by, ctx.device)
         base = {k: v.to(ctx.device) for k, v in ctx.base_state.items()}
         shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
-        state = ties_merge(shared, [g.state for g in groups], lam=self.lam, keep=self.keep)
+        states, dare_metrics = dare_states(
+            shared, groups, self.dare, seed=ctx.seed, round_=ctx.round
+        )
+        state = ties_merge(shared, states, lam=self.lam, keep=self.keep)
         state.update(merged_heads(base, updates, ctx.device))
         return AggregateResult(
             state={k: state[k] for k in base},
@@ -110,5 +127,6 @@ class Ties(Aggregator):
                 "num_clients": float(len(updates)),
                 "num_models": float(len(groups)),
                 "num_examples": float(sum(u.num_examples for u in updates)),
+                **dare_metrics,
             },
         )
