@@ -52,7 +52,6 @@ from fedmerge.clients.training import train  # noqa: E402
 from fedmerge.federation.config import load_config, parse_config  # noqa: E402
 from fedmerge.federation.evaluation import evaluate_per_task  # noqa: E402
 from fedmerge.federation.proxy import proxy_split  # noqa: E402
-from fedmerge.federation.results import format_table  # noqa: E402
 from fedmerge.federation.server import federated_model, partition_params  # noqa: E402
 from fedmerge.federation.strategy import FedMergeStrategy  # noqa: E402
 from fedmerge.federation.sweep import Sweep, run_sweep  # noqa: E402
@@ -271,7 +270,7 @@ def _score(task, state_or_model, test, batch: int) -> dict[str, float]:
     return {**accs, "average": float(np.mean(list(accs.values())))}
 
 
-def run_oneshot(out: Path, extra: list[str], threads: int) -> dict:
+def run_oneshot(out: Path, extra: list[str], threads: int, arms: list[str]) -> dict:
     torch.set_num_threads(threads)
     folder = out / "oneshot"
     configs = oneshot_configs(extra)
@@ -283,6 +282,8 @@ def run_oneshot(out: Path, extra: list[str], threads: int) -> dict:
         results_file.write_text(json.dumps(results, indent=1))
 
     for arm, cfg in configs.items():
+        if arm not in arms:
+            continue
         task = cfg.task_spec.build()
         groups_of = task.task_index
         train_data, test = task.load("train"), task.load("test")
@@ -378,68 +379,88 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f}"
 
 
+def _md(headers: list[str], rows: list[list[object]]) -> list[str]:
+    return [
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+        "",
+    ]
+
+
 def tables(arms: dict, oneshot: dict) -> str:
+    """The Markdown tables of docs/results/lora.md."""
     lines = []
     if arms:
         rounds = next(iter(arms.values()))["rounds"]
+        seeds = ", ".join(str(s) for s in next(iter(arms.values()))["seeds"])
+        lines += [
+            f"(a) federated: server test accuracy per round, mean ± std over seeds {seeds}",
+            "",
+        ]
+        lines += _md(
+            ["arm", *(f"round {r}" for r in rounds), "best"],
+            [
+                [
+                    a["label"],
+                    *(_pm(ms) for ms in zip(a["accuracy_mean"], a["accuracy_std"], strict=True)),
+                    _pm(a["best"]),
+                ]
+                for a in arms.values()
+            ],
+        )
         full = arms.get("full")
         rows = []
-        for arm in arms.values():
-            ratio = (
-                f"{full['bytes_sent_per_round'] / arm['bytes_sent_per_round']:.0f}x"
-                if full
-                else "-"
-            )
+        for a in arms.values():
+
+            def ratio(key: str, a: dict = a) -> str:
+                return f"{full[key] / a[key]:.1f}×" if full and a[key] else "-"
+
             rows.append(
                 [
-                    arm["label"],
-                    len(arm["seeds"]),
-                    *(
-                        _pm((m, s))
-                        for m, s in zip(arm["accuracy_mean"], arm["accuracy_std"], strict=True)
-                    ),
-                    _pm(arm["best"]),
-                    _mb(arm["bytes_sent_per_round"]),
-                    _mb(arm["bytes_received_per_round"]),
-                    ratio,
-                    f"{arm['round_time_s']:.1f}",
+                    a["label"],
+                    _mb(a["bytes_sent_per_round"]),
+                    ratio("bytes_sent_per_round"),
+                    _mb(a["bytes_received_per_round"]),
+                    ratio("bytes_received_per_round"),
+                    f"{a['round_time_s']:.0f}",
                 ]
             )
-        headers = [
-            "arm",
-            "seeds",
-            *(f"round {r}" for r in rounds),
-            "best",
-            "MB sent/round",
-            "MB received/round",
-            "fewer bytes sent",
-            "s/round",
-        ]
-        lines += ["(a) federated", "", "```", format_table(headers, rows), "```", ""]
+        lines += ["(a) federated: traffic and time per round (mean over rounds and seeds)", ""]
+        lines += _md(
+            [
+                "arm",
+                "MB sent / round",
+                "less than full",
+                "MB received / round",
+                "less than full",
+                "s / round",
+            ],
+            rows,
+        )
     for arm, data in oneshot.items():
         if "task_names" not in data:
             continue
         names = data["task_names"]
-        rows = [
-            [
-                r["label"],
-                *(f"{r[n]:.3f}" for n in names),
-                f"{r['average']:.3f}",
-                f"{r['params_ratio']:.2f}" if "params_ratio" in r else "",
-            ]
-            for r in data["rows"].values()
-        ]
         lines += [
             f"(b) one shot, {arm}: {_mb(data['bytes_sent_per_round'])} MB sent, "
-            f"{_mb(data['bytes_received_per_round'])} MB received per round; "
-            f"{data['trainable_params']:,} of {data['model_params']:,} parameters travel back; "
-            f"{data['fine_tune_s_per_client']:.0f} s fine-tuning per client",
-            "",
-            "```",
-            format_table(["method", *names, "average", "params x"], rows),
-            "```",
+            f"{_mb(data['bytes_received_per_round'])} MB received in the round; "
+            f"{data['trainable_params']:,} of {data['model_params']:,} parameters travel back "
+            f"from a client; {data['fine_tune_s_per_client']:.0f} s fine-tuning per client",
             "",
         ]
+        lines += _md(
+            ["method", *names, "average", "params"],
+            [
+                [
+                    r["label"],
+                    *(f"{r[n]:.3f}" for n in names),
+                    f"{r['average']:.3f}",
+                    f"{r['params_ratio']:.2f}×" if "params_ratio" in r else "",
+                ]
+                for r in data["rows"].values()
+            ],
+        )
     return "\n".join(lines)
 
 
@@ -453,6 +474,9 @@ def main() -> None:
         "--oneshot-set", action="append", default=[], help="override of smile_text.toml"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the one shot")
+    parser.add_argument(
+        "--oneshot-arms", nargs="+", choices=["full", "lora"], default=["full", "lora"]
+    )
     parser.add_argument("--out", default=str(ROOT / "runs" / "lora_table"))
     parser.add_argument("--report", default=str(ROOT / "docs" / "results" / "lora"))
     args = parser.parse_args()
@@ -460,7 +484,7 @@ def main() -> None:
     if args.part in ("all", "federated"):
         run_federated(out, args.rounds, args.seeds, args.set)
     if args.part in ("all", "oneshot"):
-        run_oneshot(out, args.oneshot_set, args.threads)
+        run_oneshot(out, args.oneshot_set, args.threads, args.oneshot_arms)
     fed_file = out / "federated" / "results.jsonl"
     results = (
         [json.loads(x) for x in fed_file.read_text().splitlines() if x] if fed_file.exists() else []
