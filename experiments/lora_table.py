@@ -174,7 +174,7 @@ def plot_federated(arms: dict, path: Path) -> None:
         ax.plot(arm["rounds"], mean, marker="o", markersize=4, label=arm["label"])
         if np.isfinite(std).all():
             ax.fill_between(arm["rounds"], mean - std, mean + std, alpha=0.2)
-    seeds = ", ".join(str(s) for s in next(iter(arms.values()))["seeds"])
+    seeds = ", ".join(str(s) for s in sorted({s for a in arms.values() for s in a["seeds"]}))
     ax.set_title(f"Rotten Tomatoes, 4 label-skewed clients: mean ± std over seeds {seeds}")
     ax.set_xlabel("round")
     ax.set_ylabel("server test accuracy")
@@ -393,16 +393,13 @@ def tables(arms: dict, oneshot: dict) -> str:
     lines = []
     if arms:
         rounds = next(iter(arms.values()))["rounds"]
-        seeds = ", ".join(str(s) for s in next(iter(arms.values()))["seeds"])
-        lines += [
-            f"(a) federated: server test accuracy per round, mean ± std over seeds {seeds}",
-            "",
-        ]
+        lines += ["(a) federated: server test accuracy per round, mean ± std over seeds", ""]
         lines += _md(
-            ["arm", *(f"round {r}" for r in rounds), "best"],
+            ["arm", "seeds", *(f"round {r}" for r in rounds), "best"],
             [
                 [
                     a["label"],
+                    ", ".join(str(s) for s in a["seeds"]),
                     *(_pm(ms) for ms in zip(a["accuracy_mean"], a["accuracy_std"], strict=True)),
                     _pm(a["best"]),
                 ]
