@@ -12,7 +12,7 @@
     client seeds, ``train``, the aggregators' ``aggregate``, LoraProducts as the server wraps it),
     so each arm fine-tunes once; client models are cached.
 
-    .venv/bin/python experiments/lora_table.py --seeds 0 1 2 \
+    .venv/bin/python experiments/lora_table.py --seeds 0 1 2 \\
         --oneshot-set data.max_train_examples=600 --oneshot-set data.max_test_examples=200
 
 Results go to ``--out`` (runs/lora_table, git-ignored); ``--report`` (docs/results/lora) gets
