@@ -18,13 +18,19 @@ methods share (``dare`` = the drop rate; 0 leaves the models untouched).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedmerge.aggregators.base import ClientUpdate, StateDict, checked_num_examples
+from fedmerge.aggregators.base import (
+    AggregateResult,
+    ClientUpdate,
+    RoundContext,
+    StateDict,
+    checked_num_examples,
+)
 
 __all__ = [
     "GROUP_BY",
@@ -36,6 +42,7 @@ __all__ = [
     "drop_and_rescale",
     "group_states",
     "head_task",
+    "merge_per_task",
     "merged_heads",
     "mergeable",
     "stored_bytes",
@@ -250,3 +257,37 @@ def dare_states(
             state[key] = (base32 + _dropped(tau, keep, p)).to(theta0.dtype)
         out.append(state)
     return out, {"dare_kept": kept / total if total else 1.0}
+
+
+MergeFunction = Callable[
+    [Mapping[str, torch.Tensor], Sequence[Mapping[str, torch.Tensor]]], StateDict
+]
+
+
+def merge_per_task(
+    ctx: RoundContext,
+    updates: Sequence[ClientUpdate],
+    merge: MergeFunction,
+    *,
+    group_by: str,
+    dare: float = 0.0,
+) -> AggregateResult:
+    """The round of a one-model-per-task merge (task arithmetic, TIES, TSV-M, Iso-C...): the
+    clients grouped into models (``group_states``), DARE applied to their task vectors when
+    ``dare`` > 0, ``merge(shared_base, states)`` over every key but the per-task heads, and each
+    head the mean of its own task's clients (``merged_heads``)."""
+    groups = group_states(updates, group_by, ctx.device)
+    base = {k: v.to(ctx.device) for k, v in ctx.base_state.items()}
+    shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
+    states, dare_metrics = dare_states(shared, groups, dare, seed=ctx.seed, round_=ctx.round)
+    state = merge(shared, states)
+    state.update(merged_heads(base, updates, ctx.device))
+    return AggregateResult(
+        state={k: state[k] for k in base},
+        metrics={
+            "num_clients": float(len(updates)),
+            "num_models": float(len(groups)),
+            "num_examples": float(sum(u.num_examples for u in updates)),
+            **dare_metrics,
+        },
+    )

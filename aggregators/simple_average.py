@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmerge.aggregators.base import AggregateResult, Aggregator, ClientUpdate, RoundContext
-from fedmerge.aggregators.merging import GROUP_BY, group_states, mergeable, merged_heads
+from fedmerge.aggregators.merging import (
+    GROUP_BY,
+    merge_per_task,
+)
 from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 from fedmerge.aggregators.task_arithmetic import task_arithmetic
@@ -40,16 +43,9 @@ class SimpleAverage(Aggregator):
         self.set_hyperparameters(params)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        groups = group_states(updates, self.group_by, ctx.device)
-        base = {k: v.to(ctx.device) for k, v in ctx.base_state.items()}
-        shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
-        state = task_arithmetic(shared, [g.state for g in groups], lam=1.0 / len(groups))
-        state.update(merged_heads(base, updates, ctx.device))
-        return AggregateResult(
-            state={k: state[k] for k in base},
-            metrics={
-                "num_clients": float(len(updates)),
-                "num_models": float(len(groups)),
-                "num_examples": float(sum(u.num_examples for u in updates)),
-            },
+        return merge_per_task(
+            ctx,
+            updates,
+            lambda shared, states: task_arithmetic(shared, states, lam=1.0 / len(states)),
+            group_by=self.group_by,
         )

@@ -18,10 +18,7 @@ from fedmerge.aggregators.base import (
 )
 from fedmerge.aggregators.merging import (
     GROUP_BY,
-    dare_states,
-    group_states,
-    mergeable,
-    merged_heads,
+    merge_per_task,
 )
 from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
@@ -113,20 +110,10 @@ class Ties(Aggregator):
         self.set_hyperparameters(params)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        groups = group_states(updates, self.group_by, ctx.device)
-        base = {k: v.to(ctx.device) for k, v in ctx.base_state.items()}
-        shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
-        states, dare_metrics = dare_states(
-            shared, groups, self.dare, seed=ctx.seed, round_=ctx.round
-        )
-        state = ties_merge(shared, states, lam=self.lam, keep=self.keep)
-        state.update(merged_heads(base, updates, ctx.device))
-        return AggregateResult(
-            state={k: state[k] for k in base},
-            metrics={
-                "num_clients": float(len(updates)),
-                "num_models": float(len(groups)),
-                "num_examples": float(sum(u.num_examples for u in updates)),
-                **dare_metrics,
-            },
+        return merge_per_task(
+            ctx,
+            updates,
+            lambda shared, states: ties_merge(shared, states, lam=self.lam, keep=self.keep),
+            group_by=self.group_by,
+            dare=self.dare,
         )

@@ -16,7 +16,10 @@ from fedmerge.aggregators.base import (
     RoundContext,
     StateDict,
 )
-from fedmerge.aggregators.merging import GROUP_BY, group_states, mergeable, merged_heads
+from fedmerge.aggregators.merging import (
+    GROUP_BY,
+    merge_per_task,
+)
 from fedmerge.aggregators.params import hyperparameter
 from fedmerge.aggregators.registry import register
 
@@ -135,16 +138,9 @@ class TaskSingularVectors(Aggregator):
         self.set_hyperparameters(params)
 
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        groups = group_states(updates, self.group_by, ctx.device)
-        base = {k: v.to(ctx.device) for k, v in ctx.base_state.items()}
-        shared = {k: v for k, v in base.items() if mergeable(k, v) or not v.is_floating_point()}
-        state = tsv_merge(shared, [g.state for g in groups], alpha=self.alpha, share=self.share)
-        state.update(merged_heads(base, updates, ctx.device))
-        return AggregateResult(
-            state={k: state[k] for k in base},
-            metrics={
-                "num_clients": float(len(updates)),
-                "num_models": float(len(groups)),
-                "num_examples": float(sum(u.num_examples for u in updates)),
-            },
+        return merge_per_task(
+            ctx,
+            updates,
+            lambda shared, states: tsv_merge(shared, states, alpha=self.alpha, share=self.share),
+            group_by=self.group_by,
         )
