@@ -130,9 +130,9 @@ def wire_bytes(state: Mapping[str, Any]) -> int:
     return sum(len(Array(v.detach().cpu().numpy()).data) for v in state.values())
 
 
-def _system_series(run_dir, metric: str) -> list[float]:
+def _series(run_dir, scope: str, metric: str) -> list[float]:
     rows = [
-        r for r in run_dir.metrics().to_pylist() if r["scope"] == "system" and r["metric"] == metric
+        r for r in run_dir.metrics().to_pylist() if r["scope"] == scope and r["metric"] == metric
     ]
     return [r["value"] for r in sorted(rows, key=lambda r: r["round"])]
 
@@ -169,16 +169,18 @@ def measure_arm(spec: Mapping[str, Any]) -> dict[str, Any]:
     responded = [
         s - f
         for s, f in zip(
-            _system_series(run, "clients_sampled"), _system_series(run, "clients_failed")
+            _series(run, "system", "clients_sampled"), _series(run, "system", "clients_failed")
         )
     ]
     return {
         "round_s": [b - a for a, b in zip(marks, marks[1:])],
         "wall_s": wall,
         "start_s": marks[0] - started if marks else math.nan,
-        "bytes_sent": _system_series(run, "bytes_sent"),
-        "bytes_received": _system_series(run, "bytes_received"),
+        "bytes_sent": _series(run, "system", "bytes_sent"),
+        "bytes_received": _series(run, "system", "bytes_received"),
         "clients_responded": responded,
+        "aggregate_s": _series(run, "aggregator", "aggregate_s"),
+        "evaluate_s": _series(run, "server", "evaluate_s"),
         "update_bytes": wire_bytes(reply),
         "update_params": sum(v.numel() for v in reply.values()),
         "global_bytes": wire_bytes(shared.initial_state),
@@ -225,6 +227,20 @@ def summarise(arm: str, result: Mapping[str, Any], full: Mapping[str, Any] | Non
         f"{actors.get('evaluator', 0.0):,.0f}",
         f"{result['driver_peak_mb'] + sum(actors.values()):,.0f}",
         f"{result['final_accuracy']:.4f}",
+    ]
+
+
+def breakdown(arm: str, result: Mapping[str, Any]) -> list[Any]:
+    """Where a steady round goes: the server actors' own timings against the whole round."""
+    steady = steady_round_s(result)
+    aggregate = statistics.median(result["aggregate_s"][1:])
+    evaluate = statistics.median(result["evaluate_s"][1:])
+    return [
+        arm,
+        f"{steady:.2f}",
+        f"{aggregate:.2f}",
+        f"{evaluate:.2f}",
+        f"{steady - aggregate - evaluate:.2f}",
     ]
 
 
@@ -327,6 +343,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "\nsent: the global model's shared tensors to every sampled client; received: the clients'"
         " replies; one update: the tensors one client sends back. Server peak RSS sums the driver"
         " and the two actors (an upper bound: shared pages count in each)."
+    )
+    print()
+    print(
+        markdown_table(
+            [
+                "arm",
+                "steady round s (median)",
+                "aggregate s",
+                "evaluate s",
+                "rest s (clients, messages, records)",
+            ],
+            [breakdown(arm, results[arm]) for arm in arms],
+        )
+    )
+    print(
+        "\naggregate: the AggregatorActor's merge of the round (its aggregate_s metric); evaluate:"
+        " the EvaluatorActor scoring the global model on the test set; medians of rounds 2.."
     )
     print(
         "per-round times (s): "

@@ -185,9 +185,11 @@ def test_lora_quick_reports_every_arm_and_the_bytes_it_moved(ray_address, tmp_pa
 
     figures = tmp_path / "lora.json"
     out = run_benchmark("lora", "--quick", "--address", ray_address, "--json", str(figures))
-    (table,) = tables(out)
+    table, breakdown = tables(out)
     assert [row[0] for row in table[1:]] == ["full", "fedit", "products"]
     assert all(len(row) == len(table[0]) == 13 for row in table)
+    assert [row[0] for row in breakdown[1:]] == ["full", "fedit", "products"]
+    assert all(len(row) == len(breakdown[0]) == 5 for row in breakdown)
     data = json.loads(figures.read_text(encoding="utf-8"))
     arms = data["arms"]
     assert sorted(arms) == ["fedit", "full", "products"]
@@ -211,6 +213,8 @@ def test_lora_quick_reports_every_arm_and_the_bytes_it_moved(ray_address, tmp_pa
         assert arm["bytes_received"] == [clients * wire(reply)] * rounds, name
         assert arm["bytes_sent"] == [clients * wire(shared.initial_state)] * rounds, name
         assert len(arm["round_s"]) == rounds and positive_times(arm["round_s"]), name
+        assert positive_times(arm["aggregate_s"]) and positive_times(arm["evaluate_s"]), name
+        assert len(arm["aggregate_s"]) == len(arm["evaluate_s"]) == rounds, name
         assert 0.0 <= arm["final_accuracy"] <= 1.0, name
         assert arm["driver_peak_mb"] > 0 and all(arm["actor_peak_mb"].values()), name
         assert sorted(arm["actor_peak_mb"]) == ["aggregator", "evaluator"], name
