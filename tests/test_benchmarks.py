@@ -174,3 +174,57 @@ def test_smile_quick_reports_both_svds(tmp_path):
         for figure in by_svd.values():
             assert positive_times([figure["construct_s"], figure["merge_s"]]), figure
             assert 0.0 <= figure["accuracy"] <= 1.0 and figure["params_ratio"] > 0, figure
+
+
+@pytest.mark.slow
+def test_lora_quick_reports_every_arm_and_the_bytes_it_moved(ray_address, tmp_path):
+    from flwr.app import Array
+
+    from fedmerge.federation.config import load_config
+    from fedmerge.federation.server import build_aggregator, federated_model, merges_products
+
+    figures = tmp_path / "lora.json"
+    out = run_benchmark("lora", "--quick", "--address", ray_address, "--json", str(figures))
+    table, breakdown = tables(out)
+    assert [row[0] for row in table[1:]] == ["full", "fedit", "products"]
+    assert all(len(row) == len(table[0]) == 13 for row in table)
+    assert [row[0] for row in breakdown[1:]] == ["full", "fedit", "products"]
+    assert all(len(row) == len(breakdown[0]) == 5 for row in breakdown)
+    data = json.loads(figures.read_text(encoding="utf-8"))
+    arms = data["arms"]
+    assert sorted(arms) == ["fedit", "full", "products"]
+    clients, rounds = data["clients"], data["rounds"]
+
+    def wire(state) -> int:
+        return sum(len(Array(v.numpy()).data) for v in state.values())
+
+    for name, arm in arms.items():
+        # The update's size recomputed here from the arm's config, and the bytes the run
+        # recorded: every client's reply holds exactly the shared tensors.
+        config = load_config(ROOT / data["experiment"], arm["overrides"])
+        shared = federated_model(
+            config.task_spec.build(),
+            seed=config.seed,
+            products=merges_products(config, build_aggregator(config)),
+        )
+        reply = {k: shared.initial_state[k] for k in shared.reply_keys}
+        assert arm["update_bytes"] == wire(reply) > 0, name
+        assert arm["clients_responded"] == [clients] * rounds, name
+        assert arm["bytes_received"] == [clients * wire(reply)] * rounds, name
+        assert arm["bytes_sent"] == [clients * wire(shared.initial_state)] * rounds, name
+        assert len(arm["round_s"]) == rounds and positive_times(arm["round_s"]), name
+        assert positive_times(arm["aggregate_s"]) and positive_times(arm["evaluate_s"]), name
+        assert len(arm["aggregate_s"]) == len(arm["evaluate_s"]) == rounds, name
+        assert 0.0 <= arm["final_accuracy"] <= 1.0, name
+        assert arm["driver_peak_mb"] > 0 and all(arm["actor_peak_mb"].values()), name
+        assert sorted(arm["actor_peak_mb"]) == ["aggregator", "evaluator"], name
+    full, fedit, products = arms["full"], arms["fedit"], arms["products"]
+    assert full["reply_keys"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    lora_keys = ["0.lora_A.default.weight", "0.lora_B.default.weight", "2.bias", "2.weight"]
+    assert fedit["reply_keys"] == products["reply_keys"] == lora_keys
+    assert fedit["update_bytes"] == products["update_bytes"] < full["update_bytes"]
+    assert max(fedit["bytes_received"]) < min(full["bytes_received"])
+    assert max(fedit["bytes_sent"]) < min(full["bytes_sent"])
+    # The products merge also ships the adapted layer's base weight down, never up.
+    assert min(products["bytes_sent"]) > max(fedit["bytes_sent"])
+    assert products["bytes_received"] == fedit["bytes_received"]
