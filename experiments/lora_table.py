@@ -43,8 +43,8 @@ for key, value in {
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 
+from experiments.client_cache import load_client_models, save_client_models  # noqa: E402
 from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator  # noqa: E402
 from fedmerge.aggregators.lora import LoraProducts  # noqa: E402
 from fedmerge.aggregators.merging import count_parameters  # noqa: E402
@@ -220,19 +220,9 @@ def oneshot_configs(extra: list[str]):
 
 def _fine_tune(cfg, task, initial, shards, cache: Path, arm: str):
     """Each client's reply after one local round from the initial model (cached), and seconds."""
-    index = cache / f"{arm}.json"
-    if index.is_file():
-        meta = json.loads(index.read_text())
-        updates = [
-            ClientUpdate(
-                c["client_id"],
-                load_file(str(cache / c["file"])),
-                c["num_examples"],
-                {"task_id": c["task_id"]},
-            )
-            for c in meta["clients"]
-        ]
-        return updates, meta["seconds"]
+    cached = load_client_models(cache, arm)
+    if cached is not None:
+        return cached
     strategy = FedMergeStrategy(
         aggregator=None, evaluator=None, num_clients=len(shards), seed=cfg.seed
     )
@@ -254,20 +244,7 @@ def _fine_tune(cfg, task, initial, shards, cache: Path, arm: str):
         updates.append(
             ClientUpdate(cid, state, len(shard), {"task_id": float(task.client_task_id(shard))})
         )
-    cache.mkdir(parents=True, exist_ok=True)
-    clients = []
-    for u in updates:
-        name = f"{arm}-client{u.client_id}.safetensors"
-        save_file({k: v.contiguous() for k, v in u.state.items()}, str(cache / name))
-        clients.append(
-            {
-                "client_id": u.client_id,
-                "file": name,
-                "num_examples": u.num_examples,
-                "task_id": u.metrics["task_id"],
-            }
-        )
-    index.write_text(json.dumps({"clients": clients, "seconds": seconds}))
+    save_client_models(cache, arm, updates, seconds)
     return updates, seconds
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from experiments.client_cache import load_client_models, save_client_models  # noqa: E402
 from fedmerge.aggregators import ClientUpdate, RoundContext, create_aggregator  # noqa: E402
 from fedmerge.aggregators.merging import count_parameters, stored_bytes  # noqa: E402
 from fedmerge.clients.partition import limit_examples, partition  # noqa: E402
@@ -51,19 +51,9 @@ METHODS = [
 
 def fine_tune(task, shards, theta0, cfg: TrainConfig, seed: int, label: str, cache: Path):
     """Each client's model after one local round from θ0 (cached), and the seconds it took."""
-    index = cache / f"{label}.json"
-    if index.is_file():  # safetensors + JSON: loading the cache runs no code
-        meta = json.loads(index.read_text())
-        updates = [
-            ClientUpdate(
-                c["client_id"],
-                load_file(str(cache / c["file"])),
-                c["num_examples"],
-                {"task_id": c["task_id"]},
-            )
-            for c in meta["clients"]
-        ]
-        return updates, meta["seconds"]
+    cached = load_client_models(cache, label)
+    if cached is not None:
+        return cached
     strategy = FedMergeStrategy(aggregator=None, evaluator=None, num_clients=len(shards), seed=seed)
     updates, seconds = [], []
     for cid, shard in enumerate(shards):
@@ -82,20 +72,7 @@ def fine_tune(task, shards, theta0, cfg: TrainConfig, seed: int, label: str, cac
                 cid, get_state(model), len(shard), {"task_id": float(task.client_task_id(shard))}
             )
         )
-    cache.mkdir(parents=True, exist_ok=True)
-    clients = []
-    for u in updates:
-        name = f"{label}-client{u.client_id}.safetensors"
-        save_file({k: v.contiguous() for k, v in u.state.items()}, str(cache / name))
-        clients.append(
-            {
-                "client_id": u.client_id,
-                "file": name,
-                "num_examples": u.num_examples,
-                "task_id": u.metrics["task_id"],
-            }
-        )
-    index.write_text(json.dumps({"clients": clients, "seconds": seconds}))
+    save_client_models(cache, label, updates, seconds)
     return updates, seconds
 
 
