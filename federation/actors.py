@@ -204,11 +204,7 @@ class AggregatorActor:
         self._token = None
         start = time.perf_counter()
         result = self.aggregator.finalize()
-        # Keys a merge leaves out (a LoRA products merge's untouched layers) keep their values.
-        self.global_state = {
-            k: result.state[k].detach() if k in result.state else v
-            for k, v in self.global_state.items()
-        }
+        self.global_state = {k: v.detach() for k, v in result.state.items()}
         self.state_round = self._round
         metrics = dict(result.metrics)
         served = None
