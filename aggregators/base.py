@@ -84,6 +84,10 @@ class RoundContext:
     ``build_model`` returns a fresh model of the run's architecture, for methods that serve a
     model other than the broadcast weights (SMILE, WEMoE); ``proxy_inputs`` holds the server's
     unlabelled inputs, model-ready, per task index, for test-time adaptation (WEMoE's routers).
+    ``num_clients`` is the federation's population N and ``sampled`` the ids of the clients
+    sampled to train this round, in sampling order (replies may be fewer): what methods that
+    scale by the sampling rate need (SCAFFOLD's control variate, the privacy accountant);
+    0 and () where the executor does not know them.
     """
 
     round: int
@@ -98,6 +102,8 @@ class RoundContext:
     malicious: frozenset[int] = frozenset()
     build_model: Callable[[], torch.nn.Module] | None = None
     proxy_inputs: Mapping[int, torch.Tensor] | None = None
+    num_clients: int = 0
+    sampled: tuple[int, ...] = ()
 
 
 @dataclass

@@ -100,13 +100,16 @@ class AggregatorActor:
         malicious: Sequence[int] = (),
         task_name: str | Mapping[str, Any] | None = None,
         proxy: Mapping[int, np.ndarray] | None = None,
+        num_clients: int = 0,
     ) -> None:
         """``validation`` (task name, x, y, batch size) is the server's validation set, scored through
         the RoundContext (``federation.scoring``); ``malicious`` the attack's ground truth.
         ``task_name`` (a name, or a ``TaskSpec.to_dict()`` for a task with parameters or
         plug-in modules) lets upscaling aggregators build the run's model (``RoundContext.build_model``);
-        ``proxy`` holds the server's unlabelled inputs per task (``RoundContext.proxy_inputs``)."""
+        ``proxy`` holds the server's unlabelled inputs per task (``RoundContext.proxy_inputs``);
+        ``num_clients`` the federation's population (``RoundContext.num_clients``)."""
         self.task_name = task_name
+        self.num_clients = int(num_clients)
         self.device = _device()
         self.aggregator = aggregator
         self.seed = seed
@@ -144,7 +147,9 @@ class AggregatorActor:
         self._check_state(state_round)
         return self.aggregator.client_config(server_round)
 
-    def begin_round(self, server_round: int, token: int, state_round: int) -> None:
+    def begin_round(
+        self, server_round: int, token: int, state_round: int, sampled: Sequence[int] = ()
+    ) -> None:
         self._check_state(state_round)
         self._token, self._round = token, server_round
         self._accumulate_s = 0.0
@@ -162,6 +167,8 @@ class AggregatorActor:
                 if self.task_name is None
                 else TaskSpec.from_dict(self.task_name).build().build_federated_model,
                 proxy_inputs=self.proxy,
+                num_clients=self.num_clients,
+                sampled=tuple(int(c) for c in sampled),
             )
         )
 

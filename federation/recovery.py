@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -206,6 +206,7 @@ class RoundAggregation:
             state.round
         )  # the round whose result the actor holds (a skipped round changes none)
         self._round: int | None = None
+        self._sampled: tuple[int, ...] = ()
         self._token = 0
         self._reset_round()
 
@@ -237,9 +238,12 @@ class RoundAggregation:
             self._restore,
         )
 
-    def begin_round(self, server_round: int) -> None:
+    def begin_round(self, server_round: int, sampled: Sequence[int] = ()) -> None:
+        """Open ``server_round``; ``sampled`` (the clients asked to train) reaches the aggregator's
+        ``RoundContext``, and every replay of the round, unchanged."""
         self._reset_round()
         self._round = server_round
+        self._sampled = tuple(int(c) for c in sampled)
         self.guard.call(f"the start of round {server_round}", self._open, self._restore)
 
     def accumulate(
@@ -370,7 +374,7 @@ class RoundAggregation:
         self._token += 1
         self._asked = None  # asked of an earlier attempt: its answer would not be trusted
         self.guard.get(
-            self.actor.begin_round.remote(self._round, self._token, self._held),
+            self.actor.begin_round.remote(self._round, self._token, self._held, self._sampled),
             f"the start of round {self._round}",
         )
         pending = []

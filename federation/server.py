@@ -343,6 +343,7 @@ class Experiment:
             malicious=self.attack["malicious_clients"],
             task_name=self.task_ref,
             proxy=proxy,
+            num_clients=cfg.data.num_clients,
         )
         self.evaluator = EvaluatorActor.options(**actor_options(ev)).remote(
             self.task_ref, test.x, test.y, cfg.evaluation.batch_size, int(ev.num_cpus)

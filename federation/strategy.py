@@ -431,10 +431,10 @@ class FedMergeStrategy(Strategy):
             raise RuntimeError("FedMergeStrategy drives its own rounds: call start()")
         return self._aggregation
 
-    def _begin_round(self, server_round: int) -> None:
+    def _begin_round(self, server_round: int, sampled: Sequence[int] = ()) -> None:
         """Open the round on the aggregator; replies are checked against the model it broadcasts."""
         aggregation = self._require_aggregation()
-        aggregation.begin_round(server_round)
+        aggregation.begin_round(server_round, sampled)
         self.validator.set_global(aggregation.state.global_state, keys=self.reply_keys)
 
     def _take_bytes_sent(self) -> int:
@@ -469,7 +469,7 @@ class FedMergeStrategy(Strategy):
         messages = list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
         clients = [int(m.content["config"]["partition-id"]) for m in messages]
         report = RoundReport(round=server_round, sampled=clients)
-        self._begin_round(server_round)
+        self._begin_round(server_round, clients)
 
         ids = list(grid.push_messages(messages))
         del messages

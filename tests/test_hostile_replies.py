@@ -62,7 +62,7 @@ class RecordingAggregation:
     def client_config(self, server_round):
         return {}
 
-    def begin_round(self, server_round):
+    def begin_round(self, server_round, sampled=()):
         self.accepted = []
 
     def accumulate(self, client_id, arrays, num_examples, metrics) -> None:
