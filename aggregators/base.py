@@ -87,6 +87,7 @@ class RoundContext:
     ``num_clients`` is the federation's population N and ``sampled`` the ids of the clients
     sampled to train this round, in sampling order (replies may be fewer): what methods that
     scale by the sampling rate need (SCAFFOLD's control variate, the privacy accountant);
+    ``num_rounds`` is the run's configured number of rounds (a privacy budget spans them).
     0 and () where the executor does not know them.
     """
 
@@ -104,6 +105,7 @@ class RoundContext:
     proxy_inputs: Mapping[int, torch.Tensor] | None = None
     num_clients: int = 0
     sampled: tuple[int, ...] = ()
+    num_rounds: int = 0
 
 
 @dataclass

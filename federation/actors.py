@@ -101,15 +101,17 @@ class AggregatorActor:
         task_name: str | Mapping[str, Any] | None = None,
         proxy: Mapping[int, np.ndarray] | None = None,
         num_clients: int = 0,
+        num_rounds: int = 0,
     ) -> None:
         """``validation`` (task name, x, y, batch size) is the server's validation set, scored through
         the RoundContext (``federation.scoring``); ``malicious`` the attack's ground truth.
         ``task_name`` (a name, or a ``TaskSpec.to_dict()`` for a task with parameters or
         plug-in modules) lets upscaling aggregators build the run's model (``RoundContext.build_model``);
         ``proxy`` holds the server's unlabelled inputs per task (``RoundContext.proxy_inputs``);
-        ``num_clients`` the federation's population (``RoundContext.num_clients``)."""
+        ``num_clients`` and ``num_rounds`` the federation's population and configured rounds
+        (``RoundContext``)."""
         self.task_name = task_name
-        self.num_clients = int(num_clients)
+        self.num_clients, self.num_rounds = int(num_clients), int(num_rounds)
         self.device = _device()
         self.aggregator = aggregator
         self.seed = seed
@@ -168,6 +170,7 @@ class AggregatorActor:
                 else TaskSpec.from_dict(self.task_name).build().build_federated_model,
                 proxy_inputs=self.proxy,
                 num_clients=self.num_clients,
+                num_rounds=self.num_rounds,
                 sampled=tuple(int(c) for c in sampled),
             )
         )
