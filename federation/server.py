@@ -344,6 +344,7 @@ class Experiment:
             task_name=self.task_ref,
             proxy=proxy,
             num_clients=cfg.data.num_clients,
+            num_rounds=cfg.federation.num_rounds,
         )
         self.evaluator = EvaluatorActor.options(**actor_options(ev)).remote(
             self.task_ref, test.x, test.y, cfg.evaluation.batch_size, int(ev.num_cpus)
