@@ -18,9 +18,9 @@ from fedmerge.aggregators.registry import (
 # The built-in algorithms register themselves on import.
 from fedmerge.aggregators import fedavg, fedprox, wsa  # noqa: E402, F401  isort: skip
 from fedmerge.aggregators import simple_average, smile, task_arithmetic, ties, wemoe  # noqa: E402, F401  isort: skip
-from fedmerge.aggregators import feddrl, krum, median, trimmed_mean  # noqa: E402, F401  isort: skip
+from fedmerge.aggregators import bulyan, feddrl, krum, median, trimmed_mean  # noqa: E402, F401  isort: skip
 from fedmerge.aggregators import fedadagrad, fedadam, fedavgm, fedyogi  # noqa: E402, F401  isort: skip
-from fedmerge.aggregators import isotropic, tsv  # noqa: E402, F401  isort: skip
+from fedmerge.aggregators import isotropic, qfedavg, tsv  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "AggregateResult",

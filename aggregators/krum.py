@@ -20,50 +20,65 @@ from fedmerge.aggregators.fedavg import fedavg
 from fedmerge.aggregators.params import check_value, hyperparameter
 from fedmerge.aggregators.registry import register
 
-__all__ = ["Krum", "krum", "krum_scores"]
+__all__ = ["Krum", "krum", "krum_scores", "pairwise_sq_distances", "scores_from_distances"]
 
 
 def _flat(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
     return torch.cat([state[k].detach().reshape(-1).to(torch.float64) for k in keys])
 
 
-def krum_scores(states: Sequence[Mapping[str, torch.Tensor]], num_byzantine: int) -> list[float]:
-    """Each state's Krum score: the sum of its squared L2 distances to its n − f − 2 nearest other
-    states (floating tensors only), f = ``num_byzantine`` (at least one neighbour when f = 0)."""
-    n = len(states)
-    if n < 1:
-        raise ValueError("krum: no states")
-    neighbours = n - num_byzantine - 2
-    if num_byzantine < 0 or (num_byzantine > 0 and neighbours < 1):
-        raise ValueError(
-            f"krum: num_byzantine={num_byzantine} with {n} clients leaves "
-            f"{neighbours} neighbours to score against; need n >= num_byzantine + 3"
-        )
-    neighbours = max(1, neighbours)  # two honest-assumed clients (f = 0) score against each other
+def pairwise_sq_distances(states: Sequence[Mapping[str, torch.Tensor]], who: str) -> torch.Tensor:
+    """The n × n matrix of squared L2 distances between the states (floating tensors only, in
+    float64), after checking that every state has the same keys and sizes and finite weights."""
+    if not states:
+        raise ValueError(f"{who}: no states")
     keys = [k for k, v in states[0].items() if v.is_floating_point()]
     for i, state in enumerate(states):
         missing = [k for k in keys if k not in state]
         if missing:
-            raise ValueError(f"krum: state {i} has no key {missing[0]!r}")
+            raise ValueError(f"{who}: state {i} has no key {missing[0]!r}")
     flat = [_flat(s, keys) for s in states]
     for i, vector in enumerate(flat):
         if vector.shape != flat[0].shape:
             raise ValueError(
-                f"krum: state {i} has {vector.numel()} weights, state 0 has {flat[0].numel()}"
+                f"{who}: state {i} has {vector.numel()} weights, state 0 has {flat[0].numel()}"
             )
         if not bool(torch.isfinite(vector).all()):
-            raise ValueError(f"krum: state {i} has non-finite weights")
-    if n == 1:
-        return [0.0]
+            raise ValueError(f"{who}: state {i} has non-finite weights")
+    n = len(flat)
     dist = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
         for j in range(i + 1, n):
             dist[i, j] = dist[j, i] = torch.sum((flat[i] - flat[j]) ** 2)
+    return dist
+
+
+def scores_from_distances(
+    dist: torch.Tensor, members: Sequence[int], neighbours: int
+) -> list[float]:
+    """Each member's Krum score within ``members``: the sum of its ``neighbours`` smallest squared
+    distances to the other members (all of them when there are fewer)."""
     scores = []
-    for i in range(n):
-        others = torch.cat([dist[i, :i], dist[i, i + 1 :]])
-        scores.append(float(others.sort().values[:neighbours].sum()))
+    for i in members:
+        others = torch.stack([dist[i, j] for j in members if j != i]) if len(members) > 1 else None
+        scores.append(0.0 if others is None else float(others.sort().values[:neighbours].sum()))
     return scores
+
+
+def krum_scores(states: Sequence[Mapping[str, torch.Tensor]], num_byzantine: int) -> list[float]:
+    """Each state's Krum score: the sum of its squared L2 distances to its n − f − 2 nearest other
+    states (floating tensors only), f = ``num_byzantine``. Blanchard et al. require 2f + 2 < n;
+    f = 0 scores against at least one neighbour."""
+    n = len(states)
+    if n < 1:
+        raise ValueError("krum: no states")
+    if num_byzantine < 0 or (num_byzantine > 0 and 2 * num_byzantine + 2 >= n):
+        raise ValueError(
+            f"krum: num_byzantine={num_byzantine} with {n} clients; Krum tolerates f malicious "
+            f"clients only when 2f + 2 < n, so at most {default_byzantine(n)} here"
+        )
+    dist = pairwise_sq_distances(states, "krum")
+    return scores_from_distances(dist, range(n), max(1, n - num_byzantine - 2))
 
 
 def default_byzantine(n: int) -> int:
@@ -126,7 +141,9 @@ class Krum(Aggregator):
     def aggregate(self, ctx: RoundContext, updates: Sequence[ClientUpdate]) -> AggregateResult:
         n = len(updates)
         f = self.num_byzantine if self.num_byzantine is not None else default_byzantine(n)
-        f = min(f, max(0, n - 3))  # a round with fewer replies than planned still gets a merge
+        # A round with fewer replies than planned still gets a merge, with the f that n allows
+        # (krum_f in the metrics shows it).
+        f = min(f, default_byzantine(n))
         state, selected = krum([u.state for u in updates], num_byzantine=f, multi=self.multi)
         ids = [u.client_id for u in updates]
         metrics = {"num_clients": float(n), "krum_f": float(f)}

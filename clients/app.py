@@ -24,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmerge.aggregators.qfedavg import INITIAL_LOSS_KEY
 from fedmerge.aggregators.terms import build_terms
 from fedmerge.clients.attacks import attack_data, attack_state, client_attack, reported_count
 from fedmerge.clients.partition import open_shard
@@ -118,8 +119,15 @@ def train_handler(msg: Message, context: Context) -> Message:
         )
     # The aggregator's client-side loss terms (FedProx's proximal term, WSA's scope regulariser),
     # anchored at the model just received.
-    specs = json.loads(str(config.get(AGGREGATOR_CONFIG_KEY, "{}"))).get("terms", [])
+    asked = json.loads(str(config.get(AGGREGATOR_CONFIG_KEY, "{}")))
+    specs = asked.get("terms", [])
     terms = build_terms(specs, model, received) if specs else []
+    # q-FedAvg weights each client by its loss at the received model, measured before training.
+    before = (
+        {INITIAL_LOSS_KEY: evaluate(model, task, train_part)["loss"]}
+        if asked.get(INITIAL_LOSS_KEY)
+        else {}
+    )
     metrics = train(
         model, task, train_part, TrainConfig(**run["train"]), seed=seed, loss_terms=terms
     )
@@ -136,6 +144,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                     "train_accuracy": float(metrics["train_accuracy"]),
                     "num-examples": num_examples,
                     "partition-id": partition,
+                    **before,
                     # A multi-task client names its task, so merges keep each task's head per task.
                     **({"task_id": task.client_task_id(train_part)} if task.is_multi_task else {}),
                 }

@@ -143,13 +143,19 @@ def perturbed(seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
     }
 
 
+def client_losses(i: int) -> dict[str, float]:
+    """The losses a client's reply carries: its mean training loss, and its loss at the received
+    model when the aggregator asks for it (q-FedAvg)."""
+    return {"train_loss": 0.5 + 0.25 * i, "initial_loss": 1.0 + 0.5 * i}
+
+
 def distinct_updates(round_: int) -> list[ClientUpdate]:
     return [
         ClientUpdate(
             client_id=i,
             state=perturbed(100 * round_ + i),
             num_examples=10 + 5 * i,
-            metrics={"task_id": float(i % 2)},
+            metrics={"task_id": float(i % 2), **client_losses(i)},
         )
         for i in range(CLIENTS)
     ]
@@ -321,6 +327,8 @@ SAME_MODEL = {
     "ties": {"lam": 1.0, "keep": 1.0},
     # TSV-M keeping every singular triple of N copies of τ rebuilds τ (α = 1).
     "tsv_m": {"share": 1.0},
+    # q-FedAvg steps s (w̄ − w) with s = L ΣF^q / Σh, which is 1 only at q = 0 (h = L F^q).
+    "qfedavg": {"q": 0.0},
     # SMILE's linears are θ0 plus a routed mix of N copies of τ (full rank: k is capped at the
     # layer's size), so θ; its other parameters are θ only when taken from the clients' average.
     "smile": {"nonlinear": "average"},
@@ -346,7 +354,8 @@ defaults)."""
 def test_d_identical_updates_merge_back_to_the_same_model(name: str) -> None:
     theta = perturbed(7, scale=0.1)
     updates = [
-        ClientUpdate(client_id=i, state=theta, num_examples=10 + 5 * i) for i in range(CLIENTS)
+        ClientUpdate(client_id=i, state=theta, num_examples=10 + 5 * i, metrics=client_losses(i))
+        for i in range(CLIENTS)
     ]
     agg = create_aggregator(name, SAME_MODEL.get(name, {}))
     result = run_round(agg, context(1, BASE), updates)
