@@ -10,6 +10,9 @@ WORDNET  := $(DATA_DIR)/wordnet
 ROTTEN   := $(DATA_DIR)/rotten_tomatoes
 OWN      := $(DATA_DIR)/own
 PYTEST_ARGS ?=
+# Test files run on this many pytest-xdist workers, a file a worker (its fixtures stay together):
+# the end-to-end runs mostly wait on Ray and Flower, so two workers halve the suite on 2 cores.
+TEST_WORKERS ?= 2
 
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
@@ -100,7 +103,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 test: lint data
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
