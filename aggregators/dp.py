@@ -493,8 +493,10 @@ class DifferentialPrivacy(Aggregator):
         self._inner.accumulate(ClientUpdate(client_id=-1, state=synthetic, num_examples=1))
         result = self._inner.finalize()
         self._reset_round()
+        inner_metrics = dict(result.metrics)
+        inner_metrics.pop("num_examples", None)  # the synthetic update's 1, not the clients'
         metrics = {
-            **result.metrics,
+            **inner_metrics,
             "dp_epsilon": self._epsilon_of(self._ledger),
             "dp_delta": self.delta,
             "dp_noise_multiplier": self._z,
