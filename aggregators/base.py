@@ -216,6 +216,12 @@ class Aggregator(ABC):
         """Extra config sent to every client this round (e.g. a regulariser's target)."""
         return {}
 
+    def plan_run(self, *, num_rounds: int, num_clients: int, clients_per_round: int) -> None:
+        """Called once on the driver before any client trains, with the run's shape: a method
+        that can tell the run is impossible (a privacy budget it would exceed) raises ValueError
+        here. The default accepts every run."""
+        return None
+
     # ---- server side -------------------------------------------------------------------
     def begin_round(self, ctx: RoundContext) -> None:
         self._ctx = ctx

@@ -125,6 +125,11 @@ class LoraProducts(Aggregator):
     def client_config(self, server_round: int) -> dict[str, Scalar]:
         return self.inner.client_config(server_round)
 
+    def plan_run(self, *, num_rounds: int, num_clients: int, clients_per_round: int) -> None:
+        self.inner.plan_run(
+            num_rounds=num_rounds, num_clients=num_clients, clients_per_round=clients_per_round
+        )
+
     def begin_round(self, ctx: RoundContext) -> None:
         missing = [m.base_key for m in self.layout if m.base_key not in ctx.global_state]
         if missing:

@@ -24,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmerge.aggregators.dp import CLIENT_CLIP_KEY, UNCLIPPED_METRIC, clip_update
 from fedmerge.aggregators.qfedavg import INITIAL_LOSS_KEY
 from fedmerge.aggregators.terms import build_terms
 from fedmerge.clients.attacks import attack_data, attack_state, client_attack, reported_count
@@ -132,6 +133,11 @@ def train_handler(msg: Message, context: Context) -> Message:
         model, task, train_part, TrainConfig(**run["train"]), seed=seed, loss_terms=terms
     )
     state, num_examples = task.shared_state(model), len(train_part)
+    dp_metrics: dict[str, float] = {}
+    clip = asked.get(CLIENT_CLIP_KEY)
+    if clip is not None:  # client-side DP clipping: the server never sees the unclipped update
+        state, unclipped = clip_update(state, received, float(clip["norm"]))
+        dp_metrics[UNCLIPPED_METRIC] = float(unclipped)
     if attack is not None:  # ... and a poisoned reply after it
         state = attack_state(attack, state, received, seed=seed)
         num_examples = reported_count(attack, num_examples)
@@ -145,6 +151,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                     "num-examples": num_examples,
                     "partition-id": partition,
                     **before,
+                    **dp_metrics,
                     # A multi-task client names its task, so merges keep each task's head per task.
                     **({"task_id": task.client_task_id(train_part)} if task.is_multi_task else {}),
                 }

@@ -332,7 +332,21 @@ class Experiment:
             self._check_resume(self.resume)
         aggregator = build_aggregator(cfg)  # after the model: its own init draws on torch's RNG
         if self.model.layout:
+            if getattr(aggregator, "clipping", None) == "client":
+                raise ConfigError(
+                    "aggregator: clipping = 'client' clips the LoRA factors a client sends, but "
+                    "adapters = 'products' merges (and would clip) their products: use "
+                    "clipping = 'server' or aggregator.adapters = 'factors'"
+                )
             aggregator = LoraProducts(aggregator, self.model.layout)
+        try:  # before any client trains: a privacy budget the configured rounds would exceed
+            aggregator.plan_run(
+                num_rounds=cfg.federation.num_rounds,
+                num_clients=cfg.data.num_clients,
+                clients_per_round=self.clients_per_round,
+            )
+        except ValueError as err:
+            raise ConfigError(f"aggregator: {err}") from None
 
         agg, ev = cfg.ray.aggregator, cfg.ray.evaluator
         self.aggregator = AggregatorActor.options(**actor_options(agg)).remote(

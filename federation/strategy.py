@@ -287,6 +287,7 @@ class FedMergeStrategy(Strategy):
     ) -> Iterable[Message]:
         clients = self.sample(server_round, self.fraction_train, self.min_train_nodes, stream=0)
         extra = self._require_aggregation().client_config(server_round)
+        self.validator.set_client_clip(extra)
         return self._messages(server_round, clients, arrays, extra, MessageType.TRAIN)
 
     def aggregate_train(
@@ -530,6 +531,7 @@ class FedMergeStrategy(Strategy):
         try:
             cid, arrays, num_examples, metrics, placement = self._unpack(reply, client_id, report)
             metrics["update_norm"] = self.validator(cid, arrays, num_examples)
+            self.validator.check_client_clip(metrics["update_norm"], metrics)
         except UpdateRejected as err:
             reason = _clip(str(err))
         except (

@@ -197,6 +197,40 @@ class UpdateValidator:
         self._reference: Reference = {}
         self.global_norm = 0.0
         self.max_reply_bytes = 0
+        self.client_clip = 0.0
+        self.client_clip_report = False
+
+    def set_client_clip(self, aggregator_config: Mapping[str, Any]) -> None:
+        """The round's client-side clipping norm, from the aggregator's client config (the ``dp``
+        aggregator's ``dp_clip``): a reply farther from the global model than it (plus
+        ``CLIENT_CLIP_TOLERANCE``) is refused, and so is one without a 0/1 ``dp_unclipped``."""
+        from fedmerge.aggregators.dp import CLIENT_CLIP_KEY
+
+        clip = aggregator_config.get(CLIENT_CLIP_KEY)
+        if not isinstance(clip, Mapping):
+            self.client_clip, self.client_clip_report = 0.0, False
+            return
+        self.client_clip = float(clip["norm"])
+        self.client_clip_report = bool(clip.get("report", False))
+
+    def check_client_clip(self, norm: float, metrics: Mapping[str, Any]) -> None:
+        """Raise ``UpdateRejected`` when client-side clipping is on and the reply breaks it."""
+        from fedmerge.aggregators.dp import CLIENT_CLIP_TOLERANCE, UNCLIPPED_METRIC
+
+        if not self.client_clip:
+            return
+        if norm > self.client_clip * (1 + CLIENT_CLIP_TOLERANCE):
+            raise UpdateRejected(
+                f"update norm {norm:.6g} exceeds the differential-privacy clipping norm "
+                f"{self.client_clip:.6g} clients must clip to (aggregator clipping = 'client')"
+            )
+        if self.client_clip_report:
+            value = metrics.get(UNCLIPPED_METRIC)
+            if isinstance(value, bool) or value not in (0, 1):
+                raise UpdateRejected(
+                    f"metric {UNCLIPPED_METRIC!r} must be 0 or 1 under client-side clipping, "
+                    f"got {value!r}"
+                )
 
     def set_global(
         self, state: Mapping[str, np.ndarray], keys: Sequence[str] | None = None

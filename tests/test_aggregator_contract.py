@@ -181,8 +181,16 @@ def _params(name: str) -> type:
     return declared_params(get_aggregator_class(name))
 
 
+FREE_FORM = {("dp", "inner"): "fedadam", ("dp", "inner_params"): {"accumulator": "float32"}}
+"""Valid non-default values of parameters that no range describes: the DP wrapper's inner
+aggregator (a name checked against the registry) and its keywords (a table checked by the inner's
+own declaration)."""
+
+
 def _other_valid(name: str, field: dataclasses.Field) -> object:
     """A valid value of ``field`` other than its default."""
+    if (name, field.name) in FREE_FORM:
+        return FREE_FORM[name, field.name]
     params = _params(name)
     tp, optional, b = field_bounds(params, field.name)
     default = field.default
@@ -335,6 +343,8 @@ SAME_MODEL = {
     # WEMoE: θ0 + λ0 Σi τi outside the MLPs and θ0 + Σi λi(x) τi inside, λi = init_lambda while
     # the routers are untrained with zero weights (router_std 0): λ0 = 1/N gives θ everywhere.
     "wemoe": {"init_lambda": 1 / CLIENTS, "router_std": 0.0, "steps": 0},
+    # DP without noise and with a bound no update reaches is FedAvg of the (uniform) mean.
+    "dp": {"noise_multiplier": 0.0, "clipping_norm": 1e6},
 }
 """Per method, the settings under which merging N copies of θ means θ; the others (averages,
 robust statistics, FedDRL's kept-and-weighted averages) give θ back at any setting (defaults)."""
