@@ -21,6 +21,7 @@ from fedmerge.aggregators import simple_average, smile, task_arithmetic, ties, w
 from fedmerge.aggregators import feddrl, krum, median, trimmed_mean  # noqa: E402, F401  isort: skip
 from fedmerge.aggregators import fedadagrad, fedadam, fedavgm, fedyogi  # noqa: E402, F401  isort: skip
 from fedmerge.aggregators import isotropic, tsv  # noqa: E402, F401  isort: skip
+from fedmerge.aggregators import scaffold  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "AggregateResult",

@@ -216,6 +216,12 @@ class Aggregator(ABC):
         """Extra config sent to every client this round (e.g. a regulariser's target)."""
         return {}
 
+    def client_arrays(self, server_round: int, client_id: int) -> Mapping[str, torch.Tensor] | None:
+        """Tensors sent to one client this round beside the global model (SCAFFOLD's correction
+        c − c_i), or None, the default: nothing extra. The client's loss terms receive them
+        (``fedmerge.aggregators.terms``); each one adds to the round's download."""
+        return None
+
     # ---- server side -------------------------------------------------------------------
     def begin_round(self, ctx: RoundContext) -> None:
         self._ctx = ctx
