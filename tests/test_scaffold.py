@@ -338,6 +338,90 @@ def test_the_strategy_sends_each_client_its_own_correction_and_counts_its_bytes(
     assert s._take_bytes_sent() == 5 * model_bytes  # three models and two corrections
 
 
+LORA = (
+    "aggregator.name='scaffold'",
+    "data.task='rotten_tomatoes'",
+    "data.max_train_examples=60",
+    "data.max_test_examples=20",
+    "data.partitioner='iid'",
+    "train.local_epochs=1",
+    "train.lr=0.001",
+    "train.peft.method='lora'",
+    "train.peft.target_modules=['query', 'value']",
+)
+
+
+def lora_experiment(tmp_path, monkeypatch, *overrides):
+    """A MiniLM LoRA run set up as `fedmerge run` sets it up, with stand-in actors (test_lora's)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import fedmerge.federation.server as server
+    from fedmerge.federation.results import RunDir
+
+    from .test_callbacks import FakeActorClass
+
+    for attribute in ("_run_id", "_task_id", "_node_id"):  # as inside a Flower process
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+    monkeypatch.setattr(server, "AggregatorActor", FakeActorClass())
+    monkeypatch.setattr(server, "EvaluatorActor", FakeActorClass())
+    monkeypatch.setattr(server.ray, "get", lambda value, timeout=None: value)
+    config = digits_config(tmp_path, *LORA, *overrides)
+    experiment = server.Experiment(config, RunDir.create(config.output.root_path, config.name))
+    experiment.setup()
+    return experiment
+
+
+def test_a_lora_client_applies_the_correction_to_its_trained_keys(tmp_path, monkeypatch):
+    import json
+
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from fedmerge.clients.app import (
+        AGGREGATOR_ARRAYS_KEY,
+        AGGREGATOR_CONFIG_KEY,
+        RUN_CONFIG_KEY,
+        train_handler,
+    )
+    from fedmerge.federation.arrays import state_to_record
+
+    experiment = lora_experiment(tmp_path, monkeypatch)
+    initial = experiment.initial_state
+    keys = experiment.model.reply_keys
+
+    def reply(correction):
+        content = {
+            "arrays": state_to_record(initial),
+            "config": ConfigRecord(
+                {
+                    "server-round": 2,
+                    "partition-id": 0,
+                    "seed": 11,
+                    RUN_CONFIG_KEY: json.dumps(experiment.run_config()),
+                    AGGREGATOR_CONFIG_KEY: json.dumps({"terms": [{"term": "scaffold_correction"}]}),
+                }
+            ),
+            AGGREGATOR_ARRAYS_KEY: state_to_record(correction),
+        }
+        message = Message(RecordDict(content), dst_node_id=1, message_type=MessageType.TRAIN)
+        context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+        return train_handler(message, context).content
+
+    correction = {k: torch.full_like(initial[k], 0.01) for k in keys}
+    metrics = reply(correction)["metrics"]
+    assert metrics["aggregator_arrays"] == len(keys) and metrics["local_steps"] >= 1
+    bad = dict(correction)
+    bad[keys[0]] = torch.zeros(initial[keys[0]].numel() + 1)
+    with pytest.raises(ValueError, match="SCAFFOLD correction of"):
+        reply(bad)
+
+
+def test_lora_products_refuse_scaffold_before_the_run(tmp_path, monkeypatch):
+    from fedmerge.federation.config import ConfigError
+
+    with pytest.raises(ConfigError, match='adapters = "factors"'):
+        lora_experiment(tmp_path, monkeypatch, "aggregator.adapters='products'")
+
+
 # ---- one real run --------------------------------------------------------------------------------
 
 
@@ -365,7 +449,7 @@ def test_a_digits_run_sends_corrections_and_resumes_exactly(tmp_path, ray_addres
     # gets one array per floating tensor of the model.
     floating = sum(
         1
-        for v in load_checkpoint(whole.checkpoint_dir / "round_00001").state.values()
+        for v in load_checkpoint(whole.checkpoint_dir / "round_00001").global_state.values()
         if np.issubdtype(np.asarray(v).dtype, np.floating)
     )
     assert {v for (r, _), v in received.items() if r == 1} == {0}
