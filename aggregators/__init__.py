@@ -22,6 +22,7 @@ from fedmerge.aggregators import bulyan, feddrl, krum, median, trimmed_mean  # n
 from fedmerge.aggregators import fedadagrad, fedadam, fedavgm, fedyogi  # noqa: E402, F401  isort: skip
 from fedmerge.aggregators import isotropic, qfedavg, tsv  # noqa: E402, F401  isort: skip
 from fedmerge.aggregators import dp  # noqa: E402, F401  isort: skip
+from fedmerge.aggregators import scaffold  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "AggregateResult",

@@ -222,6 +222,12 @@ class Aggregator(ABC):
         here. The default accepts every run."""
         return None
 
+    def client_arrays(self, server_round: int, client_id: int) -> Mapping[str, torch.Tensor] | None:
+        """Tensors sent to one client this round beside the global model (SCAFFOLD's correction
+        c − c_i), or None, the default: nothing extra. The client's loss terms receive them
+        (``fedmerge.aggregators.terms``); each one adds to the round's download."""
+        return None
+
     # ---- server side -------------------------------------------------------------------
     def begin_round(self, ctx: RoundContext) -> None:
         self._ctx = ctx

@@ -7,7 +7,9 @@ passes them to ``fedmerge.clients.training.train(..., loss_terms=...)``, which a
 the task loss at every step. A term is made by a factory registered with ``@register_term``:
 ``factory(model, global_state, **params) -> LossTerm``, where ``global_state`` is the received
 global model (detached copies) and ``params`` are the spec's other keys, checked against the
-factory's signature. Factories live next to the aggregator that uses them (FedProx, WSA); the
+factory's signature. A factory that declares the keyword ``aggregator_arrays`` also receives
+the tensors the aggregator sent this client (``Aggregator.client_arrays``; None when none came),
+which no spec may set. Factories live next to the aggregator that uses them (FedProx, WSA); the
 built-ins register when the ``aggregators`` package is imported.
 
 Pure torch: no flwr or ray.
@@ -43,9 +45,19 @@ F = TypeVar("F", bound=TermFactory)
 ENTRY_POINT_GROUP = "fedmerge.loss_terms"
 
 
+ARRAYS_KEYWORD = "aggregator_arrays"
+"""The factory keyword that receives the aggregator's per-client tensors, never a spec's."""
+
+
 def _hyperparameters(factory: TermFactory) -> dict[str, inspect.Parameter]:
     """The factory's parameters after (model, global_state): what a spec may set."""
-    return dict(list(inspect.signature(factory).parameters.items())[2:])
+    params = dict(list(inspect.signature(factory).parameters.items())[2:])
+    params.pop(ARRAYS_KEYWORD, None)
+    return params
+
+
+def _takes_arrays(factory: TermFactory) -> bool:
+    return ARRAYS_KEYWORD in inspect.signature(factory).parameters
 
 
 def _checked_factory(obj: Any, where: str) -> TermFactory:
@@ -100,7 +112,11 @@ def available_terms() -> list[str]:
 
 
 def _build(
-    index: int, spec: Any, model: nn.Module, global_state: Mapping[str, torch.Tensor]
+    index: int,
+    spec: Any,
+    model: nn.Module,
+    global_state: Mapping[str, torch.Tensor],
+    arrays: Mapping[str, torch.Tensor] | None,
 ) -> LossTerm:
     where = f"client term {index}"
     if not isinstance(spec, Mapping) or "term" not in spec:
@@ -111,6 +127,10 @@ def _build(
     except PluginError as exc:
         raise ValueError(f"{where}: {exc}") from None
     params = {k: v for k, v in spec.items() if k != "term"}
+    if ARRAYS_KEYWORD in params:
+        raise ValueError(
+            f"{where} ({name!r}): {ARRAYS_KEYWORD!r} comes from the server, not a spec"
+        )
     accepted = _hyperparameters(factory)
     label = f"{where} ({name!r})"
     if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
@@ -127,6 +147,8 @@ def _build(
     ]
     if missing:
         raise ValueError(f"{label} is missing parameter {missing[0]!r}")
+    if _takes_arrays(factory):
+        params[ARRAYS_KEYWORD] = arrays
     try:
         return factory(model, global_state, **params)
     except (TypeError, ValueError) as exc:
@@ -134,13 +156,17 @@ def _build(
 
 
 def build_terms(
-    specs: Sequence[Mapping[str, Any]], model: nn.Module, global_state: Mapping[str, torch.Tensor]
+    specs: Sequence[Mapping[str, Any]],
+    model: nn.Module,
+    global_state: Mapping[str, torch.Tensor],
+    aggregator_arrays: Mapping[str, torch.Tensor] | None = None,
 ) -> list[LossTerm]:
     """One ``LossTerm`` per spec, in order; a ValueError names an unknown term or parameter.
 
     ``global_state`` is the model the client received this round (the round's θt), as detached
-    tensors that the terms may keep as constants.
+    tensors that the terms may keep as constants; ``aggregator_arrays`` the aggregator's tensors
+    for this client (from the network: the factories that take them validate them).
     """
     if isinstance(specs, (str, bytes, Mapping)) or not isinstance(specs, Sequence):
         raise ValueError(f"client terms must be a list of specs, got {type(specs).__name__}")
-    return [_build(i, spec, model, global_state) for i, spec in enumerate(specs)]
+    return [_build(i, spec, model, global_state, aggregator_arrays) for i, spec in enumerate(specs)]

@@ -37,6 +37,9 @@ __all__ = ["app", "local_split", "where_am_i"]
 
 RUN_CONFIG_KEY = "fedmerge.run"
 AGGREGATOR_CONFIG_KEY = "fedmerge.aggregator"
+AGGREGATOR_ARRAYS_KEY = "aggregator_arrays"
+"""The train message's second ArrayRecord: the aggregator's tensors for this client
+(``Aggregator.client_arrays``, e.g. SCAFFOLD's correction), absent when there are none."""
 PLACEMENT_KEY = "placement"
 """The train reply's ConfigRecord saying where the client ran (``where_am_i``)."""
 
@@ -119,10 +122,16 @@ def train_handler(msg: Message, context: Context) -> Message:
             attack, train_part, num_classes=task.num_classes, client_id=partition
         )
     # The aggregator's client-side loss terms (FedProx's proximal term, WSA's scope regulariser),
-    # anchored at the model just received.
+    # anchored at the model just received, with the aggregator's tensors for this client.
     asked = json.loads(str(config.get(AGGREGATOR_CONFIG_KEY, "{}")))
     specs = asked.get("terms", [])
-    terms = build_terms(specs, model, received) if specs else []
+    extra = None
+    if AGGREGATOR_ARRAYS_KEY in msg.content:
+        record = msg.content[AGGREGATOR_ARRAYS_KEY]
+        if not isinstance(record, ArrayRecord):
+            raise ValueError(f"the message's {AGGREGATOR_ARRAYS_KEY!r} is not an ArrayRecord")
+        extra = record.to_torch_state_dict()
+    terms = build_terms(specs, model, received, extra) if specs else []
     # q-FedAvg weights each client by its loss at the received model, measured before training.
     before = (
         {INITIAL_LOSS_KEY: evaluate(model, task, train_part)["loss"]}
@@ -152,6 +161,8 @@ def train_handler(msg: Message, context: Context) -> Message:
                     "partition-id": partition,
                     **before,
                     **dp_metrics,
+                    "local_steps": int(metrics["local_steps"]),
+                    "aggregator_arrays": 0 if extra is None else len(extra),
                     # A multi-task client names its task, so merges keep each task's head per task.
                     **({"task_id": task.client_task_id(train_part)} if task.is_multi_task else {}),
                 }

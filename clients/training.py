@@ -147,7 +147,8 @@ def train(
 
     Returns metrics of the last epoch: ``train_loss`` (the task loss alone, without the extra
     terms, so runs with and without them compare) and ``train_accuracy``, both averaged over its
-    examples as the weights changed, and ``num_examples`` (= len(data), one epoch's examples).
+    examples as the weights changed, ``num_examples`` (= len(data), one epoch's examples) and
+    ``local_steps``, the optimizer steps taken (K of SCAFFOLD's control-variate update).
     """
     n = len(data)
     if n == 0:
@@ -156,6 +157,7 @@ def train(
     optimizer = _optimizer(model, cfg)
     order_rng = torch.Generator().manual_seed(seed)
     cuda_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    steps = 0
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
         for _ in range(cfg.local_epochs):
@@ -172,12 +174,14 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
                 optimizer.step()
+                steps += 1
                 loss_sum += task_loss.detach().double() * len(targets)
                 correct += (outputs.detach().argmax(dim=1) == targets).sum()
     return {
         "train_loss": loss_sum.item() / n,
         "train_accuracy": correct.item() / n,
         "num_examples": float(n),
+        "local_steps": float(steps),
     }
 
 

@@ -149,6 +149,14 @@ class AggregatorActor:
         self._check_state(state_round)
         return self.aggregator.client_config(server_round)
 
+    def client_arrays(
+        self, server_round: int, client_id: int, state_round: int
+    ) -> dict[str, np.ndarray] | None:
+        """``Aggregator.client_arrays`` for one client, as CPU NumPy arrays (None: nothing)."""
+        self._check_state(state_round)
+        arrays = self.aggregator.client_arrays(server_round, client_id)
+        return None if arrays is None else _tensors_to_numpy(dict(arrays))
+
     def begin_round(
         self, server_round: int, token: int, state_round: int, sampled: Sequence[int] = ()
     ) -> None:

@@ -238,6 +238,17 @@ class RoundAggregation:
             self._restore,
         )
 
+    def client_arrays(self, server_round: int, client_id: int) -> dict[str, np.ndarray] | None:
+        """The aggregator's tensors for one client this round (``Aggregator.client_arrays``)."""
+        what = f"the arrays for client {client_id} in round {server_round}"
+        return self.guard.call(
+            what,
+            lambda: self.guard.get(
+                self.actor.client_arrays.remote(server_round, client_id, self._held), what
+            ),
+            self._restore,
+        )
+
     def begin_round(self, server_round: int, sampled: Sequence[int] = ()) -> None:
         """Open ``server_round``; ``sampled`` (the clients asked to train) reaches the aggregator's
         ``RoundContext``, and every replay of the round, unchanged."""

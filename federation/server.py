@@ -76,10 +76,20 @@ inputs (``proxy_inputs``), the model's constructor (``build_model``), the round-
 (``base_state``)."""
 
 
+RUN_LR_PARAM = "local_lr"
+"""A declared aggregator hyperparameter that, left at 0, means the run's ``[train] lr``: the
+server knows the clients' learning rate from the config, so none need report it (SCAFFOLD)."""
+
+
 def build_aggregator(config: ExperimentConfig) -> Aggregator:
-    """The configured aggregator, built on the driver so a bad name or parameter fails fast."""
+    """The configured aggregator, built on the driver so a bad name or parameter fails fast;
+    a declared ``local_lr`` left at 0 gets the run's ``[train] lr``."""
     try:
-        return create_aggregator(config.aggregator.name, config.aggregator.params)
+        aggregator = create_aggregator(config.aggregator.name, config.aggregator.params)
+        if getattr(getattr(aggregator, "hparams", None), RUN_LR_PARAM, None) == 0:
+            params = {**config.aggregator.params, RUN_LR_PARAM: float(config.train.lr)}
+            aggregator = create_aggregator(config.aggregator.name, params)
+        return aggregator
     except (ValueError, TypeError, ImportError) as err:
         raise ConfigError(f"aggregator: {err}") from None
 
@@ -337,6 +347,12 @@ class Experiment:
                     "aggregator: clipping = 'client' clips the LoRA factors a client sends, but "
                     "adapters = 'products' merges (and would clip) their products: use "
                     "clipping = 'server' or aggregator.adapters = 'factors'"
+                )
+            if type(aggregator).client_arrays is not Aggregator.client_arrays:
+                raise ConfigError(
+                    f"aggregator {cfg.aggregator.name!r} sends each client tensors of the adapter "
+                    "factors it trains, which the merged products B·A are not: set "
+                    '[aggregator] adapters = "factors"'
                 )
             aggregator = LoraProducts(aggregator, self.model.layout)
         try:  # before any client trains: a privacy budget the configured rounds would exceed

@@ -36,7 +36,12 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedmerge.clients.app import AGGREGATOR_CONFIG_KEY, PLACEMENT_KEY, RUN_CONFIG_KEY
+from fedmerge.clients.app import (
+    AGGREGATOR_ARRAYS_KEY,
+    AGGREGATOR_CONFIG_KEY,
+    PLACEMENT_KEY,
+    RUN_CONFIG_KEY,
+)
 from fedmerge.federation.arrays import ArrayFormatError, record_to_numpy, state_to_record
 from fedmerge.federation.recovery import ActorGuard, RoundAggregation, RoundState
 from fedmerge.federation.validation import (
@@ -259,10 +264,19 @@ class FedMergeStrategy(Strategy):
         arrays: ArrayRecord,
         extra: Mapping[str, Any],
         message_type: str,
+        client_arrays: Callable[[int], Mapping[str, np.ndarray] | None] | None = None,
     ) -> list[Message]:
+        """One message per client; ``client_arrays(cid)`` gives a client its own extra tensors
+        (the aggregator's, e.g. SCAFFOLD's correction), sent as a second ArrayRecord."""
         messages = []
         self._bytes_sent += len(clients) * sum(len(a.data) for a in arrays.values())
         for slot, cid in enumerate(clients):
+            content = {"arrays": arrays}
+            own = None if client_arrays is None else client_arrays(cid)
+            if own is not None:
+                record = state_to_record(own)
+                self._bytes_sent += sum(len(a.data) for a in record.values())
+                content[AGGREGATOR_ARRAYS_KEY] = record
             config = ConfigRecord(
                 {
                     "server-round": server_round,
@@ -274,7 +288,7 @@ class FedMergeStrategy(Strategy):
             )
             messages.append(
                 Message(
-                    content=RecordDict({"arrays": arrays, "config": config}),
+                    content=RecordDict({**content, "config": config}),
                     message_type=message_type,
                     dst_node_id=self._nodes[slot % len(self._nodes)],
                 )
@@ -286,9 +300,17 @@ class FedMergeStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         clients = self.sample(server_round, self.fraction_train, self.min_train_nodes, stream=0)
-        extra = self._require_aggregation().client_config(server_round)
+        aggregation = self._require_aggregation()
+        extra = aggregation.client_config(server_round)
         self.validator.set_client_clip(extra)
-        return self._messages(server_round, clients, arrays, extra, MessageType.TRAIN)
+        return self._messages(
+            server_round,
+            clients,
+            arrays,
+            extra,
+            MessageType.TRAIN,
+            lambda cid: aggregation.client_arrays(server_round, cid),
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

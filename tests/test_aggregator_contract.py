@@ -132,6 +132,8 @@ def context(round_: int, global_state: Mapping[str, torch.Tensor]) -> RoundConte
         evaluate_many=evaluate_many,
         build_model=lambda: tiny_model(7),
         proxy_inputs={0: tiny_inputs(16, 0, 1), 1: tiny_inputs(16, 1, 2)},
+        num_clients=CLIENTS,
+        sampled=tuple(range(CLIENTS)),
     )
 
 
@@ -155,7 +157,7 @@ def distinct_updates(round_: int) -> list[ClientUpdate]:
             client_id=i,
             state=perturbed(100 * round_ + i),
             num_examples=10 + 5 * i,
-            metrics={"task_id": float(i % 2), **client_losses(i)},
+            metrics={"task_id": float(i % 2), **client_losses(i), "local_steps": 3.0},
         )
         for i in range(CLIENTS)
     ]
@@ -170,8 +172,9 @@ def run_round(
     return agg.finalize()
 
 
-FAST = {"wemoe": {"steps": 4}}
-"""Settings that only make a round cheaper (WEMoE's default is 1,000 router steps)."""
+FAST = {"wemoe": {"steps": 4}, "scaffold": {"local_lr": 0.1}}
+"""Settings that only make a round cheaper (WEMoE's default is 1,000 router steps), or that a
+run fills in (SCAFFOLD's local_lr: the run's [train] lr)."""
 
 
 # ---- (a) and (b): declared values ---------------------------------------------------------------
@@ -345,6 +348,8 @@ SAME_MODEL = {
     "wemoe": {"init_lambda": 1 / CLIENTS, "router_std": 0.0, "steps": 0},
     # DP without noise and with a bound no update reaches is FedAvg of the (uniform) mean.
     "dp": {"noise_multiplier": 0.0, "clipping_norm": 1e6},
+    # SCAFFOLD's step x + η_g mean(θ − x) is θ at η_g = 1 (its default); local_lr as in a run.
+    "scaffold": {"local_lr": 0.1},
 }
 """Per method, the settings under which merging N copies of θ means θ; the others (averages,
 robust statistics, FedDRL's kept-and-weighted averages) give θ back at any setting (defaults)."""
@@ -364,7 +369,12 @@ defaults)."""
 def test_d_identical_updates_merge_back_to_the_same_model(name: str) -> None:
     theta = perturbed(7, scale=0.1)
     updates = [
-        ClientUpdate(client_id=i, state=theta, num_examples=10 + 5 * i, metrics=client_losses(i))
+        ClientUpdate(
+            client_id=i,
+            state=theta,
+            num_examples=10 + 5 * i,
+            metrics={**client_losses(i), "local_steps": 3.0},
+        )
         for i in range(CLIENTS)
     ]
     agg = create_aggregator(name, SAME_MODEL.get(name, {}))

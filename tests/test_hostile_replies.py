@@ -62,6 +62,9 @@ class RecordingAggregation:
     def client_config(self, server_round):
         return {}
 
+    def client_arrays(self, server_round, client_id):
+        return None
+
     def begin_round(self, server_round, sampled=()):
         self.accepted = []
 

@@ -28,8 +28,9 @@ def test_digits_learns_above_85_percent(digits):
     task, train_data, test_data = digits
     model = _fresh_model(task)
     metrics = train(model, task, train_data, TrainConfig(local_epochs=3), seed=0)
-    assert set(metrics) == {"train_loss", "train_accuracy", "num_examples"}
+    assert set(metrics) == {"train_loss", "train_accuracy", "num_examples", "local_steps"}
     assert metrics["num_examples"] == len(train_data)
+    assert metrics["local_steps"] == 3 * -(-len(train_data) // 32)  # epochs × batches
     result = evaluate(model, task, test_data)
     assert result["num_examples"] == len(test_data)
     assert result["accuracy"] > 0.85, result
