@@ -303,6 +303,100 @@ def tables(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finals(rows, method, alpha, system) -> list[float]:
+    return [
+        r["per_round"]["accuracy"][-1]
+        for r in rows
+        if (r["method"], r["alpha"], r["system"]) == (method, alpha, system)
+    ]
+
+
+def agreement(rows: Sequence[Mapping[str, Any]]) -> str:
+    """fedmerge minus Flower, in points, beside the seed spread of that difference: the
+    standard error sqrt(s1²/n1 + s2²/n2) of the two means. "within" when |Δ| is at most twice it."""
+    lines = [
+        "| method | α | fedmerge − Flower (points) | 2 × std. error | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        for alpha in sorted({r["alpha"] for r in rows}):
+            ours, theirs = (_finals(rows, method, alpha, s) for s in ("fedmerge", "flower"))
+            if len(ours) < 2 or len(theirs) < 2:
+                continue
+            delta = 100 * (statistics.fmean(ours) - statistics.fmean(theirs))
+            se = (
+                100
+                * (
+                    statistics.variance(ours) / len(ours)
+                    + statistics.variance(theirs) / len(theirs)
+                )
+                ** 0.5
+            )
+            verdict = "within" if abs(delta) <= 2 * se else "outside"
+            lines.append(f"| {method} | {alpha:g} | {delta:+.1f} | {2 * se:.1f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def privacy(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The DP rows: ε after each round (the same for every seed: it depends on z, N, m and the
+    rounds only) and the final accuracy."""
+    lines = []
+    for method in (m for m in METHODS if m.startswith("dp_")):
+        picked = [r for r in rows if r["method"] == method and "dp_epsilon" in r["per_round"]]
+        if not picked:
+            continue
+        eps = picked[0]["per_round"]["dp_epsilon"]
+        z = picked[0]["per_round"].get("dp_noise_multiplier", [float("nan")])[0]
+        alphas = sorted({r["alpha"] for r in picked})
+        finals = ", ".join(
+            f"α = {a:g}: {_mean_std(_finals(picked, method, a, 'fedmerge'))}" for a in alphas
+        )
+        lines.append(
+            f"| {method} | {z:.3f} | " + " ".join(f"{e:.2f}" for e in eps) + f" | {finals} |"
+        )
+    if not lines:
+        return ""
+    head = "| row | noise multiplier z | ε after rounds 1, 2, … (δ = 1e-5) | final accuracy (%) |"
+    return "\n".join([head, "|---|---|---|---|", *lines]) + "\n"
+
+
+def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Mean test accuracy per round, one panel per α, fedmerge solid and Flower dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = sorted({r["alpha"] for r in rows})
+    fig, axes = plt.subplots(1, len(alphas), figsize=(6 * len(alphas), 4), squeeze=False)
+    for ax, alpha in zip(axes[0], alphas):
+        for i, method in enumerate(METHODS):
+            for system, style in (("fedmerge", "-"), ("flower", "--")):
+                curves = [
+                    r["per_round"]["accuracy"]
+                    for r in rows
+                    if (r["method"], r["alpha"], r["system"]) == (method, alpha, system)
+                ]
+                if not curves:
+                    continue
+                mean = [statistics.fmean(c) for c in zip(*curves)]
+                ax.plot(
+                    range(1, len(mean) + 1),
+                    mean,
+                    style,
+                    color=f"C{i}",
+                    label=f"{method} ({'Flower' if system == 'flower' else 'fedmerge'})",
+                )
+        ax.set_title(f"Dirichlet α = {alpha:g}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "fl_baselines")
@@ -365,8 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write(json.dumps(row) + "\n")
         final = row["per_round"]["accuracy"][-1]
         print(f"[{i}/{len(cells)}] {key} accuracy {final:.4f} ({row['wall_s']:.0f} s)", flush=True)
-    table = tables(list(done.values()))
+    rows = list(done.values())
+    table = "\n".join(
+        part for part in (tables(rows), agreement(rows), privacy(rows)) if part.strip()
+    )
     (out / "tables.md").write_text(table)
+    if rows:
+        plot(rows, out / "accuracy.png")
     print(table)
     return 0
 
