@@ -203,22 +203,72 @@ def measure_fedmerge(spec: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_flower_strategy(
+    config: Any,
+    strategy: Any,
+    initial: Mapping[str, Any],
+    evaluate_fn: Any,
+    train_config: Mapping[str, Any],
+) -> list[str]:
+    """``strategy.start`` in a plain Flower ``run_simulation`` over fedmerge's ClientApp, one
+    SuperNode per client, on the local Ray fedmerge would start; returns the ServerApp's errors.
+
+    ``train_config`` is the ConfigRecord every train message carries (fedmerge's run config,
+    seed, and any aggregator config the clients read)."""
+    import logging
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedmerge.clients.app import app as client_app
+    from fedmerge.federation.runner import init_ray
+
+    failures: list[str] = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            strategy.start(
+                grid,
+                ArrayRecord(torch_state_dict=dict(initial)),
+                num_rounds=config.federation.num_rounds,
+                timeout=config.federation.round_timeout_s,
+                evaluate_fn=evaluate_fn,
+                train_config=ConfigRecord(dict(train_config)),
+            )
+        except BaseException as err:
+            failures.append(repr(err))
+            raise
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    init_ray(config)
+    run_simulation(
+        server_app=server,
+        client_app=client_app,
+        num_supernodes=config.data.num_clients,
+        backend_config={
+            "client_resources": {
+                "num_cpus": config.ray.client_num_cpus,
+                "num_gpus": config.ray.client_num_gpus,
+            }
+        },
+    )
+    return failures
+
+
 def measure_flower(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Flower's FedAvg strategy in a plain ``run_simulation``, driving fedmerge's ClientApp."""
     import json
-    import logging
 
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-    from flwr.serverapp import Grid, ServerApp
+    from flwr.app import ArrayRecord, MetricRecord
     from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation import run_simulation
 
     from fedmerge.clients.app import RUN_CONFIG_KEY
-    from fedmerge.clients.app import app as client_app
     from fedmerge.clients.tasks.base import ArrayData
     from fedmerge.clients.training import evaluate, get_state, set_state
-    from fedmerge.federation.runner import init_ray
     from fedmerge.federation.server import Experiment
 
     config = _config(spec)
@@ -233,7 +283,6 @@ def measure_flower(spec: Mapping[str, Any]) -> dict[str, Any]:
     eval_model = task.build_model()
     marks: list[float] = []
     accuracy: list[float] = []
-    failures: list[str] = []
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:  # fedmerge does not score the initial model either
@@ -245,44 +294,18 @@ def measure_flower(spec: Mapping[str, Any]) -> dict[str, Any]:
         marks.append(time.perf_counter())
         return MetricRecord({"accuracy": metrics["accuracy"], "loss": metrics["loss"]})
 
-    n = config.data.num_clients
     strategy = FedAvg(
         fraction_train=config.federation.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=config.federation.min_train_nodes,
-        min_available_nodes=n,
+        min_available_nodes=config.data.num_clients,
     )
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            strategy.start(
-                grid,
-                ArrayRecord(torch_state_dict=initial),
-                num_rounds=config.federation.num_rounds,
-                timeout=config.federation.round_timeout_s,
-                evaluate_fn=evaluate_fn,
-                train_config=ConfigRecord(
-                    {RUN_CONFIG_KEY: json.dumps(run_config, sort_keys=True), "seed": config.seed}
-                ),
-            )
-        except BaseException as err:
-            failures.append(repr(err))
-            raise
-
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    init_ray(config)
-    run_simulation(
-        server_app=server,
-        client_app=client_app,
-        num_supernodes=n,
-        backend_config={
-            "client_resources": {
-                "num_cpus": config.ray.client_num_cpus,
-                "num_gpus": config.ray.client_num_gpus,
-            }
-        },
+    failures = run_flower_strategy(
+        config,
+        strategy,
+        initial,
+        evaluate_fn,
+        {RUN_CONFIG_KEY: json.dumps(run_config, sort_keys=True), "seed": config.seed},
     )
     wall = time.perf_counter() - started
     if failures or len(marks) != config.federation.num_rounds + 1:

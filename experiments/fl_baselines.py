@@ -165,26 +165,21 @@ def _flower_strategy(method: str, n: int, fraction: float, minimum: int):
 
 def run_flower(cell: Mapping[str, Any]) -> dict[str, Any]:
     """Flower's strategy in a plain ``run_simulation``, driving fedmerge's ClientApp."""
-    import logging
     import random
 
     import numpy as np
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
+    from flwr.app import ArrayRecord, MetricRecord
 
+    from benchmarks.round import run_flower_strategy
     from fedmerge.aggregators import create_aggregator
     from fedmerge.clients.app import AGGREGATOR_CONFIG_KEY, RUN_CONFIG_KEY
-    from fedmerge.clients.app import app as client_app
     from fedmerge.clients.partition import limit_examples, materialize_shards
     from fedmerge.clients.tasks.base import ArrayData
     from fedmerge.clients.training import evaluate, get_state, set_state
-    from fedmerge.federation.runner import init_ray
     from fedmerge.federation.server import Experiment, partition_params
 
-    config = _config(cell)
-    cfg = config
+    cfg = _config(cell)
     task = cfg.task_spec.build()
     train, test = task.load("train"), task.load("test")
     train = limit_examples(train, cfg.data.max_train_examples, cfg.seed, task.task_index(train.x))
@@ -205,7 +200,6 @@ def run_flower(cell: Mapping[str, Any]) -> dict[str, Any]:
     initial = get_state(task.build_model())
     eval_model, test_data = task.build_model(), ArrayData(test.x, test.y)
     accuracy: list[float] = []
-    failures: list[str] = []
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -224,38 +218,18 @@ def run_flower(cell: Mapping[str, Any]) -> dict[str, Any]:
     extra = create_aggregator(aggregator_of(cell["method"]), METHODS[cell["method"]]).client_config(
         1
     )
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            strategy.start(
-                grid,
-                ArrayRecord(torch_state_dict=initial),
-                num_rounds=cfg.federation.num_rounds,
-                timeout=cfg.federation.round_timeout_s,
-                evaluate_fn=evaluate_fn,
-                train_config=ConfigRecord(
-                    {
-                        RUN_CONFIG_KEY: json.dumps(run_config, sort_keys=True),
-                        AGGREGATOR_CONFIG_KEY: json.dumps(extra, sort_keys=True),
-                        "seed": cfg.seed,
-                    }
-                ),
-            )
-        except BaseException as err:
-            failures.append(repr(err))
-            raise
-
     random.seed(cfg.seed)  # Flower samples clients with Python's random
     np.random.seed(cfg.seed)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    init_ray(cfg)
-    run_simulation(
-        server_app=server,
-        client_app=client_app,
-        num_supernodes=n,
-        backend_config={"client_resources": {"num_cpus": cfg.ray.client_num_cpus}},
+    failures = run_flower_strategy(
+        cfg,
+        strategy,
+        initial,
+        evaluate_fn,
+        {
+            RUN_CONFIG_KEY: json.dumps(run_config, sort_keys=True),
+            AGGREGATOR_CONFIG_KEY: json.dumps(extra, sort_keys=True),
+            "seed": cfg.seed,
+        },
     )
     if failures or len(accuracy) != cfg.federation.num_rounds:
         raise RuntimeError(f"the Flower run did not finish its rounds: {failures or accuracy}")
