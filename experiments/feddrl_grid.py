@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default="noise,sign_flip,label_flip")
     parser.add_argument("--fractions", default="0,0.2,0.4")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default="fedavg,krum,median,trimmed_mean:beta=0.2,feddrl")
+    parser.add_argument(
+        "--methods", default="fedavg,krum,krum:multi=7,median,trimmed_mean:beta=0.2,feddrl"
+    )
     parser.add_argument(
         "--set",
         action="append",

@@ -109,8 +109,8 @@ def test_published_tables_follow_from_published_results(tmp_path):
     shutil.copy(published / "results.jsonl", tmp_path / "results.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert (
-        len(rows) == 105 and len({r["key"] for r in rows}) == 105
-    )  # 7 settings x 5 methods x 3 seeds
+        len(rows) == 126 and len({r["key"] for r in rows}) == 126
+    )  # 7 settings x 6 methods x 3 seeds
     assert (
         grid.main(["experiments/feddrl_attacks.toml", "--out", str(tmp_path), "--tables-only"]) == 0
     )
