@@ -192,6 +192,7 @@ class SmileLinear(nn.Module):
         tokens = order // self.top_k
         slot_weights = values.reshape(-1)[order].unsqueeze(-1)
         counts = torch.bincount(slots, minlength=self.num_experts).tolist()
+        bias = self.expert_bias
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
@@ -200,19 +201,14 @@ class SmileLinear(nn.Module):
             w = slot_weights[start : start + count]
             start += count
             xe = flat.index_select(0, rows)
+            b = None if bias is None else bias[e]
             if self.k > 0:
-                # the weight scales the rank-k hidden state, cheaper than the output
-                hidden = F.linear(xe, self.expert_v[e])
-                out = F.linear(hidden if self.top_k == 1 else hidden * w, self.expert_u[e])
+                out = F.linear(F.linear(xe, self.expert_v[e]), self.expert_u[e], b)
             else:
-                out = F.linear(xe, self.expert_w[e])
-                out = out if self.top_k == 1 else out * w
+                out = F.linear(xe, self.expert_w[e], b)
+            if self.top_k > 1:  # top-1 weights are exactly 1 after renormalisation
+                out = out * w
             y.index_add_(0, rows, out)
-        if self.expert_bias is not None:
-            if self.top_k == 1:
-                y = y + self.expert_bias[index.squeeze(-1)]
-            else:
-                y = y + torch.bmm(values.unsqueeze(1), self.expert_bias[index]).squeeze(1)
         return y
 
 

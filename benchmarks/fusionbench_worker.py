@@ -2,36 +2,26 @@
 
 Runs in ``.venv-fusionbench`` (torch + fusion-bench, no fedmerge)::
 
-    .venv-fusionbench/bin/python benchmarks/fusionbench_worker.py CASES.pt OUT.pt THREADS
+    .venv-fusionbench/bin/python benchmarks/fusionbench_worker.py CASES.pt OUTDIR THREADS
 
-For each case of CASES.pt (written by ``benchmarks.moe_forward``) it builds fusion_bench's
-``SmileMoELinear`` (from the base and fine-tuned linears: its own SVDs) or
+A server that ``benchmarks.moe_forward`` drives over stdin/stdout, so that the two sides'
+timings alternate case by case, under the same load. For each case of CASES.pt it builds
+fusion_bench's ``SmileMoELinear`` (from the base and fine-tuned linears: its own SVDs) or
 ``WeightEnsemblingMoE`` (base and expert MLPs, batch_first, a two-layer router loaded with the
-case's router weights), times its forward (and forward + router backward), and writes the
-outputs, the router gradients and, for SMILE, the factors it built, so that fedmerge's layer is
-loaded with exactly the same experts.
+case's router weights), saves the outputs, the router gradients and, for SMILE, the factors it
+built (fedmerge's layer is loaded with exactly the same experts), and times its forward (and
+forward + router backward) on request.
 """
 
 from __future__ import annotations
 
-import statistics
+import json
 import sys
 import time
 from importlib.metadata import version
 
 import torch
 from torch import nn
-
-
-def median_seconds(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
@@ -47,7 +37,19 @@ def mlp(state: dict[str, torch.Tensor]) -> nn.Sequential:
     return nn.Sequential(fc1, nn.GELU(), fc2)
 
 
-def smile_case(case: dict, warmup: int, repeats: int) -> dict:
+def times(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def build_smile(case: dict) -> dict:
+    """fusion_bench's SmileMoELinear from the case's linears, its output and its factors."""
     from fusion_bench.models.smile_moe.linear_from_module import SmileMoELinear
 
     base = linear(case["w0"], case["b0"])
@@ -56,9 +58,6 @@ def smile_case(case: dict, warmup: int, repeats: int) -> dict:
         base, experts, gate_k=case["k_gate"], k=case["k"], top_k=case["top_k"], full_matrices=False
     ).eval()
     x = case["x"]
-    with torch.no_grad():
-        out = layer(x)
-        seconds = median_seconds(lambda: layer(x), warmup, repeats)
     n, k_gate = layer.num_experts, layer.gate.k
     factors = {"gate": layer.gate.weights.detach().view(n, k_gate, -1).clone()}
     if case["k"] > 0:
@@ -67,10 +66,18 @@ def smile_case(case: dict, warmup: int, repeats: int) -> dict:
     else:
         factors["w"] = torch.stack([e.weight.detach() for e in layer.experts])
     factors["bias"] = torch.stack([e.bias.detach() for e in layer.experts])
-    return {"forward_s": seconds, "out": out, "factors": factors}
+
+    def forward() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    with torch.no_grad():
+        out = layer(x)
+    return {"saved": {"out": out, "factors": factors}, "passes": {"forward": forward}}
 
 
-def wemoe_case(case: dict, warmup: int, repeats: int) -> dict:
+def build_wemoe(case: dict) -> dict:
+    """fusion_bench's WeightEnsemblingMoE over the case's MLPs with the case's router weights."""
     from fusion_bench.models.we_moe import WeightEnsemblingMoE
 
     module = WeightEnsemblingMoE(
@@ -83,34 +90,46 @@ def wemoe_case(case: dict, warmup: int, repeats: int) -> dict:
     )
     module.gate.load_state_dict(case["router"])
     x = case["x"]
-    with torch.no_grad():
-        out = module(x)
-        forward_s = median_seconds(lambda: module(x), warmup, repeats)
     router = list(module.gate.parameters())
 
-    def step() -> None:
+    def forward() -> None:
+        with torch.no_grad():
+            module(x)
+
+    def backward() -> None:
         for p in router:
             p.grad = None
         (module(x) ** 2).mean().backward()
 
-    step()
+    with torch.no_grad():
+        out = module(x)
+    backward()
     grads = {name: p.grad.clone() for name, p in module.gate.named_parameters()}
-    backward_s = median_seconds(step, warmup, repeats)
-    return {"forward_s": forward_s, "backward_s": backward_s, "out": out, "grads": grads}
+    return {
+        "saved": {"out": out, "grads": grads},
+        "passes": {"forward": forward, "backward": backward},
+    }
 
 
 def main() -> None:
-    cases_path, out_path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    """Serve timing requests: a line "INDEX WARMUP REPEATS" on stdin times case INDEX (built on
+    first request, its outputs saved to OUTDIR/INDEX.pt) and answers one JSON line of times."""
+    cases_path, out_dir, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.set_num_threads(threads)
-    spec = torch.load(cases_path, weights_only=False)
-    results = {}
-    for case in spec["cases"]:
-        run = smile_case if case["kind"] == "smile" else wemoe_case
-        results[case["id"]] = run(case, spec["warmup"], spec["repeats"])
-    torch.save(
-        {"results": results, "fusion_bench": version("fusion-bench"), "torch": torch.__version__},
-        out_path,
-    )
+    cases = torch.load(cases_path, weights_only=False)
+    print(json.dumps({"fusion_bench": version("fusion-bench"), "torch": torch.__version__}))
+    sys.stdout.flush()
+    current, built = None, None
+    for line in sys.stdin:
+        index, warmup, repeats = (int(v) for v in line.split())
+        if index != current:
+            case = cases[index]
+            built = (build_smile if case["kind"] == "smile" else build_wemoe)(case)
+            torch.save(built["saved"], f"{out_dir}/{index}.pt")
+            current = index
+        answer = {name: times(fn, warmup, repeats) for name, fn in built["passes"].items()}
+        print(json.dumps(answer))
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

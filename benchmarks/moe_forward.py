@@ -12,18 +12,21 @@ WEMoE: one MiniLM MLP (384 → 1536 → 384, GELU), N = 4, 8 experts, 32 samples
 forward and the forward + backward to the router (test-time adaptation); "old" is the factored
 form (``WEMoEMLP.forward_factored``), "new" the module's own choice (``path = "auto"``).
 
-With ``--reference`` the same weights and inputs go, as .pt files, to
+With ``--reference`` the same weights and inputs go, as a .pt file, to
 ``benchmarks/fusionbench_worker.py`` run in ``.venv-fusionbench`` (created on first use:
 ``python3.11 -m venv``, then torch's CPU wheel and fusion-bench from PyPI; never a dependency of
 fedmerge). fusion_bench's ``SmileMoELinear`` builds its experts with its own SVDs; fedmerge's
 SmileLinear is loaded with those factors, so both compute the same function and their outputs are
-compared (max abs difference, must be ≤ 1e-5). Timings: torch threads fixed (``--threads``),
-``--warmup`` calls, then the median of ``--repeats``.
+compared (max abs difference, must be ≤ 1e-5; the worker's outputs come back as .pt files).
+Timings: torch threads fixed on both sides (``--threads``, default 1); for each case the two
+sides alternate in ``--rounds`` rounds (so that both see the same load), each round
+``--warmup`` calls and then ``--repeats`` timed ones; a figure is the median of all timed calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -98,17 +101,6 @@ def smile_forward_masked(layer: Any, x: Any) -> Any:
     if layer.expert_bias is not None:
         y = y + weights @ layer.expert_bias
     return y
-
-
-def median_seconds(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 # ---- cases --------------------------------------------------------------------------------------
@@ -237,73 +229,7 @@ def wemoe_module(case: dict[str, Any]) -> Any:
     return module.eval()
 
 
-# ---- timing -------------------------------------------------------------------------------------
-
-
-def time_smile(case: dict[str, Any], ref: dict[str, Any] | None, warmup: int, repeats: int):
-    import torch
-
-    layer = smile_layer(case, ref["factors"] if ref else None)
-    x = case["x"]
-    with torch.no_grad():
-        new_out = layer(x)
-        old_out = smile_forward_masked(layer, x)
-        row = {
-            "new_s": median_seconds(lambda: layer(x), warmup, repeats),
-            "old_s": median_seconds(lambda: smile_forward_masked(layer, x), warmup, repeats),
-            "old_diff": float((new_out - old_out).abs().max()),
-        }
-    if ref is not None:
-        row["ref_s"] = ref["forward_s"]
-        row["ref_diff"] = float((new_out - ref["out"]).abs().max())
-    return row
-
-
-def time_wemoe(case: dict[str, Any], ref: dict[str, Any] | None, warmup: int, repeats: int):
-    import torch
-
-    module = wemoe_module(case)
-    x = case["x"]
-    routers = list(module.router.parameters())
-
-    def forward(path: str) -> torch.Tensor:
-        module.path = path
-        return module(x)
-
-    def step(path: str) -> dict[str, torch.Tensor]:
-        module.path = path
-        for p in routers:
-            p.requires_grad_(True)
-            p.grad = None
-        (module(x) ** 2).mean().backward()
-        return {name: p.grad for name, p in module.router.named_parameters()}
-
-    with torch.no_grad():
-        new_out, old_out = forward("auto"), forward("factored")
-        fwd = {
-            "new_s": median_seconds(lambda: forward("auto"), warmup, repeats),
-            "old_s": median_seconds(lambda: forward("factored"), warmup, repeats),
-            "old_diff": float((new_out - old_out).abs().max()),
-        }
-    new_grads, old_grads = step("auto"), step("factored")
-    bwd = {
-        "new_s": median_seconds(lambda: step("auto"), warmup, repeats),
-        "old_s": median_seconds(lambda: step("factored"), warmup, repeats),
-        "old_diff": max(float((new_grads[k] - old_grads[k]).abs().max()) for k in new_grads),
-    }
-    module.path = "auto"
-    merged = module.merges_per_sample(*x.shape[:2])
-    fwd["path"] = bwd["path"] = "merged" if merged else "factored"
-    if ref is not None:
-        fwd["ref_s"], bwd["ref_s"] = ref["forward_s"], ref["backward_s"]
-        fwd["ref_diff"] = float((new_out - ref["out"]).abs().max())
-        bwd["ref_diff"] = max(
-            float((new_grads[k] - ref["grads"][k]).abs().max()) for k in new_grads
-        )
-    return fwd, bwd
-
-
-# ---- the reference environment ------------------------------------------------------------------
+# ---- the reference side -------------------------------------------------------------------------
 
 
 def ensure_reference_venv() -> Path:
@@ -330,26 +256,172 @@ def ensure_reference_venv() -> Path:
     return python
 
 
-def run_reference(cases: list[dict], threads: int, warmup: int, repeats: int) -> dict[str, Any]:
-    import torch
+class Reference:
+    """``benchmarks/fusionbench_worker.py`` running in ``.venv-fusionbench``, asked case by case."""
 
-    python = ensure_reference_venv()
-    with tempfile.TemporaryDirectory(prefix="moe-forward-") as tmp:
-        cases_path, out_path = Path(tmp) / "cases.pt", Path(tmp) / "reference.pt"
-        torch.save({"cases": cases, "warmup": warmup, "repeats": repeats}, cases_path)
+    def __init__(self, cases: list[dict[str, Any]], threads: int) -> None:
+        import torch
+
+        python = ensure_reference_venv()
+        self._tmp = tempfile.TemporaryDirectory(prefix="moe-forward-")
+        self.dir = Path(self._tmp.name)
+        torch.save(cases, self.dir / "cases.pt")
+        self._stderr = open(self.dir / "stderr.txt", "w+", encoding="utf-8")  # noqa: SIM115
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        proc = subprocess.run(
-            [str(python), str(WORKER), str(cases_path), str(out_path), str(threads)],
-            capture_output=True,
+        env.pop("PYTHONPATH", None)  # the reference side imports no fedmerge
+        self.proc = subprocess.Popen(
+            [str(python), str(WORKER), str(self.dir / "cases.pt"), str(self.dir), str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
             text=True,
             env=env,
-            cwd=tmp,  # not the repository: the reference side imports no fedmerge
+            cwd=self.dir,
         )
-        if proc.returncode != 0:
+        self.versions = self._answer()
+
+    def _answer(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            self._stderr.seek(0)
             raise SystemExit(
-                f"the fusion_bench worker exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+                f"the fusion_bench worker exited {self.proc.wait()}:\n{self._stderr.read()[-3000:]}"
             )
-        return torch.load(out_path, weights_only=False)
+        return json.loads(line)
+
+    def times(self, index: int, warmup: int, repeats: int) -> dict[str, list[float]]:
+        self.proc.stdin.write(f"{index} {warmup} {repeats}\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def saved(self, index: int) -> dict[str, Any]:
+        import torch
+
+        return torch.load(self.dir / f"{index}.pt", weights_only=False)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+        self._stderr.close()
+        self._tmp.cleanup()
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def times(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def smile_passes(case: dict[str, Any], saved: dict[str, Any] | None):
+    """fedmerge's timed calls for a SMILE case, and their differences (new vs old, vs reference)."""
+    import torch
+
+    layer = smile_layer(case, saved["factors"] if saved else None)
+    x = case["x"]
+    with torch.no_grad():
+        new_out = layer(x)
+        diffs = {"old_diff": float((new_out - smile_forward_masked(layer, x)).abs().max())}
+        if saved is not None:
+            diffs["ref_diff"] = float((new_out - saved["out"]).abs().max())
+
+    def new() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    def old() -> None:
+        with torch.no_grad():
+            smile_forward_masked(layer, x)
+
+    return {"forward": {"new": new, "old": old}}, {"forward": diffs}, {}
+
+
+def wemoe_passes(case: dict[str, Any], saved: dict[str, Any] | None):
+    """fedmerge's timed calls for a WEMoE case (forward; forward + router backward)."""
+    import torch
+
+    module = wemoe_module(case)
+    x = case["x"]
+    routers = list(module.router.parameters())
+
+    def forward(path: str) -> torch.Tensor:
+        module.path = path
+        with torch.no_grad():
+            return module(x)
+
+    def backward(path: str) -> dict[str, torch.Tensor]:
+        module.path = path
+        for p in routers:
+            p.requires_grad_(True)
+            p.grad = None
+        (module(x) ** 2).mean().backward()
+        return {name: p.grad for name, p in module.router.named_parameters()}
+
+    def grad_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    new_out, new_grads = forward("auto"), backward("auto")
+    diffs = {
+        "forward": {"old_diff": float((new_out - forward("factored")).abs().max())},
+        "backward": {"old_diff": grad_diff(new_grads, backward("factored"))},
+    }
+    if saved is not None:
+        diffs["forward"]["ref_diff"] = float((new_out - saved["out"]).abs().max())
+        diffs["backward"]["ref_diff"] = grad_diff(new_grads, saved["grads"])
+    module.path = "auto"
+    path = "merged" if module.merges_per_sample(*x.shape[:2]) else "factored"
+    passes = {
+        "forward": {"new": lambda: forward("auto"), "old": lambda: forward("factored")},
+        "backward": {"new": lambda: backward("auto"), "old": lambda: backward("factored")},
+    }
+    return passes, diffs, {"path": path}
+
+
+def measure(
+    index: int,
+    case: dict[str, Any],
+    reference: Reference | None,
+    warmup: int,
+    repeats: int,
+    rounds: int,
+) -> dict[str, dict[str, Any]]:
+    """Median seconds of each pass, the reference's and fedmerge's timed in alternating rounds
+    (``rounds`` × ``repeats`` calls each, ``warmup`` calls before each round)."""
+    ref_times: dict[str, list[float]] = {}
+    if reference is not None:
+        first = reference.times(index, warmup, repeats)  # builds it and saves its outputs
+        for name, values in first.items():
+            ref_times.setdefault(name, []).extend(values)
+    saved = reference.saved(index) if reference is not None else None
+    build = smile_passes if case["kind"] == "smile" else wemoe_passes
+    passes, diffs, extra = build(case, saved)
+    own: dict[str, dict[str, list[float]]] = {p: {"new": [], "old": []} for p in passes}
+    for r in range(rounds):
+        if reference is not None and r > 0:
+            for name, values in reference.times(index, warmup, repeats).items():
+                ref_times[name].extend(values)
+        for name, fns in passes.items():
+            for side in ("new", "old"):
+                own[name][side].extend(times(fns[side], warmup, repeats))
+    rows = {}
+    for name in passes:
+        row = {
+            "new_s": statistics.median(own[name]["new"]),
+            "old_s": statistics.median(own[name]["old"]),
+            **diffs[name],
+            **extra,
+        }
+        if name in ref_times:
+            row["ref_s"] = statistics.median(ref_times[name])
+        rows[name] = row
+    return rows
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -375,12 +447,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     parser.add_argument("--warmup", type=int, default=None, help="calls before timing")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls (median)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls a round")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds of timing, the two sides alternating"
+    )
     parser.add_argument("--seed", type=int, default=0)
     add_json_flag(parser)
     args = parser.parse_args(argv)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 9)
+    warmup = args.warmup if args.warmup is not None else 1
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
@@ -391,23 +467,27 @@ def main(argv: list[str] | None = None) -> None:
     print(format_machine(info))
     batch, tokens = sizes["batch"]
     print(
-        f"torch threads: {args.threads}; {batch} × {tokens} tokens; warm-up {warmup}, "
-        f"median of {repeats}; SMILE k_gate = {sizes['k_gate']}, k = {sizes['k']}"
+        f"torch threads: {args.threads}; {batch} × {tokens} tokens; median of {rounds} rounds × "
+        f"{repeats} calls, {warmup} warm-up calls before each; SMILE k_gate = {sizes['k_gate']}, k = {sizes['k']}"
     )
-    reference = None
-    if args.reference:
-        started = time.perf_counter()
-        reference = run_reference(cases, args.threads, warmup, repeats)
+    reference = Reference(cases, args.threads) if args.reference else None
+    if reference is not None:
         print(
-            f"reference: fusion-bench {reference['fusion_bench']}, torch {reference['torch']} "
-            f"({time.perf_counter() - started:.0f} s)"
+            f"reference: fusion-bench {reference.versions['fusion_bench']}, "
+            f"torch {reference.versions['torch']}; the two sides alternate in {rounds} rounds "
+            f"of {repeats} calls"
         )
-    results = reference["results"] if reference else {}
     smile_rows, wemoe_rows, payload = [], [], []
-    for case in cases:
-        ref = results.get(case["id"])
+    try:
+        measured = [
+            measure(i, case, reference, warmup, repeats, rounds) for i, case in enumerate(cases)
+        ]
+    finally:
+        if reference is not None:
+            reference.close()
+    for case, rows in zip(cases, measured):
         if case["kind"] == "smile":
-            r = time_smile(case, ref, warmup, repeats)
+            r = rows["forward"]
             payload.append({"id": case["id"], **r})
             smile_rows.append(
                 [
@@ -424,8 +504,8 @@ def main(argv: list[str] | None = None) -> None:
                 ]
             )
         else:
-            fwd, bwd = time_wemoe(case, ref, warmup, repeats)
-            for label, r in (("forward", fwd), ("forward + router backward", bwd)):
+            for name, label in (("forward", "forward"), ("backward", "forward + router backward")):
+                r = rows[name]
                 payload.append({"id": f"{case['id']} {label}", **r})
                 wemoe_rows.append(
                     [
