@@ -138,33 +138,77 @@ class SmileLinear(nn.Module):
         c = dict(config)
         return cls(c.pop("in_features"), c.pop("out_features"), c.pop("num_experts"), **c)
 
-    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """p̃ (..., N): softmax of the router logits, kept on the top_k experts, renormalised."""
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """softmax_i ‖Vi[:, :k_gate]ᵀ x‖ (..., N), before top-k selection."""
         proj = F.linear(x, self.gate.reshape(-1, self.in_features))
         logits = torch.linalg.vector_norm(
             proj.unflatten(-1, (self.num_experts, self.k_gate)), dim=-1
         )
-        probs = torch.softmax(logits, dim=-1)
+        return torch.softmax(logits, dim=-1)
+
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """p̃ (..., N): softmax of the router logits, kept on the top_k experts, renormalised."""
+        probs = self._probabilities(x)
         if self.top_k < self.num_experts:
             values, index = probs.topk(self.top_k, dim=-1)
             probs = torch.zeros_like(probs).scatter(-1, index, values)
         return probs / probs.sum(dim=-1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        weights = self.routing_weights(x)
+        flat = x.reshape(-1, self.in_features)
+        y = self.base(flat)
+        if self.top_k < self.num_experts:
+            y = self._add_selected(y, flat)
+        else:
+            y = self._add_all(y, flat)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _add_all(self, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Every expert selected (top_k = N): all experts' factors in one matmul each."""
+        weights = self.routing_weights(flat)  # (T, N)
         if self.k > 0:
-            hidden = F.linear(x, self.expert_v.reshape(-1, self.in_features))
-            hidden = hidden.unflatten(-1, (self.num_experts, self.k)) * weights.unsqueeze(-1)
-            # Σ_i (Ui Si) (p̃i Viᵀ x) as one matmul over the stacked experts
-            y = y + F.linear(
-                hidden.flatten(-2), self.expert_u.permute(1, 0, 2).reshape(self.out_features, -1)
+            hidden = F.linear(flat, self.expert_v.reshape(-1, self.in_features))
+            hidden = hidden.view(-1, self.num_experts, self.k) * weights.unsqueeze(-1)
+            # Σ_i (Ui Si) (p̃i Viᵀ x) over the stacked experts
+            y = torch.addmm(
+                y, hidden.flatten(1), self.expert_u.permute(0, 2, 1).reshape(-1, self.out_features)
             )
         else:
-            for i in range(self.num_experts):
-                y = y + weights[..., i : i + 1] * F.linear(x, self.expert_w[i])
+            out = F.linear(flat, self.expert_w.reshape(-1, self.in_features))
+            y = y + torch.bmm(
+                weights.unsqueeze(1), out.view(-1, self.num_experts, self.out_features)
+            ).squeeze(1)
         if self.expert_bias is not None:
-            y = y + weights @ self.expert_bias
+            y = torch.addmm(y, weights, self.expert_bias)
+        return y
+
+    def _add_selected(self, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Top-k routing: each expert runs on the tokens routed to it only (grouped by expert,
+        gathered, scattered back), weighted by its renormalised probability."""
+        values, index = self._probabilities(flat).topk(self.top_k, dim=-1)
+        values = values / values.sum(dim=-1, keepdim=True)  # (T, top_k)
+        slots = index.reshape(-1)
+        order = slots.argsort(stable=True)
+        tokens = order // self.top_k
+        slot_weights = values.reshape(-1)[order].unsqueeze(-1)
+        counts = torch.bincount(slots, minlength=self.num_experts).tolist()
+        bias = self.expert_bias
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = tokens[start : start + count]
+            w = slot_weights[start : start + count]
+            start += count
+            xe = flat.index_select(0, rows)
+            b = None if bias is None else bias[e]
+            if self.k > 0:
+                out = F.linear(F.linear(xe, self.expert_v[e]), self.expert_u[e], b)
+            else:
+                out = F.linear(xe, self.expert_w[e], b)
+            if self.top_k > 1:  # top-1 weights are exactly 1 after renormalisation
+                out = out * w
+            y.index_add_(0, rows, out)
         return y
 
 

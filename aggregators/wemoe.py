@@ -148,9 +148,20 @@ class WEMoEMLP(nn.Module):
     ``token_mask`` (batch, tokens; 1 = real token) for the duration of a forward on every module
     with ``pools_tokens`` (the text tasks do: ``fedmerge.clients.tasks.text.token_mask``); None =
     every position is a token.
+
+    Two equal computations: the factored form x W0ᵀ + Σi λi (x τiᵀ) runs N + 1 products per
+    token; merging (W0 + Σi λi τi) per sample first runs one, after building a weight set per
+    sample. ``path`` = "auto" picks the cheaper for each batch shape (``merges_per_sample``),
+    for inference and router training alike.
     """
 
     pools_tokens: ClassVar[bool] = True
+    PATHS: ClassVar[tuple[str, ...]] = ("auto", "merged", "factored")
+    MERGE_COST: ClassVar[float] = 8.0
+    """Cost of merging one sample's weights for one expert, in per-token MLP products."""
+    MERGE_CHUNK: ClassVar[int] = 1 << 22
+    """Merged weight floats held at once (16 MiB in float32: a few MiniLM MLPs' worth, which
+    measured faster than larger chunks)."""
 
     def __init__(
         self,
@@ -172,6 +183,8 @@ class WEMoEMLP(nn.Module):
         instead of the dense ``tau_<name>``, and forward scatters them into a dense stack."""
         super().__init__()
         self.token_mask: torch.Tensor | None = None
+        self.path = "auto"
+        """"auto" (the cheaper form for each batch shape), "merged" or "factored"; not saved."""
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation={activation!r} is invalid: must be one of {', '.join(ACTIVATIONS)}"
@@ -298,8 +311,31 @@ class WEMoEMLP(nn.Module):
         m = mask.to(device=lam.device, dtype=lam.dtype).unsqueeze(-1)
         return (lam * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
+    def merges_per_sample(self, batch: int, tokens: int) -> bool:
+        """Whether ``path = "auto"`` merges the weights per sample for a (batch, tokens) input.
+
+        The factored form multiplies every token by θ0 and by each τi: tokens·batch·(N + 1)
+        MLP products. Merging costs batch·N multiply-adds of the MLP's size to build one weight
+        set per sample (memory-bound, ``MERGE_COST`` products' worth each) and then one product
+        per token. The same ratio holds for the backward pass (router training)."""
+        if self.path not in self.PATHS:
+            raise ValueError(
+                f"WEMoEMLP.path={self.path!r} is invalid: must be one of {', '.join(self.PATHS)}"
+            )
+        if self.path != "auto":
+            return self.path == "merged"
+        n = self.num_experts
+        return tokens * batch * (n + 1) > tokens * batch + self.MERGE_COST * batch * n
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lam = self.expert_weights(x)
+        tokens = x.shape[1] if x.dim() == 3 else 1
+        if self.merges_per_sample(x.shape[0], tokens):
+            return self.forward_merged(x, lam)
+        return self.forward_factored(x, lam)
+
+    def forward_factored(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """act(x W0ᵀ + Σi λi x τiᵀ) ...: θ0 and every τi applied to every token."""
         lam = lam.unsqueeze(1) if x.dim() == 3 else lam  # (B, 1, N) broadcasts over tokens
         n = self.num_experts
         h = F.linear(x, self.w1, self.b1)
@@ -317,6 +353,30 @@ class WEMoEMLP(nn.Module):
             ).unflatten(-1, (n, self.out_features))
             * lam.unsqueeze(-1)
         ).sum(dim=-2)
+
+    def forward_merged(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """θ0 + Σi λi τi built once per sample, then one batched MLP product per token; samples
+        are merged ``MERGE_CHUNK`` floats' worth of weights at a time to bound the memory."""
+        tokens = x.dim() == 3
+        x3 = x if tokens else x.unsqueeze(1)
+        n = self.num_experts
+        flat = {name: self.tau(name).reshape(n, -1) for name in TAU_NAMES}
+        size = sum(t.shape[1] for t in flat.values())
+        chunk = max(1, self.MERGE_CHUNK // size)
+        outputs = []
+        for start in range(0, x3.shape[0], chunk):
+            xs, ls = x3[start : start + chunk], lam[start : start + chunk]
+            merged = {
+                name: torch.addmm(getattr(self, name).reshape(1, -1), ls, flat[name])
+                for name in TAU_NAMES
+            }
+            w1 = merged["w1"].view(-1, self.hidden_features, self.in_features)
+            w2 = merged["w2"].view(-1, self.out_features, self.hidden_features)
+            h = torch.baddbmm(merged["b1"].unsqueeze(1), xs, w1.transpose(1, 2))
+            h = ACTIVATIONS[self.activation](h)
+            outputs.append(torch.baddbmm(merged["b2"].unsqueeze(1), h, w2.transpose(1, 2)))
+        y = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return y if tokens else y.squeeze(1)
 
 
 class MLPSite:

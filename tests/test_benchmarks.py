@@ -228,3 +228,30 @@ def test_lora_quick_reports_every_arm_and_the_bytes_it_moved(ray_address, tmp_pa
     # The products merge also ships the adapted layer's base weight down, never up.
     assert min(products["bytes_sent"]) > max(fedit["bytes_sent"])
     assert products["bytes_received"] == fedit["bytes_received"]
+
+
+def test_moe_forward_quick_reports_every_row_and_equal_outputs(tmp_path):
+    """fedmerge's side only (no --reference: fusion-bench is not a dependency): every SMILE
+    routing and WEMoE pass gets a row with times, and the new forwards equal the old ones."""
+    figures = tmp_path / "moe.json"
+    out = run_benchmark("moe_forward", "--quick", "--json", str(figures))
+    smile, wemoe = tables(out)
+    assert [row[2] for row in smile[1:]] == [
+        "top-1",
+        "top-2",
+        "all 4",
+        "dense top-1",
+        "dense top-2",
+    ]
+    assert [(row[0], row[1]) for row in wemoe[1:]] == [
+        ("2", "forward"),
+        ("2", "forward + router backward"),
+    ]
+    assert all(len(row) == len(smile[0]) for row in smile)
+    assert all(row[5] == "-" for row in smile[1:] + wemoe[1:])  # no reference column figures
+    rows = json.loads(figures.read_text(encoding="utf-8"))["rows"]
+    assert len(rows) == 7
+    for row in rows:
+        assert row["new_s"] > 0 and row["old_s"] > 0, row
+        assert row["old_diff"] <= 1e-5, row
+        assert "ref_s" not in row
