@@ -13,6 +13,7 @@ std over seeds, per system; privacy spent per round for the DP rows) go to ``<ou
         --methods fedavg,fedavgm,fedadam,fedyogi,fedprox --alphas 0.1,0.5 --seeds 0,1,2 \\
         --systems fedmerge,flower
     .venv/bin/python experiments/fl_baselines.py --out runs/fl_baselines --quick   # 2 rounds, a smoke test
+    .venv/bin/python experiments/fl_baselines.py --out docs/results/fl_baselines --tables-only
 
 Differences between the systems that remain by design: Flower samples clients with Python's
 ``random`` (seeded here) and sends every client the same training seed, fedmerge samples with its
@@ -380,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--systems", default="fedmerge,flower")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="2 rounds on 4,000 examples")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="write the tables and plot from results.jsonl"
+    )
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # a worker: run one cell, print JSON
     args = parser.parse_args(argv)
     if args.cell:
@@ -413,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for system in args.systems.split(",")
         if not (system == "flower" and method in FEDMERGE_ONLY)
     ]
-    for i, cell in enumerate(cells, 1):
+    for i, cell in enumerate([] if args.tables_only else cells, 1):
         key = cell_key(cell)
         if key in done:
             continue
