@@ -530,7 +530,7 @@ class ExperimentConfig:
         ):
             if not raw[section][key]:
                 del raw[section][key]
-        if not self.train.peft.enabled:
+        if self.train.peft == type(self.train.peft)():  # all defaults: the file stays short
             del raw["train"]["peft"]
         if self.aggregator.adapters == "auto":
             del raw["aggregator"]["adapters"]

@@ -237,3 +237,10 @@ def test_values_found_by_the_properties_are_named_errors(raw, key):
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
     assert key in str(info.value) and len(str(info.value)) < 400
+
+
+def test_a_changed_peft_setting_survives_the_run_dirs_toml_without_lora() -> None:
+    """Found by the property above: a [train.peft] table whose method is "" but whose other
+    settings differ from the defaults was left out of config.toml, so a resume lost them."""
+    config = parse_config({"train": {"peft": {"trainable": "^head\\."}}})
+    assert parse_config(tomllib.loads(config.to_toml())) == config
